@@ -1,0 +1,16 @@
+"""manlearn: supervised local learning in PyTorch (DGL, InfoPro, MAN, MAN++).
+
+>>> import manlearn
+>>> learner = manlearn.LocalLearner(model="resnet32", method="manpp", base="infopro", K=16)
+"""
+from .errors import CheckpointError, ConfigError, DatasetError, ManlearnError
+from .learner import LocalLearner, StepOutput
+from .models import Backbone, create_model, list_models, register_model
+from .rules import list_rules
+from .split import PUBLISHED_SPLITS, Split, resolve_split
+
+__version__ = "0.1.0"
+
+__all__ = ["LocalLearner", "StepOutput", "Backbone", "create_model", "list_models", "register_model",
+           "list_rules", "PUBLISHED_SPLITS", "Split", "resolve_split", "ManlearnError", "ConfigError",
+           "DatasetError", "CheckpointError", "__version__"]

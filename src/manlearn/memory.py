@@ -1,0 +1,162 @@
+"""Training-memory accounting that works the same on CPU and GPU.
+
+The quantity local learning saves is *activation memory*: the tensors autograd keeps alive for the
+backward pass. :class:`SavedTensorTracker` counts exactly those (deduplicated by storage, parameters
+excluded) and records the peak of the live total, so it is comparable across devices and methods.
+On CUDA, :class:`PeakMemory` also reports the allocator's peak (``torch.cuda.max_memory_allocated``).
+"""
+from __future__ import annotations
+
+import resource
+import sys
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+class _Held:
+    """What autograd stores instead of the tensor while the tracker is active; frees its count on
+    deletion, i.e. when autograd releases the saved tensor."""
+
+    __slots__ = ("tensor", "key", "tracker")
+
+    def __init__(self, tensor: torch.Tensor, key, tracker: "SavedTensorTracker") -> None:
+        self.tensor, self.key, self.tracker = tensor, key, tracker
+
+    def __del__(self) -> None:
+        if self.key is not None:
+            self.tracker._release(self.key)
+
+
+class SavedTensorTracker:
+    """Context manager: live and peak bytes of tensors saved for backward."""
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
+        self.exclude = {p.data_ptr() for p in exclude}
+        self.live = 0
+        self.peak = 0
+        self.total = 0
+        self._refs: dict[tuple, list[int]] = {}
+        self._hooks = None
+
+    def _pack(self, t: torch.Tensor):
+        if isinstance(t, nn.Parameter) or t.data_ptr() in self.exclude or t.device.type == "meta":
+            return _Held(t, None, self)
+        storage = t.untyped_storage()
+        key = (t.device.type, t.device.index, storage.data_ptr())
+        ref = self._refs.get(key)
+        if ref is None:
+            size = storage.nbytes()
+            self._refs[key] = [1, size]
+            self.live += size
+            self.total += size
+            self.peak = max(self.peak, self.live)
+        else:
+            ref[0] += 1
+        return _Held(t, key, self)
+
+    @staticmethod
+    def _unpack(held: _Held) -> torch.Tensor:
+        return held.tensor
+
+    def _release(self, key) -> None:
+        ref = self._refs.get(key)
+        if ref is None:
+            return
+        ref[0] -= 1
+        if ref[0] == 0:
+            self.live -= ref[1]
+            del self._refs[key]
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    def __enter__(self) -> "SavedTensorTracker":
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process (includes data, weights, allocator caches)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+
+
+class PeakMemory:
+    """Peak training memory over a region of code.
+
+    ``peak_bytes`` is the CUDA allocator's peak on a GPU, and the peak of live saved activations
+    elsewhere; ``peak_activation_bytes`` (saved tensors) and ``peak_rss_bytes`` are always available.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", exclude: Iterable[torch.Tensor] = (),
+                 track_activations: bool = True) -> None:
+        self.device = torch.device(device)
+        self.tracker = SavedTensorTracker(exclude) if track_activations else None
+        self.cuda_peak: int | None = None
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if self.tracker is not None:
+            self.tracker.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.tracker is not None:
+            self.tracker.__exit__(*exc)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.cuda_peak = int(torch.cuda.max_memory_allocated(self.device))
+
+    @property
+    def peak_activation_bytes(self) -> int:
+        return self.tracker.peak if self.tracker is not None else 0
+
+    @property
+    def peak_rss_bytes(self) -> int:
+        return peak_rss_bytes()
+
+    @property
+    def peak_bytes(self) -> int:
+        if self.device.type == "cuda":
+            if self.cuda_peak is None:  # still inside the context
+                return int(torch.cuda.max_memory_allocated(self.device))
+            return self.cuda_peak
+        return self.peak_activation_bytes
+
+
+def unit_activation_bytes(stem: nn.Module, units: Iterable[nn.Module], in_channels: int,
+                          image_size: int, batch: int = 2) -> tuple[float, list[float]]:
+    """Bytes each unit saves for backward on a (batch, C, S, S) input, in training mode.
+
+    Used by the ``balanced`` split. Modules are put back in their original mode; BN running stats are
+    restored so that measuring does not change the network.
+    """
+    units = list(units)
+    modules = [stem, *units]
+    modes = [m.training for m in modules]
+    states = [{k: v.clone() for k, v in m.state_dict().items()} for m in modules]
+    params = [p for m in modules for p in m.parameters()]
+    costs: list[float] = []
+    try:
+        device = params[0].device if params else torch.device("cpu")
+        x = torch.zeros(batch, in_channels, image_size, image_size, device=device)
+        for m in modules:
+            m.train()
+            x = x.detach().requires_grad_(True)
+            with SavedTensorTracker(params) as tr:
+                x = m(x)
+            costs.append(float(tr.total))
+            del tr
+    finally:
+        for m, mode, st in zip(modules, modes, states):
+            m.load_state_dict(st)
+            m.train(mode)
+    return costs[0], costs[1:]

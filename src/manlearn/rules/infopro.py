@@ -1,0 +1,87 @@
+"""``infopro`` / ``infopro-contrast``: reconstruction (BCE) + classification (CE or SupCon) heads,
+weighted by a lambda schedule over the local modules."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from .base import AuxContext, LocalBatch, Rule, register_rule
+from .heads import INFOPRO_CLASSIFIERS, InfoProClassifier, InfoProDecoder, supcon_loss
+
+LAMBDA_SCHEDULES = ("stage", "module")
+
+
+def lambda_ratio(ctx: AuxContext, schedule: str) -> float:
+    """Interpolation ratio r in [0, 1] for local module ``ctx.index``.
+
+    ``module``: r = i / (K-2) (InfoPro). ``stage``: r = stage / (K-2) with the stage of the unit that
+    follows the boundary (the MAN/MAN++ code). K <= 2 gives r = 0; r is clipped to [0, 1] so that small
+    K cannot produce negative weights (the authors' formula would, for K < 5, under ``stage``).
+    """
+    denom = ctx.K - 2
+    if denom <= 0:
+        return 0.0
+    if schedule == "stage" and ctx.next_stage is not None:
+        r = ctx.next_stage / denom
+    else:
+        r = ctx.index / denom
+    return min(max(r, 0.0), 1.0)
+
+
+class InfoProAux(nn.Module):
+    """λ1·BCE(decoder(h), image) + λ2·CE(classifier(h), y), or SupCon in place of CE."""
+
+    def __init__(self, channels: int, ctx: AuxContext, lambdas: tuple[float, float], contrast: bool,
+                 classifier: str, temperature: float, feature_dim: int = 128) -> None:
+        super().__init__()
+        self.decoder = InfoProDecoder(channels, ctx.image_size, ctx.in_channels)
+        self.classifier = InfoProClassifier(channels, feature_dim if contrast else ctx.num_classes, classifier)
+        self.contrast = contrast
+        self.temperature = temperature
+        self.lambda_x, self.lambda_y = float(lambdas[0]), float(lambdas[1])
+
+    def forward(self, h: torch.Tensor, batch: LocalBatch) -> torch.Tensor:
+        recon = self.decoder(h)
+        loss_x = F.binary_cross_entropy_with_logits(recon.float(), batch.image01)
+        out = self.classifier(h)
+        if self.contrast:
+            loss_y = supcon_loss(F.normalize(out.float(), dim=1), batch.y, self.temperature)
+        else:
+            loss_y = F.cross_entropy(out, batch.y)
+        return self.lambda_x * loss_x + self.lambda_y * loss_y
+
+
+@register_rule
+class InfoProRule(Rule):
+    name = "infopro"
+    contrast = False
+
+    def __init__(self, lambda_schedule: str = "stage", lambdas: tuple[float, float, float, float] = (5.0, 0.5, 0.0, 0.0),
+                 classifier: str = "2c2f", temperature: float = 0.07) -> None:
+        if lambda_schedule not in LAMBDA_SCHEDULES:
+            raise ConfigError(f"unknown lambda_schedule {lambda_schedule!r}; choose from {LAMBDA_SCHEDULES}")
+        if classifier not in INFOPRO_CLASSIFIERS:
+            raise ConfigError(f"unknown InfoPro classifier {classifier!r}; choose from {INFOPRO_CLASSIFIERS}")
+        if len(lambdas) != 4:
+            raise ConfigError("lambdas must be (λ1_first, λ2_first, λ1_last, λ2_last)")
+        self.lambda_schedule = lambda_schedule
+        self.lambdas = tuple(float(v) for v in lambdas)
+        self.classifier = classifier
+        self.temperature = temperature
+
+    def lambdas_for(self, ctx: AuxContext) -> tuple[float, float]:
+        r = lambda_ratio(ctx, self.lambda_schedule)
+        x1, y1, x2, y2 = self.lambdas
+        return x1 * (1 - r) + x2 * r, y1 * (1 - r) + y2 * r
+
+    def build_aux(self, ctx: AuxContext, h_shape=None) -> nn.Module:
+        c = (h_shape or ctx.h_shape)[0]
+        return InfoProAux(c, ctx, self.lambdas_for(ctx), self.contrast, self.classifier, self.temperature)
+
+
+@register_rule
+class InfoProContrastRule(InfoProRule):
+    name = "infopro-contrast"
+    contrast = True

@@ -1,0 +1,213 @@
+"""Where to cut a backbone: the authors' published tables, ``uniform``, ``balanced`` or a list.
+
+A split is a list of unit groups plus ``stem_module`` (is the stem its own gradient-isolated piece,
+as in MAN++'s code?). ``K`` always means the real number of pieces: ``len(groups) + stem_module``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from .errors import ConfigError
+
+# Published tables: boundary "after unit (stage, index)", as in the authors' configs; the last entry is
+# the end of the network. "every" = a boundary after every unit.
+PUBLISHED_SPLITS: dict[str, dict[str, dict[int, list[tuple[int, int]] | str]]] = {
+    "resnet32": {
+        "paper": {
+            8: [(1, 0), (1, 2), (1, 4), (2, 1), (2, 3), (3, 0), (3, 2), (3, 4)],
+            16: "every",
+        },
+    },
+    "resnet110": {
+        "paper": {
+            16: [(1, 1), (1, 4), (1, 7), (1, 10), (1, 13), (1, 16), (2, 1), (2, 4), (2, 7), (2, 11),
+                 (2, 15), (3, 1), (3, 5), (3, 9), (3, 13), (3, 17)],
+            32: [(1, 1), (1, 2), (1, 4), (1, 5), (1, 7), (1, 9), (1, 11), (1, 13), (1, 14), (1, 16),
+                 (1, 17), (2, 1), (2, 2), (2, 4), (2, 5), (2, 7), (2, 9), (2, 11), (2, 13), (2, 14),
+                 (2, 16), (2, 17), (3, 1), (3, 3), (3, 4), (3, 6), (3, 7), (3, 9), (3, 11), (3, 13),
+                 (3, 15), (3, 17)],
+            55: "every",
+        },
+        # InfoPro* memory-balanced splits (CIFAR-10).
+        "memory": {
+            2: [(1, 14), (3, 17)],
+            3: [(1, 9), (2, 2), (3, 17)],
+            4: [(1, 6), (1, 14), (2, 8), (3, 17)],
+        },
+    },
+}
+
+SPLIT_KINDS = ("auto", "paper", "memory", "uniform", "balanced")
+
+
+@dataclass(frozen=True)
+class Split:
+    """Resolved split: ``ends[g]`` is one past the last unit of group g; ``ends[-1] == n_units``."""
+
+    ends: tuple[int, ...]
+    stem_module: bool
+    source: str = "explicit"
+
+    @property
+    def K(self) -> int:
+        return len(self.ends) + int(self.stem_module)
+
+    def pieces(self) -> list[tuple[bool, range]]:
+        """For each gradient-isolated piece: (contains the stem, range of unit indices)."""
+        out: list[tuple[bool, range]] = []
+        if self.stem_module:
+            out.append((True, range(0, 0)))
+        start = 0
+        for g, end in enumerate(self.ends):
+            out.append((g == 0 and not self.stem_module, range(start, end)))
+            start = end
+        return out
+
+
+def _table_ends(table: list[tuple[int, int]] | str, unit_ids: list[tuple[int, int]]) -> tuple[int, ...]:
+    if table == "every":
+        return tuple(range(1, len(unit_ids) + 1))
+    index = {uid: i for i, uid in enumerate(unit_ids)}
+    return tuple(index[tuple(b)] + 1 for b in table)  # type: ignore[arg-type]
+
+
+def published_tables(model_name: str | None, unit_ids: list[tuple[int, int]] | None,
+                     kind: str) -> dict[int, tuple[int, ...]]:
+    """Published tables of ``kind`` for this model as {number of unit groups: ends}."""
+    if model_name is None or unit_ids is None:
+        return {}
+    tables = PUBLISHED_SPLITS.get(model_name, {}).get(kind, {})
+    out = {}
+    for table in tables.values():
+        ends = _table_ends(table, unit_ids)
+        out[len(ends)] = ends
+    return out
+
+
+def uniform_ends(n_units: int, groups: int) -> tuple[int, ...]:
+    """Contiguous groups of (nearly) equal unit count; earlier groups take the remainder."""
+    q, r = divmod(n_units, groups)
+    ends, pos = [], 0
+    for g in range(groups):
+        pos += q + (1 if g < r else 0)
+        ends.append(pos)
+    return tuple(ends)
+
+
+def balanced_ends(costs: Sequence[float], groups: int, first_extra: float = 0.0) -> tuple[int, ...]:
+    """Contiguous partition of ``costs`` into ``groups`` minimising the largest group sum.
+
+    ``first_extra`` is added to the first group (the stem's cost when it is not its own piece).
+    Ties are broken towards later boundaries being earlier (deterministic).
+    """
+    n = len(costs)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + float(c))
+
+    def seg(i: int, j: int) -> float:  # cost of units i..j-1
+        return prefix[j] - prefix[i] + (first_extra if i == 0 else 0.0)
+
+    inf = float("inf")
+    # best[g][j]: minimal max-cost of splitting units[0:j] into g groups
+    best = [[inf] * (n + 1) for _ in range(groups + 1)]
+    arg = [[0] * (n + 1) for _ in range(groups + 1)]
+    best[0][0] = 0.0
+    for g in range(1, groups + 1):
+        for j in range(g, n - (groups - g) + 1):
+            for i in range(g - 1, j):
+                v = max(best[g - 1][i], seg(i, j))
+                if v < best[g][j]:
+                    best[g][j], arg[g][j] = v, i
+    ends, j = [], n
+    for g in range(groups, 0, -1):
+        ends.append(j)
+        j = arg[g][j]
+    return tuple(reversed(ends))
+
+
+def _describe_tables(model_name: str | None, unit_ids, n_units: int) -> str:
+    parts = []
+    for kind in ("paper", "memory"):
+        for groups in sorted(published_tables(model_name, unit_ids, kind)):
+            parts.append(f"split={kind!r}: K={groups + 1} with stem_module=True or K={groups} with "
+                         f"stem_module=False")
+    tables = "; ".join(parts) if parts else f"no published tables for {model_name or 'this backbone'}"
+    return (f"{tables}. 'uniform' and 'balanced' accept any K from 1 to {n_units + 1} "
+            f"(stem_module=True) or {n_units} (stem_module=False)")
+
+
+def resolve_split(n_units: int, K: int, split: str | Sequence = "auto", stem_module: bool = True,
+                  model_name: str | None = None, unit_ids: list[tuple[int, int]] | None = None,
+                  unit_costs: Callable[[], tuple[float, list[float]]] | None = None) -> Split:
+    """Turn a split request into a :class:`Split` with exactly K pieces, or refuse clearly.
+
+    ``split`` is one of ``auto`` (a published table when one gives K pieces, else uniform),
+    ``paper`` / ``memory`` (published tables only), ``uniform``, ``balanced`` (needs ``unit_costs``,
+    returning (stem cost, per-unit costs)), or an explicit list of boundaries: unit counts
+    (``[3, 8, 15]``) or ``(stage, index)`` pairs, the last one being the end of the network.
+    """
+    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+        raise ConfigError(f"K must be a positive integer (number of gradient-isolated pieces), got {K!r}")
+    if K == 1:
+        return Split((n_units,), False, "single")
+    max_k = n_units + int(stem_module)
+    if not isinstance(split, str):
+        ends = _explicit_ends(split, n_units, unit_ids)
+        got = Split(ends, stem_module, "explicit")
+        if got.K != K:
+            raise ConfigError(f"the explicit split has {len(ends)} unit groups, i.e. K={got.K} pieces with "
+                              f"stem_module={stem_module}, but K={K} was requested")
+        return got
+    if split not in SPLIT_KINDS:
+        raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_KINDS)} or give a list "
+                          "of boundaries")
+    if K > max_k:
+        raise ConfigError(f"K={K} is impossible: the backbone has {n_units} units"
+                          f"{' plus the stem module' if stem_module else ''}, so at most K={max_k} pieces. "
+                          + _describe_tables(model_name, unit_ids, n_units))
+    groups = K - int(stem_module)
+    if split in ("auto", "paper", "memory"):
+        kinds = ("paper", "memory") if split == "auto" else (split,)
+        for kind in kinds:
+            tables = published_tables(model_name, unit_ids, kind)
+            if groups in tables:
+                return Split(tables[groups], stem_module, f"{kind} table")
+        if split != "auto":
+            raise ConfigError(f"no published {split!r} split for {model_name or 'this backbone'} with K={K} "
+                              f"and stem_module={stem_module}. " + _describe_tables(model_name, unit_ids, n_units))
+        split = "uniform"
+    if split == "uniform":
+        return Split(uniform_ends(n_units, groups), stem_module, "uniform")
+    if unit_costs is None:
+        raise ConfigError("split='balanced' needs per-unit memory measurements")
+    stem_cost, costs = unit_costs()
+    extra = 0.0 if stem_module else stem_cost
+    return Split(balanced_ends(costs, groups, extra), stem_module, "balanced")
+
+
+def _explicit_ends(split: Sequence, n_units: int, unit_ids) -> tuple[int, ...]:
+    items = list(split)
+    if not items:
+        raise ConfigError("an explicit split needs at least one boundary (the end of the network)")
+    ends: list[int] = []
+    for b in items:
+        if isinstance(b, (tuple, list)) and len(b) == 2:
+            if unit_ids is None:
+                raise ConfigError("(stage, index) boundaries need a backbone with unit_ids; give unit counts")
+            index = {tuple(u): i for i, u in enumerate(unit_ids)}
+            if tuple(b) not in index:
+                raise ConfigError(f"boundary {tuple(b)} names no unit; units run from {unit_ids[0]} to "
+                                  f"{unit_ids[-1]}")
+            ends.append(index[tuple(b)] + 1)
+        elif isinstance(b, int) and not isinstance(b, bool):
+            ends.append(b)
+        else:
+            raise ConfigError(f"a split boundary must be a unit count or a (stage, index) pair, got {b!r}")
+    if any(b <= a for a, b in zip(ends, ends[1:])) or ends[0] < 1:
+        raise ConfigError(f"split boundaries must be strictly increasing unit counts >= 1, got {ends}")
+    if ends[-1] != n_units:
+        raise ConfigError(f"the last boundary must be the end of the network (unit count {n_units}), "
+                          f"got {ends[-1]}")
+    return tuple(ends)

@@ -1,0 +1,90 @@
+"""Rule details: InfoPro lambda schedules, heads, SupCon loss, registry."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import manlearn
+from manlearn import LocalLearner
+from manlearn.rules.heads import DGLHead, InfoProClassifier, supcon_loss
+from manlearn.rules.momentum import ema_update_
+
+
+def test_registry_lists_every_rule():
+    assert set(manlearn.list_rules()) == {"e2e", "greedy", "dgl", "infopro", "infopro-contrast", "man", "manpp"}
+
+
+def lambdas(learner):
+    return [(round(a.lambda_x, 6), round(a.lambda_y, 6)) for a in
+            (aux.heads if hasattr(aux, "heads") else aux for aux in learner.auxes)]
+
+
+def test_stage_schedule_uses_the_stage_of_the_next_unit():
+    learner = LocalLearner(model="resnet32", method="manpp", base="infopro", K=16, image_size=8)
+    got = lambdas(learner)
+    # aux i is followed by unit i (stem module): stages 1 x5, 2 x5, 3 x5 -> r = stage / 14
+    want = [(5 * (1 - s / 14), 0.5 * (1 - s / 14)) for s in [1] * 5 + [2] * 5 + [3] * 5][:15]
+    assert got == [(round(a, 6), round(b, 6)) for a, b in want]
+
+
+def test_module_schedule_decays_to_zero_at_the_last_local_block():
+    learner = LocalLearner(model="resnet32", method="infopro", K=8, stem_module=False, image_size=8,
+                           lambda_schedule="module")
+    got = lambdas(learner)
+    assert got[0] == (5.0, 0.5) and got[-1] == (0.0, 0.0)
+    assert [g[0] for g in got] == [round(5 * (1 - i / 6), 6) for i in range(7)]
+
+
+def test_small_k_schedule_never_gives_negative_weights():
+    learner = LocalLearner(model="resnet20", method="infopro", K=4, image_size=8)
+    assert all(a >= 0 and b >= 0 for a, b in lambdas(learner))
+    two = LocalLearner(model="resnet20", method="infopro", K=2, image_size=8)
+    assert lambdas(two) == [(5.0, 0.5)]
+
+
+def test_infopro_classifier_widths_follow_the_table():
+    for c, width, stride in [(16, 32, 2), (32, 64, 2), (64, 64, 1)]:
+        head = InfoProClassifier(c, 10, "2c2f")
+        conv = head.features[0]
+        assert conv.out_channels == width and conv.stride == (stride, stride)
+        assert head(torch.randn(2, c, 8, 8)).shape == (2, 10)
+    assert sum(isinstance(m, nn.Conv2d) for m in InfoProClassifier(16, 10, "1c2f").modules()) == 1
+
+
+def test_dgl_head_structure():
+    head = DGLHead(32, 10)
+    convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)]
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    assert [c.kernel_size for c in convs] == [(1, 1)] * 3 and all(c.out_channels == 128 for c in convs)
+    assert [(l.in_features, l.out_features) for l in linears] == [(128, 512), (512, 512), (512, 512), (512, 10)]
+    assert head(torch.randn(3, 32, 16, 16)).shape == (3, 10)
+
+
+def naive_supcon(z, y, t):
+    n, total, count = len(y), 0.0, 0
+    for i in range(n):
+        pos = [j for j in range(n) if j != i and y[j] == y[i]]
+        if not pos:
+            continue
+        denom = torch.logsumexp(torch.stack([z[i] @ z[k] / t for k in range(n) if k != i]), 0)
+        total = total + sum(-(z[i] @ z[j] / t - denom) for j in pos) / len(pos)
+        count += 1
+    return total / count
+
+
+def test_supcon_matches_the_definition():
+    torch.manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(7, 5), dim=1)
+    y = torch.tensor([0, 1, 0, 2, 1, 0, 3])  # class 2 and 3 have no positive
+    torch.testing.assert_close(supcon_loss(z, y, 0.07), naive_supcon(z, y, 0.07), rtol=1e-5, atol=1e-5)
+
+
+def test_ema_update_function_is_the_formula():
+    torch.manual_seed(0)
+    ema = [torch.randn(3, 3), torch.randn(4)]
+    src = [torch.randn(3, 3), torch.randn(4)]
+    want = [0.7 * e + 0.3 * s for e, s in zip(ema, src)]
+    ema_update_(ema, src, 0.7)
+    for a, b in zip(ema, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
