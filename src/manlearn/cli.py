@@ -1,0 +1,209 @@
+"""Command-line front end: ``manlearn train | eval | list``.
+
+Every refusal that manlearn can explain (a :class:`~manlearn.errors.ManlearnError`: bad config
+key or value, missing dataset, foreign checkpoint...) is printed as ``error: <message>`` on
+stderr with exit status 2 — a user should never have to read a traceback to learn that a key
+was misspelt.  Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from manlearn.errors import CheckpointError, ConfigError, ManlearnError
+
+__all__ = ["main", "build_parser", "recipes_dirs", "list_recipes", "resolve_recipe"]
+
+
+def recipes_dirs() -> list[Path]:
+    """Folders searched for recipes: the repository's ``configs/`` and ``./configs``."""
+    dirs = [Path(__file__).resolve().parents[2] / "configs", Path.cwd() / "configs"]
+    out: list[Path] = []
+    for d in dirs:
+        if d.is_dir() and d.resolve() not in [o.resolve() for o in out]:
+            out.append(d)
+    return out
+
+
+def list_recipes() -> dict[str, Path]:
+    """Recipe name (file stem) → YAML path, first folder wins."""
+    found: dict[str, Path] = {}
+    for d in recipes_dirs():
+        for p in sorted(d.glob("*.yaml")):
+            found.setdefault(p.stem, p)
+    return found
+
+
+def resolve_recipe(name: str) -> Path:
+    """A YAML path, or the name of a recipe in ``configs/`` (with or without ``.yaml``)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    recipes = list_recipes()
+    stem = p.name[:-5] if p.name.endswith(".yaml") else p.name
+    if p.parent == Path("."):
+        if stem in recipes:
+            return recipes[stem]
+        # Same words in another order (fm-r32-manpp-infopro for fm-r32-infopro-manpp).
+        same = [r for r in recipes if sorted(r.split("-")) == sorted(stem.split("-"))]
+        if len(same) == 1:
+            return recipes[same[0]]
+    import difflib
+
+    close = difflib.get_close_matches(stem, list(recipes), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ConfigError(f"no config file or recipe named '{name}'{hint}; recipes: "
+                      f"{', '.join(recipes) or '(none found)'}")
+
+
+def _fmt_bytes(n: Any) -> str:
+    if n is None:
+        return "n/a"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"  # pragma: no cover
+
+
+# ---------------------------------------------------------------------------------- commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from manlearn.config import TrainConfig, apply_overrides, load_config, validate
+    from manlearn.train import Trainer
+
+    items = list(args.items)
+    config_path = None
+    if items and "=" not in items[0]:
+        config_path = resolve_recipe(items.pop(0))
+    bad = [i for i in items if "=" not in i]
+    if bad:
+        raise ConfigError(f"expected key=value overrides after the config, got {', '.join(bad)}")
+    cfg = load_config(config_path, check=False) if config_path else TrainConfig()
+    cfg = validate(apply_overrides(cfg, items, check=False))
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+    try:
+        summary = trainer.fit()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at step {trainer.step}; the last checkpoint is {trainer.ckpt_path} "
+              "(continue with --resume)", file=sys.stderr)
+        return 130
+    acc = summary["test_acc"]
+    spi = summary["seconds_per_iter"]
+    print(f"test accuracy: {acc:.4f}" if acc is not None else "test accuracy: n/a")
+    print(f"seconds/iter: {spi:.4f}" if spi is not None else "seconds/iter: n/a")
+    print(f"peak memory: {_fmt_bytes(summary['peak_mem_bytes'])}")
+    print(f"steps: {summary['steps']}  elapsed: {summary['elapsed_s']:.1f} s  "
+          f"checkpoint: {summary['checkpoint']}"
+          + ("  (stopped at max_steps)" if summary["stopped_early"] else ""))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from manlearn.config import config_from_dict, validate
+    from manlearn.train import build_learner, evaluate, load_checkpoint, load_split, make_loader
+    from manlearn.train import resolve_device
+
+    ckpt = load_checkpoint(args.checkpoint)
+    try:
+        cfg = config_from_dict(ckpt["config"], where=f"checkpoint {args.checkpoint}")
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {args.checkpoint} holds a config this manlearn cannot use: {e}") from None
+    changes: dict[str, Any] = {"device": args.device}
+    if args.data_dir is not None:
+        changes["data_dir"] = args.data_dir
+    if args.limit is not None:
+        if args.limit < 1:
+            raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+        changes["test_limit"] = args.limit
+    if args.batch_size is not None:
+        if args.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+        changes["eval_batch_size"] = args.batch_size
+    cfg = validate(dataclasses.replace(cfg, **changes))
+    device = resolve_device(cfg.device)
+    data = load_split(cfg, "test", cfg.test_limit)
+    learner = build_learner(cfg, data.info, device)
+    try:
+        learner.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {args.checkpoint} does not fit the model of its config: {e}") from None
+    acc, correct, total = evaluate(learner, make_loader(cfg, data, train=False, device=device))
+    print(f"test accuracy: {acc:.4f} ({correct}/{total} {cfg.dataset} test images; "
+          f"{cfg.model} {cfg.method}, step {ckpt['step']})")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    import manlearn
+    from manlearn.data import list_datasets
+
+    print("models:   " + ", ".join(manlearn.list_models()))
+    print("methods:  " + ", ".join(manlearn.list_rules()) + "  (man/manpp take base=dgl|infopro)")
+    print("datasets: " + ", ".join(list_datasets()))
+    recipes = list_recipes()
+    print("recipes:  " + (", ".join(recipes) if recipes else "(no configs/ folder found)"))
+    return 0
+
+
+# ---------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``manlearn``."""
+    parser = argparse.ArgumentParser(
+        prog="manlearn",
+        description="Supervised local learning (DGL, InfoPro, MAN, MAN++) in PyTorch.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "train", help="train a model",
+        description="Train from a YAML config or recipe name (see `manlearn list`), with key=value "
+                    "overrides. With no config: MAN++ (InfoPro) ResNet-32 K=16 on Fashion-MNIST (FM-R32).",
+        epilog="examples:  manlearn train fm-r32-manpp-infopro epochs=1\n"
+               "           manlearn train configs/cifar10-resnet32-e2e.yaml data_dir=/data lr=0.4\n"
+               "           manlearn train out_dir=runs/x --resume",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]",
+                   help="a YAML file or recipe name, then key=value overrides")
+    p.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh even if <out_dir> holds a checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="test accuracy of a checkpoint")
+    p.add_argument("checkpoint", help="path to a checkpoint (e.g. runs/x/last.pt)")
+    p.add_argument("--data-dir", default=None, help="folder of the dataset (default: the checkpoint's)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images")
+    p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("list", help="models, methods, datasets and recipes")
+    p.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``manlearn`` console script and of ``python -m manlearn``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ManlearnError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Turning a :class:`TrainConfig` into live objects: device, seeds, datasets, learner.
+
+Shared by the trainer and by ``manlearn eval`` so that a checkpoint is always rebuilt by exactly
+the code that trained it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from manlearn.config import TrainConfig
+from manlearn.errors import ConfigError
+
+__all__ = ["resolve_device", "seed_everything", "amp_dtype", "build_learner", "load_split", "make_loader"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; an unavailable explicit device is refused."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name} requested but CUDA is not available here; use device=cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("device=mps requested but MPS is not available here")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every RNG a run may use; the learner is built right after, so its init is repeatable."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``cfg.amp``; mixed precision is a CUDA-only feature here."""
+    if cfg.amp == "off":
+        return None
+    if device.type != "cuda":
+        raise ConfigError(f"amp={cfg.amp} needs a CUDA device (device resolves to {device}); use amp=off")
+    return torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+
+
+def load_split(cfg: TrainConfig, split: str, limit: int | None) -> Any:
+    """One split of ``cfg.dataset`` as :class:`~manlearn.data.ImageData` (DatasetError if missing)."""
+    from manlearn.data import load_dataset
+
+    # image_size is passed through: the data package refuses a size that a dataset cannot give.
+    return load_dataset(cfg.dataset, split=split, data_dir=cfg.data_dir, limit=limit,
+                        image_size=cfg.image_size)
+
+
+def make_loader(cfg: TrainConfig, data: Any, *, train: bool, device: torch.device) -> Any:
+    """A :class:`~manlearn.data.BatchLoader`; training batches depend only on (seed, epoch, index)."""
+    from manlearn.data import BatchLoader
+
+    return BatchLoader(data, cfg.batch_size if train else cfg.eval_batch_size, train=train,
+                       device=device, seed=cfg.seed, channels_last=cfg.channels_last)
+
+
+def build_learner(cfg: TrainConfig, info: Any, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The :class:`~manlearn.LocalLearner` described by ``cfg`` for a dataset described by ``info``.
+
+    Shapes and normalisation come from the dataset (``info``), never from the config, so a recipe
+    cannot disagree with its data.
+    """
+    import manlearn
+
+    dev = torch.device(device)
+    split: Any = cfg.split
+    if not isinstance(split, str):
+        split = [tuple(b) if isinstance(b, (list, tuple)) else b for b in split]
+    learner = manlearn.LocalLearner(
+        model=cfg.model, method=cfg.method, base=cfg.base, K=cfg.K,
+        num_classes=info.num_classes, in_channels=info.in_channels, image_size=info.image_size,
+        split=split, stem_module=cfg.stem_module, momentum=cfg.momentum, init=cfg.init,
+        lambda_schedule=cfg.lambda_schedule, norm_mean=tuple(info.mean), norm_std=tuple(info.std),
+        amp_dtype=amp_dtype(cfg, dev), channels_last=cfg.channels_last,
+    )
+    return learner.to(dev)
+
+
+def autocast_for(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast context for evaluation code that does not go through the learner's own autocast."""
+    dt = amp_dtype(cfg, device)
+    if dt is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dt)

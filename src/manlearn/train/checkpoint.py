@@ -1,0 +1,172 @@
+"""Checkpoints: atomic writes, validated reads, config compatibility, RNG state.
+
+A checkpoint is a plain dict of tensors and Python primitives so that it loads with
+``torch.load(weights_only=True)`` — reading a checkpoint never executes pickled code.
+It is written atomically (temp file in the same directory, flush + fsync, ``os.replace``) so that
+a run killed at any instant leaves either the previous complete ``last.pt`` or the new one,
+never a truncated file.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from manlearn.config import TrainConfig, config_keys, config_to_dict
+from manlearn.errors import CheckpointError
+
+__all__ = [
+    "CKPT_FORMAT",
+    "CKPT_VERSION",
+    "RESUME_FREE_KEYS",
+    "save_checkpoint",
+    "load_checkpoint",
+    "config_differences",
+    "check_resume_compatible",
+    "capture_rng_state",
+    "restore_rng_state",
+]
+
+CKPT_FORMAT = "manlearn-checkpoint"
+CKPT_VERSION = 1
+REQUIRED_KEYS = ("format", "version", "model", "optimizer", "step", "epoch", "batch", "config")
+
+#: Config keys that may differ between a checkpoint and the run that resumes it: where files go,
+#: how the run is shown, how long it goes on, where and how fast it executes.  Every other key
+#: changes the model or the optimisation, and resuming across such a change is refused.
+RESUME_FREE_KEYS = frozenset({
+    "out_dir", "progress", "log_every", "max_steps", "epochs", "device", "data_dir",
+    "eval_batch_size", "eval_every", "ckpt_every_steps", "test_limit", "compile",
+    "channels_last",
+})
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> Path:
+    """Write ``payload`` to ``path`` atomically; on any failure the old file is left untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(dict(payload), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    # Make the rename itself durable (best effort: not every platform can fsync a directory).
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read and sanity-check a checkpoint; any problem becomes a :class:`CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle error, foreign file...
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(f"cannot read checkpoint {path} (corrupt, truncated or not a manlearn "
+                              f"checkpoint): {type(e).__name__}: {first}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise CheckpointError(f"{path} is not a manlearn checkpoint")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    if not isinstance(ckpt["version"], int) or ckpt["version"] > CKPT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {ckpt['version']!r}; this manlearn reads "
+            f"versions up to {CKPT_VERSION}")
+    if not isinstance(ckpt["config"], dict):
+        raise CheckpointError(f"checkpoint {path} has no readable config")
+    return ckpt
+
+
+def _norm(v: Any) -> Any:
+    """Compare lists and tuples alike (YAML gives lists, code may give tuples)."""
+    if isinstance(v, (list, tuple)):
+        return [_norm(x) for x in v]
+    return v
+
+
+def config_differences(saved: Mapping[str, Any], cfg: TrainConfig,
+                       ignore: frozenset[str] = RESUME_FREE_KEYS) -> dict[str, tuple[Any, Any]]:
+    """``{key: (saved value, current value)}`` for every key that differs and is not ignored."""
+    current = config_to_dict(cfg)
+    diffs: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(saved) | set(current)):
+        if key in ignore:
+            continue
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if _norm(a) != _norm(b):
+            diffs[key] = (a, b)
+    return diffs
+
+
+def check_resume_compatible(ckpt: Mapping[str, Any], cfg: TrainConfig, path: str | Path = "") -> None:
+    """Refuse to resume from a checkpoint trained with a different model/optimisation config."""
+    diffs = config_differences(ckpt["config"], cfg)
+    if diffs:
+        items = "; ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diffs.items())
+        unknown = sorted(set(ckpt["config"]) - set(config_keys()))
+        extra = f" (keys unknown to this version: {', '.join(unknown)})" if unknown else ""
+        raise CheckpointError(
+            f"checkpoint {path} belongs to another configuration; differing keys: {items}{extra}. "
+            "Use another out_dir, or the checkpoint's settings, to resume.")
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every RNG the training loop may draw from, as tensors / primitives (weights_only-safe)."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state` (CUDA state restored only where CUDA is in use)."""
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].cpu())
+    if "python" in state:
+        py = state["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"],
+                             n["has_gauss"], n["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        saved = list(state["cuda"])
+        if len(saved) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(saved)

@@ -1,0 +1,438 @@
+"""The training loop: optimiser step, lr schedule, evaluation, metrics, checkpoints, resume.
+
+The learner owns the modules and the local-learning step (forward, every local backward, EMA
+updates); the trainer owns everything around it.  Its one hard promise is **exact resume**: a run
+killed at any point and resumed from ``last.pt`` ends bit-identical (on CPU) to a run that never
+stopped.  That is why
+
+- the lr is a pure function of the global step (``schedule.lr_at``), not a scheduler object;
+- the position is stored as (epoch, batch-within-epoch) and training batches depend only on
+  (seed, epoch, batch index), so ``loader.epoch(e, start_batch=b)`` replays the rest of an epoch;
+- the checkpoint carries parameters *and* buffers (EMA units, BN statistics), the optimiser state,
+  the RNG states and the running epoch statistics;
+- ``metrics.jsonl`` is rewritten from the checkpoint's records on resume, so lines written after
+  the last checkpoint (and then redone) do not appear twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from manlearn.config import TrainConfig, config_to_dict, validate
+from manlearn.errors import CheckpointError, ConfigError
+
+from .build import amp_dtype, build_learner, load_split, make_loader, resolve_device, seed_everything
+from .checkpoint import (CKPT_FORMAT, CKPT_VERSION, capture_rng_state, check_resume_compatible,
+                         load_checkpoint, restore_rng_state, save_checkpoint)
+from .metrics import JsonlWriter, MetricLogger
+from .optim import build_optimizer, trainable_parameters
+from .schedule import lr_at, total_steps
+
+try:  # the memory accounting is optional: the trainer works without it
+    from manlearn.memory import PeakMemory
+except ImportError:  # pragma: no cover
+    PeakMemory = None  # type: ignore[assignment,misc]
+
+__all__ = ["Trainer", "evaluate", "StepHook", "CKPT_NAME", "METRICS_NAME"]
+
+CKPT_NAME = "last.pt"
+METRICS_NAME = "metrics.jsonl"
+
+#: Called after every optimiser step (after any periodic checkpoint) with the trainer.
+StepHook = Callable[["Trainer"], None]
+
+
+@torch.no_grad()
+def evaluate(learner: torch.nn.Module, loader: Any) -> tuple[float, int, int]:
+    """Top-1 accuracy of ``learner`` (backbone + head only) over one pass of ``loader``.
+
+    Returns ``(accuracy, correct, total)``.  The learner is put in eval mode and restored to its
+    previous mode afterwards; nothing in it changes (no BN statistics, no RNG draws).
+    """
+    was_training = learner.training
+    learner.eval()
+    correct: torch.Tensor | int = 0
+    total = 0
+    try:
+        for x, y in loader.epoch(0):
+            logits = learner(x)
+            correct = correct + (logits.argmax(dim=1) == y).sum()
+            total += int(y.numel())
+    finally:
+        learner.train(was_training)
+    n = int(correct) if isinstance(correct, int) else int(correct.item())
+    return (n / total if total else math.nan), n, total
+
+
+def _plain(v: Any) -> Any:
+    """Tuples → lists (for YAML output)."""
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+class Trainer:
+    """Train a :class:`~manlearn.LocalLearner` as described by a :class:`TrainConfig`.
+
+    Args:
+        cfg: the run's configuration (validated here).
+        resume: continue from ``<out_dir>/last.pt`` when it exists (a fresh run otherwise).
+        overwrite: allow a fresh run in an ``out_dir`` that already holds a checkpoint.
+        hooks: callables ``hook(trainer)`` run after every optimiser step; tests use them to
+            simulate a crash at a chosen step.
+        out: where progress lines go (default stdout).
+    """
+
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+                 hooks: Iterable[StepHook] = (), out: Any = None) -> None:
+        self.cfg = validate(cfg)
+        self._out = out if out is not None else sys.stdout
+        self.hooks: list[StepHook] = list(hooks)
+        self.device = resolve_device(cfg.device)
+        amp_dtype(cfg, self.device)  # refuse amp on a CPU before loading anything
+        self.out_dir = Path(cfg.out_dir)
+        self.ckpt_path = self.out_dir / CKPT_NAME
+        self.metrics_path = self.out_dir / METRICS_NAME
+        self._bar: tqdm | None = None
+
+        # Read (and vet) the checkpoint before the expensive work: a refusal should be instant.
+        ckpt: dict[str, Any] | None = None
+        if resume and self.ckpt_path.exists():
+            ckpt = load_checkpoint(self.ckpt_path)
+            check_resume_compatible(ckpt, cfg, self.ckpt_path)
+        elif resume:
+            self._say(f"no checkpoint at {self.ckpt_path}; starting a new run")
+        elif self.ckpt_path.exists() and not overwrite:
+            raise CheckpointError(
+                f"{self.out_dir} already holds a checkpoint ({CKPT_NAME}) of an earlier run; pass "
+                "--resume to continue it, --overwrite to start over, or choose another out_dir")
+
+        self.train_data = load_split(cfg, "train", cfg.train_limit)
+        self.test_data = load_split(cfg, "test", cfg.test_limit)
+        self.info = self.train_data.info
+        self.train_loader = make_loader(cfg, self.train_data, train=True, device=self.device)
+        self.test_loader = make_loader(cfg, self.test_data, train=False, device=self.device)
+        self.steps_per_epoch = len(self.train_loader)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"batch_size={cfg.batch_size} is larger than the {len(self.train_data)} "
+                              "training images (the last partial batch is dropped): nothing to train")
+
+        seed_everything(cfg.seed)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.learner = build_learner(cfg, self.info, self.device)
+        if cfg.compile:
+            self._compile()
+        self.optimizer = build_optimizer(cfg, self.learner)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+
+        # Position and history.
+        self.step = 0  # optimiser steps done
+        self.epoch = 0  # current epoch (0-based)
+        self.batch = 0  # next batch index within the current epoch
+        self.records: list[dict[str, Any]] = []
+        self.best_acc: float | None = None
+        self.last_test_acc: float | None = None
+        self.last_eval_step = -1
+        self.meters = MetricLogger()  # running statistics of the current epoch
+        self.elapsed_before = 0.0
+        self.train_time = 0.0
+        self.steps_timed = 0
+        self.peak_mem_saved: int | None = None
+        self._win_time = 0.0
+        self._win_images = 0
+        self._t0 = time.perf_counter()
+        self._pm: Any = None
+        self.resumed = ckpt is not None
+        if ckpt is not None:
+            self._restore(ckpt)
+
+    def _compile(self) -> None:
+        """``torch.compile`` every block and the head, in place (state_dict keys unchanged).
+
+        All blocks share one ``forward`` code object (``nn.Sequential``), and dynamo keeps one
+        cache entry per input shape per code object, so the recompile limit is raised to fit
+        K different blocks instead of silently falling back to eager after 8.
+        """
+        import torch._dynamo
+
+        need = 8 * (len(self.learner.blocks) + 1)
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), need))
+        for block in self.learner.blocks:
+            block.compile()
+        self.learner.head.compile()
+
+    # ------------------------------------------------------------------ output
+    def _say(self, msg: str) -> None:
+        if self._bar is not None and not self._bar.disable:
+            self._bar.write(msg, file=self._out)
+        else:
+            print(msg, file=self._out, flush=True)
+
+    def _elapsed(self) -> float:
+        return self.elapsed_before + (time.perf_counter() - self._t0)
+
+    def _peak(self) -> int | None:
+        cur: int | None = None
+        tracked = self.device.type == "cuda" or not self.cfg.compile  # CPU + compile: not measured
+        if self._pm is not None and tracked:
+            cur = int(self._pm.peak_bytes)
+        elif self.device.type == "cuda":
+            cur = int(torch.cuda.max_memory_allocated(self.device))
+        vals = [v for v in (cur, self.peak_mem_saved) if v is not None]
+        return max(vals) if vals else None
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> dict[str, Any]:
+        """Everything needed to continue the run exactly (see module docstring)."""
+        import manlearn
+
+        payload: dict[str, Any] = {
+            "format": CKPT_FORMAT,
+            "version": CKPT_VERSION,
+            "manlearn_version": str(getattr(manlearn, "__version__", "?")),
+            "torch_version": str(torch.__version__),
+            "model": self.learner.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "steps_per_epoch": self.steps_per_epoch,
+            "config": config_to_dict(self.cfg),
+            "rng": capture_rng_state(),
+            "metrics": self.records,
+            "best_acc": self.best_acc,
+            "last_test_acc": self.last_test_acc,
+            "last_eval_step": self.last_eval_step,
+            "meters": self.meters.state_dict(),
+            "elapsed_s": self._elapsed(),
+            "train_time_s": self.train_time,
+            "steps_timed": self.steps_timed,
+            "peak_mem_bytes": self._peak(),
+        }
+        if self.scaler is not None:
+            payload["scaler"] = self.scaler.state_dict()
+        return payload
+
+    def save(self) -> Path:
+        """Write ``<out_dir>/last.pt`` atomically."""
+        return save_checkpoint(self.ckpt_path, self.state())
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        try:
+            self.learner.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if self.scaler is not None and "scaler" in ckpt:
+                self.scaler.load_state_dict(ckpt["scaler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(
+                f"checkpoint {self.ckpt_path} does not fit the model built from its config: {e}") from None
+        step, epoch, batch = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch"])
+        spe = self.steps_per_epoch
+        if ckpt.get("steps_per_epoch", spe) != spe or batch > spe or step != epoch * spe + batch:
+            raise CheckpointError(
+                f"checkpoint {self.ckpt_path} was written with {ckpt.get('steps_per_epoch')} steps per "
+                f"epoch, this run has {spe}: the training set changed, so the run cannot be resumed exactly")
+        self.step, self.epoch, self.batch = step, epoch, batch
+        self.records = list(ckpt.get("metrics", []))
+        self.best_acc = ckpt.get("best_acc")
+        self.last_test_acc = ckpt.get("last_test_acc")
+        self.last_eval_step = int(ckpt.get("last_eval_step", -1))
+        self.meters.load_state_dict(ckpt.get("meters", {}))
+        self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
+        self.train_time = float(ckpt.get("train_time_s", 0.0))
+        self.steps_timed = int(ckpt.get("steps_timed", 0))
+        self.peak_mem_saved = ckpt.get("peak_mem_bytes")
+        restore_rng_state(ckpt.get("rng", {}))
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> float:
+        """Test accuracy now; updates the best/last accuracy bookkeeping."""
+        acc, _, _ = evaluate(self.learner, self.test_loader)
+        self.last_test_acc = acc
+        self.last_eval_step = self.step
+        if self.best_acc is None or acc > self.best_acc:
+            self.best_acc = acc
+        return acc
+
+    # ------------------------------------------------------------------ the loop
+    def _train_one(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        cfg = self.cfg
+        lr = lr_at(cfg, self.step, self.steps_per_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        t = time.perf_counter()
+        if self.scaler is not None:
+            scale = self.scaler.scale(torch.ones((), device=self.device))
+            out = self.learner.train_step(x, y, grad_scale=scale)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            out = self.learner.train_step(x, y)
+            self.optimizer.step()
+        correct = int((out.logits.argmax(dim=1) == y).sum().item())  # also syncs the device
+        dt = time.perf_counter() - t
+        n = int(y.numel())
+        self.step += 1
+        self.batch += 1
+        self.meters.update(n=n, acc=correct / n, **{f"loss{k}": v for k, v in enumerate(out.losses)})
+        self.meters.update(time=dt, images=n)
+        self.train_time += dt
+        self.steps_timed += 1
+        self._win_time += dt
+        self._win_images += n
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{out.losses[-1]:.3f}", lr=f"{lr:.3g}",
+                                  img_s=f"{n / max(dt, 1e-9):.0f}", refresh=False)
+        if cfg.log_every and self.step % cfg.log_every == 0:
+            self._log_step(lr)
+        if cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0:
+            self.save()
+        for hook in self.hooks:
+            hook(self)
+
+    def _block_losses(self, window: bool) -> list[float]:
+        keys = sorted((k for k in self.meters.meters if k.startswith("loss")), key=lambda k: int(k[4:]))
+        return [self.meters[k].avg if window else self.meters[k].global_avg for k in keys]
+
+    def _record(self, rec: dict[str, Any]) -> None:
+        self.records.append(rec)
+        JsonlWriter(self.metrics_path).write(rec)
+
+    def _log_step(self, lr: float) -> None:
+        rec = {
+            "type": "train", "step": self.step, "epoch": self.epoch, "batch": self.batch, "lr": lr,
+            "losses": self._block_losses(window=True),
+            "train_acc": self.meters["acc"].global_avg,
+            "images_per_s": self._win_images / self._win_time if self._win_time > 0 else None,
+            "peak_mem_bytes": self._peak(), "elapsed_s": self._elapsed(),
+        }
+        self._win_time, self._win_images = 0.0, 0
+        self._record(rec)
+
+    def _end_epoch(self) -> None:
+        cfg = self.cfg
+        e = self.epoch
+        do_eval = (cfg.eval_every > 0 and (e + 1) % cfg.eval_every == 0) or e + 1 >= cfg.epochs
+        test_acc = self.evaluate() if do_eval else None
+        losses = self._block_losses(window=False)
+        m = self.meters.meters
+        t_ep = m["time"].total if "time" in m else 0.0
+        ips = m["images"].total / t_ep if t_ep > 0 else None
+        rec = {
+            "type": "epoch", "epoch": e + 1, "step": self.step,
+            "lr": lr_at(cfg, max(self.step - 1, 0), self.steps_per_epoch),
+            "losses": losses, "loss": losses[-1] if losses else None,
+            "train_acc": m["acc"].global_avg if "acc" in m else None,
+            "test_acc": test_acc, "best_acc": self.best_acc, "images_per_s": ips,
+            "seconds_per_iter": t_ep / m["time"].count if "time" in m and m["time"].count else None,
+            "peak_mem_bytes": self._peak(), "elapsed_s": self._elapsed(),
+        }
+        self._record(rec)
+        acc_s = f"{test_acc:.4f}" if test_acc is not None else "-"
+        self._say(f"epoch {e + 1}/{cfg.epochs}  step {self.step}  loss {rec['loss']:.4f}  "
+                  f"train_acc {rec['train_acc']:.4f}  test_acc {acc_s}  lr {rec['lr']:.4g}  "
+                  f"{(ips or 0):.0f} img/s")
+        self.epoch += 1
+        self.batch = 0
+        self.meters.reset()
+        self._win_time, self._win_images = 0.0, 0
+        self.save()
+
+    def _header(self) -> None:
+        cfg = self.cfg
+        lr_ = self.learner
+        n_params = sum(p.numel() for p in trainable_parameters(lr_))
+        method = cfg.method + (f"/{cfg.base}" if cfg.method in ("man", "manpp") else "")
+        split = getattr(getattr(lr_, "split", None), "source", cfg.split)
+        self._say(f"manlearn: {cfg.model} {method} K={getattr(lr_, 'K', cfg.K)} (split {split}) | "
+                  f"{cfg.dataset}: {len(self.train_data)} train / {len(self.test_data)} test | "
+                  f"{self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs | device {self.device} | "
+                  f"{n_params:,} trainable parameters | out_dir {self.out_dir}")
+        if self.resumed:
+            self._say(f"resuming from {self.ckpt_path} at step {self.step} "
+                      f"(epoch {self.epoch + 1}, batch {self.batch})")
+
+    def fit(self) -> dict[str, Any]:
+        """Train until ``epochs`` are done or ``max_steps`` is reached; return a summary dict.
+
+        The summary holds ``test_acc`` (final), ``best_acc``, ``steps``, ``epochs``,
+        ``seconds_per_iter`` (training steps only, over the whole run), ``images_per_s``,
+        ``peak_mem_bytes``, ``elapsed_s``, ``stopped_early`` and the checkpoint path.
+        """
+        cfg = self.cfg
+        spe = self.steps_per_epoch
+        total = total_steps(cfg, spe)
+        stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.yaml").write_text(
+            yaml.safe_dump(_plain(config_to_dict(cfg)), sort_keys=False))
+        # Keep exactly the records of the state we start from (drops lines written after the
+        # checkpoint by a run that was then killed, and the lines of an overwritten run).
+        JsonlWriter(self.metrics_path).rewrite(self.records)
+        self._t0 = time.perf_counter()
+        show = bool(cfg.progress) and sys.stderr.isatty()
+        self._bar = tqdm(total=stop_at, initial=min(self.step, stop_at), disable=not show,
+                         unit="it", dynamic_ncols=True, desc="train", file=sys.stderr)
+        self._header()
+        mem: Any = contextlib.nullcontext()
+        if PeakMemory is not None:
+            mem = PeakMemory(self.device, exclude=list(self.learner.parameters()),
+                             track_activations=not cfg.compile)
+        stopped = False
+        try:
+            with mem as pm:
+                self._pm = pm
+                while self.epoch < cfg.epochs:
+                    if self.batch < spe:
+                        if self.step >= stop_at:
+                            stopped = True
+                            break
+                        for x, y in self.train_loader.epoch(self.epoch, start_batch=self.batch):
+                            self._train_one(x, y)
+                            if self.step >= stop_at:
+                                break
+                        if self.batch < spe:
+                            stopped = True
+                            break
+                    self._end_epoch()
+                peak = self._peak()
+        finally:
+            self._bar.close()
+            self._bar = None
+            self._pm = None
+        self.peak_mem_saved = peak
+        if self.last_eval_step != self.step:
+            acc = self.evaluate()
+            self._record({"type": "final", "epoch": self.epoch, "step": self.step, "test_acc": acc,
+                          "best_acc": self.best_acc, "elapsed_s": self._elapsed()})
+        self.save()
+        summary = {
+            "test_acc": self.last_test_acc,
+            "best_acc": self.best_acc,
+            "steps": self.step,
+            "epochs": self.epoch + (self.batch / spe if spe else 0.0),
+            "seconds_per_iter": self.train_time / self.steps_timed if self.steps_timed else None,
+            "images_per_s": (cfg.batch_size * self.steps_timed / self.train_time
+                             if self.train_time > 0 else None),
+            "peak_mem_bytes": self.peak_mem_saved,
+            "elapsed_s": self._elapsed(),
+            "stopped_early": stopped,
+            "out_dir": str(self.out_dir),
+            "checkpoint": str(self.ckpt_path),
+        }
+        return summary

@@ -1,0 +1,201 @@
+"""TrainConfig: defaults, key=value overrides, type and value checks, YAML files, every recipe."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from manlearn.config import (TrainConfig, apply_overrides, config_from_dict, config_keys,
+                             config_to_dict, load_config, validate)
+from manlearn.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RECIPES = sorted(CONFIGS.glob("*.yaml"))
+
+REQUIRED_RECIPES = {
+    "cifar10-resnet32-k16-infopro-manpp", "cifar10-resnet32-k16-dgl-manpp", "cifar10-resnet32-e2e",
+    "cifar10-resnet110-k55-infopro-manpp", "cifar10-resnet110-e2e",
+    "svhn-resnet32-k16-infopro-manpp", "svhn-resnet32-e2e",
+    "stl10-resnet32-k16-infopro-manpp", "stl10-resnet32-e2e",
+    "fm-r32-e2e", "fm-r32-dgl-manpp", "fm-r32-infopro-manpp", "fm-r32-dgl", "fm-r32-infopro",
+}
+
+
+def test_defaults_are_the_main_job_and_valid():
+    cfg = validate(TrainConfig())
+    assert (cfg.model, cfg.method, cfg.base, cfg.K, cfg.stem_module) == ("resnet32", "manpp", "infopro", 16, True)
+    assert cfg.dataset == "fashion-mnist"
+    assert cfg.momentum == 0.995  # never the authors' CLI default of 1.0 (frozen EMA)
+    # FM-R32 optimisation (SPEC §8)
+    assert (cfg.batch_size, cfg.optimizer, cfg.lr, cfg.sgd_momentum, cfg.nesterov, cfg.weight_decay,
+            cfg.schedule) == (128, "sgd", 0.1, 0.9, True, 1e-4, "cosine-iter")
+
+
+def test_overrides_parse_to_the_field_type():
+    cfg = apply_overrides(TrainConfig(), [
+        "lr=0.2", "K=8", "nesterov=no", "stem_module=0", "channels_last=YES", "train_limit=100",
+        "test_limit=none", "data_dir=/x/y", "weight_decay=5e-4", "momentum=1", "max_steps=1_000",
+    ])
+    assert cfg.lr == 0.2 and isinstance(cfg.lr, float)
+    assert cfg.K == 8 and isinstance(cfg.K, int)
+    assert cfg.nesterov is False and cfg.stem_module is False and cfg.channels_last is True
+    assert cfg.train_limit == 100 and cfg.test_limit is None and cfg.data_dir == "/x/y"
+    assert cfg.weight_decay == 5e-4 and cfg.momentum == 1.0 and isinstance(cfg.momentum, float)
+    assert cfg.max_steps == 1000
+    # the input object is not modified
+    assert TrainConfig().lr == 0.1
+
+
+def test_split_override_accepts_names_and_yaml_lists():
+    assert apply_overrides(TrainConfig(), ["split=uniform"]).split == "uniform"
+    pairs = apply_overrides(TrainConfig(), ["split=[[1,0],[2,3],[3,4]]"]).split
+    assert pairs == [(1, 0), (2, 3), (3, 4)]
+    counts = apply_overrides(TrainConfig(), ["split=[3, 8, 15]"]).split
+    assert counts == [3, 8, 15]
+
+
+@pytest.mark.parametrize("item, key, expected", [
+    ("K=1.5", "K", "int"),
+    ("lr=abc", "lr", "float"),
+    ("nesterov=maybe", "nesterov", "bool"),
+    ("epochs=true", "epochs", "int"),
+    ("train_limit=lots", "train_limit", "int or none"),
+])
+def test_wrong_type_names_key_type_and_value(item, key, expected):
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(TrainConfig(), [item])
+    msg = str(e.value)
+    assert f"'{key}'" in msg and expected in msg and repr(item.split("=", 1)[1]) in msg
+
+
+def test_unknown_key_suggests_closest_and_lists_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(TrainConfig(), ["lrr=0.1"])
+    msg = str(e.value)
+    assert "'lrr'" in msg and "did you mean 'lr'" in msg
+    for key in config_keys():
+        assert key in msg
+
+
+def test_override_without_equals_is_refused():
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides(TrainConfig(), ["lr"])
+
+
+@pytest.mark.parametrize("item, needle", [
+    ("method=bogus", "method"),
+    ("model=resnet7", "model"),
+    ("dataset=imagenet-22k", "dataset"),
+    ("base=greedy", "base"),
+    ("K=0", "K must be >= 1"),
+    ("lr=0", "lr must be > 0"),
+    ("lr=-1", "lr must be > 0"),
+    ("momentum=1.5", "momentum"),
+    ("momentum=-0.1", "momentum"),
+    ("sgd_momentum=1.0", "sgd_momentum"),
+    ("weight_decay=-1e-4", "weight_decay"),
+    ("optimizer=adam", "did you mean 'adamw'"),
+    ("schedule=step", "schedule"),
+    ("amp=fp8", "amp"),
+    ("device=gpu", "device"),
+    ("init=zeros", "init"),
+    ("lambda_schedule=linear", "lambda_schedule"),
+    ("epochs=0", "epochs"),
+    ("batch_size=0", "batch_size"),
+    ("train_limit=0", "train_limit"),
+    ("max_steps=-1", "max_steps"),
+    ("out_dir=", "out_dir"),
+])
+def test_invalid_values_are_refused(item, needle):
+    with pytest.raises(ConfigError, match="invalid config") as e:
+        apply_overrides(TrainConfig(), [item])
+    assert needle in str(e.value)
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="nesterov"):
+        apply_overrides(TrainConfig(), ["sgd_momentum=0"])
+    assert apply_overrides(TrainConfig(), ["sgd_momentum=0", "nesterov=false"]).sgd_momentum == 0
+    with pytest.raises(ConfigError, match="warmup_epochs"):
+        apply_overrides(TrainConfig(), ["schedule=cosine-warmup", "warmup_epochs=10", "epochs=10"])
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(TrainConfig(), ["K=0", "lr=0"])
+    assert "K must be" in str(e.value) and "lr must be" in str(e.value)
+
+
+def test_yaml_loading(tmp_path):
+    p = tmp_path / "c.yaml"
+    # YAML 1.1 reads 1e-4 (no dot) as a string: it must still become a float.
+    p.write_text("lr: 0.05\nweight_decay: 1e-4\nK: 8\nnesterov: no\nsplit: [[1, 0], [3, 4]]\n")
+    cfg = load_config(p, check=False)
+    assert cfg.lr == 0.05 and cfg.weight_decay == 1e-4 and cfg.K == 8 and cfg.nesterov is False
+    assert cfg.split == [(1, 0), (3, 4)]
+    # everything not in the file keeps its default
+    assert cfg.model == TrainConfig().model
+
+
+def test_yaml_empty_file_gives_defaults(tmp_path):
+    p = tmp_path / "empty.yaml"
+    p.write_text("# nothing\n")
+    assert load_config(p) == TrainConfig()
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("lrr: 0.1\n", "did you mean 'lr'"),
+    ("K: eight\n", "expects int"),
+    ("- lr\n- K\n", "mapping"),
+    ("lr: [0.1\n", "not valid YAML"),
+    ("method: nope\n", "method"),
+])
+def test_yaml_errors(tmp_path, text, needle):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert needle in str(e.value)
+
+
+def test_missing_yaml_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent/recipe.yaml")
+
+
+def test_dict_round_trip():
+    cfg = apply_overrides(TrainConfig(), ["split=[[1,0],[3,4]]", "K=3", "lr=0.3"], check=False)
+    assert config_from_dict(config_to_dict(cfg), check=False) == cfg
+    assert dataclasses.asdict(cfg) == config_to_dict(cfg)
+
+
+def test_required_recipes_exist():
+    assert REQUIRED_RECIPES <= {p.stem for p in RECIPES}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_recipe_loads_validates_and_builds(path):
+    """A recipe must load, pass validation, and describe a learner that can really be built."""
+    from manlearn.data import get_dataset_info
+    from manlearn.train import build_learner
+
+    cfg = load_config(path)
+    assert cfg.out_dir == f"runs/{path.stem}"  # one run folder per recipe: no clobbering
+    learner = build_learner(cfg, get_dataset_info(cfg.dataset))
+    assert learner.K == (1 if cfg.method == "e2e" else cfg.K)
+
+
+def test_recipes_follow_the_papers():
+    fm = load_config(CONFIGS / "fm-r32-infopro-manpp.yaml")
+    assert (fm.dataset, fm.model, fm.method, fm.base, fm.K, fm.stem_module, fm.batch_size, fm.lr,
+            fm.schedule, fm.momentum) == ("fashion-mnist", "resnet32", "manpp", "infopro", 16, True, 128,
+                                           0.1, "cosine-iter", 0.995)
+    c = load_config(CONFIGS / "cifar10-resnet32-k16-infopro-manpp.yaml")
+    assert (c.epochs, c.batch_size, c.lr, c.schedule, c.warmup_epochs, c.warmup_lr, c.nesterov,
+            c.weight_decay) == (400, 1024, 0.8, "cosine-warmup", 10, 0.01, True, 1e-4)
+    s = load_config(CONFIGS / "stl10-resnet32-k16-infopro-manpp.yaml")
+    assert (s.batch_size, s.lr) == (128, 0.1)
+    assert load_config(CONFIGS / "cifar10-resnet110-k55-infopro-manpp.yaml").K == 55
+    assert load_config(CONFIGS / "fm-r32-dgl-manpp.yaml").base == "dgl"
