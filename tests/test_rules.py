@@ -37,7 +37,8 @@ def test_module_schedule_decays_to_zero_at_the_last_local_block():
 
 
 def test_small_k_schedule_never_gives_negative_weights():
-    learner = LocalLearner(model="resnet20", method="infopro", K=4, image_size=8)
+    with pytest.warns(UserWarning, match="zero loss"):
+        learner = LocalLearner(model="resnet20", method="infopro", K=4, image_size=8)
     assert all(a >= 0 and b >= 0 for a, b in lambdas(learner))
     two = LocalLearner(model="resnet20", method="infopro", K=2, image_size=8)
     assert lambdas(two) == [(5.0, 0.5)]

@@ -97,7 +97,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     spi = summary["seconds_per_iter"]
     print(f"test accuracy: {acc:.4f}" if acc is not None else "test accuracy: n/a")
     print(f"seconds/iter: {spi:.4f}" if spi is not None else "seconds/iter: n/a")
-    print(f"peak memory: {_fmt_bytes(summary['peak_mem_bytes'])}")
+    kind = ("CUDA allocator peak" if trainer.device.type == "cuda"
+            else "activations kept for backward, peak")
+    from manlearn.memory import peak_rss_bytes
+    print(f"peak memory: {_fmt_bytes(summary['peak_mem_bytes'])} ({kind}); "
+          f"process peak RSS {_fmt_bytes(peak_rss_bytes())}")
     print(f"steps: {summary['steps']}  elapsed: {summary['elapsed_s']:.1f} s  "
           f"checkpoint: {summary['checkpoint']}"
           + ("  (stopped at max_steps)" if summary["stopped_early"] else ""))

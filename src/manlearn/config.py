@@ -102,7 +102,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "off"  # off | bf16 | fp16 (CUDA only)
-    channels_last: bool = False
+    channels_last: bool = True  # faster on CPU (benchmarks/speed.py: 2.05 vs 2.64 s/it, InfoPro+MAN++)
     compile: bool = False
 
     # --- output -------------------------------------------------------------------------------

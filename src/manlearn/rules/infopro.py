@@ -2,6 +2,8 @@
 weighted by a lambda schedule over the local modules."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,7 +80,12 @@ class InfoProRule(Rule):
 
     def build_aux(self, ctx: AuxContext, h_shape=None) -> nn.Module:
         c = (h_shape or ctx.h_shape)[0]
-        return InfoProAux(c, ctx, self.lambdas_for(ctx), self.contrast, self.classifier, self.temperature)
+        lambdas = self.lambdas_for(ctx)
+        if lambdas == (0.0, 0.0) and self.lambda_schedule == "stage" and ctx.index < ctx.K - 2:
+            warnings.warn(f"InfoPro's 'stage' lambda schedule gives local block {ctx.index} a zero loss at "
+                          f"K={ctx.K} (r = stage/(K-2) reaches 1 before the last local block): that block "
+                          "will not learn. Use lambda_schedule='module' or a larger K.", stacklevel=2)
+        return InfoProAux(c, ctx, lambdas, self.contrast, self.classifier, self.temperature)
 
 
 @register_rule

@@ -323,6 +323,14 @@ class Trainer:
         }
         self._win_time, self._win_images = 0.0, 0
         self._record(rec)
+        if self.cfg.progress and (self._bar is None or self._bar.disable):
+            # No terminal for the bar (logs, CI): a plain line with throughput, ETA and memory.
+            left = max(self._stop_at - self.step, 0)
+            eta = left * self.train_time / max(self.steps_timed, 1)
+            peak = rec["peak_mem_bytes"]
+            mem = f"  peak mem {peak / 2**20:.0f} MiB" if peak else ""
+            self._say(f"step {self.step}/{self._stop_at}  loss {rec['losses'][-1]:.4f}  lr {lr:.4g}  "
+                      f"{(rec['images_per_s'] or 0):.0f} img/s  ETA {eta / 60:.1f} min{mem}")
 
     def _end_epoch(self) -> None:
         cfg = self.cfg
@@ -378,6 +386,7 @@ class Trainer:
         spe = self.steps_per_epoch
         total = total_steps(cfg, spe)
         stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
+        self._stop_at = stop_at
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.yaml").write_text(
             yaml.safe_dump(_plain(config_to_dict(cfg)), sort_keys=False))
