@@ -269,14 +269,23 @@ def test_channels_last_matches(method, base, batch):
 
 
 @pytest.mark.parametrize("model", manlearn.list_models())
-def test_every_model_trains_with_manpp(model):
+def test_every_model_trains_with_manpp_and_blocks_stay_isolated(model):
     torch.manual_seed(0)
     learner = LocalLearner(model=model, method="manpp", base="dgl", K=3, num_classes=4, in_channels=1,
                            image_size=8)
+    other = copy.deepcopy(learner)
+    with torch.no_grad():  # change everything after block 0
+        for mod in [*other.blocks[1:], *other.auxes[1:], other.head]:
+            for p in mod.parameters():
+                p.mul_(-1.5)
     x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
     out = learner.train_step(x, y)
+    other.train_step(x, y)
     assert out.logits.shape == (4, 4) and len(out.losses) == 3
     assert all(torch.isfinite(torch.tensor(out.losses)))
+    for a, b in zip([*learner.blocks[0].parameters(), *learner.auxes[0].parameters()],
+                    [*other.blocks[0].parameters(), *other.auxes[0].parameters()]):
+        assert (a.grad is None and b.grad is None) or torch.equal(a.grad, b.grad)
 
 
 def test_unknown_names_are_refused():
