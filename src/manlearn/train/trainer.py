@@ -401,7 +401,9 @@ class Trainer:
         mem: Any = contextlib.nullcontext()
         if PeakMemory is not None:
             mem = PeakMemory(self.device, exclude=list(self.learner.parameters()),
-                             track_activations=not cfg.compile)
+                             # on CUDA the allocator peak is the measure; the per-tensor hooks would
+                             # only slow the GPU step down
+                             track_activations=self.device.type != "cuda" and not cfg.compile)
         stopped = False
         try:
             with mem as pm:
