@@ -331,3 +331,22 @@ def test_man_refuses_a_boundary_before_a_parameterless_unit():
         LocalLearner(model=net, method="man", base="dgl", K=2, stem_module=False, split=[1, 4],
                      num_classes=3, image_size=16)
     LocalLearner(model=net, method="dgl", K=2, stem_module=False, split=[1, 4], num_classes=3, image_size=16)
+
+
+def test_the_documented_public_api():
+    """The contract of issue #2, verbatim."""
+    learner = manlearn.LocalLearner(model="resnet32", method="manpp", base="infopro", K=16,
+                                    num_classes=10, in_channels=3, image_size=32)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([3, 7])
+    out = learner.train_step(x, y)
+    assert out.logits.shape == (2, 10) and len(out.losses) == 16
+    assert isinstance(learner.blocks, nn.ModuleList) and len(learner.blocks) == 16
+    assert isinstance(learner.auxes, nn.ModuleList) and len(learner.auxes) == 15
+    assert learner.momentum == 0.995
+    for i, aux in enumerate(learner.auxes):
+        assert aux.source is learner.blocks[i + 1][0]
+        assert isinstance(aux.ema, nn.Module) and isinstance(aux.lb, nn.Module)
+        assert isinstance(aux.scale, nn.Parameter) and aux.scale.dim() == 0
+    learner.eval()
+    with torch.no_grad():
+        assert learner(x).shape == (2, 10)
