@@ -4,7 +4,7 @@ ResNet-32, K=16 (MAN++ stem module), batch 128, 3x32x32 random data; each step =
 SGD step. Reports the median over `--iters` iterations after `--warmup` warm-up iterations, all
 methods measured in one process, one after another.
 
-    python benchmarks/speed.py [--iters 10] [--warmup 3] [--channels-last] [--methods e2e dgl+manpp infopro+manpp]
+    python benchmarks/speed.py [--iters 10] [--warmup 3] [--channels-last] [--compile] [--methods e2e dgl+manpp infopro+manpp]
 """
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ def time_method(spec: str, args) -> dict:
     torch.manual_seed(0)
     learner = manlearn.LocalLearner(model=args.model, K=args.K, num_classes=10, in_channels=3, image_size=32,
                                     channels_last=args.channels_last, **parse_method(spec))
+    if args.compile:
+        learner.compile_parts()
     opt = torch.optim.SGD([p for p in learner.parameters() if p.requires_grad], lr=0.1, momentum=0.9,
                           nesterov=True, weight_decay=1e-4)
     x = torch.randn(args.batch, 3, 32, 32)
@@ -54,11 +56,12 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile blocks, auxes and head (warm-up includes compilation)")
     ap.add_argument("--methods", nargs="+", default=["e2e", "dgl+manpp", "infopro+manpp"])
     ap.add_argument("--json", action="store_true", help="print one JSON line per method")
     args = ap.parse_args()
     print(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}, "
-          f"channels_last={args.channels_last}, batch {args.batch}, {args.model} K={args.K}")
+          f"channels_last={args.channels_last}, compile={args.compile}, batch {args.batch}, {args.model} K={args.K}")
     for spec in args.methods:
         r = time_method(spec, args)
         print(json.dumps(r) if args.json else

@@ -350,3 +350,17 @@ def test_the_documented_public_api():
     learner.eval()
     with torch.no_grad():
         assert learner(x).shape == (2, 10)
+
+
+def test_compile_parts_keeps_state_dict_and_results(batch):
+    """torch.compile'd parts give the eager results and the same checkpoint keys."""
+    eager = make("greedy", K=2, model="resnet20")
+    compiled = copy.deepcopy(eager).compile_parts()
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    a, b = eager.train_step(*batch), compiled.train_step(*batch)
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-5)
+    assert a.losses == pytest.approx(b.losses, rel=1e-5)
+    # Inductor's CPU kernels for train-mode BN backward differ from eager by a few % on tiny batches
+    # (a plain compiled resnet20 shows the same), so gradients are compared at that scale.
+    for pa, pb in zip(eager.parameters(), compiled.parameters()):
+        assert (pa.grad - pb.grad).abs().max() <= 0.1 * pa.grad.abs().max() + 1e-6

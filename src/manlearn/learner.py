@@ -231,6 +231,23 @@ class LocalLearner(nn.Module):
             losses.append(loss.float())
         return StepOutput(h, torch.stack(losses).tolist())
 
+    def compile_parts(self, **compile_kwargs) -> "LocalLearner":
+        """``torch.compile`` every block, auxiliary network and the head in place (state_dict keys
+        unchanged). Blocks share ``nn.Sequential.forward``, and dynamo keeps one cache entry per
+        shape per code object, so the recompile limit is raised to fit them all.
+
+        Measured on the 2-core CPU (BENCHMARKS.md) this is slower than eager; it is meant for GPUs.
+        """
+        import torch._dynamo
+
+        need = 8 * (len(self.blocks) + len(self.auxes) + 1)
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), need))
+        for part in [*self.blocks, *self.auxes, self.head]:
+            part.compile(**compile_kwargs)
+        return self
+
     def extra_repr(self) -> str:
         return (f"method={self.method}, base={self.base}, K={self.K}, split={self.split.source}, "
                 f"stem_module={self.split.stem_module}, momentum={self._momentum}")

@@ -159,21 +159,8 @@ class Trainer:
             self._restore(ckpt)
 
     def _compile(self) -> None:
-        """``torch.compile`` every block and the head, in place (state_dict keys unchanged).
-
-        All blocks share one ``forward`` code object (``nn.Sequential``), and dynamo keeps one
-        cache entry per input shape per code object, so the recompile limit is raised to fit
-        K different blocks instead of silently falling back to eager after 8.
-        """
-        import torch._dynamo
-
-        need = 8 * (len(self.learner.blocks) + 1)
-        for name in ("recompile_limit", "cache_size_limit"):
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), need))
-        for block in self.learner.blocks:
-            block.compile()
-        self.learner.head.compile()
+        """``torch.compile`` the blocks, auxiliary networks and head (see LocalLearner.compile_parts)."""
+        self.learner.compile_parts()
 
     # ------------------------------------------------------------------ output
     def _say(self, msg: str) -> None:
