@@ -364,3 +364,11 @@ def test_compile_parts_keeps_state_dict_and_results(batch):
     # (a plain compiled resnet20 shows the same), so gradients are compared at that scale.
     for pa, pb in zip(eager.parameters(), compiled.parameters()):
         assert (pa.grad - pb.grad).abs().max() <= 0.1 * pa.grad.abs().max() + 1e-6
+
+
+def test_train_step_refuses_inputs_of_another_shape():
+    learner = make("infopro", K=3)  # built for 3x16x16
+    with pytest.raises(ConfigError, match=r"built for inputs \[B, 3, 16, 16\]"):
+        learner.train_step(torch.randn(2, 1, 28, 28), torch.tensor([0, 1]))
+    with pytest.raises(ConfigError, match="labels"):
+        learner.train_step(torch.randn(2, 3, 16, 16), torch.tensor([0, 1, 2]))

@@ -220,6 +220,11 @@ class LocalLearner(nn.Module):
         Leaves ``.grad`` on every trainable parameter and does not step an optimiser. ``grad_scale``
         multiplies every loss before its backward (for a fp16 GradScaler).
         """
+        expected = (self.in_channels, self.image_size, self.image_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected or y.shape != x.shape[:1]:
+            raise ConfigError(f"this learner was built for inputs [B, {expected[0]}, {expected[1]}, {expected[2]}] "
+                              f"with labels [B]; got x {list(x.shape)} and y {list(y.shape)} (build it with "
+                              "the in_channels and image_size of your data)")
         if zero_grad:
             self.zero_grad(set_to_none=True)
         x = self._prepare(x)
