@@ -33,7 +33,7 @@ def time_method(spec: str, args) -> dict:
     if args.compile:
         learner.compile_parts()
     opt = torch.optim.SGD([p for p in learner.parameters() if p.requires_grad], lr=0.1, momentum=0.9,
-                          nesterov=True, weight_decay=1e-4)
+                          nesterov=True, weight_decay=1e-4, foreach=True)
     x = torch.randn(args.batch, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch,))
     times = []

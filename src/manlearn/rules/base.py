@@ -32,7 +32,7 @@ class LocalBatch:
             img = self.x.float()
             if self.mean is not None and self.std is not None:
                 img = img * self.std.to(img.device) + self.mean.to(img.device)
-            self._image01 = img.clamp_(0.0, 1.0)
+            self._image01 = img.clamp(0.0, 1.0)  # never in place: img may be the input itself
         return self._image01
 
 

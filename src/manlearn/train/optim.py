@@ -27,9 +27,11 @@ def build_optimizer(cfg: TrainConfig, module: nn.Module) -> torch.optim.Optimize
     authors' code; the initial lr is a placeholder that the trainer overwrites every step.
     """
     params = trainable_parameters(module)
+    # Multi-tensor kernels everywhere (torch only picks them by default on CUDA): on CPU they halve
+    # the cost of the SGD step over the hundreds of small tensors of DGL+MAN++.
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.sgd_momentum,
-                               nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+                               nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, foreach=True)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")  # validate() refuses it earlier
