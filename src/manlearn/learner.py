@@ -15,7 +15,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .memory import unit_activation_bytes
-from .models import Backbone, create_model, follows_protocol, init_weights
+from .models import create_model, follows_protocol, init_weights
 from .rules import AuxContext, LocalBatch, MomentumAux, check_momentum, get_rule_class, list_rules
 from .rules.momentum import INITS, MAN_BASES
 from .split import Split, resolve_split
