@@ -6,7 +6,6 @@ the code that trained it.
 
 from __future__ import annotations
 
-import contextlib
 import random
 from typing import Any
 
@@ -88,10 +87,3 @@ def build_learner(cfg: TrainConfig, info: Any, device: torch.device | str = "cpu
     )
     return learner.to(dev)
 
-
-def autocast_for(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast context for evaluation code that does not go through the learner's own autocast."""
-    dt = amp_dtype(cfg, device)
-    if dt is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dt)

@@ -174,8 +174,8 @@ class Trainer:
 
     def _peak(self) -> int | None:
         cur: int | None = None
-        tracked = self.device.type == "cuda" or not self.cfg.compile  # CPU + compile: not measured
-        if self._pm is not None and tracked:
+        # Measured when the allocator (CUDA) or the activation tracker (fit() decides) is on.
+        if self._pm is not None and (self.device.type == "cuda" or self._pm.tracker is not None):
             cur = int(self._pm.peak_bytes)
         elif self.device.type == "cuda":
             cur = int(torch.cuda.max_memory_allocated(self.device))
