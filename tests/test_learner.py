@@ -268,7 +268,9 @@ def test_channels_last_matches(method, base, batch):
             torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("model", manlearn.list_models())
+# The small-input models; the ImageNet ResNets and ViTs get the same checks at reduced width in
+# tests/test_imagenet_models.py and tests/test_vit.py (full-width ones would make this sweep slow).
+@pytest.mark.parametrize("model", manlearn.list_models(tag="cifar"))
 def test_every_model_trains_with_manpp_and_blocks_stay_isolated(model):
     torch.manual_seed(0)
     learner = LocalLearner(model=model, method="manpp", base="dgl", K=3, num_classes=4, in_channels=1,

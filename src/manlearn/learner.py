@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,9 +15,10 @@ from torch import nn
 
 from .errors import ConfigError
 from .memory import unit_activation_bytes
-from .models import create_model, follows_protocol, init_weights
+from .models import create_model, follows_protocol, init_weights, model_accepts
 from .rules import AuxContext, LocalBatch, MomentumAux, check_momentum, get_rule_class, list_rules
 from .rules.momentum import INITS, MAN_BASES
+from .rules.vit_aux import build_token_aux, is_token_shape
 from .split import Split, resolve_split
 
 MOMENTUM_METHODS = ("man", "manpp")
@@ -41,6 +42,8 @@ class LocalLearner(nn.Module):
     Args:
         model: a registered model name (see ``manlearn.list_models()``) or an ``nn.Module`` with
             ``stem``, ``units`` and ``head`` (optionally ``unit_ids`` for the published split tables).
+            Units may output feature maps ``B x C x H x W`` or tokens ``B x N x D`` (ViT); a registered
+            factory that takes ``image_size`` (ViT) is built for this learner's ``image_size``.
         method: ``e2e``, ``greedy``, ``dgl``, ``infopro``, ``infopro-contrast``, ``man`` or ``manpp``.
         base: the base rule of ``man``/``manpp``: ``dgl`` or ``infopro`` (default).
         K: real number of gradient-isolated pieces (ignored by ``e2e``; K=1 is plain backprop).
@@ -49,6 +52,10 @@ class LocalLearner(nn.Module):
         momentum: EMA momentum of MAN/MAN++ in [0, 1].
         init: ``copy`` (ema/lb start as copies of the tracked unit) or ``random`` (authors' code).
         lambda_schedule: InfoPro weight schedule, ``stage`` (MAN code) or ``module`` (InfoPro).
+        lambdas: InfoPro (λ1_first, λ2_first, λ1_last, λ2_last); None = the heads' default (5/0.5 -> 0/0
+            for ``cifar`` heads, constant 5/0.75 for ``imagenet`` heads).
+        infopro_heads: ``auto`` (``imagenet`` for inputs >= 128 px, else ``cifar``), ``cifar`` or
+            ``imagenet`` (SPEC 2.2's deeper decoder/classifier).
         norm_mean, norm_std: the input normalisation, used to de-normalise InfoPro's target image.
         amp_dtype: run forwards under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``).
         channels_last: keep weights and activations in channels-last memory format.
@@ -58,7 +65,7 @@ class LocalLearner(nn.Module):
                  K: int = 16, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, *,
                  split: str | Sequence = "auto", stem_module: bool = True, momentum: float = 0.995,
                  init: str = "copy", lambda_schedule: str = "stage", infopro_classifier: str = "2c2f",
-                 lambdas: tuple[float, float, float, float] = (5.0, 0.5, 0.0, 0.0),
+                 lambdas: tuple[float, float, float, float] | None = None, infopro_heads: str = "auto",
                  norm_mean: Sequence[float] | None = None, norm_std: Sequence[float] | None = None,
                  amp_dtype: torch.dtype | None = None, channels_last: bool = False,
                  model_kwargs: dict | None = None) -> None:
@@ -78,7 +85,10 @@ class LocalLearner(nn.Module):
         self.amp_dtype = amp_dtype
         self.channels_last = channels_last
 
-        backbone = self._build_backbone(model, num_classes, in_channels, model_kwargs or {})
+        model_kwargs = dict(model_kwargs or {})
+        if isinstance(model, str) and model_accepts(model, "image_size"):
+            model_kwargs.setdefault("image_size", image_size)
+        backbone = self._build_backbone(model, num_classes, in_channels, model_kwargs)
         model_name = model if isinstance(model, str) else None
         units = list(backbone.units)
         unit_ids = getattr(backbone, "unit_ids", None)
@@ -101,7 +111,8 @@ class LocalLearner(nn.Module):
         rule_cls = get_rule_class(method)
         rule_kwargs: dict = {}
         if method in ("infopro", "infopro-contrast") or (method in MOMENTUM_METHODS and base.startswith("infopro")):
-            rule_kwargs = dict(lambda_schedule=lambda_schedule, classifier=infopro_classifier, lambdas=lambdas)
+            rule_kwargs = dict(lambda_schedule=lambda_schedule, classifier=infopro_classifier, lambdas=lambdas,
+                               heads=infopro_heads)
         if method in MOMENTUM_METHODS:
             rule = rule_cls(base=base, init=init, **rule_kwargs)
         else:
@@ -113,8 +124,8 @@ class LocalLearner(nn.Module):
             ctx = AuxContext(index=i, K=self.K, h_shape=shapes[nxt], next_unit=units[nxt], next_unit_index=nxt,
                              next_shape=shapes[nxt + 1], next_stage=unit_ids[nxt][0] if unit_ids else None,
                              num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-                             reinit=reinit)
-            auxes.append(rule.build_aux(ctx))
+                             reinit=reinit, following_unit=units[nxt + 1] if nxt + 1 < len(units) else None)
+            auxes.append(build_token_aux(rule, ctx) if is_token_shape(ctx.h_shape) else rule.build_aux(ctx))
         self.auxes = nn.ModuleList(auxes)
 
         c = in_channels
@@ -214,11 +225,14 @@ class LocalLearner(nn.Module):
         return out.detach(), loss.detach()
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, *, zero_grad: bool = True,
-                   grad_scale: torch.Tensor | None = None) -> StepOutput:
+                   grad_scale: torch.Tensor | None = None,
+                   after_block: Callable[[int], None] | None = None) -> StepOutput:
         """Forward of every block, every local backward, the EMA updates (SPEC §1).
 
         Leaves ``.grad`` on every trainable parameter and does not step an optimiser. ``grad_scale``
-        multiplies every loss before its backward (for a fp16 GradScaler).
+        multiplies every loss before its backward (for a fp16 GradScaler). ``after_block(k)`` is
+        called once block k's gradients (block, auxiliary network) are final — data parallelism
+        starts block k's gradient all-reduce there, overlapping it with the later blocks.
         """
         expected = (self.in_channels, self.image_size, self.image_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected or y.shape != x.shape[:1]:
@@ -234,6 +248,8 @@ class LocalLearner(nn.Module):
         for k in range(self.K):
             h, loss = self.local_step(k, h, batch, grad_scale)
             losses.append(loss.float())
+            if after_block is not None:
+                after_block(k)
         return StepOutput(h, torch.stack(losses).tolist())
 
     def compile_parts(self, **compile_kwargs) -> "LocalLearner":

@@ -36,6 +36,29 @@ PUBLISHED_SPLITS: dict[str, dict[str, dict[int, list[tuple[int, int]] | str]]] =
             4: [(1, 6), (1, 14), (2, 8), (3, 17)],
         },
     },
+    # ImageNet (InfoPro / MAN ImageNet code; stages 1..4, the stem is part of the first block, so these
+    # are K=2 / K=4 with stem_module=False). The InfoPro ImageNet code cuts ResNeXt-101 K=2 after (2, 2)
+    # (its k2_infopro table); SPEC.md section 4 lists (2, 0) for both 101-layer nets, kept here.
+    "resnet101": {
+        "paper": {
+            2: [(2, 0), (4, 2)],
+            4: [(2, 2), (3, 8), (3, 16), (4, 2)],
+        },
+    },
+    "resnext101_32x8d": {
+        "paper": {
+            2: [(2, 0), (4, 2)],
+            4: [(2, 2), (3, 8), (3, 16), (4, 2)],
+        },
+    },
+    "resnet152": {
+        "paper": {
+            2: [(2, 5), (4, 2)],
+            4: [(2, 6), (3, 13), (3, 25), (4, 2)],
+        },
+    },
+    # MAN++ ViT: K=4 groups of 3 transformer blocks (stem = patch embedding, part of the first group).
+    **{vit: {"paper": {4: [(1, 2), (1, 5), (1, 8), (1, 11)]}} for vit in ("vit_tiny", "vit_small", "vit_base")},
 }
 
 SPLIT_KINDS = ("auto", "paper", "memory", "uniform", "balanced")

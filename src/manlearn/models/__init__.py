@@ -1,7 +1,8 @@
 """Backbones only: they know nothing of local learning."""
 from .base import Backbone, follows_protocol
-from .registry import create_model, list_models, register_model
-from . import resnet_cifar  # noqa: F401  (registers the CIFAR ResNets)
+from .registry import create_model, list_models, model_accepts, model_tags, register_model
+from . import resnet_cifar, resnet, vit  # noqa: F401  (register the CIFAR/ImageNet ResNets and the ViTs)
 from .resnet_cifar import init_weights
 
-__all__ = ["Backbone", "follows_protocol", "create_model", "list_models", "register_model", "init_weights"]
+__all__ = ["Backbone", "follows_protocol", "create_model", "list_models", "model_accepts", "model_tags",
+           "register_model", "init_weights"]

@@ -1,23 +1,48 @@
 """One registry and one factory for backbones (timm style)."""
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 from ..errors import ConfigError
 from .base import Backbone
 
 _MODELS: dict[str, Callable[..., Backbone]] = {}
+_TAGS: dict[str, frozenset[str]] = {}
 
 
-def register_model(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
-    """Decorator: make ``fn`` creatable by its name through :func:`create_model`."""
-    _MODELS[fn.__name__] = fn
-    return fn
+def register_model(fn: Callable[..., Backbone] | None = None, *, tags: tuple[str, ...] = ()):
+    """Decorator: make ``fn`` creatable by its name through :func:`create_model`.
+
+    Usable bare (``@register_model``) or with tags (``@register_model(tags=("imagenet",))``); tags
+    let tests and tools pick families, e.g. ``list_models(tag="cifar")`` for the small-input models.
+    """
+    def wrap(f: Callable[..., Backbone]) -> Callable[..., Backbone]:
+        _MODELS[f.__name__] = f
+        _TAGS[f.__name__] = frozenset(tags)
+        return f
+
+    return wrap(fn) if fn is not None else wrap
 
 
-def list_models() -> list[str]:
-    """Names accepted by :func:`create_model`."""
-    return sorted(_MODELS)
+def list_models(tag: str | None = None) -> list[str]:
+    """Names accepted by :func:`create_model`, optionally only those carrying ``tag``
+    (``cifar``: small-input models cheap at 8-32 px; ``imagenet``; ``resnet``; ``vit``)."""
+    return sorted(n for n in _MODELS if tag is None or tag in _TAGS[n])
+
+
+def model_tags(name: str) -> frozenset[str]:
+    """The tags a registered model was registered with."""
+    if name not in _MODELS:
+        raise ConfigError(f"unknown model {name!r}; available models: {', '.join(list_models())}")
+    return _TAGS[name]
+
+
+def model_accepts(name: str, arg: str) -> bool:
+    """True when the factory of ``name`` takes keyword ``arg`` (e.g. ``image_size`` for a ViT)."""
+    if name not in _MODELS:
+        return False
+    return arg in inspect.signature(_MODELS[name]).parameters
 
 
 def create_model(name: str, **kwargs) -> Backbone:

@@ -79,26 +79,26 @@ def resnet_cifar(depth: int, num_classes: int = 10, in_channels: int = 3,
     return model
 
 
-@register_model
+@register_model(tags=("cifar", "resnet"))
 def resnet20(**kw) -> Backbone:
     return resnet_cifar(20, **kw)
 
 
-@register_model
+@register_model(tags=("cifar", "resnet"))
 def resnet32(**kw) -> Backbone:
     return resnet_cifar(32, **kw)
 
 
-@register_model
+@register_model(tags=("cifar", "resnet"))
 def resnet44(**kw) -> Backbone:
     return resnet_cifar(44, **kw)
 
 
-@register_model
+@register_model(tags=("cifar", "resnet"))
 def resnet56(**kw) -> Backbone:
     return resnet_cifar(56, **kw)
 
 
-@register_model
+@register_model(tags=("cifar", "resnet"))
 def resnet110(**kw) -> Backbone:
     return resnet_cifar(110, **kw)

@@ -42,7 +42,7 @@ class AuxContext:
 
     index: int                      # local module i = 0 .. K-2
     K: int                          # real number of gradient-isolated pieces
-    h_shape: tuple[int, ...]        # (C, H, W) of the block's output
+    h_shape: tuple[int, ...]        # (C, H, W) of the block's output; (N, D) for ViT tokens
     next_unit: nn.Module            # first unit of block index+1 (what MAN's ema tracks)
     next_unit_index: int            # its index in the backbone's units
     next_shape: tuple[int, ...]     # (C, H, W) of next_unit's output
@@ -51,6 +51,8 @@ class AuxContext:
     in_channels: int
     image_size: int
     reinit: Callable[[nn.Module], None] | None = None  # the backbone family's weight init
+    # the unit after next_unit (MAN++'s ViT auxiliary network copies it as lb1), None at the network's end
+    following_unit: nn.Module | None = None
 
 
 class Rule:

@@ -11,8 +11,23 @@ from torch import nn
 from ..errors import ConfigError
 from .base import AuxContext, LocalBatch, Rule, register_rule
 from .heads import INFOPRO_CLASSIFIERS, InfoProClassifier, InfoProDecoder, supcon_loss
+from .heads_imagenet import ImageNetInfoProClassifier, ImageNetInfoProDecoder
 
 LAMBDA_SCHEDULES = ("stage", "module")
+#: ``cifar``: the CIFAR decoder/classifier with λ 5/0.5 -> 0/0; ``imagenet``: the deeper ImageNet heads
+#: with constant λ 5/0.75 (SPEC 2.2); ``auto``: ``imagenet`` for inputs of at least 128 px, else ``cifar``.
+INFOPRO_HEADS = ("auto", "cifar", "imagenet")
+IMAGENET_MIN_SIZE = 128
+DEFAULT_LAMBDAS = {"cifar": (5.0, 0.5, 0.0, 0.0), "imagenet": (5.0, 0.75, 5.0, 0.75)}
+
+
+def resolve_heads(heads: str, image_size: int) -> str:
+    """``auto`` -> ``imagenet`` for inputs of at least 128 px, else ``cifar``."""
+    if heads not in INFOPRO_HEADS:
+        raise ConfigError(f"unknown infopro_heads {heads!r}; choose from {INFOPRO_HEADS}")
+    if heads == "auto":
+        return "imagenet" if image_size >= IMAGENET_MIN_SIZE else "cifar"
+    return heads
 
 
 def lambda_ratio(ctx: AuxContext, schedule: str) -> float:
@@ -36,10 +51,17 @@ class InfoProAux(nn.Module):
     """λ1·BCE(decoder(h), image) + λ2·CE(classifier(h), y), or SupCon in place of CE."""
 
     def __init__(self, channels: int, ctx: AuxContext, lambdas: tuple[float, float], contrast: bool,
-                 classifier: str, temperature: float, feature_dim: int = 128) -> None:
+                 classifier: str, temperature: float, feature_dim: int = 128, heads: str = "cifar",
+                 feature_size: int | None = None) -> None:
         super().__init__()
-        self.decoder = InfoProDecoder(channels, ctx.image_size, ctx.in_channels)
-        self.classifier = InfoProClassifier(channels, feature_dim if contrast else ctx.num_classes, classifier)
+        out = feature_dim if contrast else ctx.num_classes
+        if heads == "imagenet":
+            size = feature_size if feature_size is not None else ctx.image_size
+            self.decoder = ImageNetInfoProDecoder(channels, size, ctx.image_size, ctx.in_channels)
+            self.classifier = ImageNetInfoProClassifier(channels, out)
+        else:
+            self.decoder = InfoProDecoder(channels, ctx.image_size, ctx.in_channels)
+            self.classifier = InfoProClassifier(channels, out, classifier)
         self.contrast = contrast
         self.temperature = temperature
         self.lambda_x, self.lambda_y = float(lambdas[0]), float(lambdas[1])
@@ -60,32 +82,44 @@ class InfoProRule(Rule):
     name = "infopro"
     contrast = False
 
-    def __init__(self, lambda_schedule: str = "stage", lambdas: tuple[float, float, float, float] = (5.0, 0.5, 0.0, 0.0),
-                 classifier: str = "2c2f", temperature: float = 0.07) -> None:
+    def __init__(self, lambda_schedule: str = "stage",
+                 lambdas: tuple[float, float, float, float] | None = None,
+                 classifier: str = "2c2f", temperature: float = 0.07, heads: str = "auto") -> None:
         if lambda_schedule not in LAMBDA_SCHEDULES:
             raise ConfigError(f"unknown lambda_schedule {lambda_schedule!r}; choose from {LAMBDA_SCHEDULES}")
         if classifier not in INFOPRO_CLASSIFIERS:
             raise ConfigError(f"unknown InfoPro classifier {classifier!r}; choose from {INFOPRO_CLASSIFIERS}")
-        if len(lambdas) != 4:
+        if lambdas is not None and len(lambdas) != 4:
             raise ConfigError("lambdas must be (λ1_first, λ2_first, λ1_last, λ2_last)")
+        if heads not in INFOPRO_HEADS:
+            raise ConfigError(f"unknown infopro_heads {heads!r}; choose from {INFOPRO_HEADS}")
         self.lambda_schedule = lambda_schedule
-        self.lambdas = tuple(float(v) for v in lambdas)
+        # None: the default of the heads in use (5/0.5 -> 0/0 for cifar, constant 5/0.75 for imagenet)
+        self.lambdas = None if lambdas is None else tuple(float(v) for v in lambdas)
+        self.heads = heads
         self.classifier = classifier
         self.temperature = temperature
 
     def lambdas_for(self, ctx: AuxContext) -> tuple[float, float]:
         r = lambda_ratio(ctx, self.lambda_schedule)
-        x1, y1, x2, y2 = self.lambdas
+        x1, y1, x2, y2 = self.lambdas or DEFAULT_LAMBDAS[resolve_heads(self.heads, ctx.image_size)]
         return x1 * (1 - r) + x2 * r, y1 * (1 - r) + y2 * r
 
     def build_aux(self, ctx: AuxContext, h_shape=None) -> nn.Module:
-        c = (h_shape or ctx.h_shape)[0]
+        shape = h_shape or ctx.h_shape
+        if len(shape) != 3:
+            raise ConfigError(f"InfoPro needs spatial feature maps (C, H, W) for its decoder; local block "
+                              f"{ctx.index} outputs shape {tuple(shape)} (tokens?). For a ViT use method='manpp' "
+                              "(MAN++'s CE-only ViT auxiliary network) or 'greedy'/'dgl'")
+        c = shape[0]
         lambdas = self.lambdas_for(ctx)
         if lambdas == (0.0, 0.0) and self.lambda_schedule == "stage" and ctx.index < ctx.K - 2:
             warnings.warn(f"InfoPro's 'stage' lambda schedule gives local block {ctx.index} a zero loss at "
                           f"K={ctx.K} (r = stage/(K-2) reaches 1 before the last local block): that block "
                           "will not learn. Use lambda_schedule='module' or a larger K.", stacklevel=2)
-        return InfoProAux(c, ctx, lambdas, self.contrast, self.classifier, self.temperature)
+        heads = resolve_heads(self.heads, ctx.image_size)
+        return InfoProAux(c, ctx, lambdas, self.contrast, self.classifier, self.temperature, heads=heads,
+                          feature_size=shape[-1])
 
 
 @register_rule
