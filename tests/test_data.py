@@ -89,7 +89,7 @@ def make_cifar(root, n_per_batch=3, n_test=2, hundred=False, seed=0):
 
 def test_registry_names_and_infos():
     assert set(list_datasets()) == {
-        "fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "stl10", "digits", "imagefolder"
+        "fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "stl10", "digits", "imagefolder", "imagenet"
     }
     fm = get_dataset_info("fashion-mnist")
     assert (fm.num_classes, fm.in_channels, fm.image_size) == (10, 3, 32)

@@ -46,6 +46,8 @@ AMP_MODES = ("off", "bf16", "fp16")
 BASES = ("dgl", "infopro")
 INITS = ("copy", "random")
 LAMBDA_SCHEDULES = ("stage", "module")
+INFOPRO_HEADS = ("auto", "cifar", "imagenet")
+DIST_BACKENDS = ("auto", "gloo", "nccl")
 
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
@@ -74,6 +76,9 @@ class TrainConfig:
     momentum: float = 0.995  # EMA momentum of the momentum auxiliary network
     init: str = "copy"  # ema/lb start as copies of the next unit ("random" = authors' code)
     lambda_schedule: str = "stage"  # InfoPro λ interpolation: stage | module
+    # InfoPro heads: auto (imagenet for inputs >= 128 px) | cifar (λ 5/0.5 -> 0/0) | imagenet (deeper
+    # decoder/classifier, constant λ 5/0.75; SPEC 2.2)
+    infopro_heads: str = "auto"
 
     # --- data ---------------------------------------------------------------------------------
     dataset: str = "fashion-mnist"
@@ -81,6 +86,7 @@ class TrainConfig:
     train_limit: Optional[int] = None  # use only the first N training images
     test_limit: Optional[int] = None  # evaluate on the first N test images
     image_size: Optional[int] = None  # None = the dataset's native size
+    data_workers: int = 8  # streamed datasets (imagenet): DataLoader decode processes
 
     # --- length -------------------------------------------------------------------------------
     epochs: int = 10
@@ -104,6 +110,17 @@ class TrainConfig:
     amp: str = "off"  # off | bf16 | fp16 (CUDA only)
     channels_last: bool = True  # faster on CPU (benchmarks/speed.py: 2.05 vs 2.64 s/it, InfoPro+MAN++)
     compile: bool = False
+
+    # --- scaling out (issue #4; docs/scaling.md) ----------------------------------------------
+    # Data parallelism is switched on by launching with torchrun; batch_size stays the global batch.
+    dist_backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+    dist_timeout_s: float = 1800.0  # collective timeout of the data-parallel process group
+    sync_bn: bool = False  # data parallel: SyncBatchNorm over the ranks (CUDA only)
+    pipeline_workers: int = 0  # >= 2: spread the K blocks over that many worker processes
+    pipeline_queue_depth: int = 2  # micro-batches in flight per pipeline link (bounds memory)
+    pipeline_param_sync_every: int = 1  # MAN: next worker sends its first unit every n steps
+    pipeline_param_delay: int = 2  # MAN: step t uses that unit as of step <= t - delay (>= 1)
+    pipeline_timeout_s: float = 120.0  # a pipeline worker silent this long stops the run
 
     # --- output -------------------------------------------------------------------------------
     out_dir: str = "runs/default"
@@ -365,6 +382,9 @@ def validate(cfg: TrainConfig, *, registries: bool = True) -> TrainConfig:
     _one_of(p, "base", cfg.base, BASES)
     _one_of(p, "init", cfg.init, INITS)
     _one_of(p, "lambda_schedule", cfg.lambda_schedule, LAMBDA_SCHEDULES)
+    _one_of(p, "infopro_heads", cfg.infopro_heads, INFOPRO_HEADS)
+    if cfg.data_workers < 0:
+        p.append(f"data_workers must be >= 0, got {cfg.data_workers}")
     _one_of(p, "optimizer", cfg.optimizer, OPTIMIZERS)
     _one_of(p, "schedule", cfg.schedule, SCHEDULES)
     _one_of(p, "amp", cfg.amp, AMP_MODES)
@@ -397,6 +417,16 @@ def validate(cfg: TrainConfig, *, registries: bool = True) -> TrainConfig:
         p.append(f"warmup_lr must be >= 0, got {cfg.warmup_lr}")
     if cfg.schedule == "cosine-warmup" and cfg.warmup_epochs >= cfg.epochs and cfg.epochs >= 1:
         p.append(f"warmup_epochs ({cfg.warmup_epochs}) must be < epochs ({cfg.epochs})")
+    _one_of(p, "dist_backend", cfg.dist_backend, DIST_BACKENDS)
+    for key in ("dist_timeout_s", "pipeline_timeout_s"):
+        v = getattr(cfg, key)
+        if not (v > 0) or not math.isfinite(v):
+            p.append(f"{key} must be a positive number of seconds, got {v}")
+    if cfg.pipeline_workers < 0 or cfg.pipeline_workers == 1:
+        p.append(f"pipeline_workers must be 0 (off) or >= 2, got {cfg.pipeline_workers}")
+    for key in ("pipeline_queue_depth", "pipeline_param_sync_every", "pipeline_param_delay"):
+        if getattr(cfg, key) < 1:
+            p.append(f"{key} must be >= 1, got {getattr(cfg, key)}")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
         p.append(f"device must be auto, cpu, cuda, cuda:N or mps, got '{cfg.device}'")
     if not cfg.out_dir.strip():

@@ -11,6 +11,7 @@ Public API::
 from .datasets import load_dataset
 from .info import DatasetInfo, ImageData, dataset_files, get_dataset_info, list_datasets
 from .loader import BatchLoader
+from .imagenet import STREAMING_DATASETS, FolderIndex, StreamingLoader, index_image_folder
 from .transforms import AUGMENTATIONS, Augment, BatchTransform, augmentation_for
 
 __all__ = [
@@ -25,4 +26,8 @@ __all__ = [
     "Augment",
     "AUGMENTATIONS",
     "augmentation_for",
+    "STREAMING_DATASETS",
+    "FolderIndex",
+    "StreamingLoader",
+    "index_image_folder",
 ]

@@ -234,6 +234,12 @@ def _load_imagefolder(name: str, split: str, dirs: list[str], limit: int | None,
     return _to_data(name, x, y, None, info=info, classes=tuple(classes))
 
 
+def _load_imagenet(name: str, split: str, dirs: list[str], limit: int | None, size: int | None) -> ImageData:
+    raise ConfigError("imagenet is streamed from disk, not loaded into memory: use "
+                      "manlearn.data.index_image_folder(...) with manlearn.data.StreamingLoader (the trainer "
+                      "does this for dataset=imagenet); for a small in-memory folder use dataset 'imagefolder'")
+
+
 _LOADERS: dict[str, Callable[[str, str, list[str], int | None, int | None], ImageData]] = {
     "fashion-mnist": _load_idx,
     "mnist": _load_idx,
@@ -243,6 +249,7 @@ _LOADERS: dict[str, Callable[[str, str, list[str], int | None, int | None], Imag
     "stl10": _load_stl10,
     "digits": _load_digits,
     "imagefolder": _load_imagefolder,
+    "imagenet": _load_imagenet,
 }
 
 
@@ -277,7 +284,7 @@ def load_dataset(
     if image_size is not None:
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ConfigError(f"image_size must be a positive integer or None, got {image_size!r}")
-        if name != "imagefolder" and image_size != info.image_size:
+        if name not in ("imagefolder", "imagenet") and image_size != info.image_size:
             raise ConfigError(
                 f"image_size applies to imagefolder only; {name} has a fixed size of {info.image_size}"
             )

@@ -140,6 +140,14 @@ _HOW_TO_GET: dict[str, str] = {
         "class names are the sorted sub-folder names of train/. Pass data_dir=<root> or set "
         f"${ENV_DATA_DIR}=<root> (searched as <root>/imagefolder and <root>)."
     ),
+    "imagenet": (
+        "ImageNet (ILSVRC-2012) cannot be downloaded automatically: get it from https://image-net.org, "
+        "extract the training archives into <root>/train/<wnid>/*.JPEG and sort the validation images into "
+        "<root>/val/<wnid>/*.JPEG (e.g. with the common valprep.sh script). Any class-per-folder tree in that "
+        "layout works (classes = sorted folders of train/). Pass data_dir=<root> or set "
+        f"${ENV_DATA_DIR}=<root> (searched as <root>/imagenet, <root>/ILSVRC2012 and <root>). It is streamed "
+        "from disk with DataLoader workers, never loaded into memory."
+    ),
 }
 
 _CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
@@ -157,6 +165,10 @@ _INFOS: dict[str, DatasetInfo] = {
     # Placeholder: num_classes (0 here) and image_size are only known once a folder is loaded;
     # load_dataset("imagefolder", ...) returns ImageData whose .info carries the real values.
     "imagefolder": DatasetInfo("imagefolder", 0, 3, 32, _HALF3, _HALF3, _HOW_TO_GET["imagefolder"]),
+    # Streamed (manlearn.data.imagenet); num_classes comes from the folder (1000 for ILSVRC-2012),
+    # image_size is the training crop (224; evaluation resizes to 256 and centre-crops 224).
+    "imagenet": DatasetInfo("imagenet", 1000, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                            _HOW_TO_GET["imagenet"]),
 }
 
 _IDX_FILES = {
@@ -179,6 +191,7 @@ _FILES: dict[str, dict[str, list[str]]] = {
     },
     "digits": {"train": ["(bundled with scikit-learn)"], "test": ["(bundled with scikit-learn)"]},
     "imagefolder": {"train": ["train/<class>/<image>"], "test": ["test/<class>/<image> (or val/<class>/<image>)"]},
+    "imagenet": {"train": ["train/<wnid>/<image>"], "test": ["val/<wnid>/<image> (or test/<wnid>/<image>)"]},
 }
 
 #: Sub-folders of data_dir / $MANLEARN_DATA that may hold a dataset's files (tried as well as the folder itself).
@@ -191,6 +204,7 @@ _FOLDERS: dict[str, list[str]] = {
     "stl10": ["stl10_binary", "stl10/stl10_binary", "stl10"],
     "digits": [],
     "imagefolder": ["imagefolder"],
+    "imagenet": ["imagenet", "ILSVRC2012", "ilsvrc2012"],
 }
 
 #: Locations searched when neither data_dir nor $MANLEARN_DATA finds the files.
