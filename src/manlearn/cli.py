@@ -1,4 +1,4 @@
-"""Command-line front end: ``manlearn train | eval | list``.
+"""Command-line front end: ``manlearn train | eval | list | bench``.
 
 Every refusal that manlearn can explain (a :class:`~manlearn.errors.ManlearnError`: bad config
 key or value, missing dataset, foreign checkpoint...) is printed as ``error: <message>`` on
@@ -192,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="models, methods, datasets and recipes")
     p.set_defaults(func=cmd_list)
+
+    from manlearn.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -1,0 +1,74 @@
+"""Accuracy part of the benchmark: the FM-R32 protocol (SPEC §8) for every rule, K and seed.
+
+Each run is a normal :class:`~manlearn.train.Trainer` run of the FM-R32 recipe with ``method``,
+``base``, ``K``, ``epochs`` and ``seed`` overridden; its final test accuracy, its accuracy after every
+epoch and its timing are appended as one row to a results file. Runs already in the file are
+skipped, so a long sweep can be stopped and continued (or spread over several sessions) and the file
+is the record the tables and plots are built from.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..config import apply_overrides, load_config, validate
+from .common import environment, parse_method, read_rows, append_rows
+
+BASE_RECIPE = "fm-r32-infopro-manpp"  # carries every FM-R32 key; method/base/K are overridden
+
+
+def run_key(row: dict[str, Any]) -> tuple:
+    return (row["method"], int(row["K"]), int(row["epochs"]), int(row["seed"]), row.get("train_limit"))
+
+
+def fm_r32_config(spec: str, K: int, epochs: int, seed: int, out_dir: Path, extra: Sequence[str] = ()):
+    """The FM-R32 TrainConfig of one run."""
+    from ..cli import resolve_recipe
+
+    m = parse_method(spec)
+    items = [f"method={m['method']}", f"K={K}", f"epochs={epochs}", f"seed={seed}",
+             f"out_dir={out_dir}", "progress=false"]
+    if "base" in m:
+        items.append(f"base={m['base']}")
+    cfg = load_config(resolve_recipe(BASE_RECIPE), check=False)
+    return validate(apply_overrides(cfg, [*items, *extra], check=False))
+
+
+def run_accuracy(methods: Sequence[str], Ks: Sequence[int], epochs: int, seeds: Sequence[int],
+                 results: str | Path, runs_dir: str | Path = "runs/bench-accuracy",
+                 extra: Sequence[str] = (), rerun: bool = False, say=print) -> list[dict[str, Any]]:
+    """Run every (method, K, seed) not yet in ``results``; return all matching rows."""
+    from ..train import Trainer
+
+    for spec in methods:
+        parse_method(spec)  # refuse bad specs before hours of training
+    done = {run_key(r): r for r in read_rows(results)}
+    limit = next((int(e.split("=", 1)[1]) for e in extra if e.startswith("train_limit=")), None)
+    out: list[dict[str, Any]] = []
+    for seed in seeds:
+        for K in Ks:
+            for spec in methods:
+                k_eff = 1 if spec == "e2e" else K
+                key = (spec, k_eff, epochs, seed, limit)
+                if key in done and not rerun:
+                    say(f"skip {spec} K={k_eff} epochs={epochs} seed={seed}: already in {results}")
+                    out.append(done[key])
+                    continue
+                run_dir = Path(runs_dir) / f"{spec.replace('+', '-')}-K{k_eff}-e{epochs}-s{seed}"
+                cfg = fm_r32_config(spec, K, epochs, seed, run_dir, extra)
+                say(f"run {spec} K={k_eff} epochs={epochs} seed={seed} -> {run_dir}")
+                t0 = time.perf_counter()
+                trainer = Trainer(cfg, overwrite=True)
+                summary = trainer.fit()
+                history = [r.get("test_acc") for r in trainer.records if r.get("type") == "epoch"]
+                row = dict(method=spec, K=getattr(trainer.learner, "K", k_eff), epochs=epochs, seed=seed,
+                           train_limit=limit, steps=summary["steps"], test_acc=summary["test_acc"],
+                           test_acc_per_epoch=history, seconds_per_iter=summary["seconds_per_iter"],
+                           peak_activation_MiB=(summary["peak_mem_bytes"] or 0) / 2**20,
+                           wall_s=time.perf_counter() - t0, protocol="FM-R32", recipe=BASE_RECIPE,
+                           overrides=list(extra), **environment(trainer.device))
+                append_rows(results, [row])
+                say(f"  test acc {row['test_acc']:.4f}  ({row['steps']} steps, {row['wall_s'] / 60:.1f} min)")
+                out.append(row)
+    return out

@@ -1,0 +1,103 @@
+"""``manlearn bench memory | speed | accuracy | report``: the benchmark driver of the CLI."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import ConfigError
+from .common import ALL_METHODS
+
+RESULTS = Path("benchmarks/results")
+
+
+def _positive(name: str, values) -> None:
+    for v in values:
+        if v < 1:
+            raise ConfigError(f"{name} must be >= 1, got {v}")
+
+
+def cmd_accuracy(args: argparse.Namespace) -> int:
+    from .accuracy import run_accuracy
+
+    _positive("--K", args.K)
+    _positive("--epochs", [args.epochs])
+    run_accuracy(args.methods, args.K, args.epochs, args.seeds, args.results, args.runs_dir,
+                 extra=args.overrides, rerun=args.rerun)
+    return 0
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    from .memory import run_memory
+
+    _positive("--K", args.K)
+    _positive("--batch", args.batch)
+    run_memory(args.model, args.methods, args.K, args.batch, args.results, device=args.device,
+               rss=not args.no_rss, checkpointing=not args.no_checkpointing, split=args.split)
+    return 0
+
+
+def cmd_speed(args: argparse.Namespace) -> int:
+    from .speed import run_speed
+
+    _positive("--K", [args.K])
+    _positive("--batch", [args.batch])
+    run_speed(args.model, args.methods, args.K, args.batch, args.iters, args.warmup, args.results,
+              device=args.device, channels_last=not args.no_channels_last, breakdown=not args.no_breakdown)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    write_report(args.results_dir, args.plots_dir)
+    return 0
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``bench`` and its parts on the main parser's subcommands."""
+    p = sub.add_parser("bench", help="memory, speed and accuracy of every rule side by side",
+                       description="Benchmarks that append JSON rows (machine, versions, date, commit "
+                                   "included) to benchmarks/results/, and a report that turns them into "
+                                   "the tables and plots of BENCHMARKS.md.")
+    bsub = p.add_subparsers(dest="part", metavar="PART", required=True)
+
+    a = bsub.add_parser("accuracy", help="FM-R32 (SPEC §8) test accuracy per rule, K and seed")
+    a.add_argument("--methods", nargs="+", default=list(ALL_METHODS))
+    a.add_argument("--K", nargs="+", type=int, default=[16])
+    a.add_argument("--epochs", type=int, default=1)
+    a.add_argument("--seeds", nargs="+", type=int, default=[0])
+    a.add_argument("--results", default=str(RESULTS / "accuracy.jsonl"))
+    a.add_argument("--runs-dir", default="runs/bench-accuracy")
+    a.add_argument("--rerun", action="store_true", help="run again even if the results file has the run")
+    a.add_argument("overrides", nargs="*", help="extra key=value config overrides for every run")
+    a.set_defaults(func=cmd_accuracy)
+
+    m = bsub.add_parser("memory", help="activation / total / process-peak memory per rule and K")
+    m.add_argument("--model", default="resnet32")
+    m.add_argument("--methods", nargs="+", default=list(ALL_METHODS))
+    m.add_argument("--K", nargs="+", type=int, default=[16])
+    m.add_argument("--batch", nargs="+", type=int, default=[128, 1024])
+    m.add_argument("--split", default="auto")
+    m.add_argument("--device", default="cpu")
+    m.add_argument("--no-rss", action="store_true", help="skip the fresh-process peak-RSS measurement")
+    m.add_argument("--no-checkpointing", action="store_true", help="skip E2E + gradient checkpointing")
+    m.add_argument("--results", default=str(RESULTS / "memory.jsonl"))
+    m.set_defaults(func=cmd_memory)
+
+    s = bsub.add_parser("speed", help="s/it and images/s of every rule vs E2E, interleaved, with breakdown")
+    s.add_argument("--model", default="resnet32")
+    s.add_argument("--methods", nargs="+", default=list(ALL_METHODS))
+    s.add_argument("--K", type=int, default=16)
+    s.add_argument("--batch", type=int, default=128)
+    s.add_argument("--iters", type=int, default=10)
+    s.add_argument("--warmup", type=int, default=3)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--no-channels-last", action="store_true")
+    s.add_argument("--no-breakdown", action="store_true", help="skip the backbone/aux/EMA breakdown")
+    s.add_argument("--results", default=str(RESULTS / "speed.jsonl"))
+    s.set_defaults(func=cmd_speed)
+
+    r = bsub.add_parser("report", help="markdown tables and PNG plots from the results files")
+    r.add_argument("--results-dir", default=str(RESULTS))
+    r.add_argument("--plots-dir", default="benchmarks/plots")
+    r.set_defaults(func=cmd_report)

@@ -1,0 +1,107 @@
+"""What every benchmark needs: method specs, the machine it ran on, and append-only result files.
+
+Results are JSON lines, one per measurement, each carrying the machine, versions, date and commit
+that produced it, so that every figure in BENCHMARKS.md can be traced to a row and rerun.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from ..errors import ConfigError
+
+# The methods of the benchmark issue, in the order tables list them.
+ALL_METHODS = ("e2e", "greedy", "dgl", "infopro", "dgl+man", "infopro+man", "dgl+manpp", "infopro+manpp")
+
+
+def parse_method(spec: str) -> dict[str, str]:
+    """``"dgl+manpp"`` -> ``{"method": "manpp", "base": "dgl"}``; ``"dgl"`` -> ``{"method": "dgl"}``."""
+    from ..rules import list_rules
+    from ..rules.momentum import MAN_BASES
+
+    if "+" in spec:
+        base, method = spec.split("+", 1)
+        if method not in ("man", "manpp") or base not in MAN_BASES:
+            raise ConfigError(f"bad method spec {spec!r}: write <base>+man or <base>+manpp with base in "
+                              f"{', '.join(MAN_BASES)}")
+        return {"method": method, "base": base}
+    if spec not in list_rules():
+        raise ConfigError(f"unknown method {spec!r}; choose from {', '.join(ALL_METHODS)} "
+                          f"(or any of {', '.join(list_rules())})")
+    return {"method": spec}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[3]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+        if out.returncode == 0:
+            return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None
+
+
+def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Machine, versions and date of a measurement."""
+    device = torch.device(device)
+    env = {
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "commit": git_commit(),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def append_rows(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
+    """Append JSON lines (creating the folder); each write is one flushed line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=False) + "\n")
+            f.flush()
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a results file; a torn last line (a killed run) is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
