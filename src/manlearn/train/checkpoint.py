@@ -43,7 +43,7 @@ REQUIRED_KEYS = ("format", "version", "model", "optimizer", "step", "epoch", "ba
 RESUME_FREE_KEYS = frozenset({
     "out_dir", "progress", "log_every", "max_steps", "epochs", "device", "data_dir",
     "eval_batch_size", "eval_every", "ckpt_every_steps", "test_limit", "compile",
-    "channels_last",
+    "channels_last", "dist_backend", "dist_timeout_s", "pipeline_timeout_s",
 })
 
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from manlearn.config import TrainConfig, config_to_dict, validate
 from manlearn.errors import CheckpointError, ConfigError
 
-from .build import amp_dtype, build_learner, load_split, make_loader, resolve_device, seed_everything
+from .build import amp_dtype, build_learner, load_split, make_loader, seed_everything
 from .checkpoint import (CKPT_FORMAT, CKPT_VERSION, capture_rng_state, check_resume_compatible,
                          load_checkpoint, restore_rng_state, save_checkpoint)
 from .metrics import JsonlWriter, MetricLogger
@@ -99,7 +99,14 @@ class Trainer:
         self.cfg = validate(cfg)
         self._out = out if out is not None else sys.stdout
         self.hooks: list[StepHook] = list(hooks)
-        self.device = resolve_device(cfg.device)
+        # Data parallel when launched by torchrun (WORLD_SIZE > 1): join the group, take this rank's
+        # device; otherwise a single process (self.dist.enabled is False, nothing else changes).
+        from manlearn.distributed.dist import setup_from_env
+
+        self.dist, self.device = setup_from_env(cfg.dist_backend, cfg.device, cfg.dist_timeout_s)
+        if cfg.sync_bn and self.dist.enabled and self.device.type != "cuda":
+            raise ConfigError("sync_bn=true needs CUDA devices (torch's SyncBatchNorm does not run on CPU); "
+                              "on CPU each rank normalises over its own shard")
         amp_dtype(cfg, self.device)  # refuse amp on a CPU before loading anything
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_path = self.out_dir / CKPT_NAME
@@ -123,6 +130,10 @@ class Trainer:
         self.info = self.train_data.info
         self.train_loader = make_loader(cfg, self.train_data, train=True, device=self.device)
         self.test_loader = make_loader(cfg, self.test_data, train=False, device=self.device)
+        if self.dist.enabled:  # each rank trains on its slice of every global batch
+            from manlearn.distributed.dist import ShardedLoader
+
+            self.train_loader = ShardedLoader(self.train_loader, self.dist.rank, self.dist.world_size)
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
             raise ConfigError(f"batch_size={cfg.batch_size} is larger than the {len(self.train_data)} "
@@ -132,6 +143,14 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.learner = build_learner(cfg, self.info, self.device)
+        self.reducer: Any = None
+        if self.dist.enabled:
+            from manlearn.distributed import GradReducer, broadcast_state
+
+            if cfg.sync_bn:
+                self.learner = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.learner)
+            broadcast_state(self.learner)  # identical start on every rank, whatever the seeding
+            self.reducer = GradReducer(self.learner, self.dist.world_size)
         if cfg.compile:
             self._compile()
         self.optimizer = build_optimizer(cfg, self.learner)
@@ -164,6 +183,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ output
     def _say(self, msg: str) -> None:
+        if not self.dist.is_main:
+            return
         if self._bar is not None and not self._bar.disable:
             self._bar.write(msg, file=self._out)
         else:
@@ -215,7 +236,14 @@ class Trainer:
         return payload
 
     def save(self) -> Path:
-        """Write ``<out_dir>/last.pt`` atomically."""
+        """Write ``<out_dir>/last.pt`` atomically (data parallel: every rank calls it, the BN
+        statistics are averaged over the ranks, rank 0 writes)."""
+        if self.dist.enabled:
+            from manlearn.distributed import average_buffers
+
+            average_buffers(self.learner)
+            if not self.dist.is_main:
+                return self.ckpt_path
         return save_checkpoint(self.ckpt_path, self.state())
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
@@ -248,7 +276,13 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> float:
         """Test accuracy now; updates the best/last accuracy bookkeeping."""
-        acc, _, _ = evaluate(self.learner, self.test_loader)
+        if self.dist.enabled:  # sharded over the ranks, counts summed: every rank gets the result
+            from manlearn.distributed import average_buffers, sharded_evaluate
+
+            average_buffers(self.learner)
+            acc, _, _ = sharded_evaluate(self.learner, self.test_loader, self.dist, self.device)
+        else:
+            acc, _, _ = evaluate(self.learner, self.test_loader)
         self.last_test_acc = acc
         self.last_eval_step = self.step
         if self.best_acc is None or acc > self.best_acc:
@@ -262,17 +296,26 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         t = time.perf_counter()
+        hook = self.reducer.block_done if self.reducer is not None else None
+        scale = self.scaler.scale(torch.ones((), device=self.device)) if self.scaler is not None else None
+        out = self.learner.train_step(x, y, grad_scale=scale, after_block=hook)
+        n = int(y.numel())
+        if self.reducer is not None:
+            # Gradients averaged over the ranks (exactly once) before the step; the step's losses
+            # and correct count travel in the last bucket: [losses..., correct, n].
+            local = torch.tensor([*out.losses, float((out.logits.argmax(dim=1) == y).sum()), float(n)],
+                                 dtype=torch.float64, device=self.device)
+            tot = self.reducer.finish(local).cpu()
+            out.losses[:] = (tot[:-2] / self.dist.world_size).tolist()
+            correct, n = int(round(float(tot[-2]))), int(round(float(tot[-1])))
         if self.scaler is not None:
-            scale = self.scaler.scale(torch.ones((), device=self.device))
-            out = self.learner.train_step(x, y, grad_scale=scale)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            out = self.learner.train_step(x, y)
             self.optimizer.step()
-        correct = int((out.logits.argmax(dim=1) == y).sum().item())  # also syncs the device
+        if self.reducer is None:
+            correct = int((out.logits.argmax(dim=1) == y).sum().item())  # also syncs the device
         dt = time.perf_counter() - t
-        n = int(y.numel())
         self.step += 1
         self.batch += 1
         self.meters.update(n=n, acc=correct / n, **{f"loss{k}": v for k, v in enumerate(out.losses)})
@@ -298,7 +341,8 @@ class Trainer:
 
     def _record(self, rec: dict[str, Any]) -> None:
         self.records.append(rec)
-        JsonlWriter(self.metrics_path).write(rec)
+        if self.dist.is_main:
+            JsonlWriter(self.metrics_path).write(rec)
 
     def _log_step(self, lr: float) -> None:
         rec = {
@@ -358,6 +402,10 @@ class Trainer:
                   f"{cfg.dataset}: {len(self.train_data)} train / {len(self.test_data)} test | "
                   f"{self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs | device {self.device} | "
                   f"{n_params:,} trainable parameters | out_dir {self.out_dir}")
+        if self.dist.enabled:
+            self._say(f"data parallel: {self.dist.world_size} ranks ({self.dist.backend}), global batch "
+                      f"{cfg.batch_size} = {self.dist.world_size} x {cfg.batch_size // self.dist.world_size}"
+                      + (", SyncBatchNorm" if cfg.sync_bn else ""))
         if self.resumed:
             self._say(f"resuming from {self.ckpt_path} at step {self.step} "
                       f"(epoch {self.epoch + 1}, batch {self.batch})")
@@ -374,14 +422,15 @@ class Trainer:
         total = total_steps(cfg, spe)
         stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
         self._stop_at = stop_at
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.yaml").write_text(
-            yaml.safe_dump(_plain(config_to_dict(cfg)), sort_keys=False))
-        # Keep exactly the records of the state we start from (drops lines written after the
-        # checkpoint by a run that was then killed, and the lines of an overwritten run).
-        JsonlWriter(self.metrics_path).rewrite(self.records)
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(
+                yaml.safe_dump(_plain(config_to_dict(cfg)), sort_keys=False))
+            # Keep exactly the records of the state we start from (drops lines written after the
+            # checkpoint by a run that was then killed, and the lines of an overwritten run).
+            JsonlWriter(self.metrics_path).rewrite(self.records)
         self._t0 = time.perf_counter()
-        show = bool(cfg.progress) and sys.stderr.isatty()
+        show = bool(cfg.progress) and sys.stderr.isatty() and self.dist.is_main
         self._bar = tqdm(total=stop_at, initial=min(self.step, stop_at), disable=not show,
                          unit="it", dynamic_ncols=True, desc="train", file=sys.stderr)
         self._header()
