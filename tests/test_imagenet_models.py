@@ -229,3 +229,43 @@ def test_init_random_uses_the_imagenet_init():
     aux = learner.auxes[0]
     convs = [(e, s) for (n, e), s in zip(aux.ema.named_parameters(), aux.source.parameters()) if "conv" in n]
     assert convs and all(not torch.equal(e, s) for e, s in convs)
+
+
+IMAGENET_RECIPES = {
+    "imagenet-resnet101-e2e": ("resnet101", 1, None), "imagenet-resnet101-k2-infopro-manpp": ("resnet101", 2, [5, 29]),
+    "imagenet-resnet101-k4-infopro-manpp": ("resnet101", 4, [7, 10, 8, 9]),
+    "imagenet-resnet152-e2e": ("resnet152", 1, None), "imagenet-resnet152-k2-infopro-manpp": ("resnet152", 2, [10, 41]),
+    "imagenet-resnet152-k4-infopro-manpp": ("resnet152", 4, [11, 15, 12, 13]),
+    "imagenet-resnext101-e2e": ("resnext101_32x8d", 1, None),
+    "imagenet-resnext101-k2-infopro-manpp": ("resnext101_32x8d", 2, [5, 29]),
+    "imagenet-resnext101-k4-infopro-manpp": ("resnext101_32x8d", 4, [7, 10, 8, 9]),
+    "vit-tiny-e2e": ("vit_tiny", 1, None), "vit-tiny-k4-manpp": ("vit_tiny", 4, [4, 3, 3, 3]),
+    "vit-small-e2e": ("vit_small", 1, None), "vit-small-k4-manpp": ("vit_small", 4, [4, 3, 3, 3]),
+    "vit-base-e2e": ("vit_base", 1, None), "vit-base-k4-manpp": ("vit_base", 4, [4, 3, 3, 3]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(IMAGENET_RECIPES))
+def test_imagenet_and_vit_recipes_build_their_learner(name):
+    """Each recipe validates and builds the learner it claims (on the meta device: no memory, no init
+    cost): the published split, the SPEC section 5 optimiser, the streamed imagenet data."""
+    from pathlib import Path
+
+    from manlearn.config import load_config
+    from manlearn.data import get_dataset_info
+    from manlearn.train import build_learner
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    model, K, sizes = IMAGENET_RECIPES[name]
+    assert (cfg.model, cfg.dataset, cfg.image_size, cfg.epochs, cfg.batch_size) == (model, "imagenet", 224, 90, 1024)
+    if model.startswith("vit"):
+        assert (cfg.optimizer, cfg.lr, cfg.weight_decay) == ("adamw", 1e-3, 0.05)
+    else:
+        assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.nesterov, cfg.warmup_epochs) == ("sgd", 0.4, 1e-4, True, 0)
+    with torch.device("meta"):
+        learner = build_learner(cfg, get_dataset_info("imagenet"), "meta")
+    assert learner.K == K
+    if sizes is not None:
+        assert learner.split.source == "paper table" and [len(b) for b in learner.blocks] == sizes
+        if not model.startswith("vit"):
+            assert all(isinstance(a.heads.decoder, ImageNetInfoProDecoder) for a in learner.auxes)
