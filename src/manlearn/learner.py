@@ -6,6 +6,7 @@ device policy beyond the tensors it is given.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -19,6 +20,7 @@ from .models import create_model, follows_protocol, init_weights, model_accepts
 from .rules import AuxContext, LocalBatch, MomentumAux, check_momentum, get_rule_class, list_rules
 from .rules.momentum import INITS, MAN_BASES
 from .rules.vit_aux import build_token_aux, is_token_shape
+from .recompute import Segment, run_checkpointed, stage_segments
 from .split import Split, resolve_split
 
 MOMENTUM_METHODS = ("man", "manpp")
@@ -59,6 +61,8 @@ class LocalLearner(nn.Module):
         norm_mean, norm_std: the input normalisation, used to de-normalise InfoPro's target image.
         amp_dtype: run forwards under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``).
         channels_last: keep weights and activations in channels-last memory format.
+        grad_checkpoint: run every block stage by stage under gradient checkpointing (recompute in
+            backward); with ``method="e2e"`` this is the memory baseline of the benchmarks.
     """
 
     def __init__(self, model: str | nn.Module = "resnet32", method: str = "manpp", base: str = "infopro",
@@ -68,7 +72,7 @@ class LocalLearner(nn.Module):
                  lambdas: tuple[float, float, float, float] | None = None, infopro_heads: str = "auto",
                  norm_mean: Sequence[float] | None = None, norm_std: Sequence[float] | None = None,
                  amp_dtype: torch.dtype | None = None, channels_last: bool = False,
-                 model_kwargs: dict | None = None) -> None:
+                 grad_checkpoint: bool = False, model_kwargs: dict | None = None) -> None:
         super().__init__()
         if method not in list_rules():
             raise ConfigError(f"unknown method {method!r}; available methods: {', '.join(list_rules())}")
@@ -107,6 +111,12 @@ class LocalLearner(nn.Module):
             block_ends.append(unit_range.stop if len(unit_range) else 0)
         self.blocks = nn.ModuleList(blocks)
         self.head = backbone.head
+        self.grad_checkpoint = bool(grad_checkpoint)
+        self._segments: list[list[Segment]] | None = None
+        if grad_checkpoint:
+            self._segments = []
+            for has_stem, unit_range in self.split.pieces():
+                self._segments.append(self._block_segments(has_stem, unit_range, unit_ids))
 
         rule_cls = get_rule_class(method)
         rule_kwargs: dict = {}
@@ -149,6 +159,21 @@ class LocalLearner(nn.Module):
                                   "nn.ModuleList) and `head` (nn.Module); see manlearn.models.Backbone")
             return model
         raise ConfigError(f"model must be a registered name or an nn.Module, got {type(model).__name__}")
+
+    def _block_segments(self, has_stem: bool, unit_range: range, unit_ids) -> list[Segment]:
+        """Checkpoint segments of one block: one per stage (the stem joins the first); without
+        stage ids, about sqrt(n) units per segment."""
+        k = len(self._segments) if self._segments is not None else 0
+        mods = list(self.blocks[k])
+        chunk = max(1, round(math.sqrt(len(unit_range)))) if len(unit_range) else 1
+        stages = ([None] if has_stem else []) + [
+            unit_ids[j][0] if unit_ids else (j - unit_range.start) // chunk for j in unit_range]
+        return stage_segments(mods, stages)
+
+    def _run_block(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        if self._segments is None:
+            return self.blocks[k](x)
+        return run_checkpointed(self._segments[k], x)
 
     @staticmethod
     @torch.no_grad()
@@ -210,7 +235,7 @@ class LocalLearner(nn.Module):
         """
         last = k == self.K - 1
         with self._autocast(inp):
-            h = self.blocks[k](inp)
+            h = self._run_block(k, inp)
             if last:
                 out = self.head(h)
                 loss = F.cross_entropy(out.float(), batch.y)

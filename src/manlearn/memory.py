@@ -87,6 +87,37 @@ def peak_rss_bytes() -> int:
     return int(r if sys.platform == "darwin" else r * 1024)
 
 
+def _proc_status_bytes(field: str) -> int | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def current_rss_bytes() -> int | None:
+    """Resident memory of this process now (Linux ``VmRSS``; None elsewhere)."""
+    return _proc_status_bytes("VmRSS")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's resident-memory high-water mark (Linux: ``clear_refs`` 5), so that
+    :func:`peak_rss_since_reset_bytes` measures only what follows. False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_since_reset_bytes() -> int | None:
+    """High-water mark of resident memory since :func:`reset_peak_rss` (Linux ``VmHWM``)."""
+    return _proc_status_bytes("VmHWM")
+
+
 class PeakMemory:
     """Peak training memory over a region of code.
 

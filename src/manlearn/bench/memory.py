@@ -1,0 +1,137 @@
+"""Memory part of the benchmark: what a training step of every rule needs, two ways.
+
+(a) **Counted** (deterministic, device-independent): the peak of the bytes autograd keeps alive for
+    backward during one ``train_step`` (:class:`~manlearn.memory.SavedTensorTracker`: saved tensors,
+    deduplicated by storage, weights excluded), plus the static state: parameters and buffers
+    (frozen EMA units included), gradients of the trainable parameters and the optimiser state
+    (SGD momentum: one buffer per trainable parameter). ``total = static + activation peak``.
+(b) **Measured**: on CUDA the allocator peak (``torch.cuda.max_memory_allocated``) of a step; on
+    the CPU the peak resident memory (``ru_maxrss``) of a fresh process that builds the learner and
+    runs a few steps, next to the same process's RSS just before its first step.
+
+E2E is measured with and without gradient checkpointing per stage (``grad_checkpoint=True``).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any, Sequence
+
+import torch
+
+from .common import append_rows, environment, parse_method
+
+CHECKPOINTED = "e2e+ckpt"
+
+
+def _learner(model: str, spec: str, K: int, split: str, device: str):
+    from .. import LocalLearner
+
+    kw: dict[str, Any] = {}
+    if spec == CHECKPOINTED:
+        kw = dict(method="e2e", grad_checkpoint=True)
+    else:
+        kw = parse_method(spec)
+    torch.manual_seed(0)
+    return LocalLearner(model=model, K=K, split=split, **kw).to(device)
+
+
+def _step(learner, opt, x, y) -> None:
+    learner.train_step(x, y)
+    opt.step()
+
+
+def _optimizer(learner):
+    return torch.optim.SGD([p for p in learner.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
+                           weight_decay=1e-4, foreach=True)
+
+
+def counted(model: str, spec: str, K: int, batch: int, split: str = "auto", device: str = "cpu") -> dict[str, Any]:
+    """(a): counted activation peak and static bytes of one training step; CUDA peak on a GPU."""
+    from ..memory import PeakMemory
+
+    learner = _learner(model, spec, K, split, device)
+    opt = _optimizer(learner)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, learner.in_channels, learner.image_size, learner.image_size, generator=g).to(device)
+    y = torch.randint(0, learner.num_classes, (batch,), generator=g).to(device)
+    _step(learner, opt, x, y)  # warm-up: optimiser state exists, allocator caches filled
+    with PeakMemory(device, exclude=learner.parameters()) as pm:
+        _step(learner, opt, x, y)
+    trainable = [p for p in learner.parameters() if p.requires_grad]
+    param_bytes = sum(p.numel() * p.element_size() for p in learner.parameters())
+    buffer_bytes = sum(b.numel() * b.element_size() for b in learner.buffers())
+    grad_bytes = sum(p.numel() * p.element_size() for p in trainable)
+    opt_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                    if torch.is_tensor(t))
+    act = pm.peak_activation_bytes
+    return dict(model=model, method=spec, K=getattr(learner, "K", 1), batch=batch, split=learner.split.source,
+                activation_peak_MiB=act / 2**20, params_MiB=(param_bytes + buffer_bytes) / 2**20,
+                grads_MiB=grad_bytes / 2**20, optimizer_MiB=opt_bytes / 2**20,
+                total_counted_MiB=(act + param_bytes + buffer_bytes + grad_bytes + opt_bytes) / 2**20,
+                cuda_peak_MiB=(pm.cuda_peak / 2**20) if pm.cuda_peak is not None else None)
+
+
+def rss_child(model: str, spec: str, K: int, batch: int, split: str, steps: int = 2) -> dict[str, Any]:
+    """Runs inside the fresh process of (b): RSS just before the first step, and the peak RSS
+    reached during ``steps`` steps (the kernel's high-water mark is reset first, so the peak of
+    importing libraries and building the model does not mask it)."""
+    import gc
+
+    from ..memory import current_rss_bytes, peak_rss_bytes, peak_rss_since_reset_bytes, reset_peak_rss
+
+    learner = _learner(model, spec, K, split, "cpu")
+    opt = _optimizer(learner)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, learner.in_channels, learner.image_size, learner.image_size, generator=g)
+    y = torch.randint(0, learner.num_classes, (batch,), generator=g)
+    gc.collect()
+    before = current_rss_bytes()
+    resettable = reset_peak_rss()
+    for _ in range(steps):
+        _step(learner, opt, x, y)
+    peak = peak_rss_since_reset_bytes() if resettable else peak_rss_bytes()
+    return dict(rss_before_steps_MiB=(before or 0) / 2**20, peak_rss_MiB=(peak or 0) / 2**20,
+                rss_step_increase_MiB=((peak or 0) - (before or 0)) / 2**20, rss_steps=steps,
+                rss_peak_kind="since the first step" if resettable else "whole process")
+
+
+def measured_rss(model: str, spec: str, K: int, batch: int, split: str = "auto", steps: int = 2) -> dict[str, Any]:
+    """(b) on the CPU: peak RSS of a fresh process doing ``steps`` training steps."""
+    args = json.dumps(dict(model=model, spec=spec, K=K, batch=batch, split=split, steps=steps))
+    code = ("import json, sys; from manlearn.bench.memory import rss_child; "
+            "a = json.loads(sys.argv[1]); print(json.dumps(rss_child(**a)))")
+    proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"RSS measurement of {spec} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_memory(model: str, methods: Sequence[str], Ks: Sequence[int], batches: Sequence[int], results,
+               device: str = "cpu", rss: bool = True, checkpointing: bool = True, split: str = "auto",
+               say=print) -> list[dict[str, Any]]:
+    """Every (batch, K, method) once; E2E (and E2E + checkpointing) once per batch."""
+    for spec in methods:
+        if spec != CHECKPOINTED:
+            parse_method(spec)
+    specs = list(methods) + ([CHECKPOINTED] if checkpointing and CHECKPOINTED not in methods else [])
+    env = environment(device)
+    rows: list[dict[str, Any]] = []
+    for batch in batches:
+        for spec in specs:
+            for K in ([Ks[0]] if spec in ("e2e", CHECKPOINTED) else Ks):  # E2E ignores K
+                row = counted(model, spec, K, batch, split, device)
+                if rss and torch.device(device).type == "cpu":
+                    row.update(measured_rss(model, spec, K, batch, split))
+                row.update(env)
+                append_rows(results, [row])
+                rows.append(row)
+                say(f"{model} {spec:>14} K={row['K']:<3} batch {batch:<5} activations "
+                    f"{row['activation_peak_MiB']:8.1f} MiB  total counted {row['total_counted_MiB']:8.1f} MiB"
+                    + (f"  peak RSS {row['peak_rss_MiB']:.0f} MiB (+{row['rss_step_increase_MiB']:.0f} over the "
+                       f"{row['rss_before_steps_MiB']:.0f} before the steps)"
+                       if "peak_rss_MiB" in row else "")
+                    + (f"  CUDA peak {row['cuda_peak_MiB']:.0f} MiB" if row["cuda_peak_MiB"] is not None else ""),
+                    flush=True)
+    return rows

@@ -1,0 +1,169 @@
+"""Tables (markdown) and plots (PNG) from the benchmark results files.
+
+Reads ``accuracy.jsonl``, ``memory.jsonl`` and ``speed.jsonl`` from the results folder; the latest
+row wins when a measurement was repeated. Writes ``tables.md`` beside them and the plots
+``accuracy_vs_memory.png`` and ``accuracy_vs_epochs.png`` into the plots folder.
+"""
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from .common import ALL_METHODS, read_rows
+
+BASE_OF = {"dgl+man": "dgl", "dgl+manpp": "dgl", "infopro+man": "infopro", "infopro+manpp": "infopro"}
+
+
+def _order(method: str) -> tuple:
+    return (ALL_METHODS.index(method) if method in ALL_METHODS else len(ALL_METHODS), method)
+
+
+def _latest(rows: list[dict[str, Any]], key) -> dict[tuple, dict[str, Any]]:
+    out: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        out[key(r)] = r
+    return out
+
+
+def memory_table(rows: list[dict[str, Any]]) -> str:
+    rows = list(_latest(rows, lambda r: (r["model"], r["method"], r["K"], r["batch"], r.get("device"))).values())
+    lines = ["| model | method | K | batch | activations (MiB) | vs E2E | total counted (MiB) | vs E2E | "
+             "peak RSS during steps (MiB) | CUDA peak (MiB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    e2e = {(r["model"], r["batch"], r.get("device")): r for r in rows if r["method"] == "e2e"}
+    for r in sorted(rows, key=lambda r: (r["model"], r["batch"], r["K"] if r["method"] != "e2e" else 0,
+                                         _order(r["method"].replace("+ckpt", "")), r["method"])):
+        ref = e2e.get((r["model"], r["batch"], r.get("device")))
+        act_ratio = f"{100 * r['activation_peak_MiB'] / ref['activation_peak_MiB']:.0f}%" if ref else ""
+        tot_ratio = f"{100 * r['total_counted_MiB'] / ref['total_counted_MiB']:.0f}%" if ref else ""
+        rss = f"{r['peak_rss_MiB']:.0f}" if r.get("peak_rss_MiB") else ""
+        cuda = f"{r['cuda_peak_MiB']:.0f}" if r.get("cuda_peak_MiB") else ""
+        lines.append(f"| {r['model']} | {r['method']} | {r['K']} | {r['batch']} | {r['activation_peak_MiB']:.1f} | "
+                     f"{act_ratio} | {r['total_counted_MiB']:.1f} | {tot_ratio} | {rss} | {cuda} |")
+    return "\n".join(lines)
+
+
+def speed_table(rows: list[dict[str, Any]]) -> str:
+    rows = list(_latest(rows, lambda r: (r["model"], r["method"], r["K"], r["batch"], r.get("device"),
+                                         r.get("channels_last"))).values())
+    lines = ["| model | method | K | batch | s/it (median) | images/s | vs E2E | backbone | aux ema/lb units | "
+             "aux heads | EMA | optimiser |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["model"], r["batch"], _order(r["method"]))):
+        b = r.get("breakdown_s") or {}
+        parts = " | ".join(f"{b[k]:.3f}" if k in b else "" for k in
+                           ("backbone", "aux_units", "aux_heads", "ema", "optimizer"))
+        lines.append(f"| {r['model']} | {r['method']} | {r['K']} | {r['batch']} | {r['median_s_per_it']:.3f} | "
+                     f"{r['images_per_s']:.0f} | {r['ratio_to_e2e']:.2f}x | {parts} |")
+    return "\n".join(lines)
+
+
+def accuracy_table(rows: list[dict[str, Any]]) -> str:
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in _latest(rows, lambda r: (r["method"], r["K"], r["epochs"], r["seed"], r.get("train_limit"))).values():
+        groups[(r["epochs"], r.get("train_limit"), r["K"] if r["method"] != "e2e" else 0, r["method"])].append(r)
+    lines = ["| epochs | method | K | seeds | test accuracy | vs base rule | vs E2E | s/it (during the run) |",
+             "|---|---|---|---|---|---|---|---|"]
+    mean = {key: statistics.mean(x["test_acc"] for x in rs) for key, rs in groups.items()}
+    for key in sorted(groups, key=lambda k: (k[0], k[1] or 0, k[2], _order(k[3]))):
+        epochs, limit, K, method = key
+        rs = groups[key]
+        accs = [x["test_acc"] for x in rs]
+        acc = f"{statistics.mean(accs):.4f}" + (f" ± {statistics.stdev(accs):.4f}" if len(accs) > 1 else "")
+        base = BASE_OF.get(method)
+        base_key = (epochs, limit, K, base)
+        vs_base = f"{100 * (mean[key] - mean[base_key]):+.2f} pt" if base and base_key in mean else ""
+        e2e_key = (epochs, limit, 0, "e2e")
+        vs_e2e = f"{100 * (mean[key] - mean[e2e_key]):+.2f} pt" if e2e_key in mean and method != "e2e" else ""
+        spi = statistics.mean(x["seconds_per_iter"] for x in rs)
+        lines.append(f"| {epochs}{' (' + str(limit) + ' imgs)' if limit else ''} | {method} | {rs[0]['K']} | "
+                     f"{','.join(str(x['seed']) for x in rs)} | {acc} | {vs_base} | {vs_e2e} | {spi:.3f} |")
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_memory(acc_rows, mem_rows, path: Path, batch: int = 128) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mem = _latest([r for r in mem_rows if r["batch"] == batch and r["model"] == "resnet32"],
+                  lambda r: (r["method"], r["K"]))
+    e2e = next((r for (m, _), r in mem.items() if m == "e2e"), None)
+    if e2e is None or not acc_rows:
+        return False
+    epochs = max(r["epochs"] for r in acc_rows)
+    pts = defaultdict(list)
+    for r in acc_rows:
+        if r["epochs"] == epochs and not r.get("train_limit"):
+            pts[(r["method"], r["K"])].append(r["test_acc"])
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for (method, K), accs in sorted(pts.items(), key=lambda kv: _order(kv[0][0])):
+        m = mem.get((method, K))
+        if m is None:
+            continue
+        x = 100 * m["activation_peak_MiB"] / e2e["activation_peak_MiB"]
+        ax.scatter([x], [100 * statistics.mean(accs)], s=40)
+        ax.annotate(f"{method} K={K}" if method != "e2e" else "e2e", (x, 100 * statistics.mean(accs)),
+                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(f"peak activation memory, % of E2E (ResNet-32, batch {batch})")
+    ax.set_ylabel(f"FM-R32 test accuracy after {epochs} epoch(s), %")
+    ax.set_title("Accuracy vs training memory")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_accuracy_vs_epochs(acc_rows, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in acc_rows if not r.get("train_limit") and len(r.get("test_acc_per_epoch") or []) > 1]
+    if not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in sorted(rows, key=lambda r: _order(r["method"])):
+        accs = [100 * a for a in r["test_acc_per_epoch"] if a is not None]
+        ax.plot(range(1, len(accs) + 1), accs, marker="o", ms=3,
+                label=f"{r['method']} K={r['K']} s{r['seed']}" if r["method"] != "e2e" else f"e2e s{r['seed']}")
+    ax.set_xlabel("epoch (cosine schedule spans the whole run)")
+    ax.set_ylabel("FM-R32 test accuracy, %")
+    ax.set_title("Accuracy vs epochs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_report(results_dir: str | Path = "benchmarks/results", plots_dir: str | Path = "benchmarks/plots",
+                 say=print) -> str:
+    results_dir, plots_dir = Path(results_dir), Path(plots_dir)
+    acc = read_rows(results_dir / "accuracy.jsonl")
+    mem = read_rows(results_dir / "memory.jsonl")
+    spd = read_rows(results_dir / "speed.jsonl")
+    parts = []
+    if acc:
+        parts += ["## Accuracy (FM-R32)", "", accuracy_table(acc), ""]
+    if mem:
+        parts += ["## Memory", "", memory_table(mem), ""]
+    if spd:
+        parts += ["## Speed", "", speed_table(spd), ""]
+    text = "\n".join(parts)
+    (results_dir / "tables.md").parent.mkdir(parents=True, exist_ok=True)
+    (results_dir / "tables.md").write_text(text)
+    made = []
+    if plot_accuracy_vs_memory(acc, mem, plots_dir / "accuracy_vs_memory.png"):
+        made.append(plots_dir / "accuracy_vs_memory.png")
+    if plot_accuracy_vs_epochs(acc, plots_dir / "accuracy_vs_epochs.png"):
+        made.append(plots_dir / "accuracy_vs_epochs.png")
+    say(text)
+    say(f"wrote {results_dir / 'tables.md'}" + "".join(f", {p}" for p in made))
+    return text

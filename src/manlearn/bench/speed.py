@@ -1,0 +1,134 @@
+"""Speed part of the benchmark: seconds per iteration of every rule next to E2E, and where it goes.
+
+All methods are built first and then stepped **interleaved** (one step of each, round after round),
+so a slow-down of the machine hits every method alike; the median over the timed rounds is
+reported with images/s and the ratio to E2E's median from the same run. A step is
+``train_step`` + the optimiser step (SGD, Nesterov, multi-tensor), as in training.
+
+The breakdown re-runs a few steps with the same arithmetic cut into timed parts: backbone (block
+forwards and backwards, final head), the auxiliary networks' ema/lb units (MAN/MAN++), the
+auxiliary heads, the EMA update and the optimiser step. The block output is detached before the
+auxiliary network and its gradient handed back afterwards, which gives the same gradients.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .common import append_rows, environment, parse_method
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build(model: str, spec: str, K: int, device: str, channels_last: bool):
+    from .. import LocalLearner
+
+    torch.manual_seed(0)
+    learner = LocalLearner(model=model, K=K, channels_last=channels_last, **parse_method(spec)).to(device)
+    opt = torch.optim.SGD([p for p in learner.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
+                          nesterov=True, weight_decay=1e-4, foreach=True)
+    return learner, opt
+
+
+def breakdown_step(learner, opt, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """One training step cut into timed parts (seconds); same gradients as ``train_step``."""
+    from ..rules import LocalBatch
+    from ..rules.momentum import MomentumAux
+
+    dev = x.device
+    t = dict(backbone=0.0, aux_units=0.0, aux_heads=0.0, ema=0.0, optimizer=0.0)
+
+    def tick() -> float:
+        _sync(dev)
+        return time.perf_counter()
+
+    learner.zero_grad(set_to_none=True)
+    x = learner._prepare(x)
+    batch = LocalBatch(x, y, learner.norm_mean, learner.norm_std)
+    h_in = x
+    for k in range(learner.K):
+        t0 = tick()
+        h = learner._run_block(k, h_in)
+        if k == learner.K - 1:
+            F.cross_entropy(learner.head(h).float(), y).backward()
+            t["backbone"] += tick() - t0
+            break
+        t1 = tick()
+        h_aux = h.detach().requires_grad_(True)
+        aux = learner.auxes[k]
+        if isinstance(aux, MomentumAux):
+            fused = aux.fuse(h_aux)
+            t2 = tick()
+            fused_d = fused.detach().requires_grad_(True)
+            aux.heads(fused_d, batch).backward()
+            t3 = tick()
+            fused.backward(fused_d.grad)
+            t4 = tick()
+            t["aux_units"] += (t2 - t1) + (t4 - t3)
+            t["aux_heads"] += t3 - t2
+        else:
+            aux(h_aux, batch).backward()
+            t4 = tick()
+            t["aux_heads"] += t4 - t1
+        h.backward(h_aux.grad)
+        t5 = tick()
+        if isinstance(aux, MomentumAux):
+            aux.update_ema(learner.momentum)
+        t6 = tick()
+        t["backbone"] += (t1 - t0) + (t5 - t4)
+        t["ema"] += t6 - t5
+        h_in = h.detach()
+    t0 = tick()
+    opt.step()
+    t["optimizer"] += tick() - t0
+    return t
+
+
+def run_speed(model: str, methods: Sequence[str], K: int, batch: int, iters: int, warmup: int, results,
+              device: str = "cpu", channels_last: bool = True, breakdown: bool = True,
+              breakdown_iters: int = 3, say=print) -> list[dict[str, Any]]:
+    """Interleaved timing of ``methods`` (E2E added if missing); one row per method."""
+    specs = list(methods) if "e2e" in methods else ["e2e", *methods]
+    dev = torch.device(device)
+    built = {s: build(model, s, K, device, channels_last) for s in specs}
+    g = torch.Generator().manual_seed(0)
+    learner0 = built[specs[0]][0]
+    x = torch.randn(batch, learner0.in_channels, learner0.image_size, learner0.image_size, generator=g).to(dev)
+    y = torch.randint(0, learner0.num_classes, (batch,), generator=g).to(dev)
+    times: dict[str, list[float]] = {s: [] for s in specs}
+    for i in range(warmup + iters):
+        for s in specs:
+            learner, opt = built[s]
+            _sync(dev)
+            t0 = time.perf_counter()
+            learner.train_step(x, y)
+            opt.step()
+            _sync(dev)
+            if i >= warmup:
+                times[s].append(time.perf_counter() - t0)
+    env = environment(device)
+    e2e = statistics.median(times["e2e"])
+    rows = []
+    for s in specs:
+        learner, opt = built[s]
+        med = statistics.median(times[s])
+        row: dict[str, Any] = dict(model=model, method=s, K=learner.K, batch=batch, channels_last=channels_last,
+                                   median_s_per_it=med, min_s=min(times[s]), max_s=max(times[s]), iters=iters,
+                                   warmup=warmup, images_per_s=batch / med, ratio_to_e2e=med / e2e)
+        if breakdown:
+            parts = [breakdown_step(learner, opt, x, y) for _ in range(breakdown_iters)]
+            row["breakdown_s"] = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
+        row.update(env)
+        rows.append(row)
+        br = row.get("breakdown_s")
+        say(f"{s:>14} K={row['K']:<3} {med:.3f} s/it  {row['images_per_s']:.0f} img/s  {row['ratio_to_e2e']:.2f}x e2e"
+            + ("   [" + ", ".join(f"{k} {v:.3f}" for k, v in br.items()) + "]" if br else ""), flush=True)
+    append_rows(results, rows)
+    return rows
