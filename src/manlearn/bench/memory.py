@@ -2,7 +2,7 @@
 
 (a) **Counted** (deterministic, device-independent): the peak of the bytes autograd keeps alive for
     backward during one ``train_step`` (:class:`~manlearn.memory.SavedTensorTracker`: saved tensors,
-    deduplicated by storage, weights excluded), plus the static state: parameters and buffers
+    deduplicated by storage, parameters and buffers excluded), plus the static state: parameters and buffers
     (frozen EMA units included), gradients of the trainable parameters and the optimiser state
     (SGD momentum: one buffer per trainable parameter). ``total = static + activation peak``.
 (b) **Measured**: on CUDA the allocator peak (``torch.cuda.max_memory_allocated``) of a step; on
@@ -57,7 +57,7 @@ def counted(model: str, spec: str, K: int, batch: int, split: str = "auto", devi
     x = torch.randn(batch, learner.in_channels, learner.image_size, learner.image_size, generator=g).to(device)
     y = torch.randint(0, learner.num_classes, (batch,), generator=g).to(device)
     _step(learner, opt, x, y)  # warm-up: optimiser state exists, allocator caches filled
-    with PeakMemory(device, exclude=learner.parameters()) as pm:
+    with PeakMemory(device, exclude=[*learner.parameters(), *learner.buffers()]) as pm:
         _step(learner, opt, x, y)
     trainable = [p for p in learner.parameters() if p.requires_grad]
     param_bytes = sum(p.numel() * p.element_size() for p in learner.parameters())

@@ -1,0 +1,98 @@
+"""`manlearn bench`: the parts run, their numbers mean what they say, the report is built from rows."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from manlearn.bench import parse_method, read_rows
+from manlearn.bench.accuracy import run_accuracy
+from manlearn.bench.memory import counted
+from manlearn.bench.report import write_report
+from manlearn.bench.speed import breakdown_step, build, run_speed
+from manlearn.cli import main
+from manlearn.errors import ConfigError
+
+
+def test_method_specs():
+    assert parse_method("dgl+manpp") == {"method": "manpp", "base": "dgl"}
+    assert parse_method("infopro") == {"method": "infopro"}
+    for bad in ("dgl+foo", "nope", "e2e+man"):
+        with pytest.raises(ConfigError):
+            parse_method(bad)
+
+
+def test_counted_memory_static_parts_and_ordering():
+    rows = {s: counted("resnet20", s, 4, 8) for s in ("e2e", "e2e+ckpt", "infopro+manpp")}
+    for s, r in rows.items():
+        assert r["activation_peak_MiB"] > 0
+        parts = r["activation_peak_MiB"] + r["params_MiB"] + r["grads_MiB"] + r["optimizer_MiB"]
+        assert r["total_counted_MiB"] == pytest.approx(parts)
+    e2e = rows["e2e"]
+    assert e2e["grads_MiB"] == pytest.approx(e2e["optimizer_MiB"])  # SGD momentum: one buffer per parameter
+    assert rows["e2e+ckpt"]["activation_peak_MiB"] < e2e["activation_peak_MiB"]
+    assert rows["infopro+manpp"]["activation_peak_MiB"] < e2e["activation_peak_MiB"]
+    # MAN++'s frozen ema units are parameters without gradients.
+    manpp = rows["infopro+manpp"]
+    assert manpp["grads_MiB"] < manpp["params_MiB"]
+
+
+def test_breakdown_step_gives_the_gradients_of_train_step():
+    a, opt_a = build("resnet20", "dgl+manpp", 4, "cpu", False)
+    b, opt_b = build("resnet20", "dgl+manpp", 4, "cpu", False)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    a.train_step(x, y)
+    parts = breakdown_step(b, opt_b, x, y)  # also steps opt_b: compare grads, which it leaves
+    assert set(parts) == {"backbone", "aux_units", "aux_heads", "ema", "optimizer"}
+    assert all(v >= 0 for v in parts.values()) and parts["aux_units"] > 0
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_speed_rows_are_interleaved_medians_with_e2e_reference(tmp_path):
+    out = tmp_path / "speed.jsonl"
+    rows = run_speed("resnet20", ["greedy"], K=3, batch=2, iters=2, warmup=0, results=out, breakdown=False,
+                     say=lambda *a, **k: None)
+    assert [r["method"] for r in rows] == ["e2e", "greedy"]  # E2E is always measured alongside
+    assert rows[0]["ratio_to_e2e"] == 1.0
+    assert rows[1]["images_per_s"] == pytest.approx(2 / rows[1]["median_s_per_it"])
+    assert read_rows(out) == json.loads(json.dumps(rows))
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="needs Fashion-MNIST (scripts/setup.sh installs it)")
+def test_accuracy_run_appends_once_and_skips_done_runs(tmp_path):
+    res = tmp_path / "acc.jsonl"
+    extra = ["model=resnet20", "train_limit=128", "test_limit=64", "eval_batch_size=64"]
+    said: list[str] = []
+    run_accuracy(["dgl"], [3], 1, [0], res, tmp_path / "runs", extra=extra, say=said.append)
+    rows = read_rows(res)
+    assert len(rows) == 1 and rows[0]["method"] == "dgl" and rows[0]["K"] == 3 and rows[0]["steps"] == 1
+    assert 0.0 <= rows[0]["test_acc"] <= 1.0 and rows[0]["test_acc_per_epoch"] == [rows[0]["test_acc"]]
+    assert rows[0]["torch"] == torch.__version__ and rows[0]["date"]
+    run_accuracy(["dgl"], [3], 1, [0], res, tmp_path / "runs", extra=extra, say=said.append)
+    assert len(read_rows(res)) == 1 and any(s.startswith("skip dgl") for s in said)
+
+
+def test_report_tables_and_plots(tmp_path):
+    env = {"date": "2026-11-21", "torch": "x", "device": "cpu"}
+    acc = [dict(method=m, K=16 if m != "e2e" else 1, epochs=2, seed=0, test_acc=a, test_acc_per_epoch=[a - 0.1, a],
+                seconds_per_iter=1.0, **env) for m, a in (("e2e", 0.9), ("dgl", 0.8), ("dgl+manpp", 0.84))]
+    mem = [dict(model="resnet32", method=m, K=16 if m != "e2e" else 1, batch=128, activation_peak_MiB=v,
+                total_counted_MiB=v + 10, **env) for m, v in (("e2e", 300.0), ("dgl", 66.0), ("dgl+manpp", 138.0))]
+    for name, rows in (("accuracy", acc), ("memory", mem)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"torn')
+    text = write_report(tmp_path, tmp_path / "plots", say=lambda *a: None)
+    assert "| 2 | dgl+manpp | 16 | 0 | 0.8400 | +4.00 pt | -6.00 pt |" in text
+    assert "| resnet32 | dgl | 16 | 128 | 66.0 | 22% |" in text
+    assert (tmp_path / "plots" / "accuracy_vs_memory.png").stat().st_size > 1000
+    assert (tmp_path / "plots" / "accuracy_vs_epochs.png").stat().st_size > 1000
+
+
+def test_bench_cli_refuses_bad_input(capsys):
+    assert main(["bench", "memory", "--methods", "dgl+nope"]) == 2
+    assert "bad method spec" in capsys.readouterr().err
+    assert main(["bench", "speed", "--K", "0"]) == 2
+    assert "--K must be >= 1" in capsys.readouterr().err

@@ -1,0 +1,61 @@
+"""Gradient checkpointing per stage (the E2E memory baseline): same gradients, same BN statistics,
+less kept alive."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from manlearn import LocalLearner
+from manlearn.memory import SavedTensorTracker
+from manlearn.recompute import frozen_norm_stats, stage_segments
+
+
+def _step(method: str, K: int, ckpt: bool, **kw):
+    torch.manual_seed(0)
+    learner = LocalLearner("resnet20", method=method, base="dgl", K=K, num_classes=4, grad_checkpoint=ckpt, **kw)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 3, 32, 32, generator=g), torch.randint(0, 4, (6,), generator=g)
+    with SavedTensorTracker([*learner.parameters(), *learner.buffers()]) as tr:
+        out = learner.train_step(x, y)
+    return learner, out, tr.peak
+
+
+@pytest.mark.parametrize("method,K", [("e2e", 1), ("dgl", 3), ("manpp", 4)])
+def test_checkpointing_gives_the_same_gradients_and_statistics(method, K):
+    plain, out0, peak0 = _step(method, K, False)
+    ckpt, out1, peak1 = _step(method, K, True)
+    assert out0.losses == out1.losses
+    for (n, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        assert (p.grad is None) == (q.grad is None), n
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-6, msg=n)
+    for (n, b), c in zip(plain.named_buffers(), ckpt.buffers()):
+        assert torch.equal(b, c), f"{n}: recomputation must not update BN statistics a second time"
+    if method == "e2e":
+        assert peak1 < 0.8 * peak0  # only stage inputs + one recomputed stage are alive
+
+
+def test_frozen_norm_stats_restores_momentum_and_counter():
+    bn = torch.nn.BatchNorm2d(3)
+    before = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
+    with frozen_norm_stats([bn]):
+        out = bn(torch.randn(4, 3, 5, 5) * 3 + 1)
+    assert bn.momentum == 0.1
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    assert int(bn.num_batches_tracked) == before[2]
+    assert out.std() > 0.5  # still normalised with the batch statistics
+
+
+def test_stage_segments_group_by_stage_and_stem_joins_first():
+    mods = [torch.nn.Identity() for _ in range(6)]
+    segs = stage_segments(mods, [None, 1, 1, 2, 2, 3])
+    assert [len(s.modules) for s in segs] == [3, 2, 1]
+
+
+def test_checkpointed_learner_inference_matches():
+    torch.manual_seed(0)
+    a = LocalLearner("resnet20", method="e2e", num_classes=4).eval()
+    b = LocalLearner("resnet20", method="e2e", num_classes=4, grad_checkpoint=True).eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(a(x), b(x))
