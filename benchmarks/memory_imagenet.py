@@ -22,6 +22,7 @@ import torch
 
 import manlearn
 from manlearn.memory import PeakMemory
+from manlearn.rules import LocalBatch
 
 CASES = {
     "r101": [("resnet101", "e2e", None, 1), ("resnet101", "infopro", None, 4), ("resnet101", "manpp", "infopro", 4)],
@@ -42,10 +43,19 @@ def measure(model: str, method: str, base: str | None, K: int, args) -> dict:
         learner.train_step(x, y)  # warm-up (allocator caches, cuDNN autotuning)
     with PeakMemory(args.device, exclude=learner.parameters()) as pm:
         learner.train_step(x, y)
+    # per block: the same step, one tracker per block (graphs are freed block by block, so the step's
+    # peak is the largest of these)
+    per_block = []
+    h, batch = x, LocalBatch(x, y, learner.norm_mean, learner.norm_std)
+    learner.zero_grad(set_to_none=True)
+    for k in range(learner.K):
+        with PeakMemory("cpu", exclude=learner.parameters()) as pb:
+            h, _ = learner.local_step(k, h, batch)
+        per_block.append(pb.peak_activation_bytes / 2**20)
     name = method if base is None or method in ("e2e", "infopro") else f"{base}+{method}"
     return dict(model=model, method=name, K=learner.K, batch=args.batch,
                 blocks=[len(b) for b in learner.blocks],
-                peak_activation_MiB=pm.peak_activation_bytes / 2**20,
+                peak_activation_MiB=pm.peak_activation_bytes / 2**20, per_block_MiB=per_block,
                 cuda_peak_MiB=(pm.cuda_peak / 2**20) if pm.cuda_peak is not None else None)
 
 
@@ -57,9 +67,9 @@ def main() -> None:
     args = ap.parse_args()
     print(f"# torch {torch.__version__}, 224x224, batch {args.batch}, device {args.device}")
     cuda = args.device != "cpu"
-    print("| model | method | K | modules per block (stem + units) | peak activations (MiB) | vs backprop |"
-          + (" CUDA peak (MiB) |" if cuda else ""))
-    print("|---|---|---|---|---|---|" + ("---|" if cuda else ""))
+    print("| model | method | K | modules per block (stem + units) | peak activations (MiB) | vs backprop "
+          "| per block (MiB) |" + (" CUDA peak (MiB) |" if cuda else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|" if cuda else ""))
     rows = []
     for case in args.cases:
         base_row = None
@@ -73,7 +83,7 @@ def main() -> None:
                 rel = f"{100 * (1 - r['peak_activation_MiB'] / base_row['peak_activation_MiB']):.1f}% less"
             extra = f" {r['cuda_peak_MiB']:.0f} |" if r["cuda_peak_MiB"] is not None else ""
             print(f"| {r['model']} | {r['method']} | {r['K']} | {r['blocks']} | {r['peak_activation_MiB']:.1f} | "
-                  f"{rel} |{extra}", flush=True)
+                  f"{rel} | {' / '.join(f'{v:.0f}' for v in r['per_block_MiB'])} |{extra}", flush=True)
     print(json.dumps(rows))
 
 
