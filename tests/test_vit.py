@@ -205,3 +205,12 @@ def test_e2e_vit_is_plain_backprop():
     lp = [p for b in learner.blocks for p in b.parameters()] + list(learner.head.parameters())
     for a, b in zip(lp, net.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+def test_vit_channels_last_and_balanced_split():
+    a = make("vit_tiny", "manpp")
+    b = make("vit_tiny", "manpp", channels_last=True)
+    x, y = batch_for(a)
+    torch.testing.assert_close(a.train_step(x, y).logits, b.train_step(x, y).logits, rtol=1e-4, atol=1e-5)
+    bal = make("vit_tiny", "manpp", K=4, split="balanced")
+    assert bal.split.source == "balanced" and sum(len(blk) for blk in bal.blocks) == 13
