@@ -89,3 +89,25 @@ def test_ema_update_function_is_the_formula():
     ema_update_(ema, src, 0.7)
     for a, b in zip(ema, want):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("c,s,image", [(32, 16, 32), (64, 8, 32), (8, 5, 17), (4, 7, 9)])
+def test_factorized_decoder_is_upsample_then_conv(c, s, image):
+    """InfoPro's decoder computes conv3x3(upsample(h)) without the upsampled tensor: same function
+    and gradients (float64, to rounding), and it keeps less alive for backward."""
+    from manlearn.memory import SavedTensorTracker
+    from manlearn.rules.heads import InfoProDecoder
+
+    torch.manual_seed(0)
+    dec = InfoProDecoder(c, image).double()
+    h = torch.randn(3, c, s, s, dtype=torch.float64, requires_grad=True)
+    results, saved = [], []
+    for factorized in (True, False):
+        dec.factorized = factorized
+        with SavedTensorTracker([*dec.parameters(), *dec.buffers(), h]) as tr:
+            out = dec(h)
+            saved.append(tr.live)
+        results.append((out, *torch.autograd.grad(out.square().sum(), [h, *dec.parameters()])))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    assert saved[0] < saved[1]
