@@ -18,7 +18,8 @@ from manlearn.errors import ConfigError
 def test_method_specs():
     assert parse_method("dgl+manpp") == {"method": "manpp", "base": "dgl"}
     assert parse_method("infopro") == {"method": "infopro"}
-    for bad in ("dgl+foo", "nope", "e2e+man"):
+    assert parse_method("infopro+manpp+recompute")["ema_recompute"] is True
+    for bad in ("dgl+foo", "nope", "e2e+man", "dgl+recompute", "dgl+manpp+x"):
         with pytest.raises(ConfigError):
             parse_method(bad)
 

@@ -59,3 +59,27 @@ def test_checkpointed_learner_inference_matches():
     b.load_state_dict(a.state_dict())
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(a(x), b(x))
+
+
+@pytest.mark.parametrize("base", ["dgl", "infopro"])
+def test_ema_recompute_same_gradients_less_memory(base):
+    def run(recompute):
+        torch.manual_seed(0)
+        learner = LocalLearner("resnet20", method="manpp", base=base, K=4, num_classes=4, ema_recompute=recompute)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(6, 3, 32, 32, generator=g), torch.randint(0, 4, (6,), generator=g)
+        with SavedTensorTracker([*learner.parameters(), *learner.buffers()]) as tr:
+            learner.train_step(x, y)
+            learner.train_step(x, y)
+        return learner, tr.peak
+
+    plain, peak0 = run(False)
+    rec, peak1 = run(True)
+    for (n, p), q in zip(plain.named_parameters(), rec.parameters()):
+        assert (p.grad is None) == (q.grad is None), n
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-6, msg=n)
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=n)  # EMA weights included
+    for (n, b), c in zip(plain.named_buffers(), rec.buffers()):
+        assert torch.equal(b, c), n  # the ema units' BN statistics are updated once per step
+    assert peak1 < peak0

@@ -110,6 +110,10 @@ class TrainConfig:
     amp: str = "off"  # off | bf16 | fp16 (CUDA only)
     channels_last: bool = True  # faster on CPU (benchmarks/speed.py: 2.05 vs 2.64 s/it, InfoPro+MAN++)
     compile: bool = False
+    # Memory for compute (same gradients): MAN/MAN++ recompute the frozen ema unit in backward;
+    # grad_checkpoint recomputes every block stage by stage (the E2E baseline of the benchmarks).
+    ema_recompute: bool = False
+    grad_checkpoint: bool = False
 
     # --- scaling out (issue #4; docs/scaling.md) ----------------------------------------------
     # Data parallelism is switched on by launching with torchrun; batch_size stays the global batch.

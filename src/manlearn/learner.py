@@ -63,6 +63,8 @@ class LocalLearner(nn.Module):
         channels_last: keep weights and activations in channels-last memory format.
         grad_checkpoint: run every block stage by stage under gradient checkpointing (recompute in
             backward); with ``method="e2e"`` this is the memory baseline of the benchmarks.
+        ema_recompute: MAN/MAN++ recompute the frozen ema unit in backward instead of keeping its
+            activations (same gradients, one more ema forward per step, less memory).
     """
 
     def __init__(self, model: str | nn.Module = "resnet32", method: str = "manpp", base: str = "infopro",
@@ -72,7 +74,8 @@ class LocalLearner(nn.Module):
                  lambdas: tuple[float, float, float, float] | None = None, infopro_heads: str = "auto",
                  norm_mean: Sequence[float] | None = None, norm_std: Sequence[float] | None = None,
                  amp_dtype: torch.dtype | None = None, channels_last: bool = False,
-                 grad_checkpoint: bool = False, model_kwargs: dict | None = None) -> None:
+                 grad_checkpoint: bool = False, ema_recompute: bool = False,
+                 model_kwargs: dict | None = None) -> None:
         super().__init__()
         if method not in list_rules():
             raise ConfigError(f"unknown method {method!r}; available methods: {', '.join(list_rules())}")
@@ -137,6 +140,9 @@ class LocalLearner(nn.Module):
                              reinit=reinit, following_unit=units[nxt + 1] if nxt + 1 < len(units) else None)
             auxes.append(build_token_aux(rule, ctx) if is_token_shape(ctx.h_shape) else rule.build_aux(ctx))
         self.auxes = nn.ModuleList(auxes)
+        for aux in self.auxes:
+            if isinstance(aux, MomentumAux):
+                aux.recompute_ema = bool(ema_recompute)
 
         c = in_channels
         mean = torch.tensor(list(norm_mean) if norm_mean is not None else [0.5] * c, dtype=torch.float32)

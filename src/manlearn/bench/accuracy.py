@@ -31,6 +31,8 @@ def fm_r32_config(spec: str, K: int, epochs: int, seed: int, out_dir: Path, extr
              f"out_dir={out_dir}", "progress=false"]
     if "base" in m:
         items.append(f"base={m['base']}")
+    if m.get("ema_recompute"):
+        items.append("ema_recompute=true")
     cfg = load_config(resolve_recipe(BASE_RECIPE), check=False)
     return validate(apply_overrides(cfg, [*items, *extra], check=False))
 

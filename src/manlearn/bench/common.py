@@ -21,18 +21,23 @@ from ..errors import ConfigError
 ALL_METHODS = ("e2e", "greedy", "dgl", "infopro", "dgl+man", "infopro+man", "dgl+manpp", "infopro+manpp")
 
 
-def parse_method(spec: str) -> dict[str, str]:
-    """``"dgl+manpp"`` -> ``{"method": "manpp", "base": "dgl"}``; ``"dgl"`` -> ``{"method": "dgl"}``."""
+def parse_method(spec: str) -> dict[str, Any]:
+    """``"dgl+manpp"`` -> ``{"method": "manpp", "base": "dgl"}``; ``"dgl"`` -> ``{"method": "dgl"}``;
+    a trailing ``+recompute`` on MAN/MAN++ adds ``ema_recompute=True``."""
     from ..rules import list_rules
     from ..rules.momentum import MAN_BASES
 
-    if "+" in spec:
-        base, method = spec.split("+", 1)
+    parts = spec.split("+")
+    extra: dict[str, Any] = {}
+    if len(parts) == 3 and parts[2] == "recompute":
+        parts, extra = parts[:2], {"ema_recompute": True}
+    if len(parts) == 2:
+        base, method = parts
         if method not in ("man", "manpp") or base not in MAN_BASES:
-            raise ConfigError(f"bad method spec {spec!r}: write <base>+man or <base>+manpp with base in "
-                              f"{', '.join(MAN_BASES)}")
-        return {"method": method, "base": base}
-    if spec not in list_rules():
+            raise ConfigError(f"bad method spec {spec!r}: write <base>+man or <base>+manpp (optionally "
+                              f"+recompute) with base in {', '.join(MAN_BASES)}")
+        return {"method": method, "base": base, **extra}
+    if len(parts) != 1 or spec not in list_rules():
         raise ConfigError(f"unknown method {spec!r}; choose from {', '.join(ALL_METHODS)} "
                           f"(or any of {', '.join(list_rules())})")
     return {"method": spec}

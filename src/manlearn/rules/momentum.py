@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..recompute import Segment, checkpoint
 from .base import AuxContext, LocalBatch, Rule, get_rule_class, register_rule
 
 MAN_BASES = ("dgl", "infopro", "infopro-contrast", "greedy")
@@ -55,6 +56,9 @@ class MomentumAux(nn.Module):
         # Not a submodule: the source belongs to the next block; we only read its parameters.
         self._source = (source,)
         self._pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        # Recompute the frozen ema unit in backward instead of keeping its activations (only its
+        # output stays alive: MAN++'s s needs it). Same gradients; one more ema forward per step.
+        self.recompute_ema = False
 
     @property
     def source(self) -> nn.Module:
@@ -76,11 +80,18 @@ class MomentumAux(nn.Module):
         ema, src = self.ema_pairs()
         ema_update_(ema, src, momentum)
 
+    def ema_forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.recompute_ema and torch.is_grad_enabled() and h.requires_grad:
+            # Reentrant: the tracker sees what is kept; Segment keeps BN statistics from being
+            # updated a second time by the recomputation.
+            return checkpoint(Segment([self.ema]), h, use_reentrant=True)
+        return self.ema(h)
+
     def fuse(self, h: torch.Tensor) -> torch.Tensor:
         if self.scale is None:
-            return self.lb(h) + self.ema(h)
+            return self.lb(h) + self.ema_forward(h)
         s = self.scale.to(h.dtype)
-        return s * self.lb(h) + (2.0 - s) * self.ema(h)
+        return s * self.lb(h) + (2.0 - s) * self.ema_forward(h)
 
     def forward(self, h: torch.Tensor, batch: LocalBatch) -> torch.Tensor:
         return self.heads(self.fuse(h), batch)

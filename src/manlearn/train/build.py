@@ -96,6 +96,7 @@ def build_learner(cfg: TrainConfig, info: Any, device: torch.device | str = "cpu
         lambda_schedule=cfg.lambda_schedule, infopro_heads=cfg.infopro_heads,
         norm_mean=tuple(info.mean), norm_std=tuple(info.std),
         amp_dtype=amp_dtype(cfg, dev), channels_last=cfg.channels_last,
+        ema_recompute=cfg.ema_recompute, grad_checkpoint=cfg.grad_checkpoint,
     )
     return learner.to(dev)
 
