@@ -46,6 +46,7 @@ def run_accuracy(methods: Sequence[str], Ks: Sequence[int], epochs: int, seeds: 
     for spec in methods:
         parse_method(spec)  # refuse bad specs before hours of training
     done = {run_key(r): r for r in read_rows(results)}
+    env = environment()  # the code that runs is the code at the start: record its commit now
     limit = next((int(e.split("=", 1)[1]) for e in extra if e.startswith("train_limit=")), None)
     out: list[dict[str, Any]] = []
     for seed in seeds:
@@ -69,7 +70,7 @@ def run_accuracy(methods: Sequence[str], Ks: Sequence[int], epochs: int, seeds: 
                            test_acc_per_epoch=history, seconds_per_iter=summary["seconds_per_iter"],
                            peak_activation_MiB=(summary["peak_mem_bytes"] or 0) / 2**20,
                            wall_s=time.perf_counter() - t0, protocol="FM-R32", recipe=BASE_RECIPE,
-                           overrides=list(extra), **environment(trainer.device))
+                           overrides=list(extra), **{**env, "device": str(trainer.device)})
                 append_rows(results, [row])
                 say(f"  test acc {row['test_acc']:.4f}  ({row['steps']} steps, {row['wall_s'] / 60:.1f} min)")
                 out.append(row)
