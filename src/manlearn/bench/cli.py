@@ -42,7 +42,8 @@ def cmd_speed(args: argparse.Namespace) -> int:
     _positive("--K", [args.K])
     _positive("--batch", [args.batch])
     run_speed(args.model, args.methods, args.K, args.batch, args.iters, args.warmup, args.results,
-              device=args.device, channels_last=not args.no_channels_last, breakdown=not args.no_breakdown)
+              device=args.device, channels_last=not args.no_channels_last, breakdown=not args.no_breakdown,
+              compile=args.compile)
     return 0
 
 
@@ -94,6 +95,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--device", default="cpu")
     s.add_argument("--no-channels-last", action="store_true")
     s.add_argument("--no-breakdown", action="store_true", help="skip the backbone/aux/EMA breakdown")
+    s.add_argument("--compile", action="store_true", help="torch.compile blocks, auxes and head (no breakdown)")
     s.add_argument("--results", default=str(RESULTS / "speed.jsonl"))
     s.set_defaults(func=cmd_speed)
 

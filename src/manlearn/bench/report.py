@@ -46,14 +46,18 @@ def memory_table(rows: list[dict[str, Any]]) -> str:
 
 def speed_table(rows: list[dict[str, Any]]) -> str:
     rows = list(_latest(rows, lambda r: (r["model"], r["method"], r["K"], r["batch"], r.get("device"),
-                                         r.get("channels_last"))).values())
+                                         r.get("channels_last"), r.get("compile", False))).values())
     lines = ["| model | method | K | batch | s/it (median) | images/s | vs E2E | backbone | aux ema/lb units | "
              "aux heads | EMA | optimiser |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["model"], r["batch"], _order(r["method"]))):
+    for r in sorted(rows, key=lambda r: (r["model"], r.get("device", ""), bool(r.get("compile")),
+                                         not r.get("channels_last", True), r["batch"], _order(r["method"]))):
         b = r.get("breakdown_s") or {}
         parts = " | ".join(f"{b[k]:.3f}" if k in b else "" for k in
                            ("backbone", "aux_units", "aux_heads", "ema", "optimizer"))
-        lines.append(f"| {r['model']} | {r['method']} | {r['K']} | {r['batch']} | {r['median_s_per_it']:.3f} | "
+        tags = [t for t, on in (("NCHW", r.get("channels_last") is False), ("compiled", r.get("compile")),
+                                (r.get("device", "cpu"), r.get("device", "cpu") != "cpu")) if on]
+        name = r["method"] + (f" ({', '.join(tags)})" if tags else "")
+        lines.append(f"| {r['model']} | {name} | {r['K']} | {r['batch']} | {r['median_s_per_it']:.3f} | "
                      f"{r['images_per_s']:.0f} | {r['ratio_to_e2e']:.2f}x | {parts} |")
     return "\n".join(lines)
 

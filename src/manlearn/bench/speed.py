@@ -27,11 +27,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build(model: str, spec: str, K: int, device: str, channels_last: bool):
+def build(model: str, spec: str, K: int, device: str, channels_last: bool, compile: bool = False):
     from .. import LocalLearner
 
     torch.manual_seed(0)
     learner = LocalLearner(model=model, K=K, channels_last=channels_last, **parse_method(spec)).to(device)
+    if compile:
+        learner.compile_parts()
     opt = torch.optim.SGD([p for p in learner.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
                           nesterov=True, weight_decay=1e-4, foreach=True)
     return learner, opt
@@ -93,11 +95,11 @@ def breakdown_step(learner, opt, x: torch.Tensor, y: torch.Tensor) -> dict[str, 
 
 def run_speed(model: str, methods: Sequence[str], K: int, batch: int, iters: int, warmup: int, results,
               device: str = "cpu", channels_last: bool = True, breakdown: bool = True,
-              breakdown_iters: int = 3, say=print) -> list[dict[str, Any]]:
+              breakdown_iters: int = 3, compile: bool = False, say=print) -> list[dict[str, Any]]:
     """Interleaved timing of ``methods`` (E2E added if missing); one row per method."""
     specs = list(methods) if "e2e" in methods else ["e2e", *methods]
     dev = torch.device(device)
-    built = {s: build(model, s, K, device, channels_last) for s in specs}
+    built = {s: build(model, s, K, device, channels_last, compile) for s in specs}
     g = torch.Generator().manual_seed(0)
     learner0 = built[specs[0]][0]
     x = torch.randn(batch, learner0.in_channels, learner0.image_size, learner0.image_size, generator=g).to(dev)
@@ -120,9 +122,10 @@ def run_speed(model: str, methods: Sequence[str], K: int, batch: int, iters: int
         learner, opt = built[s]
         med = statistics.median(times[s])
         row: dict[str, Any] = dict(model=model, method=s, K=learner.K, batch=batch, channels_last=channels_last,
+                                   compile=compile,
                                    median_s_per_it=med, min_s=min(times[s]), max_s=max(times[s]), iters=iters,
                                    warmup=warmup, images_per_s=batch / med, ratio_to_e2e=med / e2e)
-        if breakdown:
+        if breakdown and not compile:  # the breakdown runs the eager parts
             parts = [breakdown_step(learner, opt, x, y) for _ in range(breakdown_iters)]
             row["breakdown_s"] = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
         row.update(env)
