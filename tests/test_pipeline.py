@@ -1,0 +1,158 @@
+"""Block pipeline on CPU: 2 worker processes (1 thread each) over gloo on loopback.
+
+- without momentum units the pipeline computes exactly what one process computes;
+- MAN's EMA across the worker boundary tracks the next worker's first unit, at the documented version;
+- it trains on a small real set (sklearn digits) to a sensible accuracy;
+- a killed or stuck worker ends the run with an error naming it, within the timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import warnings
+
+import pytest
+import torch
+
+from manlearn.config import TrainConfig
+from manlearn.distributed import gloo_available
+from manlearn.distributed.pipeline import PipelineError, param_version, partition, run_pipeline
+from manlearn.errors import ConfigError
+from manlearn.train import Trainer, load_checkpoint
+
+pytestmark = pytest.mark.skipif(not gloo_available(), reason="torch.distributed gloo backend not available")
+
+
+def cfg_(out_dir, **kw) -> TrainConfig:
+    base = dict(dataset="digits", model="resnet20", method="infopro", K=4, lambda_schedule="module",
+                train_limit=128, test_limit=100, batch_size=32, eval_batch_size=100, epochs=2, lr=0.05,
+                device="cpu", out_dir=str(out_dir), log_every=0, progress=False, pipeline_workers=2,
+                pipeline_timeout_s=30.0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def run(cfg, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return run_pipeline(cfg, threads=1, **kw)
+
+
+# ------------------------------------------------------------------ planning (no processes)
+
+def test_partition_is_contiguous_and_balanced():
+    assert [tuple(r) for r in partition([1, 1, 1, 1], 2)] == [(0, 1), (2, 3)]
+    rs = partition([5, 1, 1, 1, 1, 1], 2)
+    assert (rs[0].start, rs[0].stop, rs[1].stop) == (0, 1, 6)
+    rs = partition([1, 2, 3, 4, 5, 6, 7], 3)
+    assert rs[0].start == 0 and rs[-1].stop == 7 and all(a.stop == b.start for a, b in zip(rs, rs[1:]))
+    assert max(sum(range(r.start + 1, r.stop + 1)) for r in rs) == 11  # optimum of 1..7 over 3
+    with pytest.raises(ConfigError):
+        partition([1, 1], 3)
+
+
+def test_param_version_staleness_is_as_documented():
+    for every in (1, 2, 3):
+        for delay in (1, 2, 4):
+            for t in range(40):
+                v = param_version(t, every, delay)
+                assert v % every == 0 and v <= t - delay or v == 0
+                if t - delay >= every:
+                    assert delay <= t - v <= delay + every - 1
+
+
+# ------------------------------------------------------------------ exactness without momentum units
+
+def test_pipeline_equals_single_process_without_momentum_units(tmp_path):
+    """InfoPro (image travels with the activations) over 2 workers == the Trainer, bit for bit up to
+    float noise: each worker's step t sees activations made with the previous worker's step-t weights."""
+    s = run(cfg_(tmp_path / "pipe"))
+    ck = load_checkpoint(tmp_path / "pipe" / "last.pt")
+    tr = Trainer(cfg_(tmp_path / "single", pipeline_workers=0), out=open(os.devnull, "w"))
+    ref = tr.fit()
+    want = tr.learner.state_dict()
+    assert ck["model"].keys() == want.keys()
+    for k, v in want.items():
+        torch.testing.assert_close(ck["model"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert s["steps"] == ref["steps"] == 8
+    assert s["test_acc"] == pytest.approx(ref["test_acc"], abs=1e-9)
+
+
+# ------------------------------------------------------------------ MAN's EMA source across workers
+
+def test_ema_tracks_the_next_workers_first_unit_at_the_documented_version(tmp_path):
+    """momentum=0 makes the EMA unit a copy of its source at the last update, so the EMA of the last
+    auxiliary network on worker 0 must equal worker 1's first unit as of v(T-1) updates, which a run
+    stopped after v(T-1) steps (same schedule, deterministic) shows."""
+    every, delay, T = 2, 1, 8
+    kw = dict(method="manpp", base="dgl", momentum=0.0, pipeline_param_sync_every=every,
+              pipeline_param_delay=delay)
+    a = run(cfg_(tmp_path / "a", **kw))
+    v = param_version(T - 1, every, delay)
+    assert v == 6
+    run(cfg_(tmp_path / "b", max_steps=v, **kw))
+    A = load_checkpoint(tmp_path / "a" / "last.pt")["model"]
+    B = load_checkpoint(tmp_path / "b" / "last.pt")["model"]
+    first, second = a["ranges"]
+    k = first[1] - 1  # worker 0's last block: its aux tracks the first unit of block k+1 (worker 1)
+    ema = {n[len(f"auxes.{k}.ema."):]: t for n, t in A.items() if n.startswith(f"auxes.{k}.ema.")}
+    src = {n[len(f"blocks.{k + 1}.0."):]: t for n, t in B.items() if n.startswith(f"blocks.{k + 1}.0.")}
+    params = [n for n in ema if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert params
+    for n in params:
+        torch.testing.assert_close(ema[n], src[n], rtol=0, atol=0, msg=n)
+    # ... and that is genuinely stale: the unit moved on after version v
+    now = {n[len(f"blocks.{k + 1}.0."):]: t for n, t in A.items() if n.startswith(f"blocks.{k + 1}.0.")}
+    assert any(not torch.equal(ema[n], now[n]) for n in params)
+
+
+# ------------------------------------------------------------------ a real (small) data set
+
+def test_pipeline_trains_digits_to_a_sensible_accuracy(tmp_path):
+    s = run(cfg_(tmp_path, method="manpp", base="dgl", train_limit=1024, test_limit=297, batch_size=64,
+                 epochs=4, lr=0.1, eval_every=0))
+    assert s["steps"] == 64
+    assert s["test_acc"] >= 0.8, s["test_acc"]
+    ck = load_checkpoint(tmp_path / "last.pt")
+    assert ck["pipeline"]["workers"] == 2 and ck["last_test_acc"] == s["test_acc"]
+
+
+# ------------------------------------------------------------------ failures
+
+def _long(tmp_path, **kw):
+    return cfg_(tmp_path, method="manpp", base="dgl", epochs=500, **kw)
+
+
+def test_a_killed_worker_stops_the_run_with_an_error_naming_it(tmp_path):
+    killed_at: list[float] = []
+
+    def kill_later(procs):
+        def go():
+            time.sleep(5.0)  # into training (start-up takes ~3 s)
+            killed_at.append(time.monotonic())
+            os.kill(procs[1].pid, signal.SIGKILL)
+        threading.Thread(target=go, daemon=True).start()
+
+    with pytest.raises(PipelineError, match=r"worker 1 .*killed by SIGKILL") as ei:
+        run(_long(tmp_path), on_start=kill_later)
+    assert killed_at and time.monotonic() - killed_at[0] < 30, "the run did not stop within 30 s"
+    assert "blocks" in str(ei.value)
+
+
+def test_a_stuck_worker_ends_the_run_after_the_timeout(tmp_path):
+    stopped_at: list[float] = []
+
+    def stop_later(procs):
+        def go():
+            time.sleep(5.0)
+            stopped_at.append(time.monotonic())
+            os.kill(procs[1].pid, signal.SIGSTOP)  # alive but silent
+        threading.Thread(target=go, daemon=True).start()
+
+    with pytest.raises(PipelineError, match=r"worker 0 .*nothing for 3 s") as ei:
+        run(_long(tmp_path, pipeline_timeout_s=3.0), on_start=stop_later)
+    assert stopped_at and time.monotonic() - stopped_at[0] < 30
+    assert "worker 1" in str(ei.value)
