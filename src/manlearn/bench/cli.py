@@ -32,7 +32,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
     _positive("--K", args.K)
     _positive("--batch", args.batch)
     run_memory(args.model, args.methods, args.K, args.batch, args.results, device=args.device,
-               rss=not args.no_rss, checkpointing=not args.no_checkpointing, split=args.split)
+               rss=not args.no_rss, checkpointing=not args.no_checkpointing, split=args.split,
+               fixed_malloc=not args.rss_default_malloc)
     return 0
 
 
@@ -82,6 +83,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--device", default="cpu")
     m.add_argument("--no-rss", action="store_true", help="skip the fresh-process peak-RSS measurement")
     m.add_argument("--no-checkpointing", action="store_true", help="skip E2E + gradient checkpointing")
+    m.add_argument("--rss-default-malloc", action="store_true",
+                   help="measure RSS with glibc's dynamic mmap threshold (freed memory is kept, RSS overstates)")
     m.add_argument("--results", default=str(RESULTS / "memory.jsonl"))
     m.set_defaults(func=cmd_memory)
 

@@ -6,8 +6,10 @@
     (frozen EMA units included), gradients of the trainable parameters and the optimiser state
     (SGD momentum: one buffer per trainable parameter). ``total = static + activation peak``.
 (b) **Measured**: on CUDA the allocator peak (``torch.cuda.max_memory_allocated``) of a step; on
-    the CPU the peak resident memory (``ru_maxrss``) of a fresh process that builds the learner and
-    runs a few steps, next to the same process's RSS just before its first step.
+    the CPU the peak resident memory of a fresh process that builds the learner and runs a few
+    steps (kernel high-water mark reset before the first step), next to its RSS before that step.
+    The child runs with a fixed glibc mmap threshold (:data:`FIXED_MALLOC`) so that RSS follows
+    live memory; ``--rss-default-malloc`` measures with the default allocator behaviour.
 
 E2E is measured with and without gradient checkpointing per stage (``grad_checkpoint=True``).
 """
@@ -97,20 +99,33 @@ def rss_child(model: str, spec: str, K: int, batch: int, split: str, steps: int 
                 rss_peak_kind="since the first step" if resettable else "whole process")
 
 
-def measured_rss(model: str, spec: str, K: int, batch: int, split: str = "auto", steps: int = 2) -> dict[str, Any]:
+# glibc's malloc raises its mmap threshold dynamically once large blocks are freed, after which
+# freed activations stay in the heap and RSS stops following live memory (measured here: E2E and
+# InfoPro+MAN++ at batch 128 both peak ~+480 MiB that way). A fixed threshold makes every large
+# tensor its own mapping, returned to the OS when freed, so the peak RSS measures what was alive.
+FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def measured_rss(model: str, spec: str, K: int, batch: int, split: str = "auto", steps: int = 2,
+                 fixed_malloc: bool = True) -> dict[str, Any]:
     """(b) on the CPU: peak RSS of a fresh process doing ``steps`` training steps."""
+    import os
+
     args = json.dumps(dict(model=model, spec=spec, K=K, batch=batch, split=split, steps=steps))
     code = ("import json, sys; from manlearn.bench.memory import rss_child; "
             "a = json.loads(sys.argv[1]); print(json.dumps(rss_child(**a)))")
-    proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True)
+    env = {**os.environ, **(FIXED_MALLOC if fixed_malloc else {})}
+    proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"RSS measurement of {spec} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["rss_malloc"] = " ".join(f"{k}={v}" for k, v in FIXED_MALLOC.items()) if fixed_malloc else "default"
+    return out
 
 
 def run_memory(model: str, methods: Sequence[str], Ks: Sequence[int], batches: Sequence[int], results,
                device: str = "cpu", rss: bool = True, checkpointing: bool = True, split: str = "auto",
-               say=print) -> list[dict[str, Any]]:
+               fixed_malloc: bool = True, say=print) -> list[dict[str, Any]]:
     """Every (batch, K, method) once; E2E (and E2E + checkpointing) once per batch."""
     for spec in methods:
         if spec != CHECKPOINTED:
@@ -123,7 +138,7 @@ def run_memory(model: str, methods: Sequence[str], Ks: Sequence[int], batches: S
             for K in ([Ks[0]] if spec in ("e2e", CHECKPOINTED) else Ks):  # E2E ignores K
                 row = counted(model, spec, K, batch, split, device)
                 if rss and torch.device(device).type == "cpu":
-                    row.update(measured_rss(model, spec, K, batch, split))
+                    row.update(measured_rss(model, spec, K, batch, split, fixed_malloc=fixed_malloc))
                 row.update(env)
                 append_rows(results, [row])
                 rows.append(row)

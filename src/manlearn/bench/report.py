@@ -30,17 +30,19 @@ def _latest(rows: list[dict[str, Any]], key) -> dict[tuple, dict[str, Any]]:
 def memory_table(rows: list[dict[str, Any]]) -> str:
     rows = list(_latest(rows, lambda r: (r["model"], r["method"], r["K"], r["batch"], r.get("device"))).values())
     lines = ["| model | method | K | batch | activations (MiB) | vs E2E | total counted (MiB) | vs E2E | "
-             "peak RSS during steps (MiB) | CUDA peak (MiB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "RSS growth during steps (MiB) | vs E2E | CUDA peak (MiB) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     e2e = {(r["model"], r["batch"], r.get("device")): r for r in rows if r["method"] == "e2e"}
     for r in sorted(rows, key=lambda r: (r["model"], r["batch"], r["K"] if r["method"] != "e2e" else 0,
                                          _order(r["method"].replace("+ckpt", "")), r["method"])):
         ref = e2e.get((r["model"], r["batch"], r.get("device")))
         act_ratio = f"{100 * r['activation_peak_MiB'] / ref['activation_peak_MiB']:.0f}%" if ref else ""
         tot_ratio = f"{100 * r['total_counted_MiB'] / ref['total_counted_MiB']:.0f}%" if ref else ""
-        rss = f"{r['peak_rss_MiB']:.0f}" if r.get("peak_rss_MiB") else ""
+        rss = f"{r['rss_step_increase_MiB']:.0f}" if r.get("rss_step_increase_MiB") is not None else ""
+        rss_ratio = (f"{100 * r['rss_step_increase_MiB'] / ref['rss_step_increase_MiB']:.0f}%"
+                     if rss and ref and ref.get("rss_step_increase_MiB") else "")
         cuda = f"{r['cuda_peak_MiB']:.0f}" if r.get("cuda_peak_MiB") else ""
         lines.append(f"| {r['model']} | {r['method']} | {r['K']} | {r['batch']} | {r['activation_peak_MiB']:.1f} | "
-                     f"{act_ratio} | {r['total_counted_MiB']:.1f} | {tot_ratio} | {rss} | {cuda} |")
+                     f"{act_ratio} | {r['total_counted_MiB']:.1f} | {tot_ratio} | {rss} | {rss_ratio} | {cuda} |")
     return "\n".join(lines)
 
 
