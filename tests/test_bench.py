@@ -97,3 +97,14 @@ def test_bench_cli_refuses_bad_input(capsys):
     assert "bad method spec" in capsys.readouterr().err
     assert main(["bench", "speed", "--K", "0"]) == 2
     assert "--K must be >= 1" in capsys.readouterr().err
+
+
+def test_fresh_process_rss_measures_the_steps():
+    from manlearn.bench.memory import measured_rss
+
+    small = measured_rss("resnet20", "dgl", 3, 2)
+    big = measured_rss("resnet20", "dgl", 3, 64)
+    assert small["rss_malloc"].startswith("MALLOC_MMAP_THRESHOLD_") and small["rss_steps"] == 2
+    assert small["peak_rss_MiB"] >= small["rss_before_steps_MiB"] > 50  # torch alone is ~100 MiB
+    # 32x the batch: resnet20's first stage alone keeps ~2 MiB per image alive in a dgl block
+    assert big["rss_step_increase_MiB"] > small["rss_step_increase_MiB"] + 20
