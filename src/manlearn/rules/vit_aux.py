@@ -60,16 +60,9 @@ class TokenCEAux(nn.Module):
 
 class ViTMomentumAux(MomentumAux):
     """MAN / MAN++ auxiliary network for a ViT group: ``ema`` + ``lb`` (= lb0) copies of the next
-    group's first block, fused as MAN(++), then ``heads`` = lb1 + LayerNorm + CLS linear + CE."""
+    group's first block, fused as MAN(++), then ``heads`` = lb1 + LayerNorm + CLS linear + CE.
 
-    def fuse(self, h: torch.Tensor) -> torch.Tensor:
-        if self.scale is None:
-            return self.lb(h) + self.ema(h)
-        s = self.scale.to(h.dtype)
-        return s * self.lb(h) + (2.0 - s) * self.ema(h)
-
-    def forward(self, h: torch.Tensor, batch: LocalBatch) -> torch.Tensor:
-        return self.heads(self.fuse(h), batch)
+    The fusion, the EMA update and ``ema_recompute`` are MomentumAux's own (they are shape-agnostic)."""
 
     @property
     def lb1(self) -> nn.Module:
