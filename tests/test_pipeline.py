@@ -156,3 +156,12 @@ def test_a_stuck_worker_ends_the_run_after_the_timeout(tmp_path):
         run(_long(tmp_path, pipeline_timeout_s=3.0), on_start=stop_later)
     assert stopped_at and time.monotonic() - stopped_at[0] < 30
     assert "worker 1" in str(ei.value)
+
+
+def test_cli_refusals_for_the_pipeline(tmp_path, capsys):
+    from manlearn.cli import main
+
+    assert main(["train", "dataset=digits", f"out_dir={tmp_path}", "pipeline_workers=2", "--resume"]) == 2
+    assert "cannot be resumed" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="run_pipeline"):
+        Trainer(cfg_(tmp_path))

@@ -86,6 +86,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"expected key=value overrides after the config, got {', '.join(bad)}")
     cfg = load_config(config_path, check=False) if config_path else TrainConfig()
     cfg = validate(apply_overrides(cfg, items, check=False))
+    if cfg.pipeline_workers:
+        return _train_pipeline(cfg, args)
     trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
     try:
         summary = trainer.fit()
@@ -93,6 +95,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"\ninterrupted at step {trainer.step}; the last checkpoint is {trainer.ckpt_path} "
               "(continue with --resume)", file=sys.stderr)
         return 130
+    finally:
+        if trainer.dist.enabled:  # data parallel under torchrun: leave the group cleanly
+            from manlearn.distributed import cleanup
+
+            cleanup()
+    if not trainer.dist.is_main:
+        return 0
     acc = summary["test_acc"]
     spi = summary["seconds_per_iter"]
     print(f"test accuracy: {acc:.4f}" if acc is not None else "test accuracy: n/a")
@@ -104,6 +113,27 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"process peak RSS {_fmt_bytes(peak_rss_bytes())}")
     print(f"steps: {summary['steps']}  elapsed: {summary['elapsed_s']:.1f} s  "
           f"checkpoint: {summary['checkpoint']}"
+          + ("  (stopped at max_steps)" if summary["stopped_early"] else ""))
+    return 0
+
+
+def _train_pipeline(cfg: Any, args: argparse.Namespace) -> int:
+    """``pipeline_workers=N``: the K blocks over N worker processes on this host (docs/scaling.md)."""
+    from manlearn.distributed import env_world_size
+    from manlearn.distributed.pipeline import run_pipeline
+
+    if env_world_size() > 1:
+        raise ConfigError("pipeline_workers is not combined with torchrun (data parallel) yet: start the "
+                          "pipeline with a plain `manlearn train ... pipeline_workers=N`, which spawns its workers")
+    if args.resume:
+        raise ConfigError("pipeline runs cannot be resumed yet (their checkpoint holds the whole model for "
+                          "`manlearn eval`, not the in-flight state of every worker)")
+    summary = run_pipeline(cfg, overwrite=args.overwrite)
+    acc = summary["test_acc"]
+    ips = summary["images_per_s"]
+    print(f"test accuracy: {acc:.4f}" if acc is not None else "test accuracy: n/a")
+    print(f"images/s: {ips:.1f} (pipeline, {cfg.pipeline_workers} workers)" if ips else "images/s: n/a")
+    print(f"steps: {summary['steps']}  elapsed: {summary['elapsed_s']:.1f} s  checkpoint: {summary['checkpoint']}"
           + ("  (stopped at max_steps)" if summary["stopped_early"] else ""))
     return 0
 
@@ -173,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "overrides. With no config: MAN++ (InfoPro) ResNet-32 K=16 on Fashion-MNIST (FM-R32).",
         epilog="examples:  manlearn train fm-r32-manpp-infopro epochs=1\n"
                "           manlearn train configs/cifar10-resnet32-e2e.yaml data_dir=/data lr=0.4\n"
-               "           manlearn train out_dir=runs/x --resume",
+               "           manlearn train out_dir=runs/x --resume\n"
+               "           torchrun --nproc_per_node 2 -m manlearn train epochs=1   (data parallel)\n"
+               "           manlearn train pipeline_workers=2 epochs=1              (block pipeline)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]",
                    help="a YAML file or recipe name, then key=value overrides")

@@ -9,7 +9,8 @@
 from .data_parallel import GradReducer, block_buckets
 from .dist import (SINGLE, DistInfo, ShardedLoader, average_buffers, broadcast_state, cleanup,
                    env_world_size, free_port, gloo_available, setup_from_env, sharded_evaluate)
+from .pipeline import PipelineError, run_pipeline
 
 __all__ = ["DistInfo", "SINGLE", "GradReducer", "block_buckets", "ShardedLoader", "average_buffers",
            "broadcast_state", "cleanup", "env_world_size", "free_port", "gloo_available",
-           "setup_from_env", "sharded_evaluate"]
+           "setup_from_env", "sharded_evaluate", "PipelineError", "run_pipeline"]

@@ -101,6 +101,9 @@ class Trainer:
         self.hooks: list[StepHook] = list(hooks)
         # Data parallel when launched by torchrun (WORLD_SIZE > 1): join the group, take this rank's
         # device; otherwise a single process (self.dist.enabled is False, nothing else changes).
+        if cfg.pipeline_workers:
+            raise ConfigError("pipeline_workers is set: a block pipeline is run by "
+                              "manlearn.distributed.run_pipeline (or `manlearn train`), not by Trainer")
         from manlearn.distributed.dist import setup_from_env
 
         self.dist, self.device = setup_from_env(cfg.dist_backend, cfg.device, cfg.dist_timeout_s)
