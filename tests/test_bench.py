@@ -108,3 +108,13 @@ def test_fresh_process_rss_measures_the_steps():
     assert small["peak_rss_MiB"] >= small["rss_before_steps_MiB"] > 50  # torch alone is ~100 MiB
     # 32x the batch: resnet20's first stage alone keeps ~2 MiB per image alive in a dgl block
     assert big["rss_step_increase_MiB"] > small["rss_step_increase_MiB"] + 20
+
+
+def test_accuracy_workers_claim_runs(tmp_path):
+    from manlearn.bench.accuracy import _claim
+
+    p = tmp_path / "run.claim"
+    p.write_text("1")  # a live process (init) holds it
+    assert _claim(p) is None
+    p.write_text("999999999")  # a dead one: taken over
+    assert _claim(p) == p and p.read_text() == str(__import__("os").getpid())

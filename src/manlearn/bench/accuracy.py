@@ -37,6 +37,32 @@ def fm_r32_config(spec: str, K: int, epochs: int, seed: int, out_dir: Path, extr
     return validate(apply_overrides(cfg, [*items, *extra], check=False))
 
 
+def _claim(path: Path) -> Path | None:
+    """Claim a run for this process (several ``bench accuracy`` workers may share a results file):
+    the claim file is created exclusively and holds the PID; a claim whose process is gone is taken
+    over. None when a live process holds it."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().strip() or 0)
+                os.kill(pid, 0)
+                if pid != os.getpid():
+                    return None
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                pass
+            path.unlink(missing_ok=True)  # stale: its process died
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return path
+    return None
+
+
 def run_accuracy(methods: Sequence[str], Ks: Sequence[int], epochs: int, seeds: Sequence[int],
                  results: str | Path, runs_dir: str | Path = "runs/bench-accuracy",
                  extra: Sequence[str] = (), rerun: bool = False, say=print) -> list[dict[str, Any]]:
@@ -45,7 +71,6 @@ def run_accuracy(methods: Sequence[str], Ks: Sequence[int], epochs: int, seeds: 
 
     for spec in methods:
         parse_method(spec)  # refuse bad specs before hours of training
-    done = {run_key(r): r for r in read_rows(results)}
     env = environment()  # the code that runs is the code at the start: record its commit now
     limit = next((int(e.split("=", 1)[1]) for e in extra if e.startswith("train_limit=")), None)
     out: list[dict[str, Any]] = []
@@ -54,16 +79,26 @@ def run_accuracy(methods: Sequence[str], Ks: Sequence[int], epochs: int, seeds: 
             for spec in methods:
                 k_eff = 1 if spec == "e2e" else K
                 key = (spec, k_eff, epochs, seed, limit)
+                done = {run_key(r): r for r in read_rows(results)}  # re-read: other workers append too
                 if key in done and not rerun:
                     say(f"skip {spec} K={k_eff} epochs={epochs} seed={seed}: already in {results}")
                     out.append(done[key])
                     continue
-                run_dir = Path(runs_dir) / f"{spec.replace('+', '-')}-K{k_eff}-e{epochs}-s{seed}"
+                name = f"{spec.replace('+', '-')}-K{k_eff}-e{epochs}-s{seed}"
+                claim = _claim(Path(runs_dir) / f"{name}.claim")
+                if claim is None:
+                    say(f"skip {spec} K={k_eff} epochs={epochs} seed={seed}: another worker is running it")
+                    continue
+                run_dir = Path(runs_dir) / name
                 cfg = fm_r32_config(spec, K, epochs, seed, run_dir, extra)
                 say(f"run {spec} K={k_eff} epochs={epochs} seed={seed} -> {run_dir}")
                 t0 = time.perf_counter()
-                trainer = Trainer(cfg, overwrite=True)
-                summary = trainer.fit()
+                try:
+                    trainer = Trainer(cfg, overwrite=True)
+                    summary = trainer.fit()
+                except BaseException:
+                    claim.unlink(missing_ok=True)
+                    raise
                 history = [r.get("test_acc") for r in trainer.records if r.get("type") == "epoch"]
                 row = dict(method=spec, K=getattr(trainer.learner, "K", k_eff), epochs=epochs, seed=seed,
                            train_limit=limit, steps=summary["steps"], test_acc=summary["test_acc"],
@@ -72,6 +107,7 @@ def run_accuracy(methods: Sequence[str], Ks: Sequence[int], epochs: int, seeds: 
                            wall_s=time.perf_counter() - t0, protocol="FM-R32", recipe=BASE_RECIPE,
                            overrides=list(extra), **{**env, "device": str(trainer.device)})
                 append_rows(results, [row])
+                claim.unlink(missing_ok=True)
                 say(f"  test acc {row['test_acc']:.4f}  ({row['steps']} steps, {row['wall_s'] / 60:.1f} min)")
                 out.append(row)
     return out
