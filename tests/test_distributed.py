@@ -238,3 +238,32 @@ def test_sync_bn_is_refused_on_cpu_and_batch_must_divide(tmp_path, monkeypatch):
         validate(TrainConfig(pipeline_workers=1))
     with pytest.raises(ConfigError, match="dist_backend"):
         validate(TrainConfig(dist_backend="mpi"))
+
+
+def test_sharded_loader_gives_each_rank_its_rows_of_the_global_batch(tmp_path):
+    """In-memory and streamed (ImageNet-style, sharded by sample keys) loaders alike."""
+    from manlearn.data import BatchLoader, StreamingLoader, index_image_folder, load_dataset
+    from manlearn.distributed import ShardedLoader
+
+    def check(full, make):
+        whole = list(full.epoch(1, start_batch=1))
+        shards = [list(ShardedLoader(make(), r, 2).epoch(1, start_batch=1)) for r in range(2)]
+        assert len(shards[0]) == len(shards[1]) == len(whole) > 0
+        for i, (x, y) in enumerate(whole):
+            assert torch.equal(torch.cat([shards[0][i][0], shards[1][i][0]]), x)
+            assert torch.equal(torch.cat([shards[0][i][1], shards[1][i][1]]), y)
+
+    digits = load_dataset("digits", split="train", limit=64)
+    check(BatchLoader(digits, 16, train=True, seed=3), lambda: BatchLoader(digits, 16, train=True, seed=3))
+
+    from PIL import Image
+
+    for c in range(2):
+        for i in range(4):
+            g = torch.Generator().manual_seed(10 * c + i)
+            arr = torch.randint(0, 256, (30 + i, 28, 3), generator=g, dtype=torch.uint8).numpy()
+            (tmp_path / "train" / f"n{c}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(tmp_path / "train" / f"n{c}" / f"{i}.png")
+    data = index_image_folder("train", data_dir=tmp_path, image_size=16)
+    check(StreamingLoader(data, 4, train=True, seed=5, workers=0),
+          lambda: StreamingLoader(data, 4, train=True, seed=5, workers=0))

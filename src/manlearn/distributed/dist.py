@@ -177,8 +177,9 @@ class ShardedLoader:
     gets rows ``[r·B/N, (r+1)·B/N)`` of global batch b.  The global batch is built (and augmented)
     exactly as a single process would build it and then sliced: N ranks together see precisely
     the single-process batches, which is what makes data parallelism reproduce single-process
-    training.  Building the whole batch costs each rank one crop/flip of B images, small next
-    to a training step.
+    training.  For in-memory data, building the whole batch costs each rank one crop/flip of B
+    images, small next to a training step; streamed data (ImageNet) is sharded by sample keys, so
+    each rank decodes only its own images.
     """
 
     def __init__(self, loader: Any, rank: int, world_size: int) -> None:
@@ -194,6 +195,13 @@ class ShardedLoader:
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         lo, hi = self.rank * self.shard, (self.rank + 1) * self.shard
+        if hasattr(self.loader, "batches") and hasattr(self.loader, "_iterate"):
+            # StreamingLoader (ImageNet): a sample's augmentation depends only on its key (epoch,
+            # index), so decoding just this rank's keys gives exactly the rows of the global batch
+            # without decoding the other ranks' images.
+            keys = self.loader.batches(epoch, start_batch)
+            yield from self.loader._iterate([b[lo:hi] for b in keys])
+            return
         for x, y in self.loader.epoch(epoch, start_batch=start_batch):
             yield x[lo:hi], y[lo:hi]
 
