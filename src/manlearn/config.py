@@ -108,7 +108,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "off"  # off | bf16 | fp16 (CUDA only)
-    channels_last: bool = True  # faster on CPU (benchmarks/speed.py: 2.05 vs 2.64 s/it, InfoPro+MAN++)
+    channels_last: bool = True  # faster on CPU (BENCHMARKS.md, `manlearn bench speed --no-channels-last`)
     compile: bool = False
     # Memory for compute (same gradients): MAN/MAN++ recompute the frozen ema unit in backward;
     # grad_checkpoint recomputes every block stage by stage (the E2E baseline of the benchmarks).

@@ -33,7 +33,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
     _positive("--batch", args.batch)
     run_memory(args.model, args.methods, args.K, args.batch, args.results, device=args.device,
                rss=not args.no_rss, checkpointing=not args.no_checkpointing, split=args.split,
-               fixed_malloc=not args.rss_default_malloc)
+               fixed_malloc=not args.rss_default_malloc, stem_module=not args.no_stem_module)
     return 0
 
 
@@ -80,6 +80,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--K", nargs="+", type=int, default=[16])
     m.add_argument("--batch", nargs="+", type=int, default=[128, 1024])
     m.add_argument("--split", default="auto")
+    m.add_argument("--no-stem-module", action="store_true", help="the stem joins the first block (MAN/InfoPro tables)")
     m.add_argument("--device", default="cpu")
     m.add_argument("--no-rss", action="store_true", help="skip the fresh-process peak-RSS measurement")
     m.add_argument("--no-checkpointing", action="store_true", help="skip E2E + gradient checkpointing")

@@ -27,7 +27,7 @@ from .common import append_rows, environment, parse_method
 CHECKPOINTED = "e2e+ckpt"
 
 
-def _learner(model: str, spec: str, K: int, split: str, device: str):
+def _learner(model: str, spec: str, K: int, split: str, device: str, stem_module: bool = True):
     from .. import LocalLearner
 
     kw: dict[str, Any] = {}
@@ -36,7 +36,7 @@ def _learner(model: str, spec: str, K: int, split: str, device: str):
     else:
         kw = parse_method(spec)
     torch.manual_seed(0)
-    return LocalLearner(model=model, K=K, split=split, **kw).to(device)
+    return LocalLearner(model=model, K=K, split=split, stem_module=stem_module, **kw).to(device)
 
 
 def _step(learner, opt, x, y) -> None:
@@ -49,11 +49,12 @@ def _optimizer(learner):
                            weight_decay=1e-4, foreach=True)
 
 
-def counted(model: str, spec: str, K: int, batch: int, split: str = "auto", device: str = "cpu") -> dict[str, Any]:
+def counted(model: str, spec: str, K: int, batch: int, split: str = "auto", device: str = "cpu",
+            stem_module: bool = True) -> dict[str, Any]:
     """(a): counted activation peak and static bytes of one training step; CUDA peak on a GPU."""
     from ..memory import PeakMemory
 
-    learner = _learner(model, spec, K, split, device)
+    learner = _learner(model, spec, K, split, device, stem_module)
     opt = _optimizer(learner)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, learner.in_channels, learner.image_size, learner.image_size, generator=g).to(device)
@@ -69,13 +70,15 @@ def counted(model: str, spec: str, K: int, batch: int, split: str = "auto", devi
                     if torch.is_tensor(t))
     act = pm.peak_activation_bytes
     return dict(model=model, method=spec, K=getattr(learner, "K", 1), batch=batch, split=learner.split.source,
+                stem_module=learner.split.stem_module,
                 activation_peak_MiB=act / 2**20, params_MiB=(param_bytes + buffer_bytes) / 2**20,
                 grads_MiB=grad_bytes / 2**20, optimizer_MiB=opt_bytes / 2**20,
                 total_counted_MiB=(act + param_bytes + buffer_bytes + grad_bytes + opt_bytes) / 2**20,
                 cuda_peak_MiB=(pm.cuda_peak / 2**20) if pm.cuda_peak is not None else None)
 
 
-def rss_child(model: str, spec: str, K: int, batch: int, split: str, steps: int = 2) -> dict[str, Any]:
+def rss_child(model: str, spec: str, K: int, batch: int, split: str, steps: int = 2,
+              stem_module: bool = True) -> dict[str, Any]:
     """Runs inside the fresh process of (b): RSS just before the first step, and the peak RSS
     reached during ``steps`` steps (the kernel's high-water mark is reset first, so the peak of
     importing libraries and building the model does not mask it)."""
@@ -83,7 +86,7 @@ def rss_child(model: str, spec: str, K: int, batch: int, split: str, steps: int 
 
     from ..memory import current_rss_bytes, peak_rss_bytes, peak_rss_since_reset_bytes, reset_peak_rss
 
-    learner = _learner(model, spec, K, split, "cpu")
+    learner = _learner(model, spec, K, split, "cpu", stem_module)
     opt = _optimizer(learner)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, learner.in_channels, learner.image_size, learner.image_size, generator=g)
@@ -107,11 +110,12 @@ FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def measured_rss(model: str, spec: str, K: int, batch: int, split: str = "auto", steps: int = 2,
-                 fixed_malloc: bool = True) -> dict[str, Any]:
+                 fixed_malloc: bool = True, stem_module: bool = True) -> dict[str, Any]:
     """(b) on the CPU: peak RSS of a fresh process doing ``steps`` training steps."""
     import os
 
-    args = json.dumps(dict(model=model, spec=spec, K=K, batch=batch, split=split, steps=steps))
+    args = json.dumps(dict(model=model, spec=spec, K=K, batch=batch, split=split, steps=steps,
+                           stem_module=stem_module))
     code = ("import json, sys; from manlearn.bench.memory import rss_child; "
             "a = json.loads(sys.argv[1]); print(json.dumps(rss_child(**a)))")
     env = {**os.environ, **(FIXED_MALLOC if fixed_malloc else {})}
@@ -125,7 +129,7 @@ def measured_rss(model: str, spec: str, K: int, batch: int, split: str = "auto",
 
 def run_memory(model: str, methods: Sequence[str], Ks: Sequence[int], batches: Sequence[int], results,
                device: str = "cpu", rss: bool = True, checkpointing: bool = True, split: str = "auto",
-               fixed_malloc: bool = True, say=print) -> list[dict[str, Any]]:
+               fixed_malloc: bool = True, stem_module: bool = True, say=print) -> list[dict[str, Any]]:
     """Every (batch, K, method) once; E2E (and E2E + checkpointing) once per batch."""
     for spec in methods:
         if spec != CHECKPOINTED:
@@ -136,9 +140,10 @@ def run_memory(model: str, methods: Sequence[str], Ks: Sequence[int], batches: S
     for batch in batches:
         for spec in specs:
             for K in ([Ks[0]] if spec in ("e2e", CHECKPOINTED) else Ks):  # E2E ignores K
-                row = counted(model, spec, K, batch, split, device)
+                row = counted(model, spec, K, batch, split, device, stem_module)
                 if rss and torch.device(device).type == "cpu":
-                    row.update(measured_rss(model, spec, K, batch, split, fixed_malloc=fixed_malloc))
+                    row.update(measured_rss(model, spec, K, batch, split, fixed_malloc=fixed_malloc,
+                                            stem_module=stem_module))
                 row.update(env)
                 append_rows(results, [row])
                 rows.append(row)

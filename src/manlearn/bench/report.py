@@ -28,7 +28,8 @@ def _latest(rows: list[dict[str, Any]], key) -> dict[tuple, dict[str, Any]]:
 
 
 def memory_table(rows: list[dict[str, Any]]) -> str:
-    rows = list(_latest(rows, lambda r: (r["model"], r["method"], r["K"], r["batch"], r.get("device"))).values())
+    rows = list(_latest(rows, lambda r: (r["model"], r["method"], r["K"], r["batch"], r.get("device"),
+                                         r.get("split"))).values())
     lines = ["| model | method | K | batch | activations (MiB) | vs E2E | total counted (MiB) | vs E2E | "
              "RSS growth during steps (MiB) | vs E2E | CUDA peak (MiB) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     e2e = {(r["model"], r["batch"], r.get("device")): r for r in rows if r["method"] == "e2e"}
@@ -41,7 +42,8 @@ def memory_table(rows: list[dict[str, Any]]) -> str:
         rss_ratio = (f"{100 * r['rss_step_increase_MiB'] / ref['rss_step_increase_MiB']:.0f}%"
                      if rss and ref and ref.get("rss_step_increase_MiB") else "")
         cuda = f"{r['cuda_peak_MiB']:.0f}" if r.get("cuda_peak_MiB") else ""
-        lines.append(f"| {r['model']} | {r['method']} | {r['K']} | {r['batch']} | {r['activation_peak_MiB']:.1f} | "
+        split = f" ({r['split']})" if r.get("split") not in (None, "single", "paper table", "uniform") else ""
+        lines.append(f"| {r['model']} | {r['method']}{split} | {r['K']} | {r['batch']} | {r['activation_peak_MiB']:.1f} | "
                      f"{act_ratio} | {r['total_counted_MiB']:.1f} | {tot_ratio} | {rss} | {rss_ratio} | {cuda} |")
     return "\n".join(lines)
 
