@@ -122,6 +122,16 @@ def test_pipeline_trains_digits_to_a_sensible_accuracy(tmp_path):
 
 # ------------------------------------------------------------------ failures
 
+def training(out_dir, limit: float = 120.0) -> None:
+    """Return once the run has finished its first epoch (worker 0 wrote a metrics line)."""
+    end = time.monotonic() + limit
+    path = out_dir / "metrics.jsonl"
+    while time.monotonic() < end:
+        if path.exists() and path.read_text().strip():
+            return
+        time.sleep(0.1)
+
+
 def _long(tmp_path, **kw):
     return cfg_(tmp_path, method="manpp", base="dgl", epochs=500, **kw)
 
@@ -131,7 +141,7 @@ def test_a_killed_worker_stops_the_run_with_an_error_naming_it(tmp_path):
 
     def kill_later(procs):
         def go():
-            time.sleep(5.0)  # into training (start-up takes ~3 s)
+            training(tmp_path)
             killed_at.append(time.monotonic())
             os.kill(procs[1].pid, signal.SIGKILL)
         threading.Thread(target=go, daemon=True).start()
@@ -147,9 +157,14 @@ def test_a_stuck_worker_ends_the_run_after_the_timeout(tmp_path):
 
     def stop_later(procs):
         def go():
-            time.sleep(5.0)
+            training(tmp_path)  # past start-up, whose waits have the long dist_timeout_s
             stopped_at.append(time.monotonic())
             os.kill(procs[1].pid, signal.SIGSTOP)  # alive but silent
+            # Watchdog: if the run has not ended in 60 s, kill our workers so the test fails, not hangs.
+            time.sleep(60.0)
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
         threading.Thread(target=go, daemon=True).start()
 
     with pytest.raises(PipelineError, match=r"worker 0 .*nothing for 3 s") as ei:
