@@ -52,6 +52,18 @@ def test_breakdown_step_gives_the_gradients_of_train_step():
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=n)
 
 
+def test_flop_breakdown_counts_each_part():
+    from manlearn.bench.speed import flop_breakdown
+
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    e2e = flop_breakdown(*build("resnet20", "e2e", 1, "cpu", False), x, y)
+    man = flop_breakdown(*build("resnet20", "dgl+manpp", 4, "cpu", False), x, y)
+    assert e2e["aux_units"] == e2e["aux_heads"] == 0 < e2e["backbone"]
+    assert man["aux_units"] > 0 and man["aux_heads"] > 0 and man["ema"] == 0
+    # the same backbone work (forward + input/weight gradients), apart from the stem's input gradient
+    assert abs(man["backbone"] - e2e["backbone"]) < 0.05 * e2e["backbone"]
+
+
 def test_speed_rows_are_interleaved_medians_with_e2e_reference(tmp_path):
     out = tmp_path / "speed.jsonl"
     rows = run_speed("resnet20", ["greedy"], K=3, batch=2, iters=2, warmup=0, results=out, breakdown=False,

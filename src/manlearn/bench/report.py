@@ -51,8 +51,11 @@ def memory_table(rows: list[dict[str, Any]]) -> str:
 def speed_table(rows: list[dict[str, Any]]) -> str:
     rows = list(_latest(rows, lambda r: (r["model"], r["method"], r["K"], r["batch"], r.get("device"),
                                          r.get("channels_last"), r.get("compile", False))).values())
-    lines = ["| model | method | K | batch | s/it (median) | images/s | vs E2E | backbone | aux ema/lb units | "
-             "aux heads | EMA | optimiser |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | method | K | batch | s/it (median) | images/s | vs E2E | GFLOP/step | vs E2E | backbone | "
+             "aux ema/lb units | aux heads | EMA | optimiser |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    e2e_flops = {(r["model"], r["batch"]): sum(r["gflops"].values()) for r in rows
+                 if r["method"] == "e2e" and r.get("gflops")}
     for r in sorted(rows, key=lambda r: (r["model"], r.get("device", ""), bool(r.get("compile")),
                                          not r.get("channels_last", True), r["batch"], _order(r["method"]))):
         b = r.get("breakdown_s") or {}
@@ -61,8 +64,11 @@ def speed_table(rows: list[dict[str, Any]]) -> str:
         tags = [t for t, on in (("NCHW", r.get("channels_last") is False), ("compiled", r.get("compile")),
                                 (r.get("device", "cpu"), r.get("device", "cpu") != "cpu")) if on]
         name = r["method"] + (f" ({', '.join(tags)})" if tags else "")
+        gf = sum(r["gflops"].values()) if r.get("gflops") else None
+        ref = e2e_flops.get((r["model"], r["batch"]))
+        flops = f"{gf:.1f} | {gf / ref:.2f}x" if gf and ref else " | "
         lines.append(f"| {r['model']} | {name} | {r['K']} | {r['batch']} | {r['median_s_per_it']:.3f} | "
-                     f"{r['images_per_s']:.0f} | {r['ratio_to_e2e']:.2f}x | {parts} |")
+                     f"{r['images_per_s']:.0f} | {r['ratio_to_e2e']:.2f}x | {flops} | {parts} |")
     return "\n".join(lines)
 
 

@@ -8,7 +8,9 @@ reported with images/s and the ratio to E2E's median from the same run. A step i
 The breakdown re-runs a few steps with the same arithmetic cut into timed parts: backbone (block
 forwards and backwards, final head), the auxiliary networks' ema/lb units (MAN/MAN++), the
 auxiliary heads, the EMA update and the optimiser step. The block output is detached before the
-auxiliary network and its gradient handed back afterwards, which gives the same gradients.
+auxiliary network and its gradient handed back afterwards, which gives the same gradients. One
+more step counts the FLOPs of each part (convolutions and matmuls, forward and backward), so time
+can be read against work.
 """
 from __future__ import annotations
 
@@ -39,58 +41,83 @@ def build(model: str, spec: str, K: int, device: str, channels_last: bool, compi
     return learner, opt
 
 
-def breakdown_step(learner, opt, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """One training step cut into timed parts (seconds); same gradients as ``train_step``."""
+PARTS = ("backbone", "aux_units", "aux_heads", "ema", "optimizer")
+
+
+def _parts_step(learner, opt, x: torch.Tensor, y: torch.Tensor, part) -> None:
+    """One training step with every piece of work inside ``part(name)`` (a context manager)."""
     from ..rules import LocalBatch
     from ..rules.momentum import MomentumAux
-
-    dev = x.device
-    t = dict(backbone=0.0, aux_units=0.0, aux_heads=0.0, ema=0.0, optimizer=0.0)
-
-    def tick() -> float:
-        _sync(dev)
-        return time.perf_counter()
 
     learner.zero_grad(set_to_none=True)
     x = learner._prepare(x)
     batch = LocalBatch(x, y, learner.norm_mean, learner.norm_std)
     h_in = x
     for k in range(learner.K):
-        t0 = tick()
-        h = learner._run_block(k, h_in)
-        if k == learner.K - 1:
-            F.cross_entropy(learner.head(h).float(), y).backward()
-            t["backbone"] += tick() - t0
-            break
-        t1 = tick()
+        with part("backbone"):
+            h = learner._run_block(k, h_in)
+            if k == learner.K - 1:
+                F.cross_entropy(learner.head(h).float(), y).backward()
+                break
         h_aux = h.detach().requires_grad_(True)
         aux = learner.auxes[k]
         if isinstance(aux, MomentumAux):
-            fused = aux.fuse(h_aux)
-            t2 = tick()
+            with part("aux_units"):
+                fused = aux.fuse(h_aux)
             fused_d = fused.detach().requires_grad_(True)
-            aux.heads(fused_d, batch).backward()
-            t3 = tick()
-            fused.backward(fused_d.grad)
-            t4 = tick()
-            t["aux_units"] += (t2 - t1) + (t4 - t3)
-            t["aux_heads"] += t3 - t2
+            with part("aux_heads"):
+                aux.heads(fused_d, batch).backward()
+            with part("aux_units"):
+                fused.backward(fused_d.grad)
         else:
-            aux(h_aux, batch).backward()
-            t4 = tick()
-            t["aux_heads"] += t4 - t1
-        h.backward(h_aux.grad)
-        t5 = tick()
+            with part("aux_heads"):
+                aux(h_aux, batch).backward()
+        with part("backbone"):
+            h.backward(h_aux.grad)
         if isinstance(aux, MomentumAux):
-            aux.update_ema(learner.momentum)
-        t6 = tick()
-        t["backbone"] += (t1 - t0) + (t5 - t4)
-        t["ema"] += t6 - t5
+            with part("ema"):
+                aux.update_ema(learner.momentum)
         h_in = h.detach()
-    t0 = tick()
-    opt.step()
-    t["optimizer"] += tick() - t0
+    with part("optimizer"):
+        opt.step()
+
+
+def breakdown_step(learner, opt, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Seconds of each part of one training step; same gradients as ``train_step``."""
+    import contextlib
+
+    t = dict.fromkeys(PARTS, 0.0)
+    dev = x.device
+
+    @contextlib.contextmanager
+    def part(name):
+        _sync(dev)
+        t0 = time.perf_counter()
+        yield
+        _sync(dev)
+        t[name] += time.perf_counter() - t0
+
+    _parts_step(learner, opt, x, y, part)
     return t
+
+
+def flop_breakdown(learner, opt, x: torch.Tensor, y: torch.Tensor) -> dict[str, int]:
+    """FLOPs (torch's ``FlopCounterMode``: matmuls and convolutions, forward and backward) of each
+    part of one training step — the work the time is spent on."""
+    import contextlib
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    f = dict.fromkeys(PARTS, 0)
+
+    @contextlib.contextmanager
+    def part(name):
+        with FlopCounterMode(display=False) as fc:
+            yield
+        f[name] += int(fc.get_total_flops())
+
+    _parts_step(learner, opt, x, y, part)
+    return f
 
 
 def run_speed(model: str, methods: Sequence[str], K: int, batch: int, iters: int, warmup: int, results,
@@ -128,6 +155,7 @@ def run_speed(model: str, methods: Sequence[str], K: int, batch: int, iters: int
         if breakdown and not compile:  # the breakdown runs the eager parts
             parts = [breakdown_step(learner, opt, x, y) for _ in range(breakdown_iters)]
             row["breakdown_s"] = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
+            row["gflops"] = {k: v / 1e9 for k, v in flop_breakdown(learner, opt, x, y).items()}
         row.update(env)
         rows.append(row)
         br = row.get("breakdown_s")
