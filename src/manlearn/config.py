@@ -299,6 +299,20 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def _lists(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return [_lists(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _lists(x) for k, x in v.items()}
+    return v
+
+
+def config_to_yaml(cfg: TrainConfig) -> str:
+    """The config as the YAML a run writes to ``out_dir/config.yaml`` (tuples as lists), loadable
+    again with :func:`load_config`."""
+    return yaml.safe_dump(_lists(config_to_dict(cfg)), sort_keys=False)
+
+
 def load_config(path: str | Path, *, check: bool = True) -> TrainConfig:
     """Read a YAML recipe (a flat mapping of config keys) on top of the defaults."""
     p = Path(path)

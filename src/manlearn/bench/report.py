@@ -95,12 +95,27 @@ def accuracy_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_accuracy_vs_memory(acc_rows, mem_rows, path: Path, batch: int = 128) -> bool:
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, ax, title: str, path: Path) -> bool:
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return True
+
+
+def plot_accuracy_vs_memory(acc_rows, mem_rows, path: Path, batch: int = 128) -> bool:
+    plt = _pyplot()
     mem = _latest([r for r in mem_rows if r["batch"] == batch and r["model"] == "resnet32"],
                   lambda r: (r["method"], r["K"]))
     e2e = next((r for (m, _), r in mem.items() if m == "e2e"), None)
@@ -122,21 +137,11 @@ def plot_accuracy_vs_memory(acc_rows, mem_rows, path: Path, batch: int = 128) ->
                     textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel(f"peak activation memory, % of E2E (ResNet-32, batch {batch})")
     ax.set_ylabel(f"FM-R32 test accuracy after {epochs} epoch(s), %")
-    ax.set_title("Accuracy vs training memory")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save(fig, ax, "Accuracy vs training memory", path)
 
 
 def plot_accuracy_vs_epochs(acc_rows, path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rows = [r for r in acc_rows if not r.get("train_limit") and len(r.get("test_acc_per_epoch") or []) > 1]
     if not rows:
         return False
@@ -147,14 +152,8 @@ def plot_accuracy_vs_epochs(acc_rows, path: Path) -> bool:
                 label=f"{r['method']} K={r['K']} s{r['seed']}" if r["method"] != "e2e" else f"e2e s{r['seed']}")
     ax.set_xlabel("epoch (cosine schedule spans the whole run)")
     ax.set_ylabel("FM-R32 test accuracy, %")
-    ax.set_title("Accuracy vs epochs")
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save(fig, ax, "Accuracy vs epochs", path)
 
 
 def write_report(results_dir: str | Path = "benchmarks/results", plots_dir: str | Path = "benchmarks/plots",

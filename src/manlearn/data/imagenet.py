@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from manlearn.errors import ConfigError, DatasetError
 
 from .info import DatasetInfo, candidate_dirs, get_dataset_info
-from .loader import derive_seed
+from .loader import EpochOrder, derive_seed
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "STREAMING_DATASETS", "FolderIndex", "index_image_folder",
            "StreamingLoader", "decode_image", "random_resized_crop_box", "center_crop_box"]
@@ -195,28 +195,21 @@ class _FolderDataset(Dataset):
         return decode_image(path, self.size, self.train, rng), label
 
 
-class StreamingLoader:
+class StreamingLoader(EpochOrder):
     """The :class:`~manlearn.data.BatchLoader` interface (``len``, ``epoch(e, start_batch)``) over a
     :class:`FolderIndex`, decoding in ``workers`` processes into pinned uint8 batches.
 
     Yields ``(x, y)``: float32 images normalised with the dataset's mean/std and int64 labels, on ``device``.
     """
 
+    perm_tag = _TAG_PERM
+
     def __init__(self, data: FolderIndex, batch_size: int, *, train: bool, shuffle: bool | None = None,
                  drop_last: bool | None = None, device: str | torch.device = "cpu", seed: int = 0,
                  channels_last: bool = False, workers: int | None = None, pin_memory: bool | None = None,
                  prefetch_factor: int = 4) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self._setup(data.info, batch_size, train, shuffle, drop_last, device, seed, channels_last)
         self.data = data
-        self.info = data.info
-        self.batch_size = batch_size
-        self.train = bool(train)
-        self.shuffle = self.train if shuffle is None else bool(shuffle)
-        self.drop_last = self.train if drop_last is None else bool(drop_last)
-        self.device = torch.device(device)
-        self.seed = int(seed)
-        self.channels_last = bool(channels_last)
         self.workers = min(8, os.cpu_count() or 1) if workers is None else int(workers)
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
@@ -229,17 +222,6 @@ class StreamingLoader:
     @property
     def num_samples(self) -> int:
         return len(self.data)
-
-    def __len__(self) -> int:
-        n, bs = self.num_samples, self.batch_size
-        return n // bs if self.drop_last else -(-n // bs)
-
-    def order(self, epoch: int) -> torch.Tensor:
-        n = self.num_samples
-        if not self.shuffle:
-            return torch.arange(n)
-        g = torch.Generator().manual_seed(derive_seed(_TAG_PERM, self.seed, epoch))
-        return torch.randperm(n, generator=g)
 
     def batches(self, epoch: int, start_batch: int = 0) -> list[list[tuple[int, int]]]:
         """The dataset keys of batches ``start_batch ..`` of ``epoch``."""

@@ -42,7 +42,42 @@ def derive_seed(*parts: int) -> int:
 _TAG_PERM, _TAG_AUG = 1, 2  # keep the permutation and augmentation streams apart
 
 
-class BatchLoader:
+class EpochOrder:
+    """What every loader shares: options, batches per epoch, and the sample order of an epoch as a
+    pure function of (seed, epoch) — which is what makes resuming exact. Subclasses provide
+    ``num_samples`` and may set ``perm_tag`` to keep their permutation stream apart."""
+
+    perm_tag = _TAG_PERM
+    num_samples: int
+
+    def _setup(self, info, batch_size: int, train: bool, shuffle: bool | None, drop_last: bool | None,
+               device: str | torch.device, seed: int, channels_last: bool) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.info = info
+        self.batch_size = batch_size
+        self.train = bool(train)
+        self.shuffle = self.train if shuffle is None else bool(shuffle)
+        self.drop_last = self.train if drop_last is None else bool(drop_last)
+        self.device = torch.device(device)
+        self.seed = int(seed)
+        self.channels_last = bool(channels_last)
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        n, bs = self.num_samples, self.batch_size
+        return n // bs if self.drop_last else -(-n // bs)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """Sample order of ``epoch`` (CPU int64): a permutation seeded by (seed, epoch), or 0..N-1."""
+        n = self.num_samples
+        if not self.shuffle:
+            return torch.arange(n)
+        g = torch.Generator().manual_seed(derive_seed(self.perm_tag, self.seed, epoch))
+        return torch.randperm(n, generator=g)
+
+
+class BatchLoader(EpochOrder):
     """Iterate over ``data`` in mini-batches of normalised float32 images and int64 labels on ``device``.
 
     ``shuffle`` and ``drop_last`` default to ``train``.  The uint8 images are moved to ``device`` once, here.
@@ -61,16 +96,7 @@ class BatchLoader:
         seed: int = 0,
         channels_last: bool = False,
     ) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.info = data.info
-        self.batch_size = batch_size
-        self.train = bool(train)
-        self.shuffle = self.train if shuffle is None else bool(shuffle)
-        self.drop_last = self.train if drop_last is None else bool(drop_last)
-        self.device = torch.device(device)
-        self.seed = int(seed)
-        self.channels_last = bool(channels_last)
+        self._setup(data.info, batch_size, train, shuffle, drop_last, device, seed, channels_last)
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device)
         self.transform = BatchTransform(data.info, self.train)
@@ -78,19 +104,6 @@ class BatchLoader:
     @property
     def num_samples(self) -> int:
         return int(self.images.shape[0])
-
-    def __len__(self) -> int:
-        """Batches per epoch."""
-        n, bs = self.num_samples, self.batch_size
-        return n // bs if self.drop_last else -(-n // bs)
-
-    def order(self, epoch: int) -> torch.Tensor:
-        """Sample order of ``epoch`` (CPU int64): a permutation seeded by (seed, epoch), or 0..N-1."""
-        n = self.num_samples
-        if not self.shuffle:
-            return torch.arange(n)
-        g = torch.Generator().manual_seed(derive_seed(_TAG_PERM, self.seed, epoch))
-        return torch.randperm(n, generator=g)
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(x, y)`` for batches ``start_batch, start_batch+1, ...`` of ``epoch``.

@@ -73,7 +73,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from manlearn.config import TrainConfig, config_from_dict, config_to_dict, validate
+from manlearn.config import TrainConfig, config_from_dict, config_to_dict, config_to_yaml, validate
 from manlearn.errors import CheckpointError, ConfigError, ManlearnError
 
 __all__ = ["PipelineError", "run_pipeline", "partition", "block_costs", "param_version",
@@ -624,9 +624,7 @@ def run_pipeline(cfg: TrainConfig, *, threads: int | None = None, overwrite: boo
         threads = max(1, (os.cpu_count() or 1) // P)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    import yaml
-
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(_plain(config_to_dict(cfg)), sort_keys=False))
+    (out_dir / "config.yaml").write_text(config_to_yaml(cfg))
     (out_dir / "metrics.jsonl").write_text("")
     share = [sum(costs[r.start:r.stop]) / sum(costs) for r in ranges]
     say(f"manlearn pipeline: {cfg.model} {cfg.method} K={len(costs)} over {P} workers x {threads} thread(s); "
@@ -721,10 +719,3 @@ def run_pipeline(cfg: TrainConfig, *, threads: int | None = None, overwrite: boo
     del ips
     return result
 
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    return v

@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
-import yaml
 from tqdm import tqdm
 
-from manlearn.config import TrainConfig, config_to_dict, validate
+from manlearn.config import TrainConfig, config_to_dict, config_to_yaml, validate
 from manlearn.errors import CheckpointError, ConfigError
 
 from .build import amp_dtype, build_learner, load_split, make_loader, seed_everything
@@ -72,14 +71,6 @@ def evaluate(learner: torch.nn.Module, loader: Any) -> tuple[float, int, int]:
     n = int(correct) if isinstance(correct, int) else int(correct.item())
     return (n / total if total else math.nan), n, total
 
-
-def _plain(v: Any) -> Any:
-    """Tuples → lists (for YAML output)."""
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    return v
 
 
 class Trainer:
@@ -427,8 +418,7 @@ class Trainer:
         self._stop_at = stop_at
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(
-                yaml.safe_dump(_plain(config_to_dict(cfg)), sort_keys=False))
+            (self.out_dir / "config.yaml").write_text(config_to_yaml(cfg))
             # Keep exactly the records of the state we start from (drops lines written after the
             # checkpoint by a run that was then killed, and the lines of an overwritten run).
             JsonlWriter(self.metrics_path).rewrite(self.records)
