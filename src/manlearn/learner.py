@@ -117,9 +117,8 @@ class LocalLearner(nn.Module):
         self.grad_checkpoint = bool(grad_checkpoint)
         self._segments: list[list[Segment]] | None = None
         if grad_checkpoint:
-            self._segments = []
-            for has_stem, unit_range in self.split.pieces():
-                self._segments.append(self._block_segments(has_stem, unit_range, unit_ids))
+            self._segments = [self._block_segments(k, has_stem, unit_range, unit_ids)
+                              for k, (has_stem, unit_range) in enumerate(self.split.pieces())]
 
         rule_cls = get_rule_class(method)
         rule_kwargs: dict = {}
@@ -166,10 +165,9 @@ class LocalLearner(nn.Module):
             return model
         raise ConfigError(f"model must be a registered name or an nn.Module, got {type(model).__name__}")
 
-    def _block_segments(self, has_stem: bool, unit_range: range, unit_ids) -> list[Segment]:
-        """Checkpoint segments of one block: one per stage (the stem joins the first); without
-        stage ids, about sqrt(n) units per segment."""
-        k = len(self._segments) if self._segments is not None else 0
+    def _block_segments(self, k: int, has_stem: bool, unit_range: range, unit_ids) -> list[Segment]:
+        """Checkpoint segments of block k: one per stage (the stem joins the first); without stage
+        ids, about sqrt(n) units per segment."""
         mods = list(self.blocks[k])
         chunk = max(1, round(math.sqrt(len(unit_range)))) if len(unit_range) else 1
         stages = ([None] if has_stem else []) + [
