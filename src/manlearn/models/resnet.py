@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import ConfigError
 from .base import Backbone
 from .registry import register_model
+from .resnet_cifar import BasicBlock as CifarBasicBlock
 
 
 def _conv1x1(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
@@ -34,27 +35,16 @@ def _shortcut(c_in: int, c_out: int, stride: int) -> nn.Module | None:
     return nn.Sequential(_conv1x1(c_in, c_out, stride), nn.BatchNorm2d(c_out))
 
 
-class BasicBlock(nn.Module):
-    """3x3 - 3x3 residual unit (ResNet-18/34)."""
+class BasicBlock(CifarBasicBlock):
+    """3x3 - 3x3 residual unit (ResNet-18/34): the CIFAR unit's layers and forward (1x1 conv + BN
+    projection shortcut), with the ImageNet factories' signature."""
 
     expansion = 1
 
     def __init__(self, c_in: int, planes: int, stride: int = 1, groups: int = 1, width_per_group: int = 64) -> None:
-        super().__init__()
         if groups != 1 or width_per_group != 64:
             raise ConfigError("BasicBlock ResNets (18/34) take groups=1 and width_per_group=64 only")
-        self.conv1 = _conv3x3(c_in, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = _conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = _shortcut(c_in, planes, stride)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        super().__init__(c_in, planes, stride)
 
 
 class Bottleneck(nn.Module):
