@@ -12,9 +12,12 @@ from torch import nn
 import manlearn
 from manlearn import ConfigError, LocalLearner
 from manlearn.models.resnet import BasicBlock, Bottleneck
-from manlearn.rules import LocalBatch, MomentumAux
+from manlearn.rules import MomentumAux
 from manlearn.rules.heads_imagenet import ImageNetInfoProClassifier, ImageNetInfoProDecoder
 from manlearn.rules.infopro import resolve_heads
+
+from invariants import (assert_block_grads_are_their_local_loss_grads, assert_ema_is_m_old_plus_one_minus_m_source,
+                        perturb_ema_and_snapshot)
 
 RESNETS = manlearn.list_models(tag="imagenet")
 RESNETS = [m for m in RESNETS if "resnet" in manlearn.models.model_tags(m)]
@@ -125,34 +128,16 @@ def test_full_width_resnet101_k4_paper_split_manpp(big_batch):
         assert isinstance(aux.heads.decoder, ImageNetInfoProDecoder)
         assert isinstance(aux.heads.classifier, ImageNetInfoProClassifier)
         assert (aux.heads.lambda_x, aux.heads.lambda_y) == (5.0, 0.75)  # constant, SPEC 2.2
-    ref = copy.deepcopy(learner)
-    learner.train_step(x, y)
-    mb = LocalBatch(x, y, ref.norm_mean, ref.norm_std)
-    inp = x
-    for k in range(ref.K - 1):
-        h = ref.blocks[k](inp)
-        loss = ref.auxes[k](h, mb)
-        expected = torch.autograd.grad(loss, list(ref.blocks[k].parameters()))
-        for p_learner, g in zip(learner.blocks[k].parameters(), expected):
-            torch.testing.assert_close(p_learner.grad, g, rtol=1e-4, atol=1e-6)
-        inp = h.detach()
-        ref.auxes[k].update_ema(ref.momentum)
+    assert_block_grads_are_their_local_loss_grads(learner, x, y, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("model", ["resnet50", "resnext50_32x4d"])
 @pytest.mark.parametrize("m", [0.9, 0.995])
 def test_ema_update_is_exactly_m_ema_plus_one_minus_m_source(model, m, big_batch):
     learner = make(model, "manpp", "dgl", K=4, momentum=m)
-    with torch.no_grad():
-        for aux in learner.auxes:
-            for p in aux.ema.parameters():
-                p.add_(torch.randn_like(p))
-    before = [([p.clone() for p in aux.ema.parameters()], [p.clone() for p in aux.source.parameters()])
-              for aux in learner.auxes]
+    before = perturb_ema_and_snapshot(learner)
     learner.train_step(*big_batch)
-    for aux, (old, src) in zip(learner.auxes, before):
-        for p, o, s in zip(aux.ema.parameters(), old, src):
-            torch.testing.assert_close(p, (m * o.double() + (1 - m) * s.double()).float(), rtol=1e-6, atol=1e-7)
+    assert_ema_is_m_old_plus_one_minus_m_source(learner, before, m)
 
 
 def test_manpp_fuses_s_lb_plus_two_minus_s_ema(big_batch):

@@ -12,6 +12,9 @@ import manlearn
 from manlearn import ConfigError, LocalLearner
 from manlearn.rules import LocalBatch, MomentumAux
 
+from invariants import (assert_block_grads_are_their_local_loss_grads, assert_ema_is_m_old_plus_one_minus_m_source,
+                        perturb_ema_and_snapshot)
+
 # (method, base) pairs covering every rule and both MAN bases.
 METHODS = [("greedy", None), ("dgl", None), ("infopro", None), ("infopro-contrast", None),
            ("man", "dgl"), ("man", "infopro"), ("manpp", "dgl"), ("manpp", "infopro")]
@@ -65,22 +68,7 @@ def test_no_gradient_crosses_a_block_boundary(method, base, stem_module, batch):
 
 @pytest.mark.parametrize("method,base", METHODS, ids=IDS)
 def test_block_gradients_equal_those_of_its_own_local_loss(method, base, batch):
-    x, y = batch
-    learner = make(method, base, K=4)
-    ref = copy.deepcopy(learner)
-    learner.train_step(x, y)
-    mb = LocalBatch(x, y, ref.norm_mean, ref.norm_std)
-    inp = x
-    for k in range(ref.K - 1):
-        h = ref.blocks[k](inp)
-        loss = ref.auxes[k](h, mb)
-        params = [p for p in ref.blocks[k].parameters()]
-        expected = torch.autograd.grad(loss, params)
-        for p_learner, g in zip(learner.blocks[k].parameters(), expected):
-            torch.testing.assert_close(p_learner.grad, g, rtol=1e-5, atol=1e-7)
-        inp = h.detach()
-        if isinstance(ref.auxes[k], MomentumAux):
-            ref.auxes[k].update_ema(ref.momentum)
+    assert_block_grads_are_their_local_loss_grads(make(method, base, K=4), *batch)
 
 
 def test_infopro_loss_is_lambda_weighted_bce_plus_ce(batch):
@@ -101,19 +89,11 @@ def test_infopro_loss_is_lambda_weighted_bce_plus_ce(batch):
 @pytest.mark.parametrize("m", [0.9, 0.995])
 def test_ema_update_is_exactly_m_ema_plus_one_minus_m_source(method, base, m, batch):
     learner = make(method, base, K=4, momentum=m)
-    with torch.no_grad():  # make ema and source differ, as they do after a few steps
-        for aux in learner.auxes:
-            for p in aux.ema.parameters():
-                p.add_(torch.randn_like(p))
-    before = [([p.clone() for p in aux.ema.parameters()], [p.clone() for p in aux.source.parameters()])
-              for aux in learner.auxes]
-    buffers_before = [[b.clone() for b in aux.source.buffers()] for aux in learner.auxes]
+    before = perturb_ema_and_snapshot(learner)
     learner.train_step(*batch)
-    for aux, (old, src), sbuf in zip(learner.auxes, before, buffers_before):
-        for p, o, s in zip(aux.ema.parameters(), old, src):
-            want = (m * o.double() + (1 - m) * s.double()).float()
-            torch.testing.assert_close(p, want, rtol=1e-6, atol=1e-7)
-            assert not torch.equal(p, o)
+    assert_ema_is_m_old_plus_one_minus_m_source(learner, before, m)
+    for aux, (old, _) in zip(learner.auxes, before):
+        assert all(not torch.equal(p, o) for p, o in zip(aux.ema.parameters(), old))
         # BN running statistics of ema come from its own forwards, not from the source
         ema_bn = [b for n, b in aux.ema.named_buffers() if "running_mean" in n]
         src_bn = [b for n, b in aux.source.named_buffers() if "running_mean" in n]

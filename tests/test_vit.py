@@ -15,6 +15,9 @@ from manlearn.models.vit import TransformerBlock
 from manlearn.rules import LocalBatch, MomentumAux
 from manlearn.rules.vit_aux import TokenCEAux, ViTMomentumAux
 
+from invariants import (assert_block_grads_are_their_local_loss_grads, assert_ema_is_m_old_plus_one_minus_m_source,
+                        perturb_ema_and_snapshot)
+
 VITS = manlearn.list_models(tag="vit")
 # Depth 12 and patch 16 kept (the split and aux structure depend on them); width reduced for speed.
 SMALL = dict(dim=24, heads=2)
@@ -147,32 +150,15 @@ def test_vit_step_is_stateless():
 @pytest.mark.parametrize("m", [0.9, 0.995])
 def test_vit_ema_update_is_exactly_m_ema_plus_one_minus_m_source(m):
     learner = make("vit_base", "manpp", momentum=m)
-    with torch.no_grad():
-        for aux in learner.auxes:
-            for p in aux.ema.parameters():
-                p.add_(torch.randn_like(p))
-    before = [([p.clone() for p in aux.ema.parameters()], [p.clone() for p in aux.source.parameters()])
-              for aux in learner.auxes]
+    assert all(isinstance(aux, MomentumAux) for aux in learner.auxes)
+    before = perturb_ema_and_snapshot(learner)
     learner.train_step(*batch_for(learner))
-    for aux, (old, src) in zip(learner.auxes, before):
-        assert isinstance(aux, MomentumAux)
-        for p, o, s in zip(aux.ema.parameters(), old, src):
-            torch.testing.assert_close(p, (m * o.double() + (1 - m) * s.double()).float(), rtol=1e-6, atol=1e-7)
+    assert_ema_is_m_old_plus_one_minus_m_source(learner, before, m)
 
 
 def test_vit_block_gradients_equal_those_of_its_own_local_loss():
     learner = make("vit_tiny", "manpp")
-    ref = copy.deepcopy(learner)
-    x, y = batch_for(learner)
-    learner.train_step(x, y)
-    mb, inp = LocalBatch(x, y), x
-    for k in range(ref.K - 1):
-        h = ref.blocks[k](inp)
-        expected = torch.autograd.grad(ref.auxes[k](h, mb), list(ref.blocks[k].parameters()))
-        for p, g in zip(learner.blocks[k].parameters(), expected):
-            torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
-        inp = h.detach()
-        ref.auxes[k].update_ema(ref.momentum)
+    assert_block_grads_are_their_local_loss_grads(learner, *batch_for(learner))
 
 
 def test_vit_rules_and_refusals():

@@ -1,0 +1,41 @@
+"""The core invariants of local learning as reusable checks, shared by the tests of every model family."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from manlearn.rules import LocalBatch, MomentumAux
+
+
+def assert_block_grads_are_their_local_loss_grads(learner, x, y, rtol: float = 1e-5, atol: float = 1e-7) -> None:
+    """After ``train_step``, block k's gradients equal those of block k's own local loss on the
+    detached output of block k-1 (nothing arrives from later blocks)."""
+    ref = copy.deepcopy(learner)
+    learner.train_step(x, y)
+    mb, inp = LocalBatch(x, y, ref.norm_mean, ref.norm_std), x
+    for k in range(ref.K - 1):
+        h = ref.blocks[k](inp)
+        expected = torch.autograd.grad(ref.auxes[k](h, mb), list(ref.blocks[k].parameters()))
+        for p, g in zip(learner.blocks[k].parameters(), expected):
+            torch.testing.assert_close(p.grad, g, rtol=rtol, atol=atol)
+        inp = h.detach()
+        if isinstance(ref.auxes[k], MomentumAux):
+            ref.auxes[k].update_ema(ref.momentum)
+
+
+def perturb_ema_and_snapshot(learner) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Make every ema differ from its source (as after a few steps); return (ema, source) copies."""
+    with torch.no_grad():
+        for aux in learner.auxes:
+            for p in aux.ema.parameters():
+                p.add_(torch.randn_like(p))
+    return [([p.clone() for p in aux.ema.parameters()], [p.clone() for p in aux.source.parameters()])
+            for aux in learner.auxes]
+
+
+def assert_ema_is_m_old_plus_one_minus_m_source(learner, before, m: float) -> None:
+    """θ_ema = m·θ_ema_old + (1 − m)·θ_source (computed in float64), for every ema parameter."""
+    for aux, (old, src) in zip(learner.auxes, before):
+        for p, o, s in zip(aux.ema.parameters(), old, src):
+            torch.testing.assert_close(p, (m * o.double() + (1 - m) * s.double()).float(), rtol=1e-6, atol=1e-7)
