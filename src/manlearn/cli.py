@@ -1,4 +1,4 @@
-"""Command-line front end: ``manlearn train | eval | list | bench``.
+"""Command-line front end: ``manlearn train | eval | list | data | bench``.
 
 Every refusal that manlearn can explain (a :class:`~manlearn.errors.ManlearnError`: bad config
 key or value, missing dataset, foreign checkpoint...) is printed as ``error: <message>`` on
@@ -187,6 +187,18 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_mosaic(args: argparse.Namespace) -> int:
+    """``manlearn data make-mosaic``: the Fashion-MNIST mosaic detection/segmentation set (COCO + masks)."""
+    from manlearn.data.mosaic import make_mosaic
+
+    s = make_mosaic(args.out, n_train=args.train, n_val=args.val, size=args.size, seed=args.seed,
+                    data_dir=args.data_dir, overwrite=args.overwrite)
+    print(f"mosaic: {s['n_train']} train / {s['n_val']} val images ({s['annotations_train']} / "
+          f"{s['annotations_val']} objects, {s['size']}x{s['size']}, seed {s['seed']}) written to "
+          f"{s['out_dir']} in {s['seconds']:.1f} s")
+    return 0
+
+
 # ---------------------------------------------------------------------------------- parser
 
 
@@ -224,6 +236,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="models, methods, datasets and recipes")
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("data", help="dataset tools (make-mosaic)")
+    dsub = p.add_subparsers(dest="data_command", metavar="TOOL", required=True)
+    m = dsub.add_parser("make-mosaic", help="Fashion-MNIST mosaic detection/segmentation set (COCO + masks)")
+    m.add_argument("--out", required=True, help="output folder (must be empty unless --overwrite)")
+    m.add_argument("--train", type=int, default=4000, help="training canvases (default 4000)")
+    m.add_argument("--val", type=int, default=500, help="validation canvases (default 500)")
+    m.add_argument("--size", type=int, default=128, help="canvas side in pixels (default 128)")
+    m.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    m.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST IDX files (default: search)")
+    m.add_argument("--overwrite", action="store_true", help="replace a mosaic already in --out")
+    m.set_defaults(func=cmd_make_mosaic)
 
     from manlearn.bench.cli import add_bench_parser
 
