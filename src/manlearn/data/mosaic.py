@@ -26,7 +26,8 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -53,6 +54,8 @@ _SPLITS = (("train", "train"), ("val", "test"))
 _OWN_ENTRIES = ("annotations", "images", "masks", "mosaic.json")
 _TMP_PREFIX = ".mosaic-tmp-"
 _PLACEMENT_TRIES = 4
+#: PNG encoding and file creation dominate the run time and release the GIL: a few writer threads.
+_WRITER_THREADS = 4
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
@@ -90,8 +93,12 @@ def _render_split(
     threshold: int,
     keep_visible: float,
     rng: np.random.Generator,
-) -> list[tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]]:
-    """``n`` canvases: (rgb [H,W,3] uint8, owner [H,W] int16 with -1 = background, items)."""
+) -> Iterator[tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]]:
+    """Yield ``n`` canvases: (rgb [H,W,3] uint8, owner [H,W] int16 with -1 = background, items).
+
+    Per-item parameters are drawn and the items resized for the whole split up front (vectorised); the
+    canvases are then composed one at a time so that memory does not grow with ``n``.
+    """
     counts = rng.integers(min_items, max_items + 1, size=n)
     total = int(counts.sum())
     src_idx = rng.integers(0, len(images), size=total)
@@ -105,7 +112,6 @@ def _render_split(
     bg_noise = rng.uniform(0.0, 5.0, size=n)
     resized = _resize_items(images[src_idx], sides, flips)
 
-    out = []
     start = 0
     for c in range(n):
         noise = rng.normal(0.0, 1.0, size=(size, size, 1)) * bg_noise[c]
@@ -137,8 +143,7 @@ def _render_split(
                 visible = np.append(visible, area)
                 break
         start += int(counts[c])
-        out.append((canvas, owner, items))
-    return out
+        yield canvas, owner, items
 
 
 def _encode_items(owner: np.ndarray, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -258,6 +263,16 @@ def make_mosaic(
     summary: dict[str, Any] = {"out_dir": out_dir, "size": size, "seed": seed, "source": source,
                                "classes": list(class_names)}
     coco: dict[str, dict[str, Any]] = {}
+    writer = ThreadPoolExecutor(_WRITER_THREADS, thread_name_prefix="mosaic-png")
+    pending: list[Future] = []
+
+    def save(arr: np.ndarray, path: str) -> None:
+        pending.append(writer.submit(_save_png, arr, path))
+        if len(pending) >= 256:  # bound the queue (memory) and surface write errors early
+            for fut in pending[:128]:
+                fut.result()
+            del pending[:128]
+
     try:
         for (split, src_split), ss in zip(_SPLITS, seeds):
             n = n_train if split == "train" else n_val
@@ -274,9 +289,9 @@ def make_mosaic(
                 for i, (canvas, owner, items) in enumerate(canvases):
                     image_id = i + 1
                     name = f"{image_id:06d}.png"
-                    _save_png(canvas, os.path.join(stage, "images", split, name))
+                    save(canvas, os.path.join(stage, "images", split, name))
                     cls = np.array([it["label"] + 1 for it in items] + [0], dtype=np.uint8)
-                    _save_png(cls[owner], os.path.join(stage, "masks", split, name))  # owner -1 -> 0
+                    save(cls[owner], os.path.join(stage, "masks", split, name))  # owner -1 -> 0
                     images_json.append({"id": image_id, "file_name": name, "width": size, "height": size})
                     for ann in _encode_items(owner, items):
                         ann["id"] = len(anns_json) + 1
@@ -290,6 +305,8 @@ def make_mosaic(
             }
             summary[f"n_{split}"] = len(images_json)
             summary[f"annotations_{split}"] = len(anns_json)
+        for fut in pending:
+            fut.result()
         with open(os.path.join(stage, "mosaic.json"), "w") as f:
             json.dump({k: summary[k] for k in ("size", "seed", "source", "classes")}
                       | {"n_train": n_train, "n_val": n_val, "min_items": min_items, "max_items": max_items,
@@ -302,6 +319,9 @@ def make_mosaic(
         for e in ("images", "masks", "mosaic.json", "annotations"):  # annotations last: the "done" marker
             os.replace(os.path.join(stage, e), os.path.join(out_dir, e))
     finally:
+        for fut in pending:
+            fut.cancel()
+        writer.shutdown(wait=True)
         shutil.rmtree(stage, ignore_errors=True)
     summary["seconds"] = time.perf_counter() - t0
     return summary
