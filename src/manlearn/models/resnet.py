@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import Backbone
+from .layers import GlobalAvgPool
 from .registry import register_model
 from .resnet_cifar import BasicBlock as CifarBasicBlock
 
@@ -111,7 +112,7 @@ def resnet_imagenet(block: type[nn.Module], layers: Sequence[int], num_classes: 
             units.append(block(c_in, planes, stride, groups, width_per_group))
             ids.append((s, i))
             c_in = planes * block.expansion  # type: ignore[attr-defined]
-    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(c_in, num_classes))
+    head = nn.Sequential(GlobalAvgPool(), nn.Flatten(1), nn.Linear(c_in, num_classes))
     model = Backbone(stem, units, head, ids)
     imagenet_init(model)
     model.init_weights = imagenet_init  # the family's init, used by init="random" of MAN

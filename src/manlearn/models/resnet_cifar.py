@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .base import Backbone
+from .layers import GlobalAvgPool
 from .registry import register_model
 
 
@@ -41,7 +42,7 @@ class ClassifierHead(nn.Sequential):
     """Global average pool + linear classifier."""
 
     def __init__(self, channels: int, num_classes: int) -> None:
-        super().__init__(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(channels, num_classes))
+        super().__init__(GlobalAvgPool(), nn.Flatten(1), nn.Linear(channels, num_classes))
 
 
 def init_weights(module: nn.Module) -> None:

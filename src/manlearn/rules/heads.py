@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.layers import GlobalAvgPool
+
 
 def _conv_bn_relu(c_in: int, c_out: int, k: int, stride: int = 1) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2, bias=False), nn.BatchNorm2d(c_out),
@@ -15,7 +17,7 @@ class GreedyHead(nn.Sequential):
     """Global average pool + one linear layer (the ``greedy`` rule)."""
 
     def __init__(self, channels: int, num_classes: int) -> None:
-        super().__init__(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(channels, num_classes))
+        super().__init__(GlobalAvgPool(), nn.Flatten(1), nn.Linear(channels, num_classes))
 
 
 class DGLHead(nn.Sequential):
@@ -29,7 +31,7 @@ class DGLHead(nn.Sequential):
         for _ in range(3):
             layers += _conv_bn_relu(c, width, 1)
             c = width
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]
+        layers += [GlobalAvgPool(), nn.Flatten(1)]
         f = width
         for _ in range(3):
             layers += [nn.Linear(f, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
@@ -130,6 +132,10 @@ class InfoProDecoder(nn.Module):
         elif self.factorized is True or (self.factorized == "auto" and h.shape[-1] * 4 <= size[1]
                                          and h.shape[-2] * 4 <= size[0]):
             x = upsample_conv3x3(h, self.conv1.weight, self.conv1.bias, size)
+            if h.is_contiguous(memory_format=torch.channels_last):
+                # back to the caller's layout: BN/ReLU/conv2 on a mixed pair of layouts (NCHW
+                # activation, channels-last gradient from conv2) take ~10x slower CPU paths
+                x = x.contiguous(memory_format=torch.channels_last)
         else:
             x = self.conv1(F.interpolate(h, size=size, mode="bilinear", align_corners=True))
         return self.conv2(F.relu(self.bn(x), inplace=True))
@@ -154,7 +160,7 @@ class InfoProClassifier(nn.Module):
         layers = _conv_bn_relu(channels, width, 3, stride)
         if config == "2c2f":
             layers += _conv_bn_relu(width, width, 3)
-        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        self.features = nn.Sequential(*layers, GlobalAvgPool(), nn.Flatten(1))
         self.fc = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_features))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.layers import GlobalAvgPool
+
 _DECODER_REDUCTION = {512: 128, 1024: 192, 2048: 256}
 _LADDER = (256, 128, 64, 32, 12)
 
@@ -76,7 +78,7 @@ class ImageNetInfoProClassifier(nn.Module):
         super().__init__()
         w1 = max(channels // 4, 16)
         self.features = nn.Sequential(_cbr(channels, w1, 1), _cbr(w1, widths[0], 3, 2), _cbr(widths[0], widths[1], 3, 2),
-                                      _cbr(widths[1], widths[2], 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+                                      _cbr(widths[1], widths[2], 1), GlobalAvgPool(), nn.Flatten(1))
         self.fc = nn.Linear(widths[2], out_features)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
