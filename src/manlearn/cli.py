@@ -84,6 +84,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     bad = [i for i in items if "=" not in i]
     if bad:
         raise ConfigError(f"expected key=value overrides after the config, got {', '.join(bad)}")
+    if _is_dense(config_path, items):
+        return _train_dense(config_path, items, args)
     cfg = load_config(config_path, check=False) if config_path else TrainConfig()
     cfg = validate(apply_overrides(cfg, items, check=False))
     if cfg.pipeline_workers:
@@ -117,6 +119,39 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_dense(config_path: Path | None, items: Sequence[str]) -> bool:
+    """A detection/segmentation run: the recipe has a ``task:`` key, or ``task=...`` is overridden."""
+    from manlearn.config import read_config_file
+
+    if any(i.split("=", 1)[0].strip().lstrip("-") == "task" for i in items):
+        return True
+    return config_path is not None and "task" in read_config_file(config_path)
+
+
+def _train_dense(config_path: Path | None, items: Sequence[str], args: argparse.Namespace) -> int:
+    """``manlearn train <dense recipe>``: :class:`~manlearn.dense.DenseTrainer` (docs in manlearn.dense)."""
+    from manlearn.config import apply_overrides
+    from manlearn.dense.config import DenseConfig, load_dense_config, validate_dense
+    from manlearn.dense.trainer import DenseTrainer, format_metrics
+
+    cfg = load_dense_config(config_path, check=False) if config_path else DenseConfig()
+    cfg = validate_dense(apply_overrides(cfg, items, check=False))
+    trainer = DenseTrainer(cfg, resume=args.resume, overwrite=args.overwrite)
+    try:
+        summary = trainer.fit()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at step {trainer.step}; the last checkpoint is {trainer.ckpt_path} "
+              "(continue with --resume)", file=sys.stderr)
+        return 130
+    spi = summary["seconds_per_iter"]
+    print(f"{cfg.task} ({trainer.data.n_val} val images): {format_metrics(cfg.task, summary['metrics'])}")
+    print(f"seconds/iter: {spi:.4f}" if spi is not None else "seconds/iter: n/a")
+    print(f"peak memory: {_fmt_bytes(summary['peak_mem_bytes'])} ({summary['peak_mem_kind']})")
+    print(f"steps: {summary['steps']}  elapsed: {summary['elapsed_s']:.1f} s  checkpoint: {summary['checkpoint']}"
+          + ("  (stopped at max_steps)" if summary["stopped_early"] else ""))
+    return 0
+
+
 def _train_pipeline(cfg: Any, args: argparse.Namespace) -> int:
     """``pipeline_workers=N``: the K blocks over N worker processes on this host (docs/scaling.md)."""
     from manlearn.distributed import env_world_size
@@ -146,6 +181,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from manlearn.train import resolve_device
 
     ckpt = load_checkpoint(args.checkpoint)
+    if ckpt.get("kind") == "dense":
+        return _eval_dense(args)
     try:
         cfg = config_from_dict(ckpt["config"], where=f"checkpoint {args.checkpoint}")
     except ConfigError as e:
@@ -175,6 +212,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_dense(args: argparse.Namespace) -> int:
+    """``manlearn eval`` of a detection / segmentation checkpoint: COCO box AP or mIoU on its val split."""
+    from manlearn.dense.trainer import evaluate_checkpoint, format_metrics
+
+    for name, v in (("--limit", args.limit), ("--batch-size", args.batch_size)):
+        if v is not None and v < 1:
+            raise ConfigError(f"{name} must be >= 1, got {v}")
+    r = evaluate_checkpoint(args.checkpoint, device=args.device, data_dir=args.data_dir, limit=args.limit,
+                            batch_size=args.batch_size)
+    cfg = r["cfg"]
+    print(f"{r['task']}: {format_metrics(r['task'], r['metrics'])} ({r['n_val']} {cfg.val_split} images of "
+          f"{cfg.data_dir}; {cfg.model} {cfg.method}, step {r['step']})")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     import manlearn
     from manlearn.data import list_datasets
@@ -183,7 +235,19 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("methods:  " + ", ".join(manlearn.list_rules()) + "  (man/manpp take base=dgl|infopro)")
     print("datasets: " + ", ".join(list_datasets()))
     recipes = list_recipes()
-    print("recipes:  " + (", ".join(recipes) if recipes else "(no configs/ folder found)"))
+    from manlearn.config import read_config_file
+
+    def dense(p: Path) -> bool:
+        try:
+            return "task" in read_config_file(p)
+        except ConfigError:
+            return False
+
+    dense_names = [r for r, p in recipes.items() if dense(p)]
+    plain = [r for r in recipes if r not in dense_names]
+    print("recipes:  " + (", ".join(plain) if recipes else "(no configs/ folder found)"))
+    if dense_names:
+        print("dense recipes (detection/segmentation):  " + ", ".join(dense_names))
     return 0
 
 
@@ -226,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start afresh even if <out_dir> holds a checkpoint")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="test accuracy of a checkpoint")
+    p = sub.add_parser("eval", help="test accuracy (or detection AP / segmentation mIoU) of a checkpoint")
     p.add_argument("checkpoint", help="path to a checkpoint (e.g. runs/x/last.pt)")
     p.add_argument("--data-dir", default=None, help="folder of the dataset (default: the checkpoint's)")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images")

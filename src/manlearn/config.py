@@ -35,6 +35,8 @@ __all__ = [
     "config_to_dict",
     "validate",
     "config_keys",
+    "read_config_file",
+    "validate_any",
     "OPTIMIZERS",
     "SCHEDULES",
     "AMP_MODES",
@@ -139,13 +141,17 @@ class TrainConfig:
 # -------------------------------------------------------------------------------------------
 
 
-def _field_types() -> dict[str, Any]:
-    return typing.get_type_hints(TrainConfig)
+# Every function below takes the config dataclass as ``cls`` (default :class:`TrainConfig`), so that other
+# flat configs (``manlearn.dense.DenseConfig``) get the same typed YAML / ``key=value`` machinery.
 
 
-def config_keys() -> list[str]:
-    """The valid configuration keys, in declaration order."""
-    return [f.name for f in dataclasses.fields(TrainConfig)]
+def _field_types(cls: type = TrainConfig) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def config_keys(cls: type = TrainConfig) -> list[str]:
+    """The valid configuration keys of ``cls`` (a config dataclass), in declaration order."""
+    return [f.name for f in dataclasses.fields(cls)]
 
 
 def _type_name(tp: Any) -> str:
@@ -252,18 +258,18 @@ def _coerce(value: Any, tp: Any) -> Any:
     raise _Mismatch  # pragma: no cover - a field type this module does not know
 
 
-def _unknown_key_error(key: str, where: str = "") -> ConfigError:
-    keys = config_keys()
+def _unknown_key_error(key: str, where: str = "", cls: type = TrainConfig) -> ConfigError:
+    keys = config_keys(cls)
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     src = f" in {where}" if where else ""
     return ConfigError(f"unknown config key '{key}'{src}{hint}; valid keys: {', '.join(keys)}")
 
 
-def _set(values: dict[str, Any], key: str, raw: Any, where: str = "") -> None:
-    types_ = _field_types()
+def _set(values: dict[str, Any], key: str, raw: Any, where: str = "", cls: type = TrainConfig) -> None:
+    types_ = _field_types(cls)
     if key not in types_:
-        raise _unknown_key_error(key, where)
+        raise _unknown_key_error(key, where, cls)
     tp = types_[key]
     try:
         values[key] = _coerce(raw, tp)
@@ -279,22 +285,37 @@ def _set(values: dict[str, Any], key: str, raw: Any, where: str = "") -> None:
 # -------------------------------------------------------------------------------------------
 
 
-def config_from_dict(data: Mapping[str, Any], *, base: TrainConfig | None = None,
-                     where: str = "", check: bool = True) -> TrainConfig:
-    """Build a config from a mapping, type-checking every key; unknown keys are refused."""
+def validate_any(cfg: Any) -> Any:
+    """Validate a config of any class: :func:`validate` for a :class:`TrainConfig`, else the class's own
+    ``validate()`` method (one ConfigError listing every problem)."""
+    if isinstance(cfg, TrainConfig):
+        return validate(cfg)
+    check = getattr(cfg, "validate", None)
+    if callable(check):
+        check()
+    return cfg
+
+
+def config_from_dict(data: Mapping[str, Any], *, base: Any = None,
+                     where: str = "", check: bool = True, cls: type | None = None) -> Any:
+    """Build a config from a mapping, type-checking every key; unknown keys are refused.
+
+    ``cls`` is the config dataclass (default: ``type(base)``, else :class:`TrainConfig`).
+    """
+    cls = cls if cls is not None else (type(base) if base is not None else TrainConfig)
     if not isinstance(data, Mapping):
         raise ConfigError(f"a config{' in ' + where if where else ''} must be a mapping of key: value, "
                           f"got {type(data).__name__}")
     values = dataclasses.asdict(base) if base is not None else {}
     for key, raw in data.items():
-        _set(values, str(key), raw, where)
-    cfg = TrainConfig(**values)
+        _set(values, str(key), raw, where, cls)
+    cfg = cls(**values)
     if check:
-        validate(cfg)
+        validate_any(cfg)
     return cfg
 
 
-def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+def config_to_dict(cfg: Any) -> dict[str, Any]:
     """Plain ``dict`` of a config (tuples kept), the form stored in checkpoints."""
     return dataclasses.asdict(cfg)
 
@@ -307,14 +328,15 @@ def _lists(v: Any) -> Any:
     return v
 
 
-def config_to_yaml(cfg: TrainConfig) -> str:
+def config_to_yaml(cfg: Any) -> str:
     """The config as the YAML a run writes to ``out_dir/config.yaml`` (tuples as lists), loadable
     again with :func:`load_config`."""
     return yaml.safe_dump(_lists(config_to_dict(cfg)), sort_keys=False)
 
 
-def load_config(path: str | Path, *, check: bool = True) -> TrainConfig:
-    """Read a YAML recipe (a flat mapping of config keys) on top of the defaults."""
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The raw mapping of a YAML recipe (not yet typed); lets a caller pick the config class, e.g. by
+    the recipe's ``task:`` key, before building it."""
     p = Path(path)
     try:
         text = p.read_text()
@@ -328,10 +350,17 @@ def load_config(path: str | Path, *, check: bool = True) -> TrainConfig:
         raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
     if data is None:
         data = {}
-    return config_from_dict(data, where=str(p), check=check)
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"a config in {p} must be a mapping of key: value, got {type(data).__name__}")
+    return dict(data)
 
 
-def apply_overrides(cfg: TrainConfig, overrides: Iterable[str], *, check: bool = True) -> TrainConfig:
+def load_config(path: str | Path, *, check: bool = True, cls: type = TrainConfig) -> Any:
+    """Read a YAML recipe (a flat mapping of config keys) on top of the defaults of ``cls``."""
+    return config_from_dict(read_config_file(path), where=str(path), check=check, cls=cls)
+
+
+def apply_overrides(cfg: Any, overrides: Iterable[str], *, check: bool = True) -> Any:
     """Return a copy of ``cfg`` with ``key=value`` strings applied.
 
     Values are parsed for the type of the field: bools accept true/false/1/0/yes/no, optional
@@ -347,10 +376,10 @@ def apply_overrides(cfg: TrainConfig, overrides: Iterable[str], *, check: bool =
             key = key[2:]
         if key not in values and key.replace("-", "_") in values:
             key = key.replace("-", "_")
-        _set(values, key, raw, "command line")
-    out = TrainConfig(**values)
+        _set(values, key, raw, "command line", type(cfg))
+    out = type(cfg)(**values)
     if check:
-        validate(out)
+        validate_any(out)
     return out
 
 
