@@ -232,3 +232,35 @@ def test_wrong_split_name_lists_the_splits_there(mosaic, tmp_path):
     cfg = apply_overrides(DenseConfig(), [f"data_dir={mosaic}", f"out_dir={tmp_path}"])  # train2017 by default
     with pytest.raises(DatasetError, match="has the splits train, val"):
         DenseTrainer(cfg)
+
+
+def test_standard_coco_layout_is_read(mosaic, tmp_path):
+    """<root>/train2017/ + annotations/instances_train2017.json (COCO's own names) with the default splits."""
+    import shutil
+
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    for split, coco in (("train", "train2017"), ("val", "val2017")):
+        shutil.copytree(mosaic / "images" / split, root / coco)
+        shutil.copy(mosaic / "annotations" / f"instances_{split}.json", root / "annotations" / f"instances_{coco}.json")
+    cfg = tiny_cfg(mosaic, tmp_path / "r", "detection", f"data_dir={root}", "train_split=train2017",
+                   "val_split=val2017", "max_steps=1")
+    t = DenseTrainer(cfg, out=io.StringIO())
+    assert t.data.n_train == 16 and t.data.num_classes == 10
+    assert t.fit()["steps"] == 1
+
+
+def test_decoding_workers_give_the_same_training_as_the_in_memory_set(mosaic, tmp_path, monkeypatch):
+    """A set too large to cache is decoded by DataLoader workers; the batches (and so the run) are the same."""
+    sink = io.StringIO()
+    cached = DenseTrainer(tiny_cfg(mosaic, tmp_path / "a", "detection", "max_steps=2"), out=sink)
+    assert cached.data.train._cache is not None
+    cached.fit()
+    import manlearn.detection.coco as coco_mod
+
+    monkeypatch.setattr(coco_mod, "_AUTO_CACHE_BYTES", 0)
+    streamed = DenseTrainer(tiny_cfg(mosaic, tmp_path / "b", "detection", "max_steps=2", "data_workers=2"), out=sink)
+    assert streamed.data.train._cache is None
+    streamed.fit()
+    pa, pb = _params(cached), _params(streamed)
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)

@@ -281,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                "           manlearn train configs/cifar10-resnet32-e2e.yaml data_dir=/data lr=0.4\n"
                "           manlearn train out_dir=runs/x --resume\n"
                "           torchrun --nproc_per_node 2 -m manlearn train epochs=1   (data parallel)\n"
-               "           manlearn train pipeline_workers=2 epochs=1              (block pipeline)",
+               "           manlearn train pipeline_workers=2 epochs=1              (block pipeline)\n"
+               "           manlearn train mosaic_retinanet_r50_manpp_k4 max_steps=50  (detection: recipes with task:)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]",
                    help="a YAML file or recipe name, then key=value overrides")
