@@ -1,0 +1,54 @@
+"""Mosaic detection and segmentation, E2E vs MAN++ K=4 (issue #6): run the four mosaic recipes and
+append one row per run (final val AP / mIoU, s/iter, peak RSS) to
+``benchmarks/results/dense_accuracy.jsonl``. The counted memory ratios of the same networks come from
+``benchmarks/dense_memory.py``.
+
+    manlearn data make-mosaic --out data/mosaic        # once
+    OMP_NUM_THREADS=1 python benchmarks/mosaic_dense.py [--recipes ...] [key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+
+import torch
+
+from manlearn.cli import resolve_recipe
+from manlearn.config import apply_overrides, load_config
+from manlearn.dense.config import DenseConfig
+from manlearn.dense.trainer import DenseTrainer
+
+RECIPES = ["mosaic_retinanet_r50_e2e", "mosaic_retinanet_r50_manpp_k4", "mosaic_deeplab_r50_e2e",
+           "mosaic_deeplab_r50_manpp_k4"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipes", nargs="+", default=RECIPES)
+    ap.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "results", "dense_accuracy.jsonl"))
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    here = os.path.dirname(os.path.abspath(__file__))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=here).stdout.strip() or None
+    for name in args.recipes:
+        cfg = apply_overrides(load_config(resolve_recipe(name), cls=DenseConfig), args.overrides)
+        summary = DenseTrainer(cfg, overwrite=True).fit()
+        row = dict(recipe=name, task=cfg.task, model=cfg.model, widths=cfg.model_widths, method=cfg.method,
+                   K=1 if cfg.method == "e2e" else cfg.K, iterations=summary["steps"], batch=cfg.batch_size,
+                   metrics=summary["metrics"], seconds_per_iter=summary["seconds_per_iter"],
+                   peak_rss_MiB=(summary["peak_mem_bytes"] or 0) / 2**20, threads=torch.get_num_threads(),
+                   torch=torch.__version__, python=platform.python_version(),
+                   date=datetime.date.today().isoformat(), commit=commit, overrides=list(args.overrides))
+        with open(args.results, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        head, value = summary["headline"]
+        print(f"{name}: {head} {value:.4f}  s/iter {summary['seconds_per_iter']:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
