@@ -18,6 +18,7 @@ from .errors import ConfigError
 from .memory import unit_activation_bytes
 from .models import create_model, follows_protocol, init_weights, model_accepts
 from .rules import AuxContext, LocalBatch, MomentumAux, check_momentum, get_rule_class, list_rules
+from .rules.base import norm_buffers
 from .rules.momentum import INITS, MAN_BASES
 from .rules.vit_aux import build_token_aux, is_token_shape
 from .recompute import Segment, run_checkpointed, stage_segments
@@ -143,13 +144,9 @@ class LocalLearner(nn.Module):
             if isinstance(aux, MomentumAux):
                 aux.recompute_ema = bool(ema_recompute)
 
-        c = in_channels
-        mean = torch.tensor(list(norm_mean) if norm_mean is not None else [0.5] * c, dtype=torch.float32)
-        std = torch.tensor(list(norm_std) if norm_std is not None else [0.5] * c, dtype=torch.float32)
-        if mean.numel() != c or std.numel() != c:
-            raise ConfigError(f"norm_mean/norm_std need {c} values (one per input channel)")
-        self.register_buffer("norm_mean", mean.view(1, c, 1, 1), persistent=False)
-        self.register_buffer("norm_std", std.view(1, c, 1, 1), persistent=False)
+        mean, std = norm_buffers(in_channels, norm_mean, norm_std)
+        self.register_buffer("norm_mean", mean, persistent=False)
+        self.register_buffer("norm_std", std, persistent=False)
         if channels_last:
             self.to(memory_format=torch.channels_last)
 

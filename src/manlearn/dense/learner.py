@@ -23,6 +23,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..models import create_model, follows_protocol, model_accepts
 from ..rules import LocalBatch, MomentumAux, check_momentum
+from ..rules.base import norm_buffers
 from ..rules.momentum import INITS
 
 DENSE_METHODS = ("e2e", "local", "man", "manpp")
@@ -165,13 +166,9 @@ class DenseLocalLearner(nn.Module):
             auxes.append(MomentumAux(nxt, head, scaled=(method == "manpp"), init=init, reinit=reinit))
         self.auxes = nn.ModuleList(auxes)
 
-        c = in_channels
-        mean = torch.tensor(list(norm_mean) if norm_mean is not None else [0.5] * c, dtype=torch.float32)
-        std = torch.tensor(list(norm_std) if norm_std is not None else [0.5] * c, dtype=torch.float32)
-        if mean.numel() != c or std.numel() != c:
-            raise ConfigError(f"norm_mean/norm_std need {c} values (one per input channel)")
-        self.register_buffer("norm_mean", mean.view(1, c, 1, 1), persistent=False)
-        self.register_buffer("norm_std", std.view(1, c, 1, 1), persistent=False)
+        mean, std = norm_buffers(in_channels, norm_mean, norm_std)
+        self.register_buffer("norm_mean", mean, persistent=False)
+        self.register_buffer("norm_std", std, persistent=False)
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
