@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from manlearn.errors import CheckpointError, ConfigError, ManlearnError
+from manlearn.errors import ConfigError, ManlearnError
 
 __all__ = ["main", "build_parser", "recipes_dirs", "list_recipes", "resolve_recipe"]
 
@@ -70,6 +70,32 @@ def _fmt_bytes(n: Any) -> str:
     return f"{n:.2f} GiB"  # pragma: no cover
 
 
+def _fit(trainer: Any) -> dict[str, Any] | None:
+    """``trainer.fit()``; None after Ctrl-C, having said where the last checkpoint is."""
+    try:
+        return trainer.fit()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at step {trainer.step}; the last checkpoint is {trainer.ckpt_path} "
+              "(continue with --resume)", file=sys.stderr)
+        return None
+
+
+def _print_seconds_per_iter(summary: dict[str, Any]) -> None:
+    spi = summary["seconds_per_iter"]
+    print(f"seconds/iter: {spi:.4f}" if spi is not None else "seconds/iter: n/a")
+
+
+def _print_steps(summary: dict[str, Any]) -> None:
+    """The last line of every run summary: steps, elapsed time, checkpoint."""
+    print(f"steps: {summary['steps']}  elapsed: {summary['elapsed_s']:.1f} s  checkpoint: {summary['checkpoint']}"
+          + ("  (stopped at max_steps)" if summary["stopped_early"] else ""))
+
+
+def _print_test_acc(summary: dict[str, Any]) -> None:
+    acc = summary["test_acc"]
+    print(f"test accuracy: {acc:.4f}" if acc is not None else "test accuracy: n/a")
+
+
 # ---------------------------------------------------------------------------------- commands
 
 
@@ -92,30 +118,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _train_pipeline(cfg, args)
     trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
     try:
-        summary = trainer.fit()
-    except KeyboardInterrupt:
-        print(f"\ninterrupted at step {trainer.step}; the last checkpoint is {trainer.ckpt_path} "
-              "(continue with --resume)", file=sys.stderr)
-        return 130
+        summary = _fit(trainer)
     finally:
         if trainer.dist.enabled:  # data parallel under torchrun: leave the group cleanly
             from manlearn.distributed import cleanup
 
             cleanup()
+    if summary is None:
+        return 130
     if not trainer.dist.is_main:
         return 0
-    acc = summary["test_acc"]
-    spi = summary["seconds_per_iter"]
-    print(f"test accuracy: {acc:.4f}" if acc is not None else "test accuracy: n/a")
-    print(f"seconds/iter: {spi:.4f}" if spi is not None else "seconds/iter: n/a")
+    _print_test_acc(summary)
+    _print_seconds_per_iter(summary)
     kind = ("CUDA allocator peak" if trainer.device.type == "cuda"
             else "activations kept for backward, peak")
     from manlearn.memory import peak_rss_bytes
     print(f"peak memory: {_fmt_bytes(summary['peak_mem_bytes'])} ({kind}); "
           f"process peak RSS {_fmt_bytes(peak_rss_bytes())}")
-    print(f"steps: {summary['steps']}  elapsed: {summary['elapsed_s']:.1f} s  "
-          f"checkpoint: {summary['checkpoint']}"
-          + ("  (stopped at max_steps)" if summary["stopped_early"] else ""))
+    _print_steps(summary)
     return 0
 
 
@@ -137,18 +157,13 @@ def _train_dense(config_path: Path | None, items: Sequence[str], args: argparse.
     cfg = load_dense_config(config_path, check=False) if config_path else DenseConfig()
     cfg = validate_dense(apply_overrides(cfg, items, check=False))
     trainer = DenseTrainer(cfg, resume=args.resume, overwrite=args.overwrite)
-    try:
-        summary = trainer.fit()
-    except KeyboardInterrupt:
-        print(f"\ninterrupted at step {trainer.step}; the last checkpoint is {trainer.ckpt_path} "
-              "(continue with --resume)", file=sys.stderr)
+    summary = _fit(trainer)
+    if summary is None:
         return 130
-    spi = summary["seconds_per_iter"]
     print(f"{cfg.task} ({trainer.data.n_val} val images): {format_metrics(cfg.task, summary['metrics'])}")
-    print(f"seconds/iter: {spi:.4f}" if spi is not None else "seconds/iter: n/a")
+    _print_seconds_per_iter(summary)
     print(f"peak memory: {_fmt_bytes(summary['peak_mem_bytes'])} ({summary['peak_mem_kind']})")
-    print(f"steps: {summary['steps']}  elapsed: {summary['elapsed_s']:.1f} s  checkpoint: {summary['checkpoint']}"
-          + ("  (stopped at max_steps)" if summary["stopped_early"] else ""))
+    _print_steps(summary)
     return 0
 
 
@@ -164,48 +179,36 @@ def _train_pipeline(cfg: Any, args: argparse.Namespace) -> int:
         raise ConfigError("pipeline runs cannot be resumed yet (their checkpoint holds the whole model for "
                           "`manlearn eval`, not the in-flight state of every worker)")
     summary = run_pipeline(cfg, overwrite=args.overwrite)
-    acc = summary["test_acc"]
     ips = summary["images_per_s"]
-    print(f"test accuracy: {acc:.4f}" if acc is not None else "test accuracy: n/a")
+    _print_test_acc(summary)
     print(f"images/s: {ips:.1f} (pipeline, {cfg.pipeline_workers} workers)" if ips else "images/s: n/a")
-    print(f"steps: {summary['steps']}  elapsed: {summary['elapsed_s']:.1f} s  checkpoint: {summary['checkpoint']}"
-          + ("  (stopped at max_steps)" if summary["stopped_early"] else ""))
+    _print_steps(summary)
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    import dataclasses
+def _check_eval_args(args: argparse.Namespace) -> None:
+    for name, v in (("--limit", args.limit), ("--batch-size", args.batch_size)):
+        if v is not None and v < 1:
+            raise ConfigError(f"{name} must be >= 1, got {v}")
 
-    from manlearn.config import config_from_dict, validate
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from manlearn.config import validate
     from manlearn.train import build_learner, evaluate, load_checkpoint, load_split, make_loader
     from manlearn.train import resolve_device
+    from manlearn.train.checkpoint import checkpoint_config, eval_config, load_model_state
 
     ckpt = load_checkpoint(args.checkpoint)
     if ckpt.get("kind") == "dense":
         return _eval_dense(args)
-    try:
-        cfg = config_from_dict(ckpt["config"], where=f"checkpoint {args.checkpoint}")
-    except ConfigError as e:
-        raise CheckpointError(f"checkpoint {args.checkpoint} holds a config this manlearn cannot use: {e}") from None
-    changes: dict[str, Any] = {"device": args.device}
-    if args.data_dir is not None:
-        changes["data_dir"] = args.data_dir
-    if args.limit is not None:
-        if args.limit < 1:
-            raise ConfigError(f"--limit must be >= 1, got {args.limit}")
-        changes["test_limit"] = args.limit
-    if args.batch_size is not None:
-        if args.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-        changes["eval_batch_size"] = args.batch_size
-    cfg = validate(dataclasses.replace(cfg, **changes))
+    cfg = checkpoint_config(ckpt, args.checkpoint)
+    _check_eval_args(args)
+    cfg = validate(eval_config(cfg, device=args.device, data_dir=args.data_dir, limit_key="test_limit",
+                               limit=args.limit, batch_size=args.batch_size))
     device = resolve_device(cfg.device)
     data = load_split(cfg, "test", cfg.test_limit)
     learner = build_learner(cfg, data.info, device)
-    try:
-        learner.load_state_dict(ckpt["model"])
-    except (RuntimeError, KeyError) as e:
-        raise CheckpointError(f"checkpoint {args.checkpoint} does not fit the model of its config: {e}") from None
+    load_model_state(learner, ckpt, args.checkpoint)
     acc, correct, total = evaluate(learner, make_loader(cfg, data, train=False, device=device))
     print(f"test accuracy: {acc:.4f} ({correct}/{total} {cfg.dataset} test images; "
           f"{cfg.model} {cfg.method}, step {ckpt['step']})")
@@ -216,9 +219,7 @@ def _eval_dense(args: argparse.Namespace) -> int:
     """``manlearn eval`` of a detection / segmentation checkpoint: COCO box AP or mIoU on its val split."""
     from manlearn.dense.trainer import evaluate_checkpoint, format_metrics
 
-    for name, v in (("--limit", args.limit), ("--batch-size", args.batch_size)):
-        if v is not None and v < 1:
-            raise ConfigError(f"{name} must be >= 1, got {v}")
+    _check_eval_args(args)
     r = evaluate_checkpoint(args.checkpoint, device=args.device, data_dir=args.data_dir, limit=args.limit,
                             batch_size=args.batch_size)
     cfg = r["cfg"]

@@ -415,6 +415,48 @@ def _one_of(problems: list[str], key: str, value: Any, allowed: Iterable[str]) -
         problems.append(f"{key}='{value}' is not one of: {', '.join(allowed)}{hint}")
 
 
+# Checks shared by validate() and manlearn.dense.config.validate_dense(): each appends its problem (if any)
+# to ``problems`` so that one ConfigError can list them all.
+
+def _at_least(problems: list[str], cfg: Any, keys: Iterable[str], low: int, *, or_none: bool = False) -> None:
+    """``key must be >= low`` for every key of ``cfg`` below ``low`` (``or_none``: None is allowed too)."""
+    for key in keys:
+        v = getattr(cfg, key)
+        if or_none and v is None:
+            continue
+        if v < low:
+            problems.append(f"{key} must be >= {low}{' or none' if or_none else ''}, got {v}")
+
+
+def _positive(problems: list[str], key: str, value: float) -> None:
+    if not (value > 0) or not math.isfinite(value):
+        problems.append(f"{key} must be > 0, got {value}")
+
+
+def _non_negative(problems: list[str], key: str, value: float) -> None:
+    if not (value >= 0) or not math.isfinite(value):
+        problems.append(f"{key} must be >= 0, got {value}")
+
+
+def _unit_interval(problems: list[str], label: str, value: float, *, include_one: bool = True) -> None:
+    """``value`` in [0, 1] (``include_one=False``: [0, 1))."""
+    ok = (0.0 <= value <= 1.0) if include_one else (0.0 <= value < 1.0)
+    if not ok or math.isnan(value):
+        problems.append(f"{label} must be in [0, {'1]' if include_one else '1)'}, got {value}")
+
+
+def _finish(problems: list[str], cfg: Any, *, devices: str, device_names: str, what: str) -> Any:
+    """The checks every config ends with (``device`` matches the regex ``devices``, a non-empty
+    ``out_dir``); raise one ConfigError listing all the problems, or return ``cfg``."""
+    if not re.fullmatch(devices, cfg.device):
+        problems.append(f"device must be {device_names}, got '{cfg.device}'")
+    if not cfg.out_dir.strip():
+        problems.append("out_dir must not be empty")
+    if problems:
+        raise ConfigError(f"invalid {what}: " + "; ".join(problems))
+    return cfg
+
+
 def validate(cfg: TrainConfig, *, registries: bool = True) -> TrainConfig:
     """Check the values (ranges, choices, registered names); raise one ConfigError listing all."""
     p: list[str] = []
@@ -430,8 +472,7 @@ def validate(cfg: TrainConfig, *, registries: bool = True) -> TrainConfig:
     _one_of(p, "init", cfg.init, INITS)
     _one_of(p, "lambda_schedule", cfg.lambda_schedule, LAMBDA_SCHEDULES)
     _one_of(p, "infopro_heads", cfg.infopro_heads, INFOPRO_HEADS)
-    if cfg.data_workers < 0:
-        p.append(f"data_workers must be >= 0, got {cfg.data_workers}")
+    _at_least(p, cfg, ("data_workers",), 0)
     _one_of(p, "optimizer", cfg.optimizer, OPTIMIZERS)
     _one_of(p, "schedule", cfg.schedule, SCHEDULES)
     _one_of(p, "amp", cfg.amp, AMP_MODES)
@@ -440,28 +481,16 @@ def validate(cfg: TrainConfig, *, registries: bool = True) -> TrainConfig:
         p.append(f"K must be >= 1, got {cfg.K}")
     if isinstance(cfg.split, str) and not cfg.split.strip():
         p.append("split must be a name (e.g. 'auto') or a list of [stage, unit] boundaries")
-    if not (0.0 <= cfg.momentum <= 1.0) or math.isnan(cfg.momentum):
-        p.append(f"momentum (EMA) must be in [0, 1], got {cfg.momentum}")
-    for key in ("train_limit", "test_limit", "image_size"):
-        v = getattr(cfg, key)
-        if v is not None and v < 1:
-            p.append(f"{key} must be >= 1 or none, got {v}")
-    for key in ("epochs", "batch_size", "eval_batch_size"):
-        if getattr(cfg, key) < 1:
-            p.append(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    for key in ("max_steps", "warmup_epochs", "seed", "ckpt_every_steps", "eval_every", "log_every"):
-        if getattr(cfg, key) < 0:
-            p.append(f"{key} must be >= 0, got {getattr(cfg, key)}")
-    if not (cfg.lr > 0) or not math.isfinite(cfg.lr):
-        p.append(f"lr must be > 0, got {cfg.lr}")
-    if not (0.0 <= cfg.sgd_momentum < 1.0):
-        p.append(f"sgd_momentum must be in [0, 1), got {cfg.sgd_momentum}")
+    _unit_interval(p, "momentum (EMA)", cfg.momentum)
+    _at_least(p, cfg, ("train_limit", "test_limit", "image_size"), 1, or_none=True)
+    _at_least(p, cfg, ("epochs", "batch_size", "eval_batch_size"), 1)
+    _at_least(p, cfg, ("max_steps", "warmup_epochs", "seed", "ckpt_every_steps", "eval_every", "log_every"), 0)
+    _positive(p, "lr", cfg.lr)
+    _unit_interval(p, "sgd_momentum", cfg.sgd_momentum, include_one=False)
     if cfg.optimizer == "sgd" and cfg.nesterov and cfg.sgd_momentum == 0:
         p.append("nesterov=true needs sgd_momentum > 0")
-    if not (cfg.weight_decay >= 0) or not math.isfinite(cfg.weight_decay):
-        p.append(f"weight_decay must be >= 0, got {cfg.weight_decay}")
-    if not (cfg.warmup_lr >= 0) or not math.isfinite(cfg.warmup_lr):
-        p.append(f"warmup_lr must be >= 0, got {cfg.warmup_lr}")
+    _non_negative(p, "weight_decay", cfg.weight_decay)
+    _non_negative(p, "warmup_lr", cfg.warmup_lr)
     if cfg.schedule == "cosine-warmup" and cfg.warmup_epochs >= cfg.epochs and cfg.epochs >= 1:
         p.append(f"warmup_epochs ({cfg.warmup_epochs}) must be < epochs ({cfg.epochs})")
     _one_of(p, "dist_backend", cfg.dist_backend, DIST_BACKENDS)
@@ -471,13 +500,6 @@ def validate(cfg: TrainConfig, *, registries: bool = True) -> TrainConfig:
             p.append(f"{key} must be a positive number of seconds, got {v}")
     if cfg.pipeline_workers < 0 or cfg.pipeline_workers == 1:
         p.append(f"pipeline_workers must be 0 (off) or >= 2, got {cfg.pipeline_workers}")
-    for key in ("pipeline_queue_depth", "pipeline_param_sync_every", "pipeline_param_delay"):
-        if getattr(cfg, key) < 1:
-            p.append(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
-        p.append(f"device must be auto, cpu, cuda, cuda:N or mps, got '{cfg.device}'")
-    if not cfg.out_dir.strip():
-        p.append("out_dir must not be empty")
-    if p:
-        raise ConfigError("invalid config: " + "; ".join(p))
-    return cfg
+    _at_least(p, cfg, ("pipeline_queue_depth", "pipeline_param_sync_every", "pipeline_param_delay"), 1)
+    return _finish(p, cfg, devices=r"auto|cpu|mps|cuda(:\d+)?", device_names="auto, cpu, cuda, cuda:N or mps",
+                   what="config")

@@ -11,14 +11,12 @@ specific.  A recipe is a dense one when it has a ``task:`` key.
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, List, Optional
 
-from manlearn.config import _one_of, apply_overrides, config_from_dict, config_keys, load_config
-from manlearn.errors import ConfigError
+from manlearn.config import (_at_least, _finish, _non_negative, _one_of, _positive, _unit_interval, apply_overrides,
+                             config_from_dict, config_keys, load_config)
 
 __all__ = ["DenseConfig", "validate_dense", "load_dense_config", "dense_config_from_dict",
            "apply_dense_overrides", "dense_config_keys", "dense_model_names",
@@ -156,10 +154,7 @@ def validate_dense(cfg: DenseConfig, *, registries: bool = True) -> DenseConfig:
     for key in ("train_split", "val_split", "data_dir"):
         if not getattr(cfg, key).strip():
             p.append(f"{key} must not be empty")
-    for key in ("train_limit", "eval_limit", "num_classes", "stem_width", "local_channels"):
-        v = getattr(cfg, key)
-        if v is not None and v < 1:
-            p.append(f"{key} must be >= 1 or none, got {v}")
+    _at_least(p, cfg, ("train_limit", "eval_limit", "num_classes", "stem_width", "local_channels"), 1, or_none=True)
     if cfg.task == "segmentation" and cfg.num_classes is not None and cfg.num_classes < 2:
         p.append(f"segmentation needs num_classes >= 2 (background included), got {cfg.num_classes}")
     if cfg.min_size < 1 or cfg.max_size < cfg.min_size:
@@ -169,8 +164,7 @@ def validate_dense(cfg: DenseConfig, *, registries: bool = True) -> DenseConfig:
     _positive_pair(p, "seg_scale", cfg.seg_scale, float)
     if cfg.seg_scale is not None and len(cfg.seg_scale) == 2 and cfg.seg_scale[0] > cfg.seg_scale[1]:
         p.append(f"seg_scale must be [low, high] with low <= high, got {cfg.seg_scale}")
-    if cfg.data_workers < 0:
-        p.append(f"data_workers must be >= 0, got {cfg.data_workers}")
+    _at_least(p, cfg, ("data_workers",), 0)
 
     if registries:
         try:
@@ -189,23 +183,14 @@ def validate_dense(cfg: DenseConfig, *, registries: bool = True) -> DenseConfig:
         cuts = list(cfg.stage_cuts)
         if len(cuts) != cfg.K - 1 or cuts != sorted(set(cuts)) or any(not 1 <= c <= 3 for c in cuts):
             p.append(f"stage_cuts must be K-1={cfg.K - 1} increasing stage numbers in 1..3, got {cuts}")
-    if not (0.0 <= cfg.momentum <= 1.0) or math.isnan(cfg.momentum):
-        p.append(f"momentum (EMA) must be in [0, 1], got {cfg.momentum}")
-    for key in ("fpn_channels", "aspp_channels"):
-        if getattr(cfg, key) < 1:
-            p.append(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    if cfg.head_convs < 0:
-        p.append(f"head_convs must be >= 0, got {cfg.head_convs}")
+    _unit_interval(p, "momentum (EMA)", cfg.momentum)
+    _at_least(p, cfg, ("fpn_channels", "aspp_channels"), 1)
+    _at_least(p, cfg, ("head_convs",), 0)
     _one_of(p, "box_loss", cfg.box_loss, _BOX_LOSSES)
 
-    for key in ("batch_size", "eval_batch_size", "iterations"):
-        if getattr(cfg, key) < 1:
-            p.append(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    for key in ("max_steps", "warmup_iters", "seed", "eval_every", "log_every", "ckpt_every"):
-        if getattr(cfg, key) < 0:
-            p.append(f"{key} must be >= 0, got {getattr(cfg, key)}")
-    if not (cfg.lr > 0) or not math.isfinite(cfg.lr):
-        p.append(f"lr must be > 0, got {cfg.lr}")
+    _at_least(p, cfg, ("batch_size", "eval_batch_size", "iterations"), 1)
+    _at_least(p, cfg, ("max_steps", "warmup_iters", "seed", "eval_every", "log_every", "ckpt_every"), 0)
+    _positive(p, "lr", cfg.lr)
     steps = list(cfg.lr_steps)
     if any(s < 1 for s in steps) or any(b <= a for a, b in zip(steps, steps[1:])):
         p.append(f"lr_steps must be strictly increasing positive iterations, got {steps}")
@@ -213,19 +198,12 @@ def validate_dense(cfg: DenseConfig, *, registries: bool = True) -> DenseConfig:
         p.append(f"lr_gamma must be in (0, 1], got {cfg.lr_gamma}")
     if not (0 < cfg.warmup_factor <= 1):
         p.append(f"warmup_factor must be in (0, 1], got {cfg.warmup_factor}")
-    if not (cfg.weight_decay >= 0) or not math.isfinite(cfg.weight_decay):
-        p.append(f"weight_decay must be >= 0, got {cfg.weight_decay}")
-    if not (0.0 <= cfg.sgd_momentum < 1.0):
-        p.append(f"sgd_momentum must be in [0, 1), got {cfg.sgd_momentum}")
+    _non_negative(p, "weight_decay", cfg.weight_decay)
+    _unit_interval(p, "sgd_momentum", cfg.sgd_momentum, include_one=False)
 
     _one_of(p, "amp", cfg.amp, _AMP_MODES)
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
-        p.append(f"device must be auto, cpu, cuda or cuda:N, got '{cfg.device}'")
-    if not cfg.out_dir.strip():
-        p.append("out_dir must not be empty")
-    if p:
-        raise ConfigError("invalid dense config: " + "; ".join(p))
-    return cfg
+    return _finish(p, cfg, devices=r"auto|cpu|cuda(:\d+)?", device_names="auto, cpu, cuda or cuda:N",
+                   what="dense config")
 
 
 # Thin wrappers: the generic machinery of manlearn.config with cls=DenseConfig.

@@ -21,7 +21,6 @@ would drop in), or 0.5/0.5 (``normalize=half``).
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -30,23 +29,19 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from manlearn.config import config_to_dict, config_to_yaml
 from manlearn.errors import CheckpointError, ConfigError, DatasetError
 from manlearn.memory import peak_rss_bytes
-from manlearn.train.build import resolve_device, seed_everything
-from manlearn.train.checkpoint import (CKPT_FORMAT, CKPT_VERSION, capture_rng_state, config_differences,
-                                       load_checkpoint, restore_rng_state, save_checkpoint)
-from manlearn.train.metrics import JsonlWriter, MetricLogger
+from manlearn.train.build import amp_dtype, resolve_device
+from manlearn.train.checkpoint import (checkpoint_config, config_differences, eval_config, load_checkpoint,
+                                       load_model_state)
+from manlearn.train.run import CKPT_NAME, METRICS_NAME, TrainerBase
 
-from .config import DENSE_RESUME_FREE_KEYS, DenseConfig, dense_config_from_dict, validate_dense
+from .config import DENSE_RESUME_FREE_KEYS, DenseConfig, validate_dense
 
 __all__ = ["DenseTrainer", "DenseData", "lr_at", "load_dense_data", "build_dense_learner", "evaluate_dense",
            "evaluate_checkpoint", "epoch_order", "CKPT_KIND", "CKPT_NAME", "METRICS_NAME", "HEADLINE"]
 
-CKPT_NAME = "last.pt"
-METRICS_NAME = "metrics.jsonl"
 CKPT_KIND = "dense"
 #: The metric each task reports first (COCO box AP@[.5:.95]; mean IoU).
 HEADLINE = {"detection": "AP", "segmentation": "miou"}
@@ -217,14 +212,6 @@ def _norm(cfg: DenseConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return (IMAGENET_MEAN, IMAGENET_STD) if cfg.normalize == "imagenet" else ((0.5,) * 3, (0.5,) * 3)
 
 
-def _amp_dtype(cfg: DenseConfig, device: torch.device) -> torch.dtype | None:
-    if cfg.amp == "off":
-        return None
-    if device.type != "cuda":
-        raise ConfigError(f"amp={cfg.amp} needs a CUDA device (device resolves to {device}); use amp=off")
-    return torch.bfloat16 if cfg.amp == "bf16" else torch.float16
-
-
 def build_dense_learner(cfg: DenseConfig, num_classes: int, device: torch.device | str = "cpu") -> Any:
     """The :class:`~manlearn.dense.DenseLocalLearner` of ``cfg`` (shared by training and ``manlearn eval``)."""
     from .learner import DenseLocalLearner
@@ -240,7 +227,7 @@ def build_dense_learner(cfg: DenseConfig, num_classes: int, device: torch.device
         build_task(cfg, num_classes), model=cfg.model, method=cfg.method, K=1 if cfg.method == "e2e" else cfg.K,
         stage_cuts=list(cfg.stage_cuts) if cfg.stage_cuts is not None and cfg.method != "e2e" else None,
         momentum=cfg.momentum, init=cfg.init, norm_mean=mean, norm_std=std,
-        channels_last=cfg.channels_last, amp_dtype=_amp_dtype(cfg, dev), model_kwargs=kwargs)
+        channels_last=cfg.channels_last, amp_dtype=amp_dtype(cfg.amp, dev), model_kwargs=kwargs)
     return learner.to(dev)
 
 
@@ -314,32 +301,18 @@ def evaluate_checkpoint(path: str | Path, *, device: str = "auto", data_dir: str
 
     Returns ``{"task", "metrics", "cfg", "step", "n_val"}``.
     """
-    import dataclasses
-
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") != CKPT_KIND:
         raise CheckpointError(f"{path} is not a dense (detection/segmentation) checkpoint")
-    try:
-        cfg = dense_config_from_dict(ckpt["config"], where=f"checkpoint {path}")
-    except ConfigError as e:
-        raise CheckpointError(f"checkpoint {path} holds a config this manlearn cannot use: {e}") from None
-    changes: dict[str, Any] = {"device": device}
-    if data_dir is not None:
-        changes["data_dir"] = data_dir
-    if limit is not None:
-        changes["eval_limit"] = limit
-    if batch_size is not None:
-        changes["eval_batch_size"] = batch_size
-    cfg = validate_dense(dataclasses.replace(cfg, **changes))
+    cfg = checkpoint_config(ckpt, path, cls=DenseConfig)
+    cfg = validate_dense(eval_config(cfg, device=device, data_dir=data_dir, limit_key="eval_limit", limit=limit,
+                                     batch_size=batch_size))
     dev = resolve_device(cfg.device)
     data = load_dense_data(cfg, train=False)
     nc = int(ckpt.get("num_classes", data.num_classes))
     data.num_classes = nc
     learner = build_dense_learner(cfg, nc, dev)
-    try:
-        learner.load_state_dict(ckpt["model"])
-    except (RuntimeError, KeyError) as e:
-        raise CheckpointError(f"checkpoint {path} does not fit the model of its config: {e}") from None
+    load_model_state(learner, ckpt, path)
     metrics = evaluate_dense(learner, cfg, data, dev, workers=cfg.data_workers)
     return {"task": cfg.task, "metrics": metrics, "cfg": cfg, "step": int(ckpt["step"]), "n_val": data.n_val}
 
@@ -347,15 +320,11 @@ def evaluate_checkpoint(path: str | Path, *, device: str = "auto", data_dir: str
 # -------------------------------------------------------------------------------------------- trainer
 
 
-class DenseTrainer:
+class DenseTrainer(TrainerBase):
     """Train a :class:`~manlearn.dense.DenseLocalLearner` as described by a :class:`DenseConfig`.
 
-    Args:
-        cfg: the run's configuration (validated here).
-        resume: continue from ``<out_dir>/last.pt`` when it exists (a fresh run otherwise).
-        overwrite: allow a fresh run in an ``out_dir`` that already holds a checkpoint.
-        hooks: callables ``hook(trainer)`` run after every optimiser step (tests: simulated crashes).
-        out: where progress lines go (default stdout).
+    The arguments (``cfg``, ``resume``, ``overwrite``, ``hooks``, ``out``) are those of every manlearn
+    trainer, described on :class:`~manlearn.train.run.TrainerBase`.  Checkpoints are marked ``kind: dense``.
     """
 
     def __init__(self, cfg: DenseConfig, *, resume: bool = False, overwrite: bool = False,
@@ -364,22 +333,8 @@ class DenseTrainer:
         self._out = out if out is not None else sys.stdout
         self.hooks = list(hooks)
         self.device = resolve_device(cfg.device)
-        _amp_dtype(cfg, self.device)  # refuse amp on a CPU before loading anything
-        self.out_dir = Path(cfg.out_dir)
-        self.ckpt_path = self.out_dir / CKPT_NAME
-        self.metrics_path = self.out_dir / METRICS_NAME
-        self._bar: tqdm | None = None
-
-        ckpt: dict[str, Any] | None = None
-        if resume and self.ckpt_path.exists():
-            ckpt = load_checkpoint(self.ckpt_path)
-            self._check_resumable(ckpt)
-        elif resume:
-            self._say(f"no checkpoint at {self.ckpt_path}; starting a new run")
-        elif self.ckpt_path.exists() and not overwrite:
-            raise CheckpointError(
-                f"{self.out_dir} already holds a checkpoint ({CKPT_NAME}) of an earlier run; pass --resume to "
-                "continue it, --overwrite to start over, or choose another out_dir")
+        amp_dtype(cfg.amp, self.device)  # refuse amp on a CPU before loading anything
+        ckpt = self._open_run(cfg.out_dir, resume=resume, overwrite=overwrite)
 
         self.data = load_dense_data(cfg)
         self.steps_per_epoch = self.data.n_train // cfg.batch_size
@@ -388,9 +343,7 @@ class DenseTrainer:
                               "images (the last partial batch of an epoch is dropped): nothing to train")
         self._workers = cfg.data_workers
 
-        seed_everything(cfg.seed)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+        self._seed(cfg.seed)
         self.learner = build_dense_learner(cfg, self.data.num_classes, self.device)
         params = [p for p in self.learner.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.sgd_momentum,
@@ -406,34 +359,13 @@ class DenseTrainer:
             self._augment = SegmentationAugment(
                 flip=cfg.hflip, scale=cfg.seg_scale, crop=cfg.seg_crop, ignore_index=IGNORE_INDEX)
 
-        self.step = 0
-        self.records: list[dict[str, Any]] = []
+        self._reset_counters()
         self.last_metrics: dict[str, Any] | None = None
-        self.last_eval_step = -1
-        self.meters = MetricLogger()
-        self.elapsed_before = 0.0
-        self.train_time = 0.0
-        self.steps_timed = 0
-        self.peak_mem_saved: int | None = None
-        self._win_time = 0.0
-        self._win_images = 0
         self._order: tuple[int, torch.Tensor] | None = None
-        self._t0 = time.perf_counter()
         self._stop_at = cfg.iterations
-        self.resumed = ckpt is not None
-        if ckpt is not None:
-            self._restore(ckpt)
+        self._start_from(ckpt)
 
     # ------------------------------------------------------------------ output
-    def _say(self, msg: str) -> None:
-        if self._bar is not None and not self._bar.disable:
-            self._bar.write(msg, file=self._out)
-        else:
-            print(msg, file=self._out, flush=True)
-
-    def _elapsed(self) -> float:
-        return self.elapsed_before + (time.perf_counter() - self._t0)
-
     def _peak(self) -> int:
         """CUDA: the allocator's peak; CPU: the process's peak resident memory (data and weights included)."""
         cur = (int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda"
@@ -457,64 +389,22 @@ class DenseTrainer:
                 "Use another out_dir, or the checkpoint's settings, to resume (keys free to change: "
                 f"{', '.join(sorted(DENSE_RESUME_FREE_KEYS))}).")
 
-    def state(self) -> dict[str, Any]:
-        """Everything needed to continue the run exactly."""
-        import manlearn
-
+    def _extra_state(self) -> dict[str, Any]:
+        """The kind mark, the position (derived from the step), the classes and the last evaluation."""
         spe = self.steps_per_epoch
-        payload: dict[str, Any] = {
-            "format": CKPT_FORMAT, "version": CKPT_VERSION, "kind": CKPT_KIND,
-            "manlearn_version": str(getattr(manlearn, "__version__", "?")),
-            "torch_version": str(torch.__version__),
-            "model": self.learner.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "step": self.step, "epoch": self.step // spe, "batch": self.step % spe,
-            "steps_per_epoch": spe,
+        return {
+            "kind": CKPT_KIND,
+            "epoch": self.step // spe, "batch": self.step % spe,
             "num_classes": self.data.num_classes,
             "class_names": list(self.data.class_names) if self.data.class_names else None,
-            "config": config_to_dict(self.cfg),
-            "rng": capture_rng_state(),
-            "metrics": self.records,
             "last_metrics": self.last_metrics,
-            "last_eval_step": self.last_eval_step,
-            "meters": self.meters.state_dict(),
-            "elapsed_s": self._elapsed(),
-            "train_time_s": self.train_time,
-            "steps_timed": self.steps_timed,
-            "peak_mem_bytes": self._peak(),
         }
-        if self.scaler is not None:
-            payload["scaler"] = self.scaler.state_dict()
-        return payload
 
-    def save(self) -> Path:
-        """Write ``<out_dir>/last.pt`` atomically."""
-        return save_checkpoint(self.ckpt_path, self.state())
-
-    def _restore(self, ckpt: dict[str, Any]) -> None:
-        try:
-            self.learner.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            if self.scaler is not None and "scaler" in ckpt:
-                self.scaler.load_state_dict(ckpt["scaler"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(
-                f"checkpoint {self.ckpt_path} does not fit the model built from its config: {e}") from None
-        spe = self.steps_per_epoch
-        if int(ckpt.get("steps_per_epoch", spe)) != spe:
-            raise CheckpointError(
-                f"checkpoint {self.ckpt_path} was written with {ckpt.get('steps_per_epoch')} steps per epoch, this "
-                f"run has {spe}: the training set changed, so the run cannot be resumed exactly")
+    def _restore_own(self, ckpt: dict[str, Any]) -> None:
+        if int(ckpt.get("steps_per_epoch", self.steps_per_epoch)) != self.steps_per_epoch:
+            raise self._spe_mismatch(ckpt.get("steps_per_epoch"))
         self.step = int(ckpt["step"])
-        self.records = list(ckpt.get("metrics", []))
         self.last_metrics = ckpt.get("last_metrics")
-        self.last_eval_step = int(ckpt.get("last_eval_step", -1))
-        self.meters.load_state_dict(ckpt.get("meters", {}))
-        self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
-        self.train_time = float(ckpt.get("train_time_s", 0.0))
-        self.steps_timed = int(ckpt.get("steps_timed", 0))
-        self.peak_mem_saved = ckpt.get("peak_mem_bytes")
-        restore_rng_state(ckpt.get("rng", {}))
 
     # ------------------------------------------------------------------ batches
     def batch_indices(self, step: int) -> list[int]:
@@ -560,66 +450,37 @@ class DenseTrainer:
                   f"{format_metrics(self.cfg.task, m)}")
         return m
 
-    def _record(self, rec: dict[str, Any]) -> None:
-        self.records.append(rec)
-        JsonlWriter(self.metrics_path).write(rec)
-
     def _train_one(self, x: torch.Tensor, targets: Any, n: int) -> None:
         cfg = self.cfg
         lr = lr_at(cfg, self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        scale = self._set_lr(lr)
         t = time.perf_counter()
-        scale = self.scaler.scale(torch.ones((), device=self.device)) if self.scaler is not None else None
         out = self.learner.train_step(x, targets, grad_scale=scale)
         losses = [float(v) for v in out.losses]  # already on the host: the step has synchronised
         if not all(math.isfinite(v) for v in losses) and self.scaler is None:
             raise ConfigError(f"the training loss is not finite at step {self.step} (block losses {losses}, lr "
                               f"{lr:.4g}): lower lr or lengthen warmup_iters; {self.ckpt_path} keeps the last "
                               "good state")
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        self._optimizer_step()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t
         self.step += 1
         self.meters.update(**{f"loss{k}": v for k, v in enumerate(losses)})
         self.meters.update(time=dt)
-        self.train_time += dt
-        self.steps_timed += 1
-        self._win_time += dt
-        self._win_images += n
-        if self._bar is not None:
-            self._bar.update(1)
-            self._bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.3g}", img_s=f"{n / max(dt, 1e-9):.1f}",
-                                  refresh=False)
-        if cfg.log_every and self.step % cfg.log_every == 0:
-            self._log_step(lr)
+        self._step_done(dt, n, losses[-1], lr, img_s_fmt=".1f")
 
-    def _window_losses(self) -> list[float]:
-        keys = sorted((k for k in self.meters.meters if k.startswith("loss")), key=lambda k: int(k[4:]))
-        return [self.meters[k].avg for k in keys]
+    def _position(self) -> dict[str, Any]:
+        return {"epoch": self.step // self.steps_per_epoch}
 
-    def _log_step(self, lr: float) -> None:
-        rec = {
-            "type": "train", "step": self.step, "epoch": self.step // self.steps_per_epoch, "lr": lr,
-            "losses": self._window_losses(),
-            "images_per_s": self._win_images / self._win_time if self._win_time > 0 else None,
-            "seconds_per_iter": self.meters["time"].avg,
-            "peak_mem_bytes": self._peak(), "elapsed_s": self._elapsed(),
-        }
-        self._win_time, self._win_images = 0.0, 0
-        self._record(rec)
-        if self.cfg.progress and (self._bar is None or self._bar.disable):
-            left = max(self._stop_at - self.step, 0)
-            eta = left * self.train_time / max(self.steps_timed, 1)
-            losses = " ".join(f"{v:.4f}" for v in rec["losses"])
-            self._say(f"step {self.step}/{self._stop_at}  losses [{losses}]  lr {lr:.4g}  "
-                      f"{(rec['images_per_s'] or 0):.1f} img/s  {rec['seconds_per_iter']:.3f} s/it  "
-                      f"ETA {eta / 60:.1f} min  peak mem {rec['peak_mem_bytes'] / 2**20:.0f} MiB")
+    def _window_stats(self) -> dict[str, Any]:
+        return {"images_per_s": self._take_window_rate(), "seconds_per_iter": self.meters["time"].avg}
+
+    def _step_line(self, rec: dict[str, Any], lr: float, eta_s: float) -> str:
+        losses = " ".join(f"{v:.4f}" for v in rec["losses"])
+        return (f"step {self.step}/{self._stop_at}  losses [{losses}]  lr {lr:.4g}  "
+                f"{(rec['images_per_s'] or 0):.1f} img/s  {rec['seconds_per_iter']:.3f} s/it  "
+                f"ETA {eta_s / 60:.1f} min  peak mem {rec['peak_mem_bytes'] / 2**20:.0f} MiB")
 
     def _header(self) -> None:
         cfg = self.cfg
@@ -642,15 +503,7 @@ class DenseTrainer:
         """
         cfg = self.cfg
         stop_at = min(cfg.iterations, cfg.max_steps) if cfg.max_steps else cfg.iterations
-        self._stop_at = stop_at
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.yaml").write_text(config_to_yaml(cfg))
-        JsonlWriter(self.metrics_path).rewrite(self.records)  # drop lines written after the checkpoint
-        self._t0 = time.perf_counter()
-        show = bool(cfg.progress) and sys.stderr.isatty()
-        self._bar = tqdm(total=stop_at, initial=min(self.step, stop_at), disable=not show, unit="it",
-                         dynamic_ncols=True, desc=cfg.task, file=sys.stderr)
-        self._header()
+        self._begin_fit(stop_at, cfg.task)
         try:
             # In chunks that end at checkpoint / evaluation steps, so a data-loader pass never outlives them.
             while self.step < stop_at:
@@ -667,8 +520,7 @@ class DenseTrainer:
                 if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < stop_at:
                     self.save()
         finally:
-            self._bar.close()
-            self._bar = None
+            self._close_bar()
         self.peak_mem_saved = self._peak()
         if self.last_eval_step != self.step:
             self.evaluate()
@@ -679,12 +531,7 @@ class DenseTrainer:
             "metrics": self.last_metrics,
             "headline": (head, (self.last_metrics or {}).get(head)),
             "steps": self.step,
-            "seconds_per_iter": self.train_time / self.steps_timed if self.steps_timed else None,
-            "images_per_s": cfg.batch_size * self.steps_timed / self.train_time if self.train_time > 0 else None,
-            "peak_mem_bytes": self.peak_mem_saved,
+            **self._speed_summary(),
             "peak_mem_kind": self.peak_mem_kind,
-            "elapsed_s": self._elapsed(),
-            "stopped_early": self.step < cfg.iterations,
-            "out_dir": str(self.out_dir),
-            "checkpoint": str(self.ckpt_path),
+            **self._end_summary(self.step < cfg.iterations),
         }

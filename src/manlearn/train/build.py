@@ -40,13 +40,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``cfg.amp``; mixed precision is a CUDA-only feature here."""
-    if cfg.amp == "off":
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for the ``amp`` mode of a config (``off`` | ``bf16`` | ``fp16``) on ``device``;
+    mixed precision is a CUDA-only feature here (shared by classification and dense runs)."""
+    if amp == "off":
         return None
     if device.type != "cuda":
-        raise ConfigError(f"amp={cfg.amp} needs a CUDA device (device resolves to {device}); use amp=off")
-    return torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+        raise ConfigError(f"amp={amp} needs a CUDA device (device resolves to {device}); use amp=off")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
 def load_split(cfg: TrainConfig, split: str, limit: int | None) -> Any:
@@ -95,7 +96,7 @@ def build_learner(cfg: TrainConfig, info: Any, device: torch.device | str = "cpu
         split=split, stem_module=cfg.stem_module, momentum=cfg.momentum, init=cfg.init,
         lambda_schedule=cfg.lambda_schedule, infopro_heads=cfg.infopro_heads,
         norm_mean=tuple(info.mean), norm_std=tuple(info.std),
-        amp_dtype=amp_dtype(cfg, dev), channels_last=cfg.channels_last,
+        amp_dtype=amp_dtype(cfg.amp, dev), channels_last=cfg.channels_last,
         ema_recompute=cfg.ema_recompute, grad_checkpoint=cfg.grad_checkpoint,
     )
     return learner.to(dev)

@@ -9,6 +9,7 @@ never a truncated file.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import tempfile
@@ -18,8 +19,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from manlearn.config import TrainConfig, config_keys, config_to_dict
-from manlearn.errors import CheckpointError
+from manlearn.config import TrainConfig, config_from_dict, config_keys, config_to_dict
+from manlearn.errors import CheckpointError, ConfigError
 
 __all__ = [
     "CKPT_FORMAT",
@@ -31,6 +32,9 @@ __all__ = [
     "check_resume_compatible",
     "capture_rng_state",
     "restore_rng_state",
+    "checkpoint_config",
+    "eval_config",
+    "load_model_state",
 ]
 
 CKPT_FORMAT = "manlearn-checkpoint"
@@ -170,3 +174,35 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
         saved = list(state["cuda"])
         if len(saved) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(saved)
+
+
+# ``manlearn eval`` of a checkpoint (classification and dense): its config, adjusted, and its weights.
+
+def checkpoint_config(ckpt: Mapping[str, Any], path: str | Path, cls: type = TrainConfig) -> Any:
+    """The ``cls`` config stored in ``ckpt`` (validated); a config this version cannot use is a CheckpointError."""
+    try:
+        return config_from_dict(ckpt["config"], where=f"checkpoint {path}", cls=cls)
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {path} holds a config this manlearn cannot use: {e}") from None
+
+
+def eval_config(cfg: Any, *, device: str, data_dir: str | None, limit_key: str, limit: int | None,
+                batch_size: int | None) -> Any:
+    """``cfg`` with what an evaluation may change: the device, and where given the data folder, the number
+    of images (``limit_key``) and the evaluation batch size (not validated: the caller does)."""
+    changes: dict[str, Any] = {"device": device}
+    if data_dir is not None:
+        changes["data_dir"] = data_dir
+    if limit is not None:
+        changes[limit_key] = limit
+    if batch_size is not None:
+        changes["eval_batch_size"] = batch_size
+    return dataclasses.replace(cfg, **changes)
+
+
+def load_model_state(model: torch.nn.Module, ckpt: Mapping[str, Any], path: str | Path) -> None:
+    """Load the checkpoint's weights into the model rebuilt from its config (CheckpointError if they do not fit)."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {path} does not fit the model of its config: {e}") from None

@@ -24,16 +24,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
-from tqdm import tqdm
 
-from manlearn.config import TrainConfig, config_to_dict, config_to_yaml, validate
-from manlearn.errors import CheckpointError, ConfigError
+from manlearn.config import TrainConfig, validate
+from manlearn.errors import ConfigError
 
-from .build import amp_dtype, build_learner, load_split, make_loader, seed_everything
-from .checkpoint import (CKPT_FORMAT, CKPT_VERSION, capture_rng_state, check_resume_compatible,
-                         load_checkpoint, restore_rng_state, save_checkpoint)
-from .metrics import JsonlWriter, MetricLogger
+from .build import amp_dtype, build_learner, load_split, make_loader
+from .checkpoint import check_resume_compatible
 from .optim import build_optimizer, trainable_parameters
+from .run import CKPT_NAME, METRICS_NAME, TrainerBase
 from .schedule import lr_at, total_steps
 
 try:  # the memory accounting is optional: the trainer works without it
@@ -42,9 +40,6 @@ except ImportError:  # pragma: no cover
     PeakMemory = None  # type: ignore[assignment,misc]
 
 __all__ = ["Trainer", "evaluate", "StepHook", "CKPT_NAME", "METRICS_NAME"]
-
-CKPT_NAME = "last.pt"
-METRICS_NAME = "metrics.jsonl"
 
 #: Called after every optimiser step (after any periodic checkpoint) with the trainer.
 StepHook = Callable[["Trainer"], None]
@@ -73,16 +68,12 @@ def evaluate(learner: torch.nn.Module, loader: Any) -> tuple[float, int, int]:
 
 
 
-class Trainer:
+class Trainer(TrainerBase):
     """Train a :class:`~manlearn.LocalLearner` as described by a :class:`TrainConfig`.
 
-    Args:
-        cfg: the run's configuration (validated here).
-        resume: continue from ``<out_dir>/last.pt`` when it exists (a fresh run otherwise).
-        overwrite: allow a fresh run in an ``out_dir`` that already holds a checkpoint.
-        hooks: callables ``hook(trainer)`` run after every optimiser step; tests use them to
-            simulate a crash at a chosen step.
-        out: where progress lines go (default stdout).
+    The arguments (``cfg``, ``resume``, ``overwrite``, ``hooks``, ``out``) are those of every manlearn
+    trainer, described on :class:`~manlearn.train.run.TrainerBase`.  Launched by torchrun
+    (``WORLD_SIZE > 1``) it trains data parallel.
     """
 
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
@@ -101,23 +92,9 @@ class Trainer:
         if cfg.sync_bn and self.dist.enabled and self.device.type != "cuda":
             raise ConfigError("sync_bn=true needs CUDA devices (torch's SyncBatchNorm does not run on CPU); "
                               "on CPU each rank normalises over its own shard")
-        amp_dtype(cfg, self.device)  # refuse amp on a CPU before loading anything
-        self.out_dir = Path(cfg.out_dir)
-        self.ckpt_path = self.out_dir / CKPT_NAME
-        self.metrics_path = self.out_dir / METRICS_NAME
-        self._bar: tqdm | None = None
-
+        amp_dtype(cfg.amp, self.device)  # refuse amp on a CPU before loading anything
         # Read (and vet) the checkpoint before the expensive work: a refusal should be instant.
-        ckpt: dict[str, Any] | None = None
-        if resume and self.ckpt_path.exists():
-            ckpt = load_checkpoint(self.ckpt_path)
-            check_resume_compatible(ckpt, cfg, self.ckpt_path)
-        elif resume:
-            self._say(f"no checkpoint at {self.ckpt_path}; starting a new run")
-        elif self.ckpt_path.exists() and not overwrite:
-            raise CheckpointError(
-                f"{self.out_dir} already holds a checkpoint ({CKPT_NAME}) of an earlier run; pass "
-                "--resume to continue it, --overwrite to start over, or choose another out_dir")
+        ckpt = self._open_run(cfg.out_dir, resume=resume, overwrite=overwrite)
 
         self.train_data = load_split(cfg, "train", cfg.train_limit)
         self.test_data = load_split(cfg, "test", cfg.test_limit)
@@ -133,9 +110,7 @@ class Trainer:
             raise ConfigError(f"batch_size={cfg.batch_size} is larger than the {len(self.train_data)} "
                               "training images (the last partial batch is dropped): nothing to train")
 
-        seed_everything(cfg.seed)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+        self._seed(cfg.seed)
         self.learner = build_learner(cfg, self.info, self.device)
         self.reducer: Any = None
         if self.dist.enabled:
@@ -151,41 +126,21 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
 
         # Position and history.
-        self.step = 0  # optimiser steps done
+        self._reset_counters()
         self.epoch = 0  # current epoch (0-based)
         self.batch = 0  # next batch index within the current epoch
-        self.records: list[dict[str, Any]] = []
         self.best_acc: float | None = None
         self.last_test_acc: float | None = None
-        self.last_eval_step = -1
-        self.meters = MetricLogger()  # running statistics of the current epoch
-        self.elapsed_before = 0.0
-        self.train_time = 0.0
-        self.steps_timed = 0
-        self.peak_mem_saved: int | None = None
-        self._win_time = 0.0
-        self._win_images = 0
-        self._t0 = time.perf_counter()
         self._pm: Any = None
-        self.resumed = ckpt is not None
-        if ckpt is not None:
-            self._restore(ckpt)
+        self._start_from(ckpt)
 
     def _compile(self) -> None:
         """``torch.compile`` the blocks, auxiliary networks and head (see LocalLearner.compile_parts)."""
         self.learner.compile_parts()
 
     # ------------------------------------------------------------------ output
-    def _say(self, msg: str) -> None:
-        if not self.dist.is_main:
-            return
-        if self._bar is not None and not self._bar.disable:
-            self._bar.write(msg, file=self._out)
-        else:
-            print(msg, file=self._out, flush=True)
-
-    def _elapsed(self) -> float:
-        return self.elapsed_before + (time.perf_counter() - self._t0)
+    def _is_main(self) -> bool:
+        return self.dist.is_main
 
     def _peak(self) -> int | None:
         cur: int | None = None
@@ -198,36 +153,13 @@ class Trainer:
         return max(vals) if vals else None
 
     # ------------------------------------------------------------------ checkpoints
-    def state(self) -> dict[str, Any]:
-        """Everything needed to continue the run exactly (see module docstring)."""
-        import manlearn
+    def _check_resumable(self, ckpt: dict[str, Any]) -> None:
+        check_resume_compatible(ckpt, self.cfg, self.ckpt_path)
 
-        payload: dict[str, Any] = {
-            "format": CKPT_FORMAT,
-            "version": CKPT_VERSION,
-            "manlearn_version": str(getattr(manlearn, "__version__", "?")),
-            "torch_version": str(torch.__version__),
-            "model": self.learner.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "step": self.step,
-            "epoch": self.epoch,
-            "batch": self.batch,
-            "steps_per_epoch": self.steps_per_epoch,
-            "config": config_to_dict(self.cfg),
-            "rng": capture_rng_state(),
-            "metrics": self.records,
-            "best_acc": self.best_acc,
-            "last_test_acc": self.last_test_acc,
-            "last_eval_step": self.last_eval_step,
-            "meters": self.meters.state_dict(),
-            "elapsed_s": self._elapsed(),
-            "train_time_s": self.train_time,
-            "steps_timed": self.steps_timed,
-            "peak_mem_bytes": self._peak(),
-        }
-        if self.scaler is not None:
-            payload["scaler"] = self.scaler.state_dict()
-        return payload
+    def _extra_state(self) -> dict[str, Any]:
+        """The position as (epoch, batch) and the accuracy bookkeeping (see module docstring)."""
+        return {"epoch": self.epoch, "batch": self.batch, "best_acc": self.best_acc,
+                "last_test_acc": self.last_test_acc}
 
     def save(self) -> Path:
         """Write ``<out_dir>/last.pt`` atomically (data parallel: every rank calls it, the BN
@@ -238,34 +170,16 @@ class Trainer:
             average_buffers(self.learner)
             if not self.dist.is_main:
                 return self.ckpt_path
-        return save_checkpoint(self.ckpt_path, self.state())
+        return super().save()
 
-    def _restore(self, ckpt: dict[str, Any]) -> None:
-        try:
-            self.learner.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            if self.scaler is not None and "scaler" in ckpt:
-                self.scaler.load_state_dict(ckpt["scaler"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(
-                f"checkpoint {self.ckpt_path} does not fit the model built from its config: {e}") from None
+    def _restore_own(self, ckpt: dict[str, Any]) -> None:
         step, epoch, batch = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch"])
         spe = self.steps_per_epoch
         if ckpt.get("steps_per_epoch", spe) != spe or batch > spe or step != epoch * spe + batch:
-            raise CheckpointError(
-                f"checkpoint {self.ckpt_path} was written with {ckpt.get('steps_per_epoch')} steps per "
-                f"epoch, this run has {spe}: the training set changed, so the run cannot be resumed exactly")
+            raise self._spe_mismatch(ckpt.get("steps_per_epoch"))
         self.step, self.epoch, self.batch = step, epoch, batch
-        self.records = list(ckpt.get("metrics", []))
         self.best_acc = ckpt.get("best_acc")
         self.last_test_acc = ckpt.get("last_test_acc")
-        self.last_eval_step = int(ckpt.get("last_eval_step", -1))
-        self.meters.load_state_dict(ckpt.get("meters", {}))
-        self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
-        self.train_time = float(ckpt.get("train_time_s", 0.0))
-        self.steps_timed = int(ckpt.get("steps_timed", 0))
-        self.peak_mem_saved = ckpt.get("peak_mem_bytes")
-        restore_rng_state(ckpt.get("rng", {}))
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> float:
@@ -287,11 +201,9 @@ class Trainer:
     def _train_one(self, x: torch.Tensor, y: torch.Tensor) -> None:
         cfg = self.cfg
         lr = lr_at(cfg, self.step, self.steps_per_epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        scale = self._set_lr(lr)
         t = time.perf_counter()
         hook = self.reducer.block_done if self.reducer is not None else None
-        scale = self.scaler.scale(torch.ones((), device=self.device)) if self.scaler is not None else None
         out = self.learner.train_step(x, y, grad_scale=scale, after_block=hook)
         n = int(y.numel())
         if self.reducer is not None:
@@ -302,11 +214,7 @@ class Trainer:
             tot = self.reducer.finish(local).cpu()
             out.losses[:] = (tot[:-2] / self.dist.world_size).tolist()
             correct, n = int(round(float(tot[-2]))), int(round(float(tot[-1])))
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        self._optimizer_step()
         if self.reducer is None:
             correct = int((out.logits.argmax(dim=1) == y).sum().item())  # also syncs the device
         dt = time.perf_counter() - t
@@ -314,48 +222,23 @@ class Trainer:
         self.batch += 1
         self.meters.update(n=n, acc=correct / n, **{f"loss{k}": v for k, v in enumerate(out.losses)})
         self.meters.update(time=dt, images=n)
-        self.train_time += dt
-        self.steps_timed += 1
-        self._win_time += dt
-        self._win_images += n
-        if self._bar is not None:
-            self._bar.update(1)
-            self._bar.set_postfix(loss=f"{out.losses[-1]:.3f}", lr=f"{lr:.3g}",
-                                  img_s=f"{n / max(dt, 1e-9):.0f}", refresh=False)
-        if cfg.log_every and self.step % cfg.log_every == 0:
-            self._log_step(lr)
+        self._step_done(dt, n, out.losses[-1], lr)
         if cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0:
             self.save()
         for hook in self.hooks:
             hook(self)
 
-    def _block_losses(self, window: bool) -> list[float]:
-        keys = sorted((k for k in self.meters.meters if k.startswith("loss")), key=lambda k: int(k[4:]))
-        return [self.meters[k].avg if window else self.meters[k].global_avg for k in keys]
+    def _position(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch": self.batch}
 
-    def _record(self, rec: dict[str, Any]) -> None:
-        self.records.append(rec)
-        if self.dist.is_main:
-            JsonlWriter(self.metrics_path).write(rec)
+    def _window_stats(self) -> dict[str, Any]:
+        return {"train_acc": self.meters["acc"].global_avg, "images_per_s": self._take_window_rate()}
 
-    def _log_step(self, lr: float) -> None:
-        rec = {
-            "type": "train", "step": self.step, "epoch": self.epoch, "batch": self.batch, "lr": lr,
-            "losses": self._block_losses(window=True),
-            "train_acc": self.meters["acc"].global_avg,
-            "images_per_s": self._win_images / self._win_time if self._win_time > 0 else None,
-            "peak_mem_bytes": self._peak(), "elapsed_s": self._elapsed(),
-        }
-        self._win_time, self._win_images = 0.0, 0
-        self._record(rec)
-        if self.cfg.progress and (self._bar is None or self._bar.disable):
-            # No terminal for the bar (logs, CI): a plain line with throughput, ETA and memory.
-            left = max(self._stop_at - self.step, 0)
-            eta = left * self.train_time / max(self.steps_timed, 1)
-            peak = rec["peak_mem_bytes"]
-            mem = f"  peak mem {peak / 2**20:.0f} MiB" if peak else ""
-            self._say(f"step {self.step}/{self._stop_at}  loss {rec['losses'][-1]:.4f}  lr {lr:.4g}  "
-                      f"{(rec['images_per_s'] or 0):.0f} img/s  ETA {eta / 60:.1f} min{mem}")
+    def _step_line(self, rec: dict[str, Any], lr: float, eta_s: float) -> str:
+        peak = rec["peak_mem_bytes"]
+        mem = f"  peak mem {peak / 2**20:.0f} MiB" if peak else ""
+        return (f"step {self.step}/{self._stop_at}  loss {rec['losses'][-1]:.4f}  lr {lr:.4g}  "
+                f"{(rec['images_per_s'] or 0):.0f} img/s  ETA {eta_s / 60:.1f} min{mem}")
 
     def _end_epoch(self) -> None:
         cfg = self.cfg
@@ -415,18 +298,7 @@ class Trainer:
         spe = self.steps_per_epoch
         total = total_steps(cfg, spe)
         stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
-        self._stop_at = stop_at
-        if self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(config_to_yaml(cfg))
-            # Keep exactly the records of the state we start from (drops lines written after the
-            # checkpoint by a run that was then killed, and the lines of an overwritten run).
-            JsonlWriter(self.metrics_path).rewrite(self.records)
-        self._t0 = time.perf_counter()
-        show = bool(cfg.progress) and sys.stderr.isatty() and self.dist.is_main
-        self._bar = tqdm(total=stop_at, initial=min(self.step, stop_at), disable=not show,
-                         unit="it", dynamic_ncols=True, desc="train", file=sys.stderr)
-        self._header()
+        self._begin_fit(stop_at, "train")
         mem: Any = contextlib.nullcontext()
         if PeakMemory is not None:
             mem = PeakMemory(self.device, exclude=list(self.learner.parameters()),
@@ -452,8 +324,7 @@ class Trainer:
                     self._end_epoch()
                 peak = self._peak()
         finally:
-            self._bar.close()
-            self._bar = None
+            self._close_bar()
             self._pm = None
         self.peak_mem_saved = peak
         if self.last_eval_step != self.step:
@@ -461,18 +332,11 @@ class Trainer:
             self._record({"type": "final", "epoch": self.epoch, "step": self.step, "test_acc": acc,
                           "best_acc": self.best_acc, "elapsed_s": self._elapsed()})
         self.save()
-        summary = {
+        return {
             "test_acc": self.last_test_acc,
             "best_acc": self.best_acc,
             "steps": self.step,
             "epochs": self.epoch + (self.batch / spe if spe else 0.0),
-            "seconds_per_iter": self.train_time / self.steps_timed if self.steps_timed else None,
-            "images_per_s": (cfg.batch_size * self.steps_timed / self.train_time
-                             if self.train_time > 0 else None),
-            "peak_mem_bytes": self.peak_mem_saved,
-            "elapsed_s": self._elapsed(),
-            "stopped_early": stopped,
-            "out_dir": str(self.out_dir),
-            "checkpoint": str(self.ckpt_path),
+            **self._speed_summary(),
+            **self._end_summary(stopped),
         }
-        return summary
