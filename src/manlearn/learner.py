@@ -18,7 +18,7 @@ from .errors import ConfigError
 from .memory import unit_activation_bytes
 from .models import create_model, follows_protocol, init_weights, model_accepts
 from .rules import AuxContext, LocalBatch, MomentumAux, check_momentum, get_rule_class, list_rules
-from .rules.base import norm_buffers
+from .rules.base import register_norm_buffers
 from .rules.momentum import INITS, MAN_BASES
 from .rules.vit_aux import build_token_aux, is_token_shape
 from .recompute import Segment, run_checkpointed, stage_segments
@@ -144,9 +144,7 @@ class LocalLearner(nn.Module):
             if isinstance(aux, MomentumAux):
                 aux.recompute_ema = bool(ema_recompute)
 
-        mean, std = norm_buffers(in_channels, norm_mean, norm_std)
-        self.register_buffer("norm_mean", mean, persistent=False)
-        self.register_buffer("norm_std", std, persistent=False)
+        register_norm_buffers(self, in_channels, norm_mean, norm_std)
         if channels_last:
             self.to(memory_format=torch.channels_last)
 

@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..models import create_model, follows_protocol, model_accepts
 from ..rules import LocalBatch, MomentumAux, check_momentum
-from ..rules.base import norm_buffers
+from ..rules.base import register_norm_buffers
 from ..rules.momentum import INITS
 
 DENSE_METHODS = ("e2e", "local", "man", "manpp")
@@ -166,9 +166,7 @@ class DenseLocalLearner(nn.Module):
             auxes.append(MomentumAux(nxt, head, scaled=(method == "manpp"), init=init, reinit=reinit))
         self.auxes = nn.ModuleList(auxes)
 
-        mean, std = norm_buffers(in_channels, norm_mean, norm_std)
-        self.register_buffer("norm_mean", mean, persistent=False)
-        self.register_buffer("norm_std", std, persistent=False)
+        register_norm_buffers(self, in_channels, norm_mean, norm_std)
         if channels_last:
             self.to(memory_format=torch.channels_last)
 

@@ -36,15 +36,17 @@ class LocalBatch:
         return self._image01
 
 
-def norm_buffers(in_channels: int, mean=None, std=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The input normalisation as ``1 x C x 1 x 1`` tensors (default 0.5/0.5), for :class:`LocalBatch`'s
-    de-normalised image; refuses a count that does not match the channels."""
+def register_norm_buffers(module: nn.Module, in_channels: int, mean=None, std=None) -> None:
+    """Register the input normalisation as ``norm_mean``/``norm_std`` (``1 x C x 1 x 1``, default
+    0.5/0.5, not saved in state_dict) for :class:`LocalBatch`'s de-normalised image; refuses a count
+    that does not match the channels."""
     c = in_channels
     m = torch.tensor(list(mean) if mean is not None else [0.5] * c, dtype=torch.float32)
     s = torch.tensor(list(std) if std is not None else [0.5] * c, dtype=torch.float32)
     if m.numel() != c or s.numel() != c:
         raise ConfigError(f"norm_mean/norm_std need {c} values (one per input channel)")
-    return m.view(1, c, 1, 1), s.view(1, c, 1, 1)
+    module.register_buffer("norm_mean", m.view(1, c, 1, 1), persistent=False)
+    module.register_buffer("norm_std", s.view(1, c, 1, 1), persistent=False)
 
 
 @dataclass
