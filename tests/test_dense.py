@@ -138,3 +138,12 @@ def test_stage_cuts_follow_spec_and_bad_k_is_refused():
         DenseLocalLearner(TASKS["detection"](), "resnet32", "manpp", 4)
     with pytest.raises(ConfigError, match="lacks"):
         DenseLocalLearner(object(), "resnet50", "manpp", 4, model_kwargs=WIDTHS)
+
+
+@pytest.mark.parametrize("model", ["resnet50", "resnet101", "resnet152"])
+def test_every_detection_backbone_of_the_issue_is_isolated_at_k4(model):
+    """RetinaNet MAN++ K=4 on ResNet-50/101/152 (issue #6), at reduced width."""
+    learner = _learner("detection", "manpp", 4, model=model)
+    assert learner.stage_cuts == (1, 2, 3) and learner.stage_strides == [4, 8, 16, 32]
+    x, y = _batch("detection")
+    assert_block_grads_are_their_local_loss_grads(learner, x.double(), y, rtol=1e-7, atol=1e-10)
