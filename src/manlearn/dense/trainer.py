@@ -182,8 +182,7 @@ def _iter_detection(ds: Any, index_batches: list[list[int]], workers: int) -> It
     by ``workers`` processes when the set is not held in memory."""
     from manlearn.detection import collate
 
-    cached = getattr(ds, "_cache", None) is not None
-    if cached or workers == 0:
+    if ds.cached or workers == 0:
         for idx in index_batches:
             yield ds.get_batch(idx)
         return

@@ -253,6 +253,12 @@ class CocoDetection(torch.utils.data.Dataset):
         if cache_images:
             self._cache = [self._decode(i) for i in self._indices]
 
+    @property
+    def cached(self) -> bool:
+        """True when the decoded images are held in memory (``cache_images``), so batches need no
+        decode workers."""
+        return self._cache is not None
+
     # ------------------------------------------------------------------ sizes
 
     def _estimated_bytes(self) -> float:
