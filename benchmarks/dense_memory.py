@@ -16,14 +16,11 @@ Rows are appended to ``benchmarks/results/dense_memory.jsonl``.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import subprocess
 
 import torch
 
+from manlearn.bench.common import append_rows, environment
 from manlearn.dense import DenseLocalLearner
 from manlearn.detection import RetinaNetTask
 from manlearn.memory import PeakMemory
@@ -91,16 +88,6 @@ def measure(case: str, task_name: str, method: str, K: int, device: str) -> dict
                 cuda_peak_MiB=(whole.cuda_peak / 2**20) if whole.cuda_peak is not None else None)
 
 
-def _env() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except OSError:
-        commit = None
-    return dict(torch=torch.__version__, python=platform.python_version(), machine=platform.processor() or platform.machine(),
-                date=datetime.date.today().isoformat(), commit=commit)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+", default=["mosaic", "r50"], choices=sorted(CASES))
@@ -108,7 +95,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "results", "dense_memory.jsonl"))
     args = ap.parse_args()
-    env = _env()
+    env = environment(args.device)
     print("| case | task | method | K | batch | size | peak activations + held features (MiB) | vs E2E | per block (MiB) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for case in args.cases:
@@ -116,11 +103,10 @@ def main() -> None:
             base = None
             for method, K in METHODS:
                 r = measure(case, task_name, method, K, args.device)
-                r.update(env, device=args.device)
+                r.update(env)
                 base = r["peak_MiB"] if method == "e2e" else base
                 r["ratio_to_e2e"] = r["peak_MiB"] / base
-                with open(args.results, "a") as f:
-                    f.write(json.dumps(r) + "\n")
+                append_rows(args.results, [r])
                 print(f"| {case} | {task_name} | {method} | {r['K']} | {r['batch']} | {r['size']} | {r['peak_MiB']:.1f} "
                       f"| {100 * r['ratio_to_e2e']:.1f}% | {', '.join(f'{v:.1f}' for v in r['per_block_MiB'])} |",
                       flush=True)

@@ -10,16 +10,13 @@ drift hits all alike; median after warm-up. One step = ``train_step`` + SGD step
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 
 import torch
 
+from manlearn.bench.common import append_rows, environment
 from manlearn.dense import DenseLocalLearner
 from manlearn.detection import CocoDetection, RetinaNetTask
 from manlearn.segmentation import DeepLabV3Task, load_mask_folder
@@ -57,17 +54,14 @@ def main() -> None:
             opt.step()
             if r >= args.warmup:
                 times.append(time.perf_counter() - t0)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    env = environment()
     print("| task | method | K | s/it (median) | vs E2E |\n|---|---|---|---|---|")
     for (task, method), (learner, _, times) in runs.items():
         med = statistics.median(times)
         base = statistics.median(runs[(task, "e2e")][2])
         row = dict(task=task, method=method, K=learner.K, batch=16, size=128, s_per_it=med, ratio_to_e2e=med / base,
-                   threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
-                   torch=torch.__version__, date=datetime.date.today().isoformat(), commit=commit)
-        with open(args.results, "a") as f:
-            f.write(json.dumps(row) + "\n")
+                   **env)
+        append_rows(args.results, [row])
         print(f"| {task} | {method} | {learner.K} | {med:.3f} | {med / base:.2f}x |")
 
 

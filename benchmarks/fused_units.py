@@ -11,24 +11,12 @@ separate). Fusing computes a weight gradient for the frozen ema copy too and add
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from manlearn.bench.common import median_ms
 from manlearn.models.resnet_cifar import BasicBlock
-
-
-def _median_ms(fn, n: int = 20, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
 
 
 def _bn(x, a, b):
@@ -61,8 +49,8 @@ def main() -> None:
             o = F.relu(_bn(b, lb.bn2, ema.bn2) + torch.cat([h, h], 1))
             (s * o[:, :c] + (2 - s) * o[:, c:]).sum().backward()
 
-        r = {"separate": _median_ms(separate), "fused_g2": _median_ms(lambda: fused(True)),
-             "fused_split2": _median_ms(lambda: fused(False))}
+        r = {"separate": median_ms(separate), "fused_g2": median_ms(lambda: fused(True)),
+             "fused_split2": median_ms(lambda: fused(False))}
         print(f"C={c:2d} {hw:2d}x{hw:<2d} " + "  ".join(f"{k} {v:6.1f}" for k, v in r.items()))
 
 

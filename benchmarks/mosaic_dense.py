@@ -9,14 +9,9 @@ append one row per run (final val AP / mIoU, s/iter, peak RSS) to
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import subprocess
 
-import torch
-
+from manlearn.bench.common import append_rows, environment
 from manlearn.cli import resolve_recipe
 from manlearn.config import apply_overrides, load_config
 from manlearn.dense.config import DenseConfig
@@ -32,20 +27,15 @@ def main() -> None:
     ap.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "results", "dense_accuracy.jsonl"))
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    here = os.path.dirname(os.path.abspath(__file__))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=here).stdout.strip() or None
+    env = environment()
     for name in args.recipes:
         cfg = apply_overrides(load_config(resolve_recipe(name), cls=DenseConfig), args.overrides)
         summary = DenseTrainer(cfg, overwrite=True).fit()
         row = dict(recipe=name, task=cfg.task, model=cfg.model, widths=cfg.model_widths, method=cfg.method,
                    K=1 if cfg.method == "e2e" else cfg.K, iterations=summary["steps"], batch=cfg.batch_size,
                    metrics=summary["metrics"], seconds_per_iter=summary["seconds_per_iter"],
-                   peak_rss_MiB=(summary["peak_mem_bytes"] or 0) / 2**20, threads=torch.get_num_threads(),
-                   torch=torch.__version__, python=platform.python_version(),
-                   date=datetime.date.today().isoformat(), commit=commit, overrides=list(args.overrides))
-        with open(args.results, "a") as f:
-            f.write(json.dumps(row) + "\n")
+                   peak_rss_MiB=(summary["peak_mem_bytes"] or 0) / 2**20, overrides=list(args.overrides), **env)
+        append_rows(args.results, [row])
         head, value = summary["headline"]
         print(f"{name}: {head} {value:.4f}  s/iter {summary['seconds_per_iter']:.3f}", flush=True)
 

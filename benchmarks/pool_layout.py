@@ -16,18 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import manlearn
+from manlearn.bench.common import median_ms
 from manlearn.models.layers import GlobalAvgPool
-
-
-def _median_ms(fn, n: int = 20, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
 
 
 def _swap_back(module: torch.nn.Module) -> None:
@@ -51,7 +41,7 @@ def main() -> None:
 
     for name, pool in (("adaptive_avg_pool2d", lambda r: F.adaptive_avg_pool2d(r, 1)),
                        ("mean", lambda r: r.mean((2, 3))), ("GlobalAvgPool", GlobalAvgPool())):
-        print(f"ReLU + {name} + backward, 128x128x8x8 channels-last: {_median_ms(lambda: step(pool)):.2f} ms")
+        print(f"ReLU + {name} + backward, 128x128x8x8 channels-last: {median_ms(lambda: step(pool)):.2f} ms")
 
     torch.manual_seed(0)
     learners = {}

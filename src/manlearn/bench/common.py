@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -83,6 +84,18 @@ def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
+
+
+def median_ms(fn, n: int = 20, warmup: int = 5) -> float:
+    """Median wall time of ``fn()`` in milliseconds over ``n`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
 
 
 def append_rows(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
