@@ -91,17 +91,28 @@ def test_accuracy_run_appends_once_and_skips_done_runs(tmp_path):
 
 def test_report_tables_and_plots(tmp_path):
     env = {"date": "2026-11-21", "torch": "x", "device": "cpu"}
-    acc = [dict(method=m, K=16 if m != "e2e" else 1, epochs=2, seed=0, test_acc=a, test_acc_per_epoch=[a - 0.1, a],
-                seconds_per_iter=1.0, **env) for m, a in (("e2e", 0.9), ("dgl", 0.8), ("dgl+manpp", 0.84))]
+    runs = [(2, 0, "e2e", 0.9), (2, 0, "dgl", 0.8), (2, 0, "dgl+manpp", 0.84),
+            (1, 0, "e2e", 0.88), (1, 0, "dgl", 0.80), (1, 1, "dgl", 0.82), (1, 0, "dgl+manpp", 0.83),
+            (1, 1, "dgl+manpp", 0.81)]
+    acc = [dict(method=m, K=16 if m != "e2e" else 1, epochs=e, seed=s, test_acc=a, test_acc_per_epoch=[a] * e,
+                seconds_per_iter=1.0, **env) for e, s, m, a in runs]
     mem = [dict(model="resnet32", method=m, K=16 if m != "e2e" else 1, batch=128, activation_peak_MiB=v,
                 total_counted_MiB=v + 10, **env) for m, v in (("e2e", 300.0), ("dgl", 66.0), ("dgl+manpp", 138.0))]
     for name, rows in (("accuracy", acc), ("memory", mem)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"torn')
     text = write_report(tmp_path, tmp_path / "plots", say=lambda *a: None)
-    assert "| 2 | dgl+manpp | 16 | 0 | 0.8400 | +4.00 pt | -6.00 pt |" in text
+    assert "| 2 | dgl+manpp | 16 | 0 | 0.8400 | +4.00 pt | 1/1 | -6.00 pt |" in text
+    # seed 0 beats its base, seed 1 does not: the paired count says so while the means say +1 point
+    assert "| 1 | dgl+manpp | 16 | 0,1 | 0.8200 ± 0.0141 | +1.00 pt | 1/2 | -6.00 pt |" in text
     assert "| resnet32 | dgl | 16 | 128 | 66.0 | 22% |" in text
     assert (tmp_path / "plots" / "accuracy_vs_memory.png").stat().st_size > 1000
     assert (tmp_path / "plots" / "accuracy_vs_epochs.png").stat().st_size > 1000
+    # one budget only: no curve to draw, and no stale plot is claimed
+    (tmp_path / "accuracy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in acc if r["epochs"] == 1))
+    said: list[str] = []
+    write_report(tmp_path, tmp_path / "plots2", say=said.append)
+    assert (tmp_path / "plots2" / "accuracy_vs_memory.png").exists()
+    assert not (tmp_path / "plots2" / "accuracy_vs_epochs.png").exists() and "accuracy_vs_epochs" not in said[-1]
 
 
 def test_bench_cli_refuses_bad_input(capsys):

@@ -72,26 +72,40 @@ def speed_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _by_seed(rs: list[dict[str, Any]]) -> dict[int, float]:
+    return {int(x["seed"]): x["test_acc"] for x in rs}
+
+
 def accuracy_table(rows: list[dict[str, Any]]) -> str:
+    """One line per (budget, K, method): mean ± std over seeds, the difference of the means to the base
+    rule and to E2E, and in how many of the seeds both ran the rule beat its base *on the same seed*
+    (a paired count: the seed fixes the initialisation and the data order)."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in _latest(rows, lambda r: (r["method"], r["K"], r["epochs"], r["seed"], r.get("train_limit"))).values():
         groups[(r["epochs"], r.get("train_limit"), r["K"] if r["method"] != "e2e" else 0, r["method"])].append(r)
-    lines = ["| epochs | method | K | seeds | test accuracy | vs base rule | vs E2E | s/it (during the run) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| epochs | method | K | seeds | test accuracy | vs base rule | above base (paired seeds) | vs E2E | "
+             "s/it (during the run) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     mean = {key: statistics.mean(x["test_acc"] for x in rs) for key, rs in groups.items()}
     for key in sorted(groups, key=lambda k: (k[0], k[1] or 0, k[2], _order(k[3]))):
         epochs, limit, K, method = key
-        rs = groups[key]
+        rs = sorted(groups[key], key=lambda x: int(x["seed"]))
         accs = [x["test_acc"] for x in rs]
         acc = f"{statistics.mean(accs):.4f}" + (f" ± {statistics.stdev(accs):.4f}" if len(accs) > 1 else "")
         base = BASE_OF.get(method)
         base_key = (epochs, limit, K, base)
-        vs_base = f"{100 * (mean[key] - mean[base_key]):+.2f} pt" if base and base_key in mean else ""
+        vs_base = paired = ""
+        if base and base_key in mean:
+            vs_base = f"{100 * (mean[key] - mean[base_key]):+.2f} pt"
+            mine, theirs = _by_seed(rs), _by_seed(groups[base_key])
+            both = sorted(set(mine) & set(theirs))
+            if both:
+                paired = f"{sum(mine[s] > theirs[s] for s in both)}/{len(both)}"
         e2e_key = (epochs, limit, 0, "e2e")
         vs_e2e = f"{100 * (mean[key] - mean[e2e_key]):+.2f} pt" if e2e_key in mean and method != "e2e" else ""
         spi = statistics.mean(x["seconds_per_iter"] for x in rs)
         lines.append(f"| {epochs}{' (' + str(limit) + ' imgs)' if limit else ''} | {method} | {rs[0]['K']} | "
-                     f"{','.join(str(x['seed']) for x in rs)} | {acc} | {vs_base} | {vs_e2e} | {spi:.3f} |")
+                     f"{','.join(str(x['seed']) for x in rs)} | {acc} | {vs_base} | {paired} | {vs_e2e} | {spi:.3f} |")
     return "\n".join(lines)
 
 
@@ -114,46 +128,77 @@ def _save(fig, ax, title: str, path: Path) -> bool:
     return True
 
 
+def _final_accuracy(acc_rows) -> dict[tuple, list[float]]:
+    """Final test accuracies of the full-data runs, keyed by (epochs, method, K); the latest row wins."""
+    out: dict[tuple, list[float]] = defaultdict(list)
+    for r in _latest(acc_rows, lambda r: (r["method"], r["K"], r["epochs"], r["seed"], r.get("train_limit"))).values():
+        if not r.get("train_limit"):
+            out[(r["epochs"], r["method"], r["K"])].append(r["test_acc"])
+    return out
+
+
 def plot_accuracy_vs_memory(acc_rows, mem_rows, path: Path, batch: int = 128) -> bool:
+    """One marker per training budget (epochs): accuracy (mean over seeds, bar = std) against the counted
+    activation peak as a share of E2E's."""
     plt = _pyplot()
     mem = _latest([r for r in mem_rows if r["batch"] == batch and r["model"] == "resnet32"],
                   lambda r: (r["method"], r["K"]))
     e2e = next((r for (m, _), r in mem.items() if m == "e2e"), None)
-    if e2e is None or not acc_rows:
+    final = _final_accuracy(acc_rows)
+    if e2e is None or not final:
         return False
-    epochs = max(r["epochs"] for r in acc_rows)
-    pts = defaultdict(list)
-    for r in acc_rows:
-        if r["epochs"] == epochs and not r.get("train_limit"):
-            pts[(r["method"], r["K"])].append(r["test_acc"])
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for (method, K), accs in sorted(pts.items(), key=lambda kv: _order(kv[0][0])):
-        m = mem.get((method, K))
-        if m is None:
-            continue
-        x = 100 * m["activation_peak_MiB"] / e2e["activation_peak_MiB"]
-        ax.scatter([x], [100 * statistics.mean(accs)], s=40)
-        ax.annotate(f"{method} K={K}" if method != "e2e" else "e2e", (x, 100 * statistics.mean(accs)),
-                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    budgets = sorted({e for e, _, _ in final})
+    colours = {K: f"C{i}" for i, K in enumerate(sorted({K for _, _, K in final if K > 1}, reverse=True))}
+    for i, epochs in enumerate(budgets):
+        for K_series, colour in colours.items():
+            xs, ys, errs, names = [], [], [], []
+            for (e, method, K), accs in sorted(final.items(), key=lambda kv: _order(kv[0][1])):
+                m = mem.get((method, K))
+                if e != epochs or m is None or (K != K_series and method != "e2e"):
+                    continue
+                if method == "e2e" and K_series != max(colours):
+                    continue  # E2E once per budget
+                xs.append(100 * m["activation_peak_MiB"] / e2e["activation_peak_MiB"])
+                ys.append(100 * statistics.mean(accs))
+                errs.append(100 * statistics.stdev(accs) if len(accs) > 1 else 0.0)
+                names.append(f"{method} K={K}" if method != "e2e" else "e2e")
+            if not xs:
+                continue
+            ax.errorbar(xs, ys, yerr=errs, fmt="os^Dv"[i % 5], color=colour, ms=5, capsize=2, linestyle="none",
+                        label=f"K={K_series}, {epochs} epoch{'s' if epochs > 1 else ''}")
+            for x, y, name in zip(xs, ys, names):
+                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.set_xlabel(f"peak activation memory, % of E2E (ResNet-32, batch {batch})")
-    ax.set_ylabel(f"FM-R32 test accuracy after {epochs} epoch(s), %")
+    ax.set_ylabel("FM-R32 test accuracy, % (mean over seeds, bar = std)")
+    ax.legend(fontsize=8)
     return _save(fig, ax, "Accuracy vs training memory", path)
 
 
 def plot_accuracy_vs_epochs(acc_rows, path: Path) -> bool:
+    """Final test accuracy against the training budget, one line per rule and K. Each point is its own
+    run (the cosine schedule spans that run), mean over seeds with the std as a bar; drawn once the
+    results hold at least two budgets."""
     plt = _pyplot()
-    rows = [r for r in acc_rows if not r.get("train_limit") and len(r.get("test_acc_per_epoch") or []) > 1]
-    if not rows:
+    final = _final_accuracy(acc_rows)
+    if len({e for e, _, _ in final}) < 2:
         return False
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for r in sorted(rows, key=lambda r: _order(r["method"])):
-        accs = [100 * a for a in r["test_acc_per_epoch"] if a is not None]
-        ax.plot(range(1, len(accs) + 1), accs, marker="o", ms=3,
-                label=f"{r['method']} K={r['K']} s{r['seed']}" if r["method"] != "e2e" else f"e2e s{r['seed']}")
-    ax.set_xlabel("epoch (cosine schedule spans the whole run)")
-    ax.set_ylabel("FM-R32 test accuracy, %")
+    lines: dict[tuple, list[tuple[int, float, float]]] = defaultdict(list)
+    for (epochs, method, K), accs in final.items():
+        lines[(method, K)].append((epochs, 100 * statistics.mean(accs),
+                                   100 * statistics.stdev(accs) if len(accs) > 1 else 0.0))
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for (method, K), pts in sorted(lines.items(), key=lambda kv: (kv[0][1], _order(kv[0][0]))):
+        if len(pts) < 2 and method != "e2e":
+            continue  # a rule measured at one budget has no curve
+        pts.sort()
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", ms=4,
+                    capsize=2, label=f"{method} K={K}" if method != "e2e" else "e2e")
+    ax.set_xlabel("training budget, epochs (each point a separate run with its own cosine schedule)")
+    ax.set_ylabel("FM-R32 final test accuracy, % (mean over seeds)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=7)
-    return _save(fig, ax, "Accuracy vs epochs", path)
+    return _save(fig, ax, "Accuracy vs training budget", path)
 
 
 def write_report(results_dir: str | Path = "benchmarks/results", plots_dir: str | Path = "benchmarks/plots",
