@@ -89,6 +89,30 @@ def test_accuracy_run_appends_once_and_skips_done_runs(tmp_path):
     assert len(read_rows(res)) == 1 and any(s.startswith("skip dgl") for s in said)
 
 
+def test_accuracy_rerun_redoes_old_rows_once(tmp_path):
+    res = tmp_path / "acc.jsonl"
+    extra = ["model=resnet20", "train_limit=128", "test_limit=64", "eval_batch_size=64"]
+    run_accuracy(["greedy"], [2], 1, [0], res, tmp_path / "runs", extra=extra, say=lambda *a: None)
+    # the second "greedy" stands for a worker beside this one reaching the same run later
+    run_accuracy(["greedy", "greedy"], [2], 1, [0], res, tmp_path / "runs", extra=extra, rerun=True,
+                 say=lambda *a: None)
+    assert [r["method"] for r in read_rows(res)] == ["greedy", "greedy"]
+
+
+def test_accuracy_workers_share_one_sweep(tmp_path, capsys):
+    res = tmp_path / "acc.jsonl"
+    args = ["bench", "accuracy", "--methods", "greedy", "dgl", "--K", "2", "--seeds", "0", "--workers", "2",
+            "--threads", "1", "--results", str(res), "--runs-dir", str(tmp_path / "runs"),
+            "model=resnet20", "train_limit=128", "test_limit=64", "eval_batch_size=64"]
+    assert main(args) == 0
+    rows = read_rows(res)
+    assert sorted(r["method"] for r in rows) == ["dgl", "greedy"]  # each run once, by one of the workers
+    assert all(r["threads"] == 1 for r in rows)  # --threads reaches every worker
+    out = capsys.readouterr().out
+    assert "[w0] " in out and "[w1] " in out and out.count(" run ") == 2
+    assert main([*args[:-4], "--workers", "2", "--methods", "dgl+nope"]) == 2  # checked before spawning
+
+
 def test_report_tables_and_plots(tmp_path):
     env = {"date": "2026-11-21", "torch": "x", "device": "cpu"}
     runs = [(2, 0, "e2e", 0.9), (2, 0, "dgl", 0.8), (2, 0, "dgl+manpp", 0.84),

@@ -8,6 +8,10 @@ is the record the tables and plots are built from.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -41,8 +45,6 @@ def _claim(path: Path) -> Path | None:
     """Claim a run for this process (several ``bench accuracy`` workers may share a results file):
     the claim file is created exclusively and holds the PID; a claim whose process is gone is taken
     over. None when a live process holds it."""
-    import os
-
     path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(2):
         try:
@@ -73,14 +75,17 @@ def run_accuracy(methods: Sequence[str], Ks: Sequence[int], epochs: int, seeds: 
         parse_method(spec)  # refuse bad specs before hours of training
     env = environment()  # the code that runs is the code at the start: record its commit now
     limit = next((int(e.split("=", 1)[1]) for e in extra if e.startswith("train_limit=")), None)
+    # with rerun, rows already in the file are ignored, but not those this sweep (or a worker beside it)
+    # appends: each run is still done once
+    ignore = len(read_rows(results)) if rerun else 0
     out: list[dict[str, Any]] = []
     for seed in seeds:
         for K in Ks:
             for spec in methods:
                 k_eff = 1 if spec == "e2e" else K
                 key = (spec, k_eff, epochs, seed, limit)
-                done = {run_key(r): r for r in read_rows(results)}  # re-read: other workers append too
-                if key in done and not rerun:
+                done = {run_key(r): r for r in read_rows(results)[ignore:]}  # re-read: other workers append
+                if key in done:
                     say(f"skip {spec} K={k_eff} epochs={epochs} seed={seed}: already in {results}")
                     out.append(done[key])
                     continue
@@ -111,3 +116,34 @@ def run_accuracy(methods: Sequence[str], Ks: Sequence[int], epochs: int, seeds: 
                 say(f"  test acc {row['test_acc']:.4f}  ({row['steps']} steps, {row['wall_s'] / 60:.1f} min)")
                 out.append(row)
     return out
+
+
+def run_workers(argv: Sequence[str], workers: int, threads: int | None = None, say=print) -> int:
+    """Run ``manlearn bench accuracy <argv>`` in ``workers`` processes that share the results file.
+
+    Each worker walks the same list of runs and claims a run before starting it (``_claim``), so every
+    run is done once and the workers never wait on each other. Each gets ``threads`` intra-op threads
+    (default: the CPU count divided among the workers): two torch processes with all threads each on
+    a small machine oversubscribe it and run several times slower. Their output lines are prefixed
+    with ``[w<i>]``. Returns the first non-zero exit status of a worker, else 0."""
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    procs, pumps = [], []
+    for i in range(workers):
+        proc = subprocess.Popen([sys.executable, "-m", "manlearn", "bench", "accuracy", *argv], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        pump = threading.Thread(target=lambda p=proc, tag=f"[w{i}] ": [say(tag + line.rstrip("\n"))
+                                                                          for line in p.stdout], daemon=True)
+        pump.start()
+        procs.append(proc)
+        pumps.append(pump)
+        time.sleep(0.5)  # let worker i claim its first run before worker i+1 looks
+    try:
+        codes = [proc.wait() for proc in procs]
+    except KeyboardInterrupt:
+        for proc in procs:
+            proc.terminate()
+        raise
+    for pump in pumps:
+        pump.join(timeout=5)
+    return next((c for c in codes if c), 0)

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import ConfigError
-from .common import ALL_METHODS
+from .common import ALL_METHODS, parse_method
 
 RESULTS = Path("benchmarks/results")
 
@@ -21,6 +21,22 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
 
     _positive("--K", args.K)
     _positive("--epochs", [args.epochs])
+    _positive("--workers", [args.workers])
+    if args.threads is not None:
+        _positive("--threads", [args.threads])
+    if args.workers > 1:
+        from .accuracy import run_workers
+
+        argv = [*(["--methods", *args.methods]), "--K", *map(str, args.K), "--epochs", str(args.epochs),
+                "--seeds", *map(str, args.seeds), "--results", args.results, "--runs-dir", args.runs_dir,
+                *(["--rerun"] if args.rerun else []), *args.overrides]
+        for spec in args.methods:
+            parse_method(spec)  # refuse bad specs here, not once per worker
+        return run_workers(argv, args.workers, args.threads)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     run_accuracy(args.methods, args.K, args.epochs, args.seeds, args.results, args.runs_dir,
                  extra=args.overrides, rerun=args.rerun)
     return 0
@@ -71,6 +87,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--results", default=str(RESULTS / "accuracy.jsonl"))
     a.add_argument("--runs-dir", default="runs/bench-accuracy")
     a.add_argument("--rerun", action="store_true", help="run again even if the results file has the run")
+    a.add_argument("--workers", type=int, default=1,
+                   help="run the sweep in this many processes that share the results file (each claims a run)")
+    a.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads per process (default: torch's, or the CPU count / --workers)")
     a.add_argument("overrides", nargs="*", help="extra key=value config overrides for every run")
     a.set_defaults(func=cmd_accuracy)
 
