@@ -27,7 +27,7 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
     if args.workers > 1:
         from .accuracy import run_workers
 
-        argv = [*(["--methods", *args.methods]), "--K", *map(str, args.K), "--epochs", str(args.epochs),
+        argv = ["--methods", *args.methods, "--K", *map(str, args.K), "--epochs", str(args.epochs),
                 "--seeds", *map(str, args.seeds), "--results", args.results, "--runs-dir", args.runs_dir,
                 *(["--rerun"] if args.rerun else []), *args.overrides]
         for spec in args.methods:
