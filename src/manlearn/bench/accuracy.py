@@ -17,13 +17,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import apply_overrides, load_config, validate
-from .common import environment, parse_method, read_rows, append_rows
+from .common import append_rows, environment, parse_method, read_rows, run_key
 
 BASE_RECIPE = "fm-r32-infopro-manpp"  # carries every FM-R32 key; method/base/K are overridden
-
-
-def run_key(row: dict[str, Any]) -> tuple:
-    return (row["method"], int(row["K"]), int(row["epochs"]), int(row["seed"]), row.get("train_limit"))
 
 
 def fm_r32_config(spec: str, K: int, epochs: int, seed: int, out_dir: Path, extra: Sequence[str] = ()):

@@ -108,6 +108,11 @@ def append_rows(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
             f.flush()
 
 
+def run_key(row: dict[str, Any]) -> tuple:
+    """What identifies one accuracy run in a results file: (method, K, epochs, seed, train_limit)."""
+    return (row["method"], int(row["K"]), int(row["epochs"]), int(row["seed"]), row.get("train_limit"))
+
+
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a results file; a torn last line (a killed run) is skipped."""
     path = Path(path)

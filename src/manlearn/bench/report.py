@@ -11,7 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .common import ALL_METHODS, read_rows
+from .common import ALL_METHODS, read_rows, run_key
 
 BASE_OF = {"dgl+man": "dgl", "dgl+manpp": "dgl", "infopro+man": "infopro", "infopro+manpp": "infopro"}
 
@@ -81,7 +81,7 @@ def accuracy_table(rows: list[dict[str, Any]]) -> str:
     rule and to E2E, and in how many of the seeds both ran the rule beat its base *on the same seed*
     (a paired count: the seed fixes the initialisation and the data order)."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for r in _latest(rows, lambda r: (r["method"], r["K"], r["epochs"], r["seed"], r.get("train_limit"))).values():
+    for r in _latest(rows, run_key).values():
         groups[(r["epochs"], r.get("train_limit"), r["K"] if r["method"] != "e2e" else 0, r["method"])].append(r)
     lines = ["| epochs | method | K | seeds | test accuracy | vs base rule | above base (paired seeds) | vs E2E | "
              "s/it (during the run) |",
@@ -128,18 +128,23 @@ def _save(fig, ax, title: str, path: Path) -> bool:
     return True
 
 
+def _mean_std_pct(accs: list[float]) -> tuple[float, float]:
+    """Mean and sample std (0 for one run) of accuracies, in percent."""
+    return 100 * statistics.mean(accs), 100 * statistics.stdev(accs) if len(accs) > 1 else 0.0
+
+
 def _final_accuracy(acc_rows) -> dict[tuple, list[float]]:
     """Final test accuracies of the full-data runs, keyed by (epochs, method, K); the latest row wins."""
     out: dict[tuple, list[float]] = defaultdict(list)
-    for r in _latest(acc_rows, lambda r: (r["method"], r["K"], r["epochs"], r["seed"], r.get("train_limit"))).values():
+    for r in _latest(acc_rows, run_key).values():
         if not r.get("train_limit"):
             out[(r["epochs"], r["method"], r["K"])].append(r["test_acc"])
     return out
 
 
 def plot_accuracy_vs_memory(acc_rows, mem_rows, path: Path, batch: int = 128) -> bool:
-    """One marker per training budget (epochs): accuracy (mean over seeds, bar = std) against the counted
-    activation peak as a share of E2E's."""
+    """One marker per training budget (epochs), one colour per K: accuracy (mean over seeds, bar = std)
+    against the counted activation peak as a share of E2E's."""
     plt = _pyplot()
     mem = _latest([r for r in mem_rows if r["batch"] == batch and r["model"] == "resnet32"],
                   lambda r: (r["method"], r["K"]))
@@ -147,28 +152,24 @@ def plot_accuracy_vs_memory(acc_rows, mem_rows, path: Path, batch: int = 128) ->
     final = _final_accuracy(acc_rows)
     if e2e is None or not final:
         return False
+    # one series per (budget, K); E2E joins the series of the largest K, so it is drawn once per budget
+    top_K = max((K for _, _, K in final if K > 1), default=1)
+    series: dict[tuple, list[tuple[float, float, float, str]]] = defaultdict(list)
+    for (epochs, method, K), accs in sorted(final.items(), key=lambda kv: _order(kv[0][1])):
+        m = mem.get((method, K))
+        if m is not None:
+            x = 100 * m["activation_peak_MiB"] / e2e["activation_peak_MiB"]
+            name = f"{method} K={K}" if method != "e2e" else "e2e"
+            series[(epochs, top_K if method == "e2e" else K)].append((x, *_mean_std_pct(accs), name))
+    budgets = sorted({e for e, _ in series})
+    colours = {K: f"C{i}" for i, K in enumerate(sorted({K for _, K in series}, reverse=True))}
     fig, ax = plt.subplots(figsize=(7, 5))
-    budgets = sorted({e for e, _, _ in final})
-    colours = {K: f"C{i}" for i, K in enumerate(sorted({K for _, _, K in final if K > 1}, reverse=True))}
-    for i, epochs in enumerate(budgets):
-        for K_series, colour in colours.items():
-            xs, ys, errs, names = [], [], [], []
-            for (e, method, K), accs in sorted(final.items(), key=lambda kv: _order(kv[0][1])):
-                m = mem.get((method, K))
-                if e != epochs or m is None or (K != K_series and method != "e2e"):
-                    continue
-                if method == "e2e" and K_series != max(colours):
-                    continue  # E2E once per budget
-                xs.append(100 * m["activation_peak_MiB"] / e2e["activation_peak_MiB"])
-                ys.append(100 * statistics.mean(accs))
-                errs.append(100 * statistics.stdev(accs) if len(accs) > 1 else 0.0)
-                names.append(f"{method} K={K}" if method != "e2e" else "e2e")
-            if not xs:
-                continue
-            ax.errorbar(xs, ys, yerr=errs, fmt="os^Dv"[i % 5], color=colour, ms=5, capsize=2, linestyle="none",
-                        label=f"K={K_series}, {epochs} epoch{'s' if epochs > 1 else ''}")
-            for x, y, name in zip(xs, ys, names):
-                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    for (epochs, K), pts in sorted(series.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        xs, ys, errs, names = zip(*pts)
+        ax.errorbar(xs, ys, yerr=errs, fmt="os^Dv"[budgets.index(epochs) % 5], color=colours[K], ms=5, capsize=2,
+                    linestyle="none", label=f"K={K}, {epochs} epoch{'s' if epochs > 1 else ''}")
+        for x, y, name in zip(xs, ys, names):
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.set_xlabel(f"peak activation memory, % of E2E (ResNet-32, batch {batch})")
     ax.set_ylabel("FM-R32 test accuracy, % (mean over seeds, bar = std)")
     ax.legend(fontsize=8)
@@ -185,8 +186,7 @@ def plot_accuracy_vs_epochs(acc_rows, path: Path) -> bool:
         return False
     lines: dict[tuple, list[tuple[int, float, float]]] = defaultdict(list)
     for (epochs, method, K), accs in final.items():
-        lines[(method, K)].append((epochs, 100 * statistics.mean(accs),
-                                   100 * statistics.stdev(accs) if len(accs) > 1 else 0.0))
+        lines[(method, K)].append((epochs, *_mean_std_pct(accs)))
     fig, ax = plt.subplots(figsize=(7, 5))
     for (method, K), pts in sorted(lines.items(), key=lambda kv: (kv[0][1], _order(kv[0][0]))):
         if len(pts) < 2 and method != "e2e":
