@@ -94,7 +94,7 @@ def per_block(args) -> dict:
     info = load_dataset(cfg.dataset, split="test", data_dir=cfg.data_dir, limit=8, image_size=cfg.image_size).info
     torch.manual_seed(0)
     L = build_learner(cfg, info, "cpu")
-    x = L._prepare(torch.randn(args.batch, info.in_channels, info.image_size, info.image_size))
+    x = L.prepare_input(torch.randn(args.batch, info.in_channels, info.image_size, info.image_size))
     y = torch.randint(0, info.num_classes, (args.batch,))
     b = LocalBatch(x, y, L.norm_mean, L.norm_std)
     opts = []

@@ -169,7 +169,8 @@ class LocalLearner(nn.Module):
             unit_ids[j][0] if unit_ids else (j - unit_range.start) // chunk for j in unit_range]
         return stage_segments(mods, stages)
 
-    def _run_block(self, k: int, x: torch.Tensor) -> torch.Tensor:
+    def run_block(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """Forward of block k alone (under gradient checkpointing when the learner uses it)."""
         if self._segments is None:
             return self.blocks[k](x)
         return run_checkpointed(self._segments[k], x)
@@ -208,20 +209,23 @@ class LocalLearner(nn.Module):
         self._momentum = check_momentum(m)
 
     # ----------------------------------------------------------------- compute
-    def _autocast(self, x: torch.Tensor):
+    def autocast(self, x: torch.Tensor):
+        """The autocast context of this learner's ``amp_dtype`` on ``x``'s device (a no-op without AMP).
+        Public so that schedulers running blocks themselves (pipeline, benchmarks) compute the same."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=x.device.type, dtype=self.amp_dtype)
 
-    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the blocks expect it (channels-last when the learner is)."""
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Inference: backbone + head only; the auxiliary networks are not used."""
-        x = self._prepare(x)
-        with self._autocast(x):
+        x = self.prepare_input(x)
+        with self.autocast(x):
             for block in self.blocks:
                 x = block(x)
             return self.head(x)
@@ -233,8 +237,8 @@ class LocalLearner(nn.Module):
         Returns (detached block output, detached loss); for the last block the output is the logits.
         """
         last = k == self.K - 1
-        with self._autocast(inp):
-            h = self._run_block(k, inp)
+        with self.autocast(inp):
+            h = self.run_block(k, inp)
             if last:
                 out = self.head(h)
                 loss = F.cross_entropy(out.float(), batch.y)
@@ -265,7 +269,7 @@ class LocalLearner(nn.Module):
                               "the in_channels and image_size of your data)")
         if zero_grad:
             self.zero_grad(set_to_none=True)
-        x = self._prepare(x)
+        x = self.prepare_input(x)
         batch = LocalBatch(x, y, self.norm_mean, self.norm_std)
         h = x
         losses = []

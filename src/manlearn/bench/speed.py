@@ -50,12 +50,12 @@ def _parts_step(learner, opt, x: torch.Tensor, y: torch.Tensor, part) -> None:
     from ..rules.momentum import MomentumAux
 
     learner.zero_grad(set_to_none=True)
-    x = learner._prepare(x)
+    x = learner.prepare_input(x)
     batch = LocalBatch(x, y, learner.norm_mean, learner.norm_std)
     h_in = x
     for k in range(learner.K):
         with part("backbone"):
-            h = learner._run_block(k, h_in)
+            h = learner.run_block(k, h_in)
             if k == learner.K - 1:
                 F.cross_entropy(learner.head(h).float(), y).backward()
                 break

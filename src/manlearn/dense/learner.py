@@ -204,19 +204,22 @@ class DenseLocalLearner(nn.Module):
         return channels, strides
 
     # ----------------------------------------------------------------- compute
-    def _autocast(self, x: torch.Tensor):
+    def autocast(self, x: torch.Tensor):
+        """The autocast context of this learner's ``amp_dtype`` on ``x``'s device (a no-op without AMP).
+        Public so that schedulers running blocks themselves (pipeline, benchmarks) compute the same."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=x.device.type, dtype=self.amp_dtype)
 
-    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the blocks expect it (channels-last when the learner is)."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ConfigError(f"images must be [B, {self.in_channels}, H, W] float tensors, got {list(x.shape)}")
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def _run_block(self, k: int, x: torch.Tensor) -> list[torch.Tensor]:
+    def run_block(self, k: int, x: torch.Tensor) -> list[torch.Tensor]:
         """Outputs of every stage of block k (the stem, if any, is not a stage)."""
         outs = []
         for i, m in enumerate(self.blocks[k]):
@@ -230,15 +233,15 @@ class DenseLocalLearner(nn.Module):
         feats: list[torch.Tensor] = []
         h = x
         for k in range(self.K):
-            outs = self._run_block(k, h)
+            outs = self.run_block(k, h)
             feats += outs
             h = outs[-1]
         return feats
 
     def forward(self, x: torch.Tensor) -> Any:
         """Inference: backbone + final task head (raw outputs; see :meth:`predict`)."""
-        x = self._prepare(x)
-        with self._autocast(x):
+        x = self.prepare_input(x)
+        with self.autocast(x):
             return self.final(self.features(x))
 
     @torch.no_grad()
@@ -253,8 +256,8 @@ class DenseLocalLearner(nn.Module):
         loss, backward, EMA. ``feats`` are the detached stage outputs of the blocks before; returns them
         extended by this block's (detached) stage outputs, and the detached loss."""
         last = k == self.K - 1
-        with self._autocast(inp):
-            outs = self._run_block(k, inp)
+        with self.autocast(inp):
+            outs = self.run_block(k, inp)
             if last:
                 hw = (int(batch.x.shape[-2]), int(batch.x.shape[-1]))
                 loss = self.task.loss(self.final(feats + outs), batch.y, hw)
@@ -273,7 +276,7 @@ class DenseLocalLearner(nn.Module):
         loss on all stage outputs (earlier blocks' outputs detached). Leaves ``.grad``; no optimiser step."""
         if zero_grad:
             self.zero_grad(set_to_none=True)
-        x = self._prepare(x)
+        x = self.prepare_input(x)
         batch = LocalBatch(x, targets, self.norm_mean, self.norm_std)
         feats: list[torch.Tensor] = []
         losses: list[torch.Tensor] = []

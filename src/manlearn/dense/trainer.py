@@ -32,7 +32,7 @@ import torch
 
 from manlearn.errors import CheckpointError, ConfigError, DatasetError
 from manlearn.memory import peak_rss_bytes
-from manlearn.train.build import amp_dtype, resolve_device
+from manlearn.runtime import amp_dtype, resolve_device
 from manlearn.train.checkpoint import (checkpoint_config, config_differences, eval_config, load_checkpoint,
                                        load_model_state)
 from manlearn.train.run import CKPT_NAME, METRICS_NAME, TrainerBase

@@ -91,7 +91,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def rank_device(name: str, local_rank: int) -> torch.device:
     """The device of this rank: ``auto``/``cuda`` become ``cuda:LOCAL_RANK`` when CUDA is present."""
-    from manlearn.train.build import resolve_device
+    from manlearn.runtime import resolve_device
 
     dev = resolve_device(name)
     if dev.type == "cuda" and dev.index is None:
@@ -112,7 +112,7 @@ def setup_from_env(backend: str = "auto", device: str = "auto",
     """
     world = env_world_size()
     if world <= 1 and not dist.is_initialized():
-        from manlearn.train.build import resolve_device
+        from manlearn.runtime import resolve_device
 
         return SINGLE, resolve_device(device)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

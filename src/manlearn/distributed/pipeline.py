@@ -131,7 +131,7 @@ def block_costs(learner: nn.Module, batch: int = 2) -> list[float]:
     dev = next(lr.parameters()).device
     x = torch.randn(batch, lr.in_channels, lr.image_size, lr.image_size, device=dev)
     y = torch.zeros(batch, dtype=torch.long, device=dev)
-    x = lr._prepare(x)
+    x = lr.prepare_input(x)
     b = LocalBatch(x, y, lr.norm_mean, lr.norm_std)
     costs, h = [], x
     for k in range(lr.K):
@@ -241,11 +241,11 @@ class _Worker:
         L = self.learner
         bs = self.cfg.batch_size
         x = torch.zeros(1, L.in_channels, L.image_size, L.image_size, device=self.device)
-        x = L._prepare(x)
+        x = L.prepare_input(x)
         modes = [b.training for b in L.blocks]
         try:
             L.eval()
-            with L._autocast(x):
+            with L.autocast(x):
                 for k in range(self.own.start):
                     x = L.blocks[k](x)
         finally:
@@ -336,8 +336,8 @@ class _Worker:
                 assert rt == t
                 for w in works:
                     _wait(w, self.timeout, f"worker {self.rank}: waiting for micro-batch {t} from worker {prev}")
-                h, y = L._prepare(ts[0]), ts[1]
-                x = L._prepare(ts[2]) if need_x else None
+                h, y = L.prepare_input(ts[0]), ts[1]
+                x = L.prepare_input(ts[2]) if need_x else None
                 fill_recvs()  # post the next receive before computing: the transfer overlaps
             # -------- MAN: post the receives of every version <= t+1 now, before micro-batch t goes
             # out: the next worker sends version t+1 right after its step t, and must never wait for

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from manlearn.config import config_to_dict, config_to_yaml
 from manlearn.errors import CheckpointError
 
-from .build import seed_everything
+from manlearn.runtime import seed_everything
 from .checkpoint import (CKPT_FORMAT, CKPT_VERSION, capture_rng_state, load_checkpoint, restore_rng_state,
                          save_checkpoint)
 from .metrics import JsonlWriter, MetricLogger

@@ -1,0 +1,48 @@
+"""Runtime policy shared by every layer: which device, how to seed, which autocast dtype.
+
+A leaf module (it imports only torch, numpy and the errors), so that the trainer, the data-parallel
+and pipeline loops and the benchmarks all take these decisions the same way without importing each
+other.
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from manlearn.errors import ConfigError
+
+__all__ = ["resolve_device", "seed_everything", "amp_dtype"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; an unavailable explicit device is refused."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name} requested but CUDA is not available here; use device=cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("device=mps requested but MPS is not available here")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every RNG a run may use; the learner is built right after, so its init is repeatable."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for the ``amp`` mode of a config (``off`` | ``bf16`` | ``fp16``) on ``device``;
+    mixed precision is a CUDA-only feature here (shared by classification and dense runs)."""
+    if amp == "off":
+        return None
+    if device.type != "cuda":
+        raise ConfigError(f"amp={amp} needs a CUDA device (device resolves to {device}); use amp=off")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
