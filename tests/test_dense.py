@@ -65,9 +65,9 @@ def test_last_block_and_head_learn_from_the_task_loss_on_detached_earlier_stages
         feats = ref.features(x)[:-1]
     torch.manual_seed(7)
     last = ref.blocks[-1](feats[-1])
-    params = list(ref.blocks[-1].parameters()) + list(ref.final.parameters())
-    expected = torch.autograd.grad(ref.task.loss(ref.final(feats + [last]), y, (64, 64)), params, allow_unused=True)
-    got = list(learner.blocks[-1].parameters()) + list(learner.final.parameters())
+    params = list(ref.blocks[-1].parameters()) + list(ref.head.parameters())
+    expected = torch.autograd.grad(ref.task.loss(ref.head(feats + [last]), y, (64, 64)), params, allow_unused=True)
+    got = list(learner.blocks[-1].parameters()) + list(learner.head.parameters())
     for p, g in zip(got, expected):
         if g is None:
             assert p.grad is None or not p.grad.any()
@@ -116,7 +116,7 @@ def test_manpp_aux_is_built_from_the_next_stage_first_unit_and_fuses_with_s(task
     for k, aux in enumerate(learner.auxes):
         h = learner.blocks[k](h)
         assert isinstance(aux, MomentumAux) and isinstance(aux.heads, LocalTaskLoss)
-        assert aux.source is learner.blocks[k + 1][0][0]  # first unit of the next block's first stage
+        assert aux.source is learner.blocks[k + 1][0]  # first unit of the next block (its first stage)
         with torch.no_grad():
             aux.scale.fill_(0.3)
             torch.testing.assert_close(aux.fuse(h), 0.3 * aux.lb(h) + 1.7 * aux.ema(h))
@@ -125,7 +125,7 @@ def test_manpp_aux_is_built_from_the_next_stage_first_unit_and_fuses_with_s(task
 def test_stage_cuts_follow_spec_and_bad_k_is_refused():
     learner = _learner("detection", "manpp")
     assert learner.stage_cuts == (1, 2, 3) and learner.stage_strides == [4, 8, 16, 32]
-    assert [len(b) for b in learner.blocks] == [2, 1, 1, 1]  # stem + layer1 | layer2 | layer3 | layer4
+    assert [len(b) for b in learner.blocks] == [1 + 3, 4, 6, 3]  # stem + layer1 | layer2 | layer3 | layer4
     with pytest.raises(ConfigError, match="K must be 1..4"):
         _learner("detection", "manpp", K=5)
     with pytest.raises(ConfigError, match="use method=e2e"):

@@ -13,7 +13,8 @@ import manlearn
 from manlearn import ConfigError, LocalLearner
 from manlearn.models.vit import TransformerBlock
 from manlearn.rules import LocalBatch, MomentumAux
-from manlearn.rules.vit_aux import TokenCEAux, ViTMomentumAux
+from manlearn.rules.vit_aux import TokenCEAux
+from manlearn.rules.momentum import ViTMomentumAux
 
 from invariants import (assert_block_grads_are_their_local_loss_grads, assert_ema_is_m_old_plus_one_minus_m_source,
                         perturb_ema_and_snapshot)

@@ -1,64 +1,82 @@
 """LocalLearner: a backbone cut into K gradient-isolated blocks, each with its auxiliary network.
 
-It owns modules and the training step of SPEC §1 and nothing else: no data, files, optimiser or
-device policy beyond the tensors it is given.
+One engine for every task: built from a backbone, a task (classification by default; detection and
+segmentation read several stages), a rule and a split. It owns modules and the training step of
+SPEC §1 and nothing else: no data, files, optimiser or device policy beyond the tensors it is given.
+No rule, task or model is named here: everything comes through their interfaces.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
 from .memory import unit_activation_bytes
 from .models import create_model, follows_protocol, init_weights, model_accepts
-from .rules import AuxContext, LocalBatch, MomentumAux, check_momentum, get_rule_class, list_rules
+from .models.base import feature_info
+from .rules import AuxContext, LocalBatch, check_momentum, create_rule
 from .rules.base import register_norm_buffers
-from .rules.momentum import INITS, MAN_BASES
-from .rules.vit_aux import build_token_aux, is_token_shape
 from .recompute import Segment, run_checkpointed, stage_segments
-from .split import Split, resolve_split
-
-MOMENTUM_METHODS = ("man", "manpp")
+from .split import Split, ends_from_stage_cuts, resolve_split, stage_ends
+from .tasks import ClassificationTask, check_task
 
 
 @dataclass
 class StepOutput:
     """Result of :meth:`LocalLearner.train_step`."""
 
-    logits: torch.Tensor      # final head's logits (detached)
+    logits: Any               # final head's outputs, detached (logits for classification)
     losses: list[float]       # one local loss per block; the last is the task loss
+
+    @property
+    def outputs(self) -> Any:
+        return self.logits
 
     @property
     def loss(self) -> float:
         return self.losses[-1]
 
 
+def _detach(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out.detach()
+    if isinstance(out, dict):
+        return {k: _detach(v) for k, v in out.items()}
+    if isinstance(out, (list, tuple)):
+        return type(out)(_detach(v) for v in out)
+    return out
+
+
 class LocalLearner(nn.Module):
-    """Supervised local learning of a backbone (SPEC.md §1-4).
+    """Supervised local learning of a backbone (SPEC.md §1-4), for any task.
 
     Args:
         model: a registered model name (see ``manlearn.list_models()``) or an ``nn.Module`` with
             ``stem``, ``units`` and ``head`` (optionally ``unit_ids`` for the published split tables).
             Units may output feature maps ``B x C x H x W`` or tokens ``B x N x D`` (ViT); a registered
             factory that takes ``image_size`` (ViT) is built for this learner's ``image_size``.
-        method: ``e2e``, ``greedy``, ``dgl``, ``infopro``, ``infopro-contrast``, ``man`` or ``manpp``.
-        base: the base rule of ``man``/``manpp``: ``dgl`` or ``infopro`` (default).
+        method: a registered rule (``manlearn.list_rules()``): ``e2e``, ``greedy``, ``dgl``, ``infopro``,
+            ``infopro-contrast``, ``man``, ``manpp`` or one of your own (``manlearn.register_rule``).
+        base: the base rule of a modifier (``man``/``manpp``): any registered rule; default ``infopro``
+            for classification, ``greedy`` (the task's local head) for dense tasks.
         K: real number of gradient-isolated pieces (ignored by ``e2e``; K=1 is plain backprop).
-        split: ``auto`` | ``paper`` | ``memory`` | ``uniform`` | ``balanced`` | list of boundaries.
-        stem_module: the stem is its own piece (MAN++ code) when True.
+        num_classes, in_channels, image_size: the classification task's classes, and the input the
+            shapes are probed with (dense tasks accept any size at training time).
+        task: ``manlearn.tasks.ClassificationTask(num_classes)`` by default; ``RetinaNetTask``,
+            ``DeepLabV3Task`` or any object following :class:`manlearn.tasks.Task`.
+        split: ``auto`` | ``paper`` | ``memory`` | ``uniform`` | ``balanced`` | ``stages`` | list of
+            boundaries. ``auto`` cuts at stage boundaries for tasks that read every stage.
+        stage_cuts: cut after these stages (1-based), e.g. ``(1, 2, 3)``; implies a stage split.
+        stem_module: the stem is its own piece (MAN++ code); default True, False for stage-reading tasks.
         momentum: EMA momentum of MAN/MAN++ in [0, 1].
-        init: ``copy`` (ema/lb start as copies of the tracked unit) or ``random`` (authors' code).
-        lambda_schedule: InfoPro weight schedule, ``stage`` (MAN code) or ``module`` (InfoPro).
-        lambdas: InfoPro (λ1_first, λ2_first, λ1_last, λ2_last); None = the heads' default (5/0.5 -> 0/0
-            for ``cifar`` heads, constant 5/0.75 for ``imagenet`` heads).
-        infopro_heads: ``auto`` (``imagenet`` for inputs >= 128 px, else ``cifar``), ``cifar`` or
-            ``imagenet`` (SPEC 2.2's deeper decoder/classifier).
+        init, lambda_schedule, infopro_classifier, lambdas, infopro_heads: options of the rules that take
+            them (see each rule); ignored by the others. ``rule_options``: further options, refused when
+            no rule in use takes them.
         norm_mean, norm_std: the input normalisation, used to de-normalise InfoPro's target image.
         amp_dtype: run forwards under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``).
         channels_last: keep weights and activations in channels-last memory format.
@@ -68,90 +86,53 @@ class LocalLearner(nn.Module):
             activations (same gradients, one more ema forward per step, less memory).
     """
 
-    def __init__(self, model: str | nn.Module = "resnet32", method: str = "manpp", base: str = "infopro",
+    def __init__(self, model: str | nn.Module = "resnet32", method: str = "manpp", base: str | None = None,
                  K: int = 16, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, *,
-                 split: str | Sequence = "auto", stem_module: bool = True, momentum: float = 0.995,
+                 task: Any = None, split: str | Sequence = "auto", stage_cuts: Sequence[int] | None = None,
+                 stem_module: bool | None = None, momentum: float = 0.995,
                  init: str = "copy", lambda_schedule: str = "stage", infopro_classifier: str = "2c2f",
                  lambdas: tuple[float, float, float, float] | None = None, infopro_heads: str = "auto",
+                 rule_options: dict | None = None,
                  norm_mean: Sequence[float] | None = None, norm_std: Sequence[float] | None = None,
                  amp_dtype: torch.dtype | None = None, channels_last: bool = False,
                  grad_checkpoint: bool = False, ema_recompute: bool = False,
                  model_kwargs: dict | None = None) -> None:
         super().__init__()
-        if method not in list_rules():
-            raise ConfigError(f"unknown method {method!r}; available methods: {', '.join(list_rules())}")
-        if method in MOMENTUM_METHODS and base not in MAN_BASES:
-            raise ConfigError(f"unknown base {base!r} for {method}; choose from {', '.join(MAN_BASES)}")
-        if init not in INITS:
-            raise ConfigError(f"init must be one of {INITS}, got {init!r}")
         for name, v in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
-        self.method, self.base = method, (base if method in MOMENTUM_METHODS else None)
+        self.task = check_task(task if task is not None else ClassificationTask(num_classes))
+        num_classes = int(getattr(self.task, "num_classes", num_classes))
+        options = dict(base=base, init=init, lambda_schedule=lambda_schedule, classifier=infopro_classifier,
+                       lambdas=lambdas, heads=infopro_heads, recompute_ema=ema_recompute)
+        rule = create_rule(method, options, strict=rule_options, task=self.task)
+        self.rule, self.method = rule, method
+        self.base = getattr(rule, "base_name", None)
         self.momentum = momentum  # validated by the property setter
         self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
         self.amp_dtype = amp_dtype
         self.channels_last = channels_last
 
-        model_kwargs = dict(model_kwargs or {})
-        if isinstance(model, str) and model_accepts(model, "image_size"):
-            model_kwargs.setdefault("image_size", image_size)
-        backbone = self._build_backbone(model, num_classes, in_channels, model_kwargs)
-        model_name = model if isinstance(model, str) else None
+        backbone = self._build_backbone(model, num_classes, in_channels, image_size, dict(model_kwargs or {}))
         units = list(backbone.units)
         unit_ids = getattr(backbone, "unit_ids", None)
-        if method == "e2e":
-            K = 1
-        self.split: Split = resolve_split(
-            len(units), K, split, stem_module, model_name, unit_ids,
-            unit_costs=lambda: unit_activation_bytes(backbone.stem, units, in_channels, image_size))
+        self.split: Split = self._resolve_split(backbone, units, unit_ids, model, 1 if rule.single_block else K,
+                                                split, stage_cuts, stem_module)
         self.K = self.split.K
 
         shapes = self._probe_shapes(backbone, in_channels, image_size)  # shapes[j] = output of unit j-1
-        blocks, block_ends = [], []
-        for has_stem, unit_range in self.split.pieces():
-            mods = ([backbone.stem] if has_stem else []) + [units[j] for j in unit_range]
-            blocks.append(nn.Sequential(*mods))
-            block_ends.append(unit_range.stop if len(unit_range) else 0)
-        self.blocks = nn.ModuleList(blocks)
-        self.head = backbone.head
-        self.grad_checkpoint = bool(grad_checkpoint)
-        self._segments: list[list[Segment]] | None = None
-        if grad_checkpoint:
-            self._segments = [self._block_segments(k, has_stem, unit_range, unit_ids)
-                              for k, (has_stem, unit_range) in enumerate(self.split.pieces())]
-
-        rule_cls = get_rule_class(method)
-        rule_kwargs: dict = {}
-        if method in ("infopro", "infopro-contrast") or (method in MOMENTUM_METHODS and base.startswith("infopro")):
-            rule_kwargs = dict(lambda_schedule=lambda_schedule, classifier=infopro_classifier, lambdas=lambdas,
-                               heads=infopro_heads)
-        if method in MOMENTUM_METHODS:
-            rule = rule_cls(base=base, init=init, **rule_kwargs)
-        else:
-            rule = rule_cls(**rule_kwargs)
-        reinit = getattr(backbone, "init_weights", None) or init_weights
-        auxes = []
-        for i in range(self.K - 1):
-            nxt = block_ends[i]  # index of the first unit of block i+1
-            ctx = AuxContext(index=i, K=self.K, h_shape=shapes[nxt], next_unit=units[nxt], next_unit_index=nxt,
-                             next_shape=shapes[nxt + 1], next_stage=unit_ids[nxt][0] if unit_ids else None,
-                             num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-                             reinit=reinit, following_unit=units[nxt + 1] if nxt + 1 < len(units) else None)
-            auxes.append(build_token_aux(rule, ctx) if is_token_shape(ctx.h_shape) else rule.build_aux(ctx))
-        self.auxes = nn.ModuleList(auxes)
-        for aux in self.auxes:
-            if isinstance(aux, MomentumAux):
-                aux.recompute_ema = bool(ema_recompute)
-
+        self._build_blocks(backbone, units, unit_ids, shapes, grad_checkpoint)
+        self._build_auxes(backbone, units, unit_ids, shapes)
         register_norm_buffers(self, in_channels, norm_mean, norm_std)
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
     # ----------------------------------------------------------------- construction helpers
     @staticmethod
-    def _build_backbone(model, num_classes, in_channels, model_kwargs) -> nn.Module:
+    def _build_backbone(model, num_classes: int, in_channels: int, image_size: int, model_kwargs: dict) -> nn.Module:
         if isinstance(model, str):
+            if model_accepts(model, "image_size"):
+                model_kwargs.setdefault("image_size", image_size)
             return create_model(model, num_classes=num_classes, in_channels=in_channels, **model_kwargs)
         if isinstance(model, nn.Module):
             if not follows_protocol(model):
@@ -159,6 +140,59 @@ class LocalLearner(nn.Module):
                                   "nn.ModuleList) and `head` (nn.Module); see manlearn.models.Backbone")
             return model
         raise ConfigError(f"model must be a registered name or an nn.Module, got {type(model).__name__}")
+
+    def _resolve_split(self, backbone, units, unit_ids, model, K, split, stage_cuts, stem_module) -> Split:
+        stages_task = self.task.reads == "stages"
+        if stem_module is None:
+            stem_module = not stages_task
+        if stage_cuts is not None and K > 1:
+            split = list(ends_from_stage_cuts(stage_cuts, unit_ids))
+        elif stages_task and split == "auto":
+            split = "stages"
+        return resolve_split(
+            len(units), K, split, bool(stem_module), model if isinstance(model, str) else None, unit_ids,
+            unit_costs=lambda: unit_activation_bytes(backbone.stem, units, self.in_channels, self.image_size))
+
+    def _build_blocks(self, backbone, units, unit_ids, shapes, grad_checkpoint: bool) -> None:
+        """Blocks (nn.Sequential of [stem] + units), the final head, and where the feature taps sit."""
+        pieces = self.split.pieces()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(*([backbone.stem] if has_stem else []), *[units[j] for j in rng]) for has_stem, rng in pieces)
+        self.block_ends = [rng.stop if len(rng) else 0 for _, rng in pieces]
+        self._stage_ends = stage_ends(unit_ids) if unit_ids else None
+        info = getattr(backbone, "feature_info", None)
+        taps = [int(t["unit"]) for t in (info if isinstance(info, list) else feature_info(backbone))]
+        if self.task.reads == "last":
+            taps = [len(units) - 1]
+        # positions inside each block's Sequential whose output is a feature tap
+        self._tap_positions = [[j - rng.start + int(has_stem) for j in taps if j in rng] for has_stem, rng in pieces]
+        self.tap_channels = [int(shapes[j + 1][0]) for j in taps]
+        self.tap_strides = [max(1, self.image_size // int(shapes[j + 1][-1])) for j in taps] \
+            if all(len(shapes[j + 1]) == 3 for j in taps) else [1] * len(taps)
+        if self.task.reads == "last":
+            self.head = backbone.head
+        else:
+            self.head = self.task.final_head(self.tap_channels, self.tap_strides)
+        self.grad_checkpoint = bool(grad_checkpoint)
+        self._segments: list[list[Segment]] | None = None
+        if grad_checkpoint:
+            if self.task.reads != "last":
+                raise ConfigError("grad_checkpoint runs whole blocks; it is not available for tasks whose head "
+                                  "reads every stage")
+            self._segments = [self._block_segments(k, has_stem, rng, unit_ids) for k, (has_stem, rng) in enumerate(pieces)]
+
+    def _build_auxes(self, backbone, units, unit_ids, shapes) -> None:
+        reinit = getattr(backbone, "init_weights", None) or init_weights
+        auxes = []
+        for i in range(self.K - 1):
+            nxt = self.block_ends[i]  # index of the first unit of block i+1
+            ctx = AuxContext(index=i, K=self.K, h_shape=shapes[nxt], next_unit=units[nxt], next_unit_index=nxt,
+                             next_shape=shapes[nxt + 1], next_stage=unit_ids[nxt][0] if unit_ids else None,
+                             num_classes=self.num_classes, in_channels=self.in_channels, image_size=self.image_size,
+                             reinit=reinit, following_unit=units[nxt + 1] if nxt + 1 < len(units) else None,
+                             task=self.task)
+            auxes.append(self.rule.build_aux(ctx))
+        self.auxes = nn.ModuleList(auxes)
 
     def _block_segments(self, k: int, has_stem: bool, unit_range: range, unit_ids) -> list[Segment]:
         """Checkpoint segments of block k: one per stage (the stem joins the first); without stage
@@ -168,12 +202,6 @@ class LocalLearner(nn.Module):
         stages = ([None] if has_stem else []) + [
             unit_ids[j][0] if unit_ids else (j - unit_range.start) // chunk for j in unit_range]
         return stage_segments(mods, stages)
-
-    def run_block(self, k: int, x: torch.Tensor) -> torch.Tensor:
-        """Forward of block k alone (under gradient checkpointing when the learner uses it)."""
-        if self._segments is None:
-            return self.blocks[k](x)
-        return run_checkpointed(self._segments[k], x)
 
     @staticmethod
     @torch.no_grad()
@@ -208,6 +236,23 @@ class LocalLearner(nn.Module):
     def momentum(self, m: float) -> None:
         self._momentum = check_momentum(m)
 
+    @property
+    def stage_cuts(self) -> tuple[int, ...] | None:
+        """Stages after which the blocks are cut, when every cut falls at a stage boundary (else None)."""
+        ends = self._stage_ends
+        cuts = list(self.split.ends[:-1])
+        if ends is None or any(e not in ends for e in cuts):
+            return None
+        return tuple(ends.index(e) + 1 for e in cuts)
+
+    @property
+    def stage_channels(self) -> list[int]:
+        return self.tap_channels
+
+    @property
+    def stage_strides(self) -> list[int]:
+        return self.tap_strides
+
     # ----------------------------------------------------------------- compute
     def autocast(self, x: torch.Tensor):
         """The autocast context of this learner's ``amp_dtype`` on ``x``'s device (a no-op without AMP).
@@ -222,51 +267,104 @@ class LocalLearner(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Inference: backbone + head only; the auxiliary networks are not used."""
+    def run_block(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """Forward of block k alone (under gradient checkpointing when the learner uses it)."""
+        if self._segments is not None:
+            return run_checkpointed(self._segments[k], x)
+        return self.blocks[k](x)
+
+    def run_block_taps(self, k: int, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Forward of block k, also returning the outputs of the feature taps inside it."""
+        positions = self._tap_positions[k]
+        if not positions or self.task.reads == "last":
+            h = self.run_block(k, x)
+            return h, ([h] if positions else [])
+        taps = []
+        for i, m in enumerate(self.blocks[k]):
+            x = m(x)
+            if i in positions:
+                taps.append(x)
+        return x, taps
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every feature tap's output (one per stage for stage-reading tasks), no detaching."""
+        feats: list[torch.Tensor] = []
+        for k in range(self.K):
+            x, taps = self.run_block_taps(k, x)
+            feats += taps
+        return feats
+
+    def head_forward(self, h: torch.Tensor, taps: list[torch.Tensor]) -> Any:
+        """The final head on what it reads: the last output, or every feature tap."""
+        return self.head(h) if self.task.reads == "last" else self.head(taps)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        """Inference: backbone + final head only; the auxiliary networks are not used."""
         x = self.prepare_input(x)
         with self.autocast(x):
-            for block in self.blocks:
-                x = block(x)
-            return self.head(x)
+            if self.task.reads == "last":
+                for block in self.blocks:
+                    x = block(x)
+                return self.head(x)
+            return self.head(self.features(x))
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> Any:
+        """The task's post-processed predictions of the final head (class indices, boxes, label maps)."""
+        return self.task.predict(self(x), (int(x.shape[-2]), int(x.shape[-1])))
 
     def local_step(self, k: int, inp: torch.Tensor, batch: LocalBatch,
-                   grad_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One block's whole work, as one schedulable unit: forward, local loss, backward, EMA.
+                   grad_scale: torch.Tensor | None = None) -> tuple[Any, torch.Tensor]:
+        """One block's whole work, as one schedulable unit: forward, local loss, backward, and the auxiliary
+        network's ``after_backward`` (MAN's EMA update).
 
-        Returns (detached block output, detached loss); for the last block the output is the logits.
+        Returns (detached block output, detached loss); for the last block the output is the final
+        head's. Feature taps of the block are appended, detached, to ``batch.taps``.
         """
         last = k == self.K - 1
         with self.autocast(inp):
-            h = self.run_block(k, inp)
+            h, taps = self.run_block_taps(k, inp)
             if last:
-                out = self.head(h)
-                loss = F.cross_entropy(out.float(), batch.y)
+                out = self.head_forward(h, batch.taps + taps)
+                loss = self.task.loss(out, batch.y, batch.image_hw)
             else:
                 out = h
                 loss = self.auxes[k](h, batch)
         (loss * grad_scale if grad_scale is not None else loss).backward()
         if not last:
-            aux = self.auxes[k]
-            if isinstance(aux, MomentumAux):
-                aux.update_ema(self._momentum)
-        return out.detach(), loss.detach()
+            hook = getattr(self.auxes[k], "after_backward", None)
+            if hook is not None:
+                hook(self._momentum)
+        if self.task.reads != "last":
+            batch.taps.extend(t.detach() for t in taps)
+        return _detach(out), loss.detach()
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, *, zero_grad: bool = True,
+    def check_batch(self, x: torch.Tensor, targets: Any) -> None:
+        """Refuse inputs this learner cannot train on, before any work (shape, channels, targets)."""
+        if self.task.fixed_input_size:
+            expected = (self.in_channels, self.image_size, self.image_size)
+            if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+                raise ConfigError(f"this learner was built for inputs [B, {expected[0]}, {expected[1]}, {expected[2]}]; "
+                                  f"got x {list(x.shape)} (build it with the in_channels and image_size of your data)")
+        elif x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ConfigError(f"images must be [B, {self.in_channels}, H, W] float tensors, got {list(x.shape)}")
+        check = getattr(self.task, "check_targets", None)
+        if check is not None:
+            check(x, targets)
+
+    def train_step(self, x: torch.Tensor, y: Any, *, zero_grad: bool = True,
                    grad_scale: torch.Tensor | None = None,
                    after_block: Callable[[int], None] | None = None) -> StepOutput:
         """Forward of every block, every local backward, the EMA updates (SPEC §1).
 
-        Leaves ``.grad`` on every trainable parameter and does not step an optimiser. ``grad_scale``
-        multiplies every loss before its backward (for a fp16 GradScaler). ``after_block(k)`` is
-        called once block k's gradients (block, auxiliary network) are final — data parallelism
-        starts block k's gradient all-reduce there, overlapping it with the later blocks.
+        ``y`` are the task's targets (class indices for classification; per-image box dicts for
+        detection; label maps for segmentation). Leaves ``.grad`` on every trainable parameter and does
+        not step an optimiser. ``grad_scale`` multiplies every loss before its backward (for a fp16
+        GradScaler). ``after_block(k)`` is called once block k's gradients (block, auxiliary network)
+        are final — data parallelism starts block k's gradient all-reduce there, overlapping it with the
+        later blocks.
         """
-        expected = (self.in_channels, self.image_size, self.image_size)
-        if x.dim() != 4 or tuple(x.shape[1:]) != expected or y.shape != x.shape[:1]:
-            raise ConfigError(f"this learner was built for inputs [B, {expected[0]}, {expected[1]}, {expected[2]}] "
-                              f"with labels [B]; got x {list(x.shape)} and y {list(y.shape)} (build it with "
-                              "the in_channels and image_size of your data)")
+        self.check_batch(x, y)
         if zero_grad:
             self.zero_grad(set_to_none=True)
         x = self.prepare_input(x)
@@ -298,5 +396,5 @@ class LocalLearner(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return (f"method={self.method}, base={self.base}, K={self.K}, split={self.split.source}, "
-                f"stem_module={self.split.stem_module}, momentum={self._momentum}")
+        return (f"task={type(self.task).__name__}, method={self.method}, base={self.base}, K={self.K}, "
+                f"split={self.split.source}, stem_module={self.split.stem_module}, momentum={self._momentum}")

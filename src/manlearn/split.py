@@ -61,7 +61,11 @@ PUBLISHED_SPLITS: dict[str, dict[str, dict[int, list[tuple[int, int]] | str]]] =
     **{vit: {"paper": {4: [(1, 2), (1, 5), (1, 8), (1, 11)]}} for vit in ("vit_tiny", "vit_small", "vit_base")},
 }
 
-SPLIT_KINDS = ("auto", "paper", "memory", "uniform", "balanced")
+SPLIT_KINDS = ("auto", "paper", "memory", "uniform", "balanced", "stages")
+
+#: Stages after which a ``stages`` split cuts a 4-stage backbone; K=4 is SPEC 3.4's detection table
+#: (stem+layer1 | layer2 | layer3 | layer4). Other stage counts are cut evenly.
+DEFAULT_STAGE_CUTS = {1: (), 2: (2,), 3: (1, 2), 4: (1, 2, 3)}
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,35 @@ def balanced_ends(costs: Sequence[float], groups: int, first_extra: float = 0.0)
     return tuple(reversed(ends))
 
 
+def stage_ends(unit_ids: Sequence[tuple[int, int]] | None) -> list[int]:
+    """Unit count at the end of each stage (``[3, 7, 13, 16]`` for ResNet-50)."""
+    if not unit_ids:
+        raise ConfigError("a cut at stage boundaries needs a backbone whose units carry (stage, index) ids")
+    ends = [j + 1 for j in range(len(unit_ids)) if j + 1 == len(unit_ids) or unit_ids[j + 1][0] != unit_ids[j][0]]
+    return ends
+
+
+def ends_from_stage_cuts(cuts: Sequence[int], unit_ids: Sequence[tuple[int, int]] | None) -> tuple[int, ...]:
+    """Split ends for cuts after the given stages (1-based stage numbers, increasing)."""
+    ends = stage_ends(unit_ids)
+    n = len(ends)
+    cuts = [int(c) for c in cuts]
+    if cuts != sorted(set(cuts)) or any(not 1 <= c < n for c in cuts):
+        raise ConfigError(f"stage_cuts {tuple(cuts)} is not a valid cut of {n} stages: give increasing stage "
+                          f"numbers in 1..{n - 1}")
+    return tuple(ends[c - 1] for c in cuts) + (ends[-1],)
+
+
+def _stage_split(K: int, stem_module: bool, unit_ids) -> tuple[int, ...]:
+    n = len(stage_ends(unit_ids))
+    groups = K - int(stem_module)
+    if not 1 <= groups <= n:
+        raise ConfigError(f"K={K} is impossible for a cut at stage boundaries of {n} stages: K must be 1..{n}"
+                          + (" (plus the stem module)" if stem_module else ""))
+    cuts = DEFAULT_STAGE_CUTS[groups] if n == 4 else tuple(round(n * (i + 1) / groups) for i in range(groups - 1))
+    return ends_from_stage_cuts(cuts, unit_ids)
+
+
 def _describe_tables(model_name: str | None, unit_ids, n_units: int) -> str:
     parts = []
     for kind in ("paper", "memory"):
@@ -168,7 +201,7 @@ def resolve_split(n_units: int, K: int, split: str | Sequence = "auto", stem_mod
 
     ``split`` is one of ``auto`` (a published table when one gives K pieces, else uniform),
     ``paper`` / ``memory`` (published tables only), ``uniform``, ``balanced`` (needs ``unit_costs``,
-    returning (stem cost, per-unit costs)), or an explicit list of boundaries: unit counts
+    returning (stem cost, per-unit costs)), ``stages`` (cuts at stage boundaries only), or an explicit list of boundaries: unit counts
     (``[3, 8, 15]``) or ``(stage, index)`` pairs, the last one being the end of the network.
     """
     if isinstance(K, bool) or not isinstance(K, int) or K < 1:
@@ -191,6 +224,8 @@ def resolve_split(n_units: int, K: int, split: str | Sequence = "auto", stem_mod
                           f"{' plus the stem module' if stem_module else ''}, so at most K={max_k} pieces. "
                           + _describe_tables(model_name, unit_ids, n_units))
     groups = K - int(stem_module)
+    if split == "stages":
+        return Split(_stage_split(K, stem_module, unit_ids), stem_module, "stages")
     if split in ("auto", "paper", "memory"):
         kinds = ("paper", "memory") if split == "auto" else (split,)
         for kind in kinds:

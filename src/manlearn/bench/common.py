@@ -25,8 +25,7 @@ ALL_METHODS = ("e2e", "greedy", "dgl", "infopro", "dgl+man", "infopro+man", "dgl
 def parse_method(spec: str) -> dict[str, Any]:
     """``"dgl+manpp"`` -> ``{"method": "manpp", "base": "dgl"}``; ``"dgl"`` -> ``{"method": "dgl"}``;
     a trailing ``+recompute`` on MAN/MAN++ adds ``ema_recompute=True``."""
-    from ..rules import list_rules
-    from ..rules.momentum import MAN_BASES
+    from ..rules import get_rule_class, list_base_rules, list_rules
 
     parts = spec.split("+")
     extra: dict[str, Any] = {}
@@ -34,9 +33,10 @@ def parse_method(spec: str) -> dict[str, Any]:
         parts, extra = parts[:2], {"ema_recompute": True}
     if len(parts) == 2:
         base, method = parts
-        if method not in ("man", "manpp") or base not in MAN_BASES:
-            raise ConfigError(f"bad method spec {spec!r}: write <base>+man or <base>+manpp (optionally "
-                              f"+recompute) with base in {', '.join(MAN_BASES)}")
+        modifiers = [r for r in list_rules() if get_rule_class(r).modifier]
+        if method not in modifiers or base not in list_base_rules():
+            raise ConfigError(f"bad method spec {spec!r}: write <base>+<modifier> (optionally +recompute) with "
+                              f"modifier in {', '.join(modifiers)} and base in {', '.join(list_base_rules())}")
         return {"method": method, "base": base, **extra}
     if len(parts) != 1 or spec not in list_rules():
         raise ConfigError(f"unknown method {spec!r}; choose from {', '.join(ALL_METHODS)} "

@@ -216,6 +216,11 @@ class RetinaNetTask:
         fpn_extra_from: P6 from ``"p5"`` (torchvision) or ``"c5"`` (paper).
     """
 
+    reads = "stages"  # the final head reads every stage (manlearn.tasks.Task)
+    per_image_labels = False
+    fixed_input_size = False
+
+
     name = "retinanet"
 
     def __init__(self, num_classes: int, fpn_channels: int = 256, head_convs: int = 4, box_loss: str = "smooth_l1",

@@ -31,6 +31,13 @@ class Backbone(nn.Module):
             raise ValueError("unit_ids must name every unit")
         self.unit_ids = list(unit_ids) if unit_ids is not None else None
 
+    @property
+    def feature_info(self) -> list[dict]:
+        """The backbone's feature taps (timm's ``feature_info``): for each stage, the index of its last
+        unit (``unit``) and its ``stage`` number. Heads that read several stages (FPN, DeepLabV3+) read
+        these; channels and strides are measured by the learner on a probe input."""
+        return feature_info(self)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         for unit in self.units:
@@ -44,3 +51,17 @@ def follows_protocol(module: nn.Module) -> bool:
     return (isinstance(getattr(module, "stem", None), nn.Module)
             and isinstance(units, (nn.ModuleList, nn.Sequential, list, tuple)) and len(units) > 0
             and isinstance(getattr(module, "head", None), nn.Module))
+
+
+def feature_info(module: nn.Module) -> list[dict]:
+    """Feature taps of any backbone following the protocol: one per stage end (from ``unit_ids``),
+    or the last unit alone when the units carry no stage ids."""
+    units = list(module.units)
+    ids = getattr(module, "unit_ids", None)
+    if not ids:
+        return [{"unit": len(units) - 1, "stage": 1}]
+    taps = []
+    for j, (stage, _) in enumerate(ids):
+        if j + 1 == len(ids) or ids[j + 1][0] != stage:
+            taps.append({"unit": j, "stage": int(stage)})
+    return taps

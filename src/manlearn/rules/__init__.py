@@ -1,7 +1,9 @@
 """Local-learning rules: one small class per rule, one interface (:class:`Rule`)."""
-from .base import AuxContext, LocalBatch, Rule, get_rule_class, list_rules, register_rule
+from .base import (AuxContext, LocalBatch, Rule, create_rule, get_rule_class, list_base_rules, list_rules,
+                   register_rule)
 from . import e2e, greedy, infopro, momentum  # noqa: F401  (register the rules)
-from .momentum import MomentumAux, check_momentum, ema_update_
+from .greedy import TaskLoss
+from .momentum import MomentumAux, ViTMomentumAux, check_momentum, ema_update_
 
-__all__ = ["AuxContext", "LocalBatch", "Rule", "get_rule_class", "list_rules", "register_rule",
-           "MomentumAux", "check_momentum", "ema_update_"]
+__all__ = ["AuxContext", "LocalBatch", "Rule", "get_rule_class", "list_rules", "register_rule", "create_rule", "list_base_rules",
+           "MomentumAux", "ViTMomentumAux", "TaskLoss", "check_momentum", "ema_update_"]

@@ -2,12 +2,16 @@
 
 A rule is a factory of auxiliary networks. Each auxiliary network is an ``nn.Module`` whose forward
 takes the block output ``h`` and the :class:`LocalBatch` and returns the block's scalar local loss,
-so the learner never needs to know which rule it runs.
+so the learner never needs to know which rule it runs. A rule owns its options (the arguments of its
+constructor) and its handling of feature maps vs tokens; a *modifier* (MAN, MAN++) wraps any other
+registered rule given as ``base``. A rule written in user code and registered with
+:func:`register_rule` works as ``method=`` and as ``base=`` exactly like the shipped ones.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -21,10 +25,17 @@ class LocalBatch:
     de-normalised image in [0, 1] (computed once per step, only if a rule asks for it)."""
 
     x: torch.Tensor
-    y: torch.Tensor
+    y: Any
     mean: torch.Tensor | None = None
     std: torch.Tensor | None = None
     _image01: torch.Tensor | None = field(default=None, repr=False)
+    #: detached outputs of the backbone's feature taps produced by the blocks run so far (for tasks whose
+    #: final head reads several stages)
+    taps: list[torch.Tensor] = field(default_factory=list, repr=False)
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return int(self.x.shape[-2]), int(self.x.shape[-1])
 
     @property
     def image01(self) -> torch.Tensor:
@@ -66,27 +77,74 @@ class AuxContext:
     reinit: Callable[[nn.Module], None] | None = None  # the backbone family's weight init
     # the unit after next_unit (MAN++'s ViT auxiliary network copies it as lb1), None at the network's end
     following_unit: nn.Module | None = None
+    task: Any = None                # the learner's task (local head, loss, whether targets are class labels)
+
+    def stride(self, shape: tuple[int, ...]) -> int:
+        """Input pixels per feature-map pixel for a ``(C, H, W)`` shape (what a task's local head needs)."""
+        return max(1, self.image_size // int(shape[-1]))
+
+    def require_labels(self, rule: str) -> None:
+        """Refuse a rule whose heads classify whole images when the task's targets are not class labels."""
+        if self.task is not None and not getattr(self.task, "per_image_labels", False):
+            raise ConfigError(f"rule {rule!r} trains a classifier of whole images, but task "
+                              f"{type(self.task).__name__} has no per-image class labels; use 'greedy' (the task's "
+                              "own local head) or man/manpp with base='greedy'")
 
 
 class Rule:
     """Base class: ``build_aux(ctx, h_shape)`` returns an aux module ``aux(h, batch) -> loss``.
 
     ``h_shape`` is the shape of the tensor the heads see (the block output, or for MAN the output of
-    the ema/lb units), which is why it is passed apart from ``ctx``.
+    the ema/lb units), which is why it is passed apart from ``ctx``. The rule's options are its
+    constructor's keyword arguments. An auxiliary network may define ``after_backward(momentum)``,
+    which the learner calls once that block's backward is done (MAN/MAN++ update their EMA there).
+
+    Class attributes: ``name`` (the method name), ``modifier`` (wraps a ``base`` rule, like MAN),
+    ``single_block`` (no local blocks at all: K is 1, like ``e2e``), ``summary`` (one line for
+    ``manlearn list``).
     """
 
     name: str = "base"
+    modifier: bool = False
+    single_block: bool = False
+    summary: str = ""
 
     def build_aux(self, ctx: AuxContext, h_shape: tuple[int, ...] | None = None) -> nn.Module:
         raise NotImplementedError
+
+    def bind(self, task: Any) -> None:
+        """Called once with the learner's task before any auxiliary network is built."""
+
+    @classmethod
+    def option_names(cls) -> set[str]:
+        """Keyword options this rule accepts (its constructor's keyword parameters)."""
+        params = inspect.signature(cls.__init__).parameters.values()
+        return {p.name for p in params if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+    def accepted_options(self) -> set[str]:
+        """Options this rule instance consumed (a modifier adds its base's)."""
+        return type(self).option_names()
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> "Rule":
+        """Build the rule from those of ``options`` it accepts (the rest belong to other rules)."""
+        own = cls.option_names()
+        return cls(**{k: v for k, v in options.items() if k in own})
 
 
 _RULES: dict[str, type[Rule]] = {}
 
 
 def register_rule(cls: type[Rule]) -> type[Rule]:
-    """Decorator: make a rule creatable by its ``name``."""
-    _RULES[cls.name] = cls
+    """Decorator: make a rule creatable by its ``name`` (``LocalLearner(method=name)``, ``base=name``)."""
+    if not (isinstance(cls, type) and issubclass(cls, Rule)):
+        raise ConfigError(f"register_rule expects a subclass of manlearn.Rule, got {cls!r}")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name or name == Rule.name:
+        raise ConfigError(f"rule class {cls.__name__} needs a class attribute `name` (the method name)")
+    if cls.build_aux is Rule.build_aux and not cls.single_block:
+        raise ConfigError(f"rule class {cls.__name__} must implement build_aux(ctx, h_shape=None)")
+    _RULES[name] = cls
     return cls
 
 
@@ -95,7 +153,31 @@ def list_rules() -> list[str]:
     return sorted(_RULES)
 
 
+def list_base_rules() -> list[str]:
+    """Rules a modifier (``man``, ``manpp``) can wrap: every registered rule with local blocks that is
+    not itself a modifier."""
+    return sorted(n for n, c in _RULES.items() if not c.modifier and not c.single_block)
+
+
 def get_rule_class(name: str) -> type[Rule]:
     if name not in _RULES:
         raise ConfigError(f"unknown method {name!r}; available methods: {', '.join(list_rules())}")
     return _RULES[name]
+
+
+def create_rule(name: str, options: Mapping[str, Any] | None = None, *,
+                strict: Mapping[str, Any] | None = None, task: Any = None) -> Rule:
+    """The rule ``name`` built from ``options`` (keys other rules take are ignored) and ``strict``
+    (keys no rule in the chain takes are refused: what a user asked for explicitly), bound to ``task``
+    when one is given."""
+    cls = get_rule_class(name)
+    opts = {**dict(options or {}), **dict(strict or {})}
+    rule = cls.from_options(opts)
+    if task is not None:
+        rule.bind(task)
+    unknown = sorted(set(strict or {}) - rule.accepted_options())
+    if unknown:
+        raise ConfigError(f"rule {name!r} takes no option {', '.join(map(repr, unknown))}; its options: "
+                          f"{', '.join(sorted(rule.accepted_options())) or '(none)'}")
+    return rule
+

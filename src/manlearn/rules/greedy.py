@@ -1,12 +1,37 @@
-"""``greedy``: each block trained by cross-entropy through a linear probe (GAP + Linear)."""
+"""``greedy`` and ``dgl``: each block trained through a small head of its own.
+
+``greedy`` asks the task for its local head (a linear probe for classification, a one-level RetinaNet
+or segmentation head for dense tasks); ``dgl`` trains a deeper classifier of whole images.
+"""
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .base import AuxContext, LocalBatch, Rule, register_rule
-from .heads import DGLHead, GreedyHead
+from .heads import DGLHead
+from .vit_aux import TokenCEAux, TokenClassifier, is_token_shape
+
+
+class TaskLoss(nn.Module):
+    """A task's local head followed by the task's loss: an auxiliary network ``aux(h, batch) -> loss``
+    (what the greedy rule trains a block with, and what MAN/MAN++ with ``base='greedy'`` put after their
+    fusion)."""
+
+    def __init__(self, head: nn.Module, task: Any) -> None:
+        super().__init__()
+        self.head = head
+        self._task = (task,)  # not a submodule: a task holds no parameters of its own
+
+    @property
+    def task(self) -> Any:
+        return self._task[0]
+
+    def forward(self, h: torch.Tensor, batch: LocalBatch) -> torch.Tensor:
+        return self.task.loss(self.head(h), batch.y, batch.image_hw)
 
 
 class ClassifierAux(nn.Module):
@@ -17,16 +42,21 @@ class ClassifierAux(nn.Module):
         self.head = head
 
     def forward(self, h: torch.Tensor, batch: LocalBatch) -> torch.Tensor:
-        return F.cross_entropy(self.head(h), batch.y)
+        out = self.head(h)
+        return F.cross_entropy(out if out.dtype in (torch.float32, torch.float64) else out.float(), batch.y)
 
 
 @register_rule
 class GreedyRule(Rule):
     name = "greedy"
+    summary = "each block trained through the task's local head (linear probe for classification)"
 
     def build_aux(self, ctx: AuxContext, h_shape=None) -> nn.Module:
-        c = (h_shape or ctx.h_shape)[0]
-        return ClassifierAux(GreedyHead(c, ctx.num_classes))
+        shape = h_shape or ctx.h_shape
+        if is_token_shape(shape):
+            ctx.require_labels(self.name)
+            return TokenCEAux(TokenClassifier(shape[-1], ctx.num_classes))
+        return TaskLoss(ctx.task.local_head(shape[0], ctx.stride(shape)), ctx.task)
 
 
 @register_rule
@@ -34,7 +64,11 @@ class DGLRule(Rule):
     """``dgl``: Decoupled Greedy Learning with the MAN++ CIFAR head."""
 
     name = "dgl"
+    summary = "Decoupled Greedy Learning: a conv + MLP classifier per block (MAN++'s head)"
 
     def build_aux(self, ctx: AuxContext, h_shape=None) -> nn.Module:
-        c = (h_shape or ctx.h_shape)[0]
-        return ClassifierAux(DGLHead(c, ctx.num_classes))
+        shape = h_shape or ctx.h_shape
+        ctx.require_labels(self.name)
+        if is_token_shape(shape):
+            return TokenCEAux(TokenClassifier(shape[-1], ctx.num_classes))
+        return ClassifierAux(DGLHead(shape[0], ctx.num_classes))

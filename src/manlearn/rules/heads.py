@@ -13,13 +13,6 @@ def _conv_bn_relu(c_in: int, c_out: int, k: int, stride: int = 1) -> list[nn.Mod
             nn.ReLU(inplace=True)]
 
 
-class GreedyHead(nn.Sequential):
-    """Global average pool + one linear layer (the ``greedy`` rule)."""
-
-    def __init__(self, channels: int, num_classes: int) -> None:
-        super().__init__(GlobalAvgPool(), nn.Flatten(1), nn.Linear(channels, num_classes))
-
-
 class DGLHead(nn.Sequential):
     """DGL classifier used by MAN++ on CIFAR-sized inputs: pool to 8x8, three 1x1 conv-BN-ReLU to
     128 channels, GAP, three Linear-BN1d-ReLU to 512, Linear to classes."""

@@ -81,6 +81,7 @@ class InfoProAux(nn.Module):
 class InfoProRule(Rule):
     name = "infopro"
     contrast = False
+    summary = "InfoPro: lambda1 * image reconstruction (BCE) + lambda2 * classifier CE per block"
 
     def __init__(self, lambda_schedule: str = "stage",
                  lambdas: tuple[float, float, float, float] | None = None,
@@ -111,6 +112,7 @@ class InfoProRule(Rule):
             raise ConfigError(f"InfoPro needs spatial feature maps (C, H, W) for its decoder; local block "
                               f"{ctx.index} outputs shape {tuple(shape)} (tokens?). For a ViT use method='manpp' "
                               "(MAN++'s CE-only ViT auxiliary network) or 'greedy'/'dgl'")
+        ctx.require_labels(self.name)
         c = shape[0]
         lambdas = self.lambdas_for(ctx)
         if lambdas == (0.0, 0.0) and self.lambda_schedule == "stage" and ctx.index < ctx.K - 2:
@@ -126,3 +128,4 @@ class InfoProRule(Rule):
 class InfoProContrastRule(InfoProRule):
     name = "infopro-contrast"
     contrast = True
+    summary = "InfoPro with a supervised-contrastive (SupCon) projection head instead of CE"

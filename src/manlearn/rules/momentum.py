@@ -14,9 +14,9 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..recompute import Segment, checkpoint
-from .base import AuxContext, LocalBatch, Rule, get_rule_class, register_rule
+from .base import AuxContext, LocalBatch, Rule, create_rule, list_base_rules, register_rule
+from .vit_aux import TokenCEAux, TokenClassifier, is_token_shape
 
-MAN_BASES = ("dgl", "infopro", "infopro-contrast", "greedy")
 INITS = ("copy", "random")
 
 
@@ -80,6 +80,10 @@ class MomentumAux(nn.Module):
         ema, src = self.ema_pairs()
         ema_update_(ema, src, momentum)
 
+    def after_backward(self, momentum: float) -> None:
+        """The learner's hook after this block's backward: the EMA update of SPEC 3.2."""
+        self.update_ema(momentum)
+
     def ema_forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.recompute_ema and torch.is_grad_enabled() and h.requires_grad:
             # Reentrant: the tracker sees what is kept; Segment keeps BN statistics from being
@@ -97,28 +101,90 @@ class MomentumAux(nn.Module):
         return self.heads(self.fuse(h), batch)
 
 
+class ViTMomentumAux(MomentumAux):
+    """MAN / MAN++ auxiliary network for a ViT group: ``ema`` + ``lb`` (= lb0) copies of the next
+    group's first block, fused as MAN(++), then ``heads`` = lb1 + LayerNorm + CLS linear + CE.
+
+    The fusion, the EMA update and ``ema_recompute`` are MomentumAux's own (they are shape-agnostic)."""
+
+    @property
+    def lb1(self) -> nn.Module:
+        return self.heads.blocks
+
+
+def build_vit_momentum_aux(ctx: AuxContext, scaled: bool, init: str = "copy") -> ViTMomentumAux:
+    """The MAN(++) ViT auxiliary network of local block ``ctx.index`` (SPEC.md 3.4)."""
+    if not any(True for _ in ctx.next_unit.parameters()):
+        raise ConfigError(f"MAN's ema/lb unit cannot be built after local block {ctx.index}: unit "
+                          f"{ctx.next_unit_index} has no parameters to track")
+    dim = ctx.next_shape[-1]
+    lb1 = copy.deepcopy(ctx.following_unit) if ctx.following_unit is not None else None
+    if lb1 is not None and init == "random":
+        if ctx.reinit is None:
+            raise ConfigError("init='random' needs the backbone family's weight init")
+        ctx.reinit(lb1)
+    heads = TokenCEAux(TokenClassifier(dim, ctx.num_classes), lb1)
+    return ViTMomentumAux(ctx.next_unit, heads, scaled, init, ctx.reinit)
+
+
+def _check_trackable(ctx: AuxContext) -> None:
+    if not any(True for _ in ctx.next_unit.parameters()):
+        raise ConfigError(f"MAN's ema/lb unit cannot be built after local block {ctx.index}: unit "
+                          f"{ctx.next_unit_index} (the first unit of the next block) has no parameters "
+                          "to track; move the boundary so the next block starts with a parametrised unit")
+
+
 @register_rule
 class ManRule(Rule):
-    """``man``: MAN on top of ``base`` (dgl or infopro)."""
+    """``man``: MAN in front of the heads of any ``base`` rule (default: ``infopro`` when the task's
+    targets are class labels, else ``greedy``, the task's own local head). Other options are passed to
+    the base rule. On tokens (ViT) it builds MAN++'s ViT auxiliary network (CE on the CLS token)."""
 
     name = "man"
+    modifier = True
     scaled = False
+    summary = "Momentum Auxiliary Network: ema + lb copies of the next unit before a base rule's heads"
 
-    def __init__(self, base: str = "infopro", init: str = "copy", **base_kwargs) -> None:
-        if base not in MAN_BASES:
-            raise ConfigError(f"{self.name} needs base in {MAN_BASES}, got {base!r}")
+    def __init__(self, base: str | None = None, init: str = "copy", recompute_ema: bool = False,
+                 **base_options) -> None:
+        if base is not None and base not in list_base_rules():
+            raise ConfigError(f"unknown base {base!r} for {self.name}; choose from {', '.join(list_base_rules())}")
         if init not in INITS:
             raise ConfigError(f"init must be one of {INITS}, got {init!r}")
-        self.base = get_rule_class(base)(**base_kwargs)
+        self.base_name = base
+        self.base_options = base_options
         self.init = init
+        self.recompute_ema = bool(recompute_ema)
+        self.base: Rule | None = None if base is None else create_rule(base, base_options)
+
+    @classmethod
+    def from_options(cls, options):
+        own = cls.option_names() - {"base_options"}
+        return cls(**{k: v for k, v in options.items() if k in own},
+                   **{k: v for k, v in options.items() if k not in own})
+
+    def accepted_options(self) -> set[str]:
+        own = type(self).option_names() - {"base_options"}
+        return own | (self.base.accepted_options() if self.base is not None else set())
+
+    def bind(self, task) -> None:
+        if self.base is None:
+            self.base_name = "infopro" if getattr(task, "per_image_labels", False) else "greedy"
+            self.base = create_rule(self.base_name, self.base_options)
+        self.base.bind(task)
 
     def build_aux(self, ctx: AuxContext, h_shape=None) -> nn.Module:
-        if not any(True for _ in ctx.next_unit.parameters()):
-            raise ConfigError(f"MAN's ema/lb unit cannot be built after local block {ctx.index}: unit "
-                              f"{ctx.next_unit_index} (the first unit of the next block) has no parameters "
-                              "to track; move the boundary so the next block starts with a parametrised unit")
-        heads = self.base.build_aux(ctx, ctx.next_shape)
-        return MomentumAux(ctx.next_unit, heads, self.scaled, self.init, ctx.reinit)
+        _check_trackable(ctx)
+        if self.base is None:
+            self.bind(ctx.task)
+        if is_token_shape(ctx.h_shape):
+            ctx.require_labels(self.name)
+            aux: MomentumAux = build_vit_momentum_aux(ctx, self.scaled, self.init)
+        else:
+            heads = self.base.build_aux(ctx, ctx.next_shape)
+            aux = MomentumAux(ctx.next_unit, heads, self.scaled, self.init, ctx.reinit)
+        aux.recompute_ema = self.recompute_ema
+        return aux
 
 
 @register_rule
@@ -127,3 +193,4 @@ class ManPPRule(ManRule):
 
     name = "manpp"
     scaled = True
+    summary = "MAN++: MAN with a learnable scale s, s*lb(h) + (2-s)*ema(h)"

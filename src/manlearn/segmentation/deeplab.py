@@ -159,6 +159,11 @@ class DeepLabV3Task:
         local_channels: hidden width of the local heads; default ``min(channels, 2 * aspp_channels, 256)``.
     """
 
+    reads = "stages"  # the final head reads every stage (manlearn.tasks.Task)
+    per_image_labels = False
+    fixed_input_size = False
+
+
     name = "deeplabv3"
 
     def __init__(self, num_classes: int, ignore_index: int = 255, aspp_channels: int = 256,

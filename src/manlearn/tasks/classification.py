@@ -1,0 +1,52 @@
+"""Image classification: the backbone's own head on the last unit's output, cross-entropy."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from ..models.layers import GlobalAvgPool
+from .base import Task, loss_precision
+
+
+class LinearProbe(nn.Sequential):
+    """Global average pool + one linear layer: the local head of the ``greedy`` rule."""
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__(GlobalAvgPool(), nn.Flatten(1), nn.Linear(channels, num_classes))
+
+
+class ClassificationTask(Task):
+    """One class per image (``targets``: ``[B]`` class indices). The final head is the backbone's own
+    (``final_head`` is not called: the learner keeps ``backbone.head``)."""
+
+    name = "classification"
+    reads = "last"
+    per_image_labels = True
+    fixed_input_size = True
+
+    def __init__(self, num_classes: int = 10) -> None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
+        self.num_classes = num_classes
+
+    def final_head(self, channels: Sequence[int], strides: Sequence[int]) -> nn.Module:
+        return LinearProbe(channels[-1], self.num_classes)
+
+    def local_head(self, channels: int, stride: int) -> nn.Module:
+        return LinearProbe(channels, self.num_classes)
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor, image_hw: Any = None) -> torch.Tensor:
+        return F.cross_entropy(loss_precision(outputs), targets)
+
+    def predict(self, outputs: torch.Tensor, image_hw: Any = None) -> torch.Tensor:
+        return outputs.argmax(dim=1)
+
+    def check_targets(self, x: torch.Tensor, targets: Any) -> None:
+        if not isinstance(targets, torch.Tensor) or targets.shape != x.shape[:1]:
+            shape = list(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+            raise ConfigError(f"classification targets (labels) must be [B] class indices for a batch of {x.shape[0]}, "
+                              f"got {shape}")
