@@ -335,17 +335,26 @@ def test_the_documented_public_api():
 
 
 def test_compile_parts_keeps_state_dict_and_results(batch):
-    """torch.compile'd parts give the eager results and the same checkpoint keys."""
-    eager = make("greedy", K=2, model="resnet20")
-    compiled = copy.deepcopy(eager).compile_parts()
+    """torch.compile'd parts (dynamo capture + AOT autograd of every block, auxiliary network and the
+    head) give the eager results, gradients and checkpoint keys. The ``aot_eager`` backend checks what
+    compile_parts owns — that every part is captured in place, with the recompile limit raised to fit
+    them all (the blocks share one code object) — without Inductor's C++ code generation, which is
+    torch's to test and took ~3 minutes here."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    eager = make("manpp", base="dgl", K=3, model="resnet20")
+    compiled = copy.deepcopy(eager).compile_parts(backend="aot_eager")
     assert list(compiled.state_dict()) == list(eager.state_dict())
     a, b = eager.train_step(*batch), compiled.train_step(*batch)
-    torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-5)
-    assert a.losses == pytest.approx(b.losses, rel=1e-5)
-    # Inductor's CPU kernels for train-mode BN backward differ from eager by a few % on tiny batches
-    # (a plain compiled resnet20 shows the same), so gradients are compared at that scale.
-    for pa, pb in zip(eager.parameters(), compiled.parameters()):
-        assert (pa.grad - pb.grad).abs().max() <= 0.1 * pa.grad.abs().max() + 1e-6
+    torch.testing.assert_close(a.logits, b.logits)
+    assert a.losses == pytest.approx(b.losses, rel=1e-6)
+    for (name, pa), pb in zip(eager.named_parameters(), compiled.parameters()):
+        assert (pa.grad is None) == (pb.grad is None), name
+        if pa.grad is not None:
+            torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6, msg=name)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert frames >= len(compiled.blocks) + len(compiled.auxes) + 1  # every part was captured
 
 
 def test_train_step_refuses_inputs_of_another_shape():

@@ -106,7 +106,10 @@ def published_tables(model_name: str | None, unit_ids: list[tuple[int, int]] | N
         return {}
     tables = PUBLISHED_SPLITS.get(model_name, {}).get(kind, {})
     out = {}
+    known = {tuple(u) for u in unit_ids}
     for table in tables.values():
+        if table != "every" and any(tuple(b) not in known for b in table):
+            continue  # a table of the full-depth network does not apply to a shallower variant
         ends = _table_ends(table, unit_ids)
         out[len(ends)] = ends
     return out
