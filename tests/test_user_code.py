@@ -1,0 +1,69 @@
+"""A user's own rule, written outside manlearn, plugs in as method= and as base= (README example)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import manlearn
+from manlearn import ConfigError
+from manlearn.plugins import import_user_code
+from manlearn.rules import base as rules_base
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_user_rule() -> str:
+    text = README.read_text()
+    m = re.search(r"<!-- the test suite runs this block \(tests/test_user_code.py\) -->\n```python\n(.*?)```", text, re.S)
+    assert m, "README lost its tested user-rule example"
+    return m.group(1)
+
+
+@pytest.fixture
+def clean_registry():
+    saved = dict(rules_base._RULES)
+    yield
+    rules_base._RULES.clear()
+    rules_base._RULES.update(saved)
+
+
+def test_readme_user_rule_runs_as_method_and_as_base(clean_registry, capsys):
+    code = readme_user_rule()
+    assert len(code.strip().splitlines()) <= 26
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert "probe-l2" in manlearn.list_rules() and "probe-l2" in manlearn.list_base_rules()
+    printed = capsys.readouterr().out
+    assert printed.count("[") == 2  # both loss lists printed
+    mine = manlearn.LocalLearner("resnet20", method="probe-l2", K=4, rule_options={"weight": 0.5})
+    assert all(aux.weight == 0.5 for aux in mine.auxes)
+    ours = manlearn.LocalLearner("resnet20", method="manpp", base="probe-l2", K=4)
+    assert ours.base == "probe-l2" and type(ours.auxes[0].heads).__name__ == "ProbeL2"
+    with pytest.raises(ConfigError, match="takes no option 'wieght'"):
+        manlearn.LocalLearner("resnet20", method="probe-l2", K=4, rule_options={"wieght": 0.5})
+
+
+def test_import_user_code_from_a_file(tmp_path, clean_registry):
+    f = tmp_path / "my_rule.py"
+    f.write_text(readme_user_rule().split("x, y =")[0])
+    import_user_code([str(f)])
+    assert "probe-l2" in manlearn.list_rules()
+    with pytest.raises(ConfigError, match="no such file"):
+        import_user_code([str(tmp_path / "missing.py")])
+    with pytest.raises(ConfigError, match="no module named 'no_such_module_xyz'"):
+        import_user_code(["no_such_module_xyz"])
+
+
+def test_register_rule_refuses_what_is_not_a_rule():
+    with pytest.raises(ConfigError, match="subclass of manlearn.Rule"):
+        manlearn.register_rule(object)
+
+    class Nameless(manlearn.Rule):
+        def build_aux(self, ctx, h_shape=None):
+            return torch.nn.Identity()
+
+    with pytest.raises(ConfigError, match="needs a class attribute `name`"):
+        manlearn.register_rule(Nameless)
