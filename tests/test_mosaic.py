@@ -11,7 +11,7 @@ import pytest
 from manlearn import cli
 from manlearn.data import mosaic as mosaic_mod
 from manlearn.data.mosaic import FASHION_MNIST_CLASSES, make_mosaic
-from manlearn.errors import ConfigError
+from manlearn.errors import ConfigError, DatasetError
 
 REAL_FM = "/usr/share/datasets/fashion-mnist"
 pytestmark = [
@@ -153,6 +153,16 @@ def test_interrupted_run_leaves_no_dataset(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         make_mosaic(out, **SMALL)
     assert os.listdir(out) == [], "nothing half-written may stay behind"
+
+
+def test_failed_overwrite_keeps_the_old_mosaic(small, tmp_path):
+    """--overwrite builds the new set aside; when that fails (missing source data) the old set stays whole."""
+    out, _ = small
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(DatasetError):
+        make_mosaic(out, **{**SMALL, "data_dir": tmp_path / "no-such-data"}, overwrite=True)
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
 
 
 def test_bad_arguments(tmp_path):

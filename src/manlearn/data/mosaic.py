@@ -27,6 +27,7 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -51,7 +52,6 @@ MOSAIC_SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
 #: (mosaic split, source split); the val canvases use held-out garments.
 _SPLITS = (("train", "train"), ("val", "test"))
 
-_OWN_ENTRIES = ("annotations", "images", "masks", "mosaic.json")
 _TMP_PREFIX = ".mosaic-tmp-"
 _PLACEMENT_TRIES = 4
 #: PNG encoding and file creation dominate the run time and release the GIL: a few writer threads.
@@ -177,22 +177,152 @@ def _save_png(arr: np.ndarray, path: str) -> None:
     Image.fromarray(arr).save(path, format="PNG", compress_level=1)
 
 
-def _prepare_out_dir(out_dir: str, overwrite: bool) -> None:
-    """Create ``out_dir``; refuse a non-empty one unless ``overwrite`` (then remove only our own entries)."""
+def _remove(path: str) -> None:
+    shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+
+
+def _check_out_dir(out_dir: str, overwrite: bool) -> None:
+    """Create ``out_dir``; refuse a non-empty one unless ``overwrite``. Nothing of an earlier mosaic is
+    removed here: it is replaced only once the new one is complete (:func:`_swap_in`)."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError(f"make_mosaic: out_dir {out_dir} exists and is not a folder")
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"make_mosaic: cannot create {out_dir}: {e.strerror or e}") from None
+    if not os.access(out_dir, os.W_OK):
+        raise ConfigError(f"make_mosaic: {out_dir} is not writable")
     entries = sorted(os.listdir(out_dir))
-    stale = [e for e in entries if e.startswith(_TMP_PREFIX)]
-    others = [e for e in entries if e not in stale]
+    for e in entries:
+        if e.startswith(_TMP_PREFIX):  # staging left by an interrupted run
+            _remove(os.path.join(out_dir, e))
+    others = [e for e in entries if not e.startswith(_TMP_PREFIX)]
     if others and not overwrite:
         raise ConfigError(
             f"make_mosaic: {out_dir} is not empty ({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}); "
             "pass overwrite=True (CLI: --overwrite) to replace a mosaic there, or choose another folder")
-    # Annotations go first so that a run interrupted while deleting never leaves a valid-looking dataset.
-    for e in sorted(stale + [x for x in _OWN_ENTRIES if x in others], key=lambda x: x != "annotations"):
-        p = os.path.join(out_dir, e)
-        shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
+
+
+def _swap_in(stage: str, out_dir: str) -> None:
+    """Replace the mosaic in ``out_dir`` by the complete one in ``stage``. The old annotations go first
+    and the new ones come last, so an interruption never leaves a valid-looking mixed dataset."""
+    old = os.path.join(out_dir, "annotations")
+    if os.path.exists(old):
+        _remove(old)
+    for e in ("images", "masks", "mosaic.json", "annotations"):  # annotations last: the "done" marker
+        target = os.path.join(out_dir, e)
+        if e != "annotations" and os.path.exists(target):
+            _remove(target)
+        os.replace(os.path.join(stage, e), target)
+
+
+@dataclass(frozen=True)
+class _MosaicParams:
+    n_train: int
+    n_val: int
+    size: int
+    min_items: int
+    max_items: int
+    scale: tuple[float, float]
+    seed: int
+    source: str
+    threshold: int
+    keep_visible: float
+
+    def record(self) -> dict[str, Any]:
+        """What ``mosaic.json`` says of the set."""
+        return {"size": self.size, "seed": self.seed, "source": self.source,
+                "classes": list(MOSAIC_SOURCES[self.source][1]), "n_train": self.n_train, "n_val": self.n_val,
+                "min_items": self.min_items, "max_items": self.max_items, "scale": list(self.scale),
+                "threshold": self.threshold, "keep_visible": self.keep_visible}
+
+
+def _params(n_train: Any, n_val: Any, size: Any, min_items: Any, max_items: Any, scale: Sequence[float],
+            seed: Any, source: str, threshold: int, keep_visible: float) -> _MosaicParams:
+    """Check every argument of :func:`make_mosaic` before any work."""
+    n_train = _check_int("n_train", n_train, 0)
+    n_val = _check_int("n_val", n_val, 0)
+    if n_train + n_val == 0:
+        raise ConfigError("make_mosaic: n_train + n_val must be at least 1")
+    min_items = _check_int("min_items", min_items, 1)
+    lo, hi = (float(s) for s in scale)
+    if not 0 < lo <= hi:
+        raise ConfigError(f"make_mosaic: scale must be (low, high) with 0 < low <= high, got {tuple(scale)}")
+    if not 0.0 <= keep_visible <= 1.0:
+        raise ConfigError(f"make_mosaic: keep_visible must lie in [0, 1], got {keep_visible}")
+    if not 0 <= threshold < 255:
+        raise ConfigError(f"make_mosaic: threshold must lie in 0..254, got {threshold}")
+    if source not in MOSAIC_SOURCES:
+        raise ConfigError(f"make_mosaic: unknown source {source!r}; choose one of {', '.join(MOSAIC_SOURCES)}")
+    return _MosaicParams(n_train, n_val, _check_int("size", size, 16), min_items,
+                         _check_int("max_items", max_items, min_items), (lo, hi), _check_int("seed", seed, 0),
+                         source, int(threshold), float(keep_visible))
+
+
+class _PngWriter:
+    """PNG files written by a few threads, with a bounded queue that surfaces write errors early."""
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(_WRITER_THREADS, thread_name_prefix="mosaic-png")
+        self.pending: list[Future] = []
+
+    def save(self, arr: np.ndarray, path: str) -> None:
+        self.pending.append(self.pool.submit(_save_png, arr, path))
+        if len(self.pending) >= 256:  # bound the queue (memory)
+            for fut in self.pending[:128]:
+                fut.result()
+            del self.pending[:128]
+
+    def wait(self) -> None:
+        for fut in self.pending:
+            fut.result()
+        self.pending.clear()
+
+    def close(self) -> None:
+        for fut in self.pending:
+            fut.cancel()
+        self.pool.shutdown(wait=True)
+
+
+def _write_split(p: _MosaicParams, split: str, src_split: str, ss: np.random.SeedSequence, stage: str,
+                 data_dir: Any, writer: _PngWriter) -> dict[str, Any]:
+    """Render and write one split into ``stage``; return its COCO dict."""
+    from manlearn.data.datasets import load_dataset
+
+    n = p.n_train if split == "train" else p.n_val
+    os.makedirs(os.path.join(stage, "images", split))
+    os.makedirs(os.path.join(stage, "masks", split))
+    images_json: list[dict[str, Any]] = []
+    anns_json: list[dict[str, Any]] = []
+    if n:
+        data = load_dataset(MOSAIC_SOURCES[p.source][0], src_split, data_dir=data_dir)
+        canvases = _render_split(data.images[:, 0].numpy(), data.labels.numpy(), n, p.size, p.min_items,
+                                 p.max_items, p.scale, p.threshold, p.keep_visible, np.random.default_rng(ss))
+        for i, (canvas, owner, items) in enumerate(canvases):
+            image_id = i + 1
+            name = f"{image_id:06d}.png"
+            writer.save(canvas, os.path.join(stage, "images", split, name))
+            cls = np.array([it["label"] + 1 for it in items] + [0], dtype=np.uint8)
+            writer.save(cls[owner], os.path.join(stage, "masks", split, name))  # owner -1 -> 0
+            images_json.append({"id": image_id, "file_name": name, "width": p.size, "height": p.size})
+            for ann in _encode_items(owner, items):
+                ann["id"] = len(anns_json) + 1
+                ann["image_id"] = image_id
+                anns_json.append(ann)
+    categories = [{"id": i + 1, "name": name, "supercategory": p.source}
+                  for i, name in enumerate(MOSAIC_SOURCES[p.source][1])]
+    return {"info": {"description": f"manlearn mosaic of {p.source} ({split})", "seed": p.seed, "version": "1"},
+            "images": images_json, "annotations": anns_json, "categories": categories}
+
+
+def _write_metadata(p: _MosaicParams, coco: dict[str, dict[str, Any]], stage: str) -> None:
+    with open(os.path.join(stage, "mosaic.json"), "w") as f:
+        json.dump(p.record(), f, indent=1)
+    ann_stage = os.path.join(stage, "annotations")
+    os.makedirs(ann_stage)
+    for split, d in coco.items():
+        with open(os.path.join(ann_stage, f"instances_{split}.json"), "w") as f:
+            json.dump(d, f)
 
 
 def make_mosaic(
@@ -223,7 +353,7 @@ def make_mosaic(
         source: ``"fashion_mnist"`` (default) or ``"mnist"``, read with :func:`manlearn.data.load_dataset`.
         data_dir: where the source IDX files are (default: its usual search path).
         overwrite: replace an existing mosaic (only ``annotations/``, ``images/``, ``masks/``, ``mosaic.json``
-            are removed).
+            are replaced, and only once the new set is complete: a failed run keeps the old one).
         threshold: a resized garment pixel belongs to the item when its grey value exceeds this.
         keep_visible: every item keeps at least this fraction of its pixels visible (see module docstring).
 
@@ -234,94 +364,24 @@ def make_mosaic(
     ``annotations/`` last, so an interrupted run leaves no valid-looking partial dataset.
     """
     t0 = time.perf_counter()
-    n_train = _check_int("n_train", n_train, 0)
-    n_val = _check_int("n_val", n_val, 0)
-    if n_train + n_val == 0:
-        raise ConfigError("make_mosaic: n_train + n_val must be at least 1")
-    size = _check_int("size", size, 16)
-    min_items = _check_int("min_items", min_items, 1)
-    max_items = _check_int("max_items", max_items, min_items)
-    seed = _check_int("seed", seed, 0)
-    lo, hi = (float(s) for s in scale)
-    if not 0 < lo <= hi:
-        raise ConfigError(f"make_mosaic: scale must be (low, high) with 0 < low <= high, got {tuple(scale)}")
-    if not 0.0 <= keep_visible <= 1.0:
-        raise ConfigError(f"make_mosaic: keep_visible must lie in [0, 1], got {keep_visible}")
-    if not 0 <= threshold < 255:
-        raise ConfigError(f"make_mosaic: threshold must lie in 0..254, got {threshold}")
-    if source not in MOSAIC_SOURCES:
-        raise ConfigError(f"make_mosaic: unknown source {source!r}; choose one of {', '.join(MOSAIC_SOURCES)}")
-    dataset, class_names = MOSAIC_SOURCES[source]
+    p = _params(n_train, n_val, size, min_items, max_items, scale, seed, source, threshold, keep_visible)
     out_dir = os.fspath(out_dir)
-    _prepare_out_dir(out_dir, overwrite)
-
-    from manlearn.data.datasets import load_dataset
-
-    categories = [{"id": i + 1, "name": name, "supercategory": source} for i, name in enumerate(class_names)]
+    _check_out_dir(out_dir, overwrite)
     stage = tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=out_dir)
-    seeds = np.random.SeedSequence(seed).spawn(len(_SPLITS))
-    summary: dict[str, Any] = {"out_dir": out_dir, "size": size, "seed": seed, "source": source,
-                               "classes": list(class_names)}
-    coco: dict[str, dict[str, Any]] = {}
-    writer = ThreadPoolExecutor(_WRITER_THREADS, thread_name_prefix="mosaic-png")
-    pending: list[Future] = []
-
-    def save(arr: np.ndarray, path: str) -> None:
-        pending.append(writer.submit(_save_png, arr, path))
-        if len(pending) >= 256:  # bound the queue (memory) and surface write errors early
-            for fut in pending[:128]:
-                fut.result()
-            del pending[:128]
-
+    summary: dict[str, Any] = {"out_dir": out_dir, "size": p.size, "seed": p.seed, "source": p.source,
+                               "classes": list(MOSAIC_SOURCES[p.source][1])}
+    writer = _PngWriter()
     try:
-        for (split, src_split), ss in zip(_SPLITS, seeds):
-            n = n_train if split == "train" else n_val
-            os.makedirs(os.path.join(stage, "images", split))
-            os.makedirs(os.path.join(stage, "masks", split))
-            images_json: list[dict[str, Any]] = []
-            anns_json: list[dict[str, Any]] = []
-            if n:
-                data = load_dataset(dataset, src_split, data_dir=data_dir)
-                src = data.images[:, 0].numpy()
-                lbl = data.labels.numpy()
-                canvases = _render_split(src, lbl, n, size, min_items, max_items, (lo, hi), threshold,
-                                         keep_visible, np.random.default_rng(ss))
-                for i, (canvas, owner, items) in enumerate(canvases):
-                    image_id = i + 1
-                    name = f"{image_id:06d}.png"
-                    save(canvas, os.path.join(stage, "images", split, name))
-                    cls = np.array([it["label"] + 1 for it in items] + [0], dtype=np.uint8)
-                    save(cls[owner], os.path.join(stage, "masks", split, name))  # owner -1 -> 0
-                    images_json.append({"id": image_id, "file_name": name, "width": size, "height": size})
-                    for ann in _encode_items(owner, items):
-                        ann["id"] = len(anns_json) + 1
-                        ann["image_id"] = image_id
-                        anns_json.append(ann)
-            coco[split] = {
-                "info": {"description": f"manlearn mosaic of {source} ({split})", "seed": seed, "version": "1"},
-                "images": images_json,
-                "annotations": anns_json,
-                "categories": categories,
-            }
-            summary[f"n_{split}"] = len(images_json)
-            summary[f"annotations_{split}"] = len(anns_json)
-        for fut in pending:
-            fut.result()
-        with open(os.path.join(stage, "mosaic.json"), "w") as f:
-            json.dump({k: summary[k] for k in ("size", "seed", "source", "classes")}
-                      | {"n_train": n_train, "n_val": n_val, "min_items": min_items, "max_items": max_items,
-                         "scale": [lo, hi], "threshold": threshold, "keep_visible": keep_visible}, f, indent=1)
-        ann_stage = os.path.join(stage, "annotations")
-        os.makedirs(ann_stage)
-        for split, d in coco.items():
-            with open(os.path.join(ann_stage, f"instances_{split}.json"), "w") as f:
-                json.dump(d, f)
-        for e in ("images", "masks", "mosaic.json", "annotations"):  # annotations last: the "done" marker
-            os.replace(os.path.join(stage, e), os.path.join(out_dir, e))
+        coco = {}
+        for (split, src_split), ss in zip(_SPLITS, np.random.SeedSequence(p.seed).spawn(len(_SPLITS))):
+            coco[split] = _write_split(p, split, src_split, ss, stage, data_dir, writer)
+            summary[f"n_{split}"] = len(coco[split]["images"])
+            summary[f"annotations_{split}"] = len(coco[split]["annotations"])
+        writer.wait()
+        _write_metadata(p, coco, stage)
+        _swap_in(stage, out_dir)
     finally:
-        for fut in pending:
-            fut.cancel()
-        writer.shutdown(wait=True)
+        writer.close()
         shutil.rmtree(stage, ignore_errors=True)
     summary["seconds"] = time.perf_counter() - t0
     return summary
