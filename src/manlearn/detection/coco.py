@@ -101,9 +101,7 @@ def _req(d: Any, key: str, kind: type | tuple[type, ...], where: str, ann_file: 
     return v
 
 
-def load_coco_annotations(ann_file: str | os.PathLike) -> CocoAnnotations:
-    """Parse and validate a COCO ``instances_*.json`` (detection part only; segmentations are ignored)."""
-    ann_file = os.fspath(ann_file)
+def _read_json(ann_file: str) -> dict[str, Any]:
     if not os.path.isfile(ann_file):
         raise _err(ann_file, "annotation file not found")
     try:
@@ -115,10 +113,10 @@ def load_coco_annotations(ann_file: str | os.PathLike) -> CocoAnnotations:
         raise _err(ann_file, f"cannot be read ({e})") from None
     if not isinstance(data, dict):
         raise _err(ann_file, f"the top level is a {type(data).__name__}, not a JSON object")
-    images = _req(data, "images", list, "the file", ann_file)
-    annotations = _req(data, "annotations", list, "the file", ann_file)
-    categories = _req(data, "categories", list, "the file", ann_file)
+    return data
 
+
+def _parse_categories(categories: list, ann_file: str) -> dict[int, dict[str, Any]]:
     cats: dict[int, dict[str, Any]] = {}
     for k, c in enumerate(categories):
         cid = _req(c, "id", int, f"categories[{k}]", ann_file)
@@ -127,7 +125,11 @@ def load_coco_annotations(ann_file: str | os.PathLike) -> CocoAnnotations:
         cats[cid] = {"id": cid, "name": str(c.get("name", cid)) if isinstance(c, dict) else str(cid)}
     if not cats:
         raise _err(ann_file, "no categories: a detection set needs at least one")
+    return cats
 
+
+def _parse_images(images: list, ann_file: str):
+    """(ids, file names, (h, w) or None per image, id -> index)."""
     ids: list[int] = []
     names: list[str] = []
     sizes: list[tuple[int, int] | None] = []
@@ -142,25 +144,41 @@ def load_coco_annotations(ann_file: str | os.PathLike) -> CocoAnnotations:
         names.append(name)
         h, w = im.get("height"), im.get("width")
         sizes.append((int(h), int(w)) if isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0 else None)
+    return ids, names, sizes, index_of
 
+
+def _parse_annotation(k: int, a: Any, ann_file: str, index_of: dict[int, int], cats: dict[int, Any]):
+    """(image index, (xywh box, category id, iscrowd, area)) of annotation ``k``, checked."""
+    iid = _req(a, "image_id", int, f"annotations[{k}]", ann_file)
+    cid = _req(a, "category_id", int, f"annotations[{k}]", ann_file)
+    bbox = _req(a, "bbox", list, f"annotations[{k}]", ann_file)
+    if iid not in index_of:
+        raise _err(ann_file, f"annotations[{k}] (id {a.get('id')}) refers to image id {iid}, which is not "
+                             f"in 'images'")
+    if cid not in cats:
+        raise _err(ann_file, f"annotations[{k}] (id {a.get('id')}) has category id {cid}, which is not in "
+                             f"'categories' {sorted(cats)}")
+    if len(bbox) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
+        raise _err(ann_file, f"annotations[{k}]: bbox must be [x, y, width, height], got {bbox!r}")
+    crowd = int(a.get("iscrowd", 0) or 0)
+    area = a.get("area")
+    area = float(area) if isinstance(area, (int, float)) and not isinstance(area, bool) else \
+        float(max(bbox[2], 0) * max(bbox[3], 0))
+    return index_of[iid], ([float(v) for v in bbox], cid, crowd, area)
+
+
+def load_coco_annotations(ann_file: str | os.PathLike) -> CocoAnnotations:
+    """Parse and validate a COCO ``instances_*.json`` (detection part only; segmentations are ignored)."""
+    ann_file = os.fspath(ann_file)
+    data = _read_json(ann_file)
+    images = _req(data, "images", list, "the file", ann_file)
+    annotations = _req(data, "annotations", list, "the file", ann_file)
+    cats = _parse_categories(_req(data, "categories", list, "the file", ann_file), ann_file)
+    ids, names, sizes, index_of = _parse_images(images, ann_file)
     per_img: list[list[tuple[list[float], int, int, float]]] = [[] for _ in ids]
     for k, a in enumerate(annotations):
-        iid = _req(a, "image_id", int, f"annotations[{k}]", ann_file)
-        cid = _req(a, "category_id", int, f"annotations[{k}]", ann_file)
-        bbox = _req(a, "bbox", list, f"annotations[{k}]", ann_file)
-        if iid not in index_of:
-            raise _err(ann_file, f"annotations[{k}] (id {a.get('id')}) refers to image id {iid}, which is not "
-                                 f"in 'images'")
-        if cid not in cats:
-            raise _err(ann_file, f"annotations[{k}] (id {a.get('id')}) has category id {cid}, which is not in "
-                                 f"'categories' {sorted(cats)}")
-        if len(bbox) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
-            raise _err(ann_file, f"annotations[{k}]: bbox must be [x, y, width, height], got {bbox!r}")
-        crowd = int(a.get("iscrowd", 0) or 0)
-        area = a.get("area")
-        area = float(area) if isinstance(area, (int, float)) and not isinstance(area, bool) else \
-            float(max(bbox[2], 0) * max(bbox[3], 0))
-        per_img[index_of[iid]].append(([float(v) for v in bbox], cid, crowd, area))
+        i, row = _parse_annotation(k, a, ann_file, index_of, cats)
+        per_img[i].append(row)
 
     def arr(rows: list, col: int, dtype: Any, shape: tuple[int, ...] = ()) -> np.ndarray:
         return np.array([r[col] for r in rows], dtype=dtype).reshape((len(rows),) + shape)

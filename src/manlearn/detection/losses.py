@@ -119,6 +119,51 @@ def check_targets(targets: Sequence[Mapping[str, torch.Tensor]], batch: int, num
                               f"{int(lab.min())}..{int(lab.max())}")
 
 
+def _check_outputs(cls_logits: torch.Tensor, box_deltas: torch.Tensor, anchors: torch.Tensor, box_loss: str) -> None:
+    if box_loss not in BOX_LOSSES:
+        raise ConfigError(f"unknown box_loss {box_loss!r}; choose one of {BOX_LOSSES}")
+    if cls_logits.dim() != 3:
+        raise ConfigError(f"cls_logits must be [B, A, C], got shape {tuple(cls_logits.shape)}")
+    b, a, c = cls_logits.shape
+    if box_deltas.shape != (b, a, 4):
+        raise ConfigError(f"box_deltas must be [B, A, 4] = {(b, a, 4)} to match cls_logits, got "
+                          f"{tuple(box_deltas.shape)}")
+    if anchors.shape != (a, 4):
+        raise ConfigError(f"anchors must be [A, 4] = {(a, 4)}, got {tuple(anchors.shape)}")
+
+
+def _match_batch(anchors: torch.Tensor, targets: Sequence[Mapping[str, torch.Tensor]], matcher: Matcher,
+                 b: int, device: torch.device):
+    """Match every image's boxes to the anchors: (valid anchors [B, A], and for the positive anchors their
+    image index, anchor index, matched box and label, concatenated; None when there is no positive)."""
+    valid = torch.ones(b, anchors.shape[0], dtype=torch.bool, device=device)
+    fg: list[tuple[torch.Tensor, ...]] = []
+    for i, t in enumerate(targets):
+        gt = t["boxes"].to(device=anchors.device, dtype=torch.float32)
+        labels = t["labels"].to(device=device, dtype=torch.long)
+        proper = (gt[:, 2] > gt[:, 0]) & (gt[:, 3] > gt[:, 1])  # a zero-size box has no log-size target
+        if not bool(proper.all()):
+            gt, labels = gt[proper], labels[proper]
+        m = matcher.match(anchors, gt)
+        valid[i] = m != BETWEEN_THRESHOLDS
+        pos = torch.nonzero(m >= 0).flatten()
+        if pos.numel():
+            fg.append((torch.full_like(pos, i), pos, gt[m[pos]], labels[m[pos]]))
+    positives = tuple(torch.cat(parts) for parts in zip(*fg)) if fg else None
+    return valid, positives
+
+
+def _box_term(pred: torch.Tensor, gt: torch.Tensor, anchors: torch.Tensor, coder: BoxCoder, box_loss: str,
+              beta: float) -> torch.Tensor:
+    """Summed box loss of the positive anchors."""
+    if box_loss == "giou":
+        return (1.0 - paired_generalized_box_iou(coder.decode(pred, anchors), gt)).sum()
+    target = coder.encode(gt, anchors)
+    if box_loss == "l1":
+        return F.l1_loss(pred, target, reduction="sum")
+    return F.smooth_l1_loss(pred, target, reduction="sum", beta=beta)
+
+
 def retinanet_loss(cls_logits: torch.Tensor, box_deltas: torch.Tensor, anchors: torch.Tensor,
                    targets: Sequence[Mapping[str, torch.Tensor]], box_loss: str = "smooth_l1", *,
                    matcher: Matcher | None = None, box_coder: BoxCoder | None = None,
@@ -139,62 +184,25 @@ def retinanet_loss(cls_logits: torch.Tensor, box_deltas: torch.Tensor, anchors: 
     batch)``. Normalising by the batch total (Detectron2) rather than per image (torchvision) keeps the
     weight of an object independent of how crowded its image is.
     """
-    if box_loss not in BOX_LOSSES:
-        raise ConfigError(f"unknown box_loss {box_loss!r}; choose one of {BOX_LOSSES}")
-    if cls_logits.dim() != 3:
-        raise ConfigError(f"cls_logits must be [B, A, C], got shape {tuple(cls_logits.shape)}")
-    b, a, c = cls_logits.shape
-    if box_deltas.shape != (b, a, 4):
-        raise ConfigError(f"box_deltas must be [B, A, 4] = {(b, a, 4)} to match cls_logits, got "
-                          f"{tuple(box_deltas.shape)}")
-    if anchors.shape != (a, 4):
-        raise ConfigError(f"anchors must be [A, 4] = {(a, 4)}, got {tuple(anchors.shape)}")
+    _check_outputs(cls_logits, box_deltas, anchors, box_loss)
+    b, _, c = cls_logits.shape
     check_targets(targets, b, c)
-    matcher = Matcher() if matcher is None else matcher
-    coder = BoxCoder() if box_coder is None else box_coder
     anchors = anchors.to(device=cls_logits.device, dtype=torch.float32)
-
-    valid = torch.ones(b, a, dtype=torch.bool, device=cls_logits.device)
-    fg_img, fg_anchor, fg_boxes, fg_labels = [], [], [], []
-    for i, t in enumerate(targets):
-        gt = t["boxes"].to(device=anchors.device, dtype=torch.float32)
-        labels = t["labels"].to(device=cls_logits.device, dtype=torch.long)
-        proper = (gt[:, 2] > gt[:, 0]) & (gt[:, 3] > gt[:, 1])  # a zero-size box has no log-size target
-        if not bool(proper.all()):
-            gt, labels = gt[proper], labels[proper]
-        m = matcher.match(anchors, gt)
-        valid[i] = m != BETWEEN_THRESHOLDS
-        pos = torch.nonzero(m >= 0).flatten()
-        if pos.numel():
-            fg_img.append(torch.full_like(pos, i))
-            fg_anchor.append(pos)
-            fg_boxes.append(gt[m[pos]])
-            fg_labels.append(labels[m[pos]])
-    num_pos = sum(p.numel() for p in fg_anchor)
+    valid, positives = _match_batch(anchors, targets, Matcher() if matcher is None else matcher, b,
+                                    cls_logits.device)
+    num_pos = 0 if positives is None else int(positives[1].numel())
     norm = float(max(1, num_pos))
 
     # Focal loss without a [B, A, C] one-hot target: every (valid anchor, class) pair as a negative,
     # then, for the few positive pairs, the positive term in place of the negative one.
     x = cls_logits.float()
     cls = (_focal_term(x, False, focal_alpha, focal_gamma).sum(-1) * valid).sum()
-    if num_pos:
-        img, anc, lab = torch.cat(fg_img), torch.cat(fg_anchor), torch.cat(fg_labels)
-        xp = x[img, anc, lab]
-        cls = cls + (_focal_term(xp, True, focal_alpha, focal_gamma)
-                     - _focal_term(xp, False, focal_alpha, focal_gamma)).sum()
-    cls = cls / norm
-    if num_pos == 0:
+    if positives is None:
         box = box_deltas.float().sum() * 0.0  # keeps the graph (and DDP's used-parameter set) intact
-    else:
-        img, anc, gt = torch.cat(fg_img), torch.cat(fg_anchor), torch.cat(fg_boxes)
-        pred = box_deltas[img, anc].float()
-        if box_loss == "giou":
-            boxes = coder.decode(pred, anchors[anc])
-            box = (1.0 - paired_generalized_box_iou(boxes, gt)).sum() / norm
-        else:
-            target = coder.encode(gt, anchors[anc])
-            if box_loss == "l1":
-                box = F.l1_loss(pred, target, reduction="sum") / norm
-            else:
-                box = F.smooth_l1_loss(pred, target, reduction="sum", beta=smooth_l1_beta) / norm
-    return {"cls": cls, "box": box}
+        return {"cls": cls / norm, "box": box}
+    img, anc, gt, lab = positives
+    xp = x[img, anc, lab]
+    cls = cls + (_focal_term(xp, True, focal_alpha, focal_gamma) - _focal_term(xp, False, focal_alpha, focal_gamma)).sum()
+    coder = BoxCoder() if box_coder is None else box_coder
+    box = _box_term(box_deltas[img, anc].float(), gt, anchors[anc], coder, box_loss, smooth_l1_beta)
+    return {"cls": cls / norm, "box": box / norm}
