@@ -17,19 +17,21 @@ from __future__ import annotations
 
 import json
 import subprocess
+import gc
+import os
 import sys
 from typing import Any, Sequence
 
 import torch
 
+from ..learner import LocalLearner
+from ..memory import PeakMemory, current_rss_bytes, peak_rss_bytes, peak_rss_since_reset_bytes, reset_peak_rss
 from .common import append_rows, environment, parse_method
 
 CHECKPOINTED = "e2e+ckpt"
 
 
 def _learner(model: str, spec: str, K: int, split: str, device: str, stem_module: bool = True):
-    from .. import LocalLearner
-
     kw: dict[str, Any] = {}
     if spec == CHECKPOINTED:
         kw = dict(method="e2e", grad_checkpoint=True)
@@ -52,8 +54,6 @@ def _optimizer(learner):
 def counted(model: str, spec: str, K: int, batch: int, split: str = "auto", device: str = "cpu",
             stem_module: bool = True) -> dict[str, Any]:
     """(a): counted activation peak and static bytes of one training step; CUDA peak on a GPU."""
-    from ..memory import PeakMemory
-
     learner = _learner(model, spec, K, split, device, stem_module)
     opt = _optimizer(learner)
     g = torch.Generator().manual_seed(0)
@@ -82,10 +82,6 @@ def rss_child(model: str, spec: str, K: int, batch: int, split: str, steps: int 
     """Runs inside the fresh process of (b): RSS just before the first step, and the peak RSS
     reached during ``steps`` steps (the kernel's high-water mark is reset first, so the peak of
     importing libraries and building the model does not mask it)."""
-    import gc
-
-    from ..memory import current_rss_bytes, peak_rss_bytes, peak_rss_since_reset_bytes, reset_peak_rss
-
     learner = _learner(model, spec, K, split, "cpu", stem_module)
     opt = _optimizer(learner)
     g = torch.Generator().manual_seed(0)
@@ -112,8 +108,6 @@ FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 def measured_rss(model: str, spec: str, K: int, batch: int, split: str = "auto", steps: int = 2,
                  fixed_malloc: bool = True, stem_module: bool = True) -> dict[str, Any]:
     """(b) on the CPU: peak RSS of a fresh process doing ``steps`` training steps."""
-    import os
-
     args = json.dumps(dict(model=model, spec=spec, K=K, batch=batch, split=split, steps=steps,
                            stem_module=stem_module))
     code = ("import json, sys; from manlearn.bench.memory import rss_child; "

@@ -14,13 +14,16 @@ can be read against work.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
+from ..learner import LocalLearner
+from ..rules import LocalBatch, MomentumAux
 from .common import append_rows, environment, parse_method
 
 
@@ -30,8 +33,6 @@ def _sync(device: torch.device) -> None:
 
 
 def build(model: str, spec: str, K: int, device: str, channels_last: bool, compile: bool = False):
-    from .. import LocalLearner
-
     torch.manual_seed(0)
     learner = LocalLearner(model=model, K=K, channels_last=channels_last, **parse_method(spec)).to(device)
     if compile:
@@ -46,9 +47,6 @@ PARTS = ("backbone", "aux_units", "aux_heads", "ema", "optimizer")
 
 def _parts_step(learner, opt, x: torch.Tensor, y: torch.Tensor, part) -> None:
     """One training step with every piece of work inside ``part(name)`` (a context manager)."""
-    from ..rules import LocalBatch
-    from ..rules.momentum import MomentumAux
-
     learner.zero_grad(set_to_none=True)
     x = learner.prepare_input(x)
     batch = LocalBatch(x, y, learner.norm_mean, learner.norm_std)
@@ -57,7 +55,7 @@ def _parts_step(learner, opt, x: torch.Tensor, y: torch.Tensor, part) -> None:
         with part("backbone"):
             h = learner.run_block(k, h_in)
             if k == learner.K - 1:
-                F.cross_entropy(learner.head(h).float(), y).backward()
+                learner.task.loss(learner.head(h), y, batch.image_hw).backward()
                 break
         h_aux = h.detach().requires_grad_(True)
         aux = learner.auxes[k]
@@ -84,8 +82,6 @@ def _parts_step(learner, opt, x: torch.Tensor, y: torch.Tensor, part) -> None:
 
 def breakdown_step(learner, opt, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """Seconds of each part of one training step; same gradients as ``train_step``."""
-    import contextlib
-
     t = dict.fromkeys(PARTS, 0.0)
     dev = x.device
 
@@ -104,10 +100,6 @@ def breakdown_step(learner, opt, x: torch.Tensor, y: torch.Tensor) -> dict[str, 
 def flop_breakdown(learner, opt, x: torch.Tensor, y: torch.Tensor) -> dict[str, int]:
     """FLOPs (torch's ``FlopCounterMode``: matmuls and convolutions, forward and backward) of each
     part of one training step — the work the time is spent on."""
-    import contextlib
-
-    from torch.utils.flop_counter import FlopCounterMode
-
     f = dict.fromkeys(PARTS, 0)
 
     @contextlib.contextmanager
