@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import site
 import subprocess
 import sys
 from pathlib import Path
@@ -29,12 +28,21 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: 
 
 
 def _dependency_paths() -> list[str]:
-    """Where the running interpreter finds torch & co: its site-packages folders (never the source tree)."""
-    paths = list(site.getsitepackages())
-    if site.ENABLE_USER_SITE:
-        paths.append(site.getusersitepackages())
-    src = str(ROOT / "src")
-    return [p for p in dict.fromkeys(paths) if os.path.isdir(p) and os.path.realpath(p) != os.path.realpath(src)]
+    """Where the running interpreter finds torch & co: its ``sys.path`` (site folders and whatever their
+    ``.pth`` files added) without the standard library, the checkout, or any other source tree of manlearn."""
+    import sysconfig
+
+    stdlib = os.path.realpath(sysconfig.get_paths()["stdlib"])
+    out = []
+    for p in sys.path:
+        real = os.path.realpath(p) if p else ""
+        if not p or not os.path.isdir(p) or real == stdlib or real.startswith(stdlib + os.sep) \
+                or Path(real).is_relative_to(ROOT):
+            continue
+        if os.path.isfile(os.path.join(p, "manlearn", "__init__.py")) and not p.endswith("-packages"):
+            continue  # another checkout's src/ (an editable install): the wheel must not compete with it
+        out.append(p)
+    return list(dict.fromkeys(out))
 
 
 @pytest.fixture(scope="module")
@@ -80,20 +88,19 @@ def test_wheel_ships_the_recipes_and_runs_from_its_own_install(installed):
     assert packaged == in_tree and "quickstart" in packaged
 
     env, cwd, venv = installed["env"], installed["cwd"], installed["venv"]
-    where = _run([str(installed["py"]), "-c", "import manlearn, manlearn.recipes as r; "
-                  "print(manlearn.__file__); print(r.packaged_recipes_dir())"], cwd=cwd, env=env)
-    module, recipes_dir = where.split()
+    # one interpreter start for three questions: which manlearn, which recipes, and an old recipe name
+    where = _run([str(installed["py"]), "-c", "import manlearn, manlearn.recipes as r; print(manlearn.__file__); "
+                  "print(r.packaged_recipes_dir()); print(r.resolve_recipe('mosaic_retinanet_r50_manpp_k4'))"],
+                 cwd=cwd, env=env)
+    module, recipes_dir, old_name = where.split()
     assert Path(module).resolve().is_relative_to(venv.resolve()), f"imported {module}, not the installed copy"
-    assert Path(recipes_dir).resolve().is_relative_to(venv.resolve())
     assert not Path(module).resolve().is_relative_to(ROOT)
+    assert Path(recipes_dir).resolve().is_relative_to(venv.resolve())
+    assert Path(old_name) == Path(recipes_dir) / "mosaic-retinanet-r50-k4-manpp.yaml"
 
     out = _run([str(venv / "bin" / "manlearn"), "list"], cwd=cwd, env=env)
     for name in ("quickstart", "fm-r32-infopro-manpp", "mosaic-retinanet-r50-k4-manpp", "imagenet-vit-tiny-k4-manpp"):
         assert name in out
-    # an old spelling of a packaged recipe resolves in the installed copy too
-    out = _run([str(installed["py"]), "-c", "from manlearn.recipes import resolve_recipe; "
-                "print(resolve_recipe('mosaic_retinanet_r50_manpp_k4'))"], cwd=cwd, env=env)
-    assert Path(out.strip()).resolve().is_relative_to(venv.resolve())
 
 
 def _fashion_mnist_found() -> bool:
