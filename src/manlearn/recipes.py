@@ -17,6 +17,7 @@ with a ``name``) for ``manlearn list``; it never raises, a broken file becomes a
 from __future__ import annotations
 
 import difflib
+import functools
 import tempfile
 from dataclasses import dataclass
 from importlib import resources
@@ -38,12 +39,13 @@ RENAMED: dict[str, str] = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def packaged_recipes_dir() -> Path:
     """The folder of the recipes shipped in the package.
 
     A plain folder for every normal install (wheel, editable, source tree).  Should the package be
-    imported from a zip, the recipes are copied once to a temporary folder, because the trainers and
-    ``load_config`` take file paths.
+    imported from a zip, the recipes are copied once (cached) to a temporary folder, because the trainers
+    and ``load_config`` take file paths.
     """
     root = resources.files("manlearn") / "configs"
     if isinstance(root, Path):
