@@ -12,13 +12,13 @@ import argparse
 import os
 
 from manlearn.bench.common import append_rows, environment
-from manlearn.cli import resolve_recipe
+from manlearn.recipes import resolve_recipe
 from manlearn.config import apply_overrides, load_config
 from manlearn.dense.config import DenseConfig
 from manlearn.dense.trainer import DenseTrainer
 
-RECIPES = ["mosaic_retinanet_r50_e2e", "mosaic_retinanet_r50_manpp_k4", "mosaic_deeplab_r50_e2e",
-           "mosaic_deeplab_r50_manpp_k4"]
+RECIPES = ["mosaic-retinanet-r50-e2e", "mosaic-retinanet-r50-k4-manpp", "mosaic-deeplab-r50-e2e",
+           "mosaic-deeplab-r50-k4-manpp"]
 
 
 def main() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import yaml
@@ -11,8 +10,9 @@ import yaml
 from manlearn.config import (TrainConfig, apply_overrides, config_from_dict, config_keys,
                              config_to_dict, load_config, validate)
 from manlearn.errors import ConfigError
+from manlearn.recipes import packaged_recipes_dir, resolve_recipe
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = packaged_recipes_dir()  # src/manlearn/configs, shipped in the wheel
 # Classification recipes; dense (detection / segmentation) recipes carry a `task:` key and are
 # checked by tests/test_dense_train.py against DenseConfig.
 RECIPES = sorted(p for p in CONFIGS.glob("*.yaml") if "task" not in (yaml.safe_load(p.read_text()) or {}))
@@ -185,7 +185,8 @@ def test_every_recipe_loads_validates_and_builds(path):
     from manlearn.train import build_learner
 
     cfg = load_config(path)
-    assert cfg.out_dir == f"runs/{path.stem}"  # one run folder per recipe: no clobbering
+    # one run folder per recipe, named after it (its current or its former name): no clobbering
+    assert cfg.out_dir.startswith("runs/") and resolve_recipe(cfg.out_dir[5:]) == path
     learner = build_learner(cfg, get_dataset_info(cfg.dataset))
     assert learner.K == (1 if cfg.method == "e2e" else cfg.K)
 

@@ -16,9 +16,10 @@ from manlearn.config import TrainConfig, apply_overrides, config_keys, load_conf
 from manlearn.dense.config import DenseConfig, dense_config_keys, load_dense_config, validate_dense
 from manlearn.dense.trainer import DenseTrainer, epoch_order, lr_at
 from manlearn.errors import CheckpointError, ConfigError, DatasetError
+from manlearn.recipes import packaged_recipes_dir, resolve_recipe
 
 REAL_FM = "/usr/share/datasets/fashion-mnist"
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = packaged_recipes_dir()  # src/manlearn/configs, shipped in the wheel
 DENSE_RECIPES = sorted(p for p in CONFIGS.glob("*.yaml") if "task" in (yaml.safe_load(p.read_text()) or {}))
 
 needs_fm = pytest.mark.skipif(not os.path.isfile(os.path.join(REAL_FM, "train-images-idx3-ubyte.gz")),
@@ -126,11 +127,12 @@ def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
 @pytest.mark.parametrize("path", DENSE_RECIPES, ids=[p.stem for p in DENSE_RECIPES])
 def test_dense_recipes_load_and_validate(path):
     cfg = load_dense_config(path)
-    assert cfg.out_dir == f"runs/{path.stem}"
+    # one run folder per recipe, named after it (its current or its former name)
+    assert cfg.out_dir.startswith("runs/") and resolve_recipe(cfg.out_dir[5:]) == path
     assert cfg.task in ("detection", "segmentation")
     with pytest.raises(ConfigError, match="unknown config key 'task'"):
         load_config(path)  # a dense recipe is not a classification one
-    if path.stem.startswith("coco_"):
+    if path.stem.startswith("coco-"):
         assert (cfg.batch_size, cfg.lr, cfg.iterations, cfg.lr_steps, cfg.min_size, cfg.max_size) == \
             (16, 0.01, 90000, [60000, 80000], 600, 1000)
         assert (cfg.method, cfg.K) in (("e2e", 1), ("manpp", 4))
@@ -139,9 +141,9 @@ def test_dense_recipes_load_and_validate(path):
 def test_required_dense_recipes_exist():
     names = {p.stem for p in DENSE_RECIPES}
     for m in ("r50", "r101", "r152"):
-        assert {f"coco_retinanet_{m}_e2e", f"coco_retinanet_{m}_manpp_k4"} <= names
-    assert {"mosaic_retinanet_r50_e2e", "mosaic_retinanet_r50_manpp_k4", "mosaic_deeplab_r50_e2e",
-            "mosaic_deeplab_r50_manpp_k4"} <= names
+        assert {f"coco-retinanet-{m}-e2e", f"coco-retinanet-{m}-k4-manpp"} <= names
+    assert {"mosaic-retinanet-r50-e2e", "mosaic-retinanet-r50-k4-manpp", "mosaic-deeplab-r50-e2e",
+            "mosaic-deeplab-r50-k4-manpp"} <= names
 
 
 # ------------------------------------------------------------------------------------------- runs
@@ -170,7 +172,7 @@ def test_detection_smoke_through_cli_then_eval(mosaic, tmp_path, capsys):
 
 def test_segmentation_recipe_smoke_through_cli(mosaic, tmp_path, capsys):
     out_dir = tmp_path / "seg"
-    rc, out, err = run_cli(capsys, "train", "mosaic_deeplab_r50_manpp_k4", f"data_dir={mosaic}",
+    rc, out, err = run_cli(capsys, "train", "mosaic-deeplab-r50-k4-manpp", f"data_dir={mosaic}",
                            f"out_dir={out_dir}", "model_widths=[8,8,8,8]", "stem_width=8", "aspp_channels=16",
                            "batch_size=4", "max_steps=2", "eval_limit=4", "progress=false", "device=cpu")
     assert rc == 0, err

@@ -224,9 +224,9 @@ IMAGENET_RECIPES = {
     "imagenet-resnext101-e2e": ("resnext101_32x8d", 1, None),
     "imagenet-resnext101-k2-infopro-manpp": ("resnext101_32x8d", 2, [5, 29]),
     "imagenet-resnext101-k4-infopro-manpp": ("resnext101_32x8d", 4, [7, 10, 8, 9]),
-    "vit-tiny-e2e": ("vit_tiny", 1, None), "vit-tiny-k4-manpp": ("vit_tiny", 4, [4, 3, 3, 3]),
-    "vit-small-e2e": ("vit_small", 1, None), "vit-small-k4-manpp": ("vit_small", 4, [4, 3, 3, 3]),
-    "vit-base-e2e": ("vit_base", 1, None), "vit-base-k4-manpp": ("vit_base", 4, [4, 3, 3, 3]),
+    "imagenet-vit-tiny-e2e": ("vit_tiny", 1, None), "imagenet-vit-tiny-k4-manpp": ("vit_tiny", 4, [4, 3, 3, 3]),
+    "imagenet-vit-small-e2e": ("vit_small", 1, None), "imagenet-vit-small-k4-manpp": ("vit_small", 4, [4, 3, 3, 3]),
+    "imagenet-vit-base-e2e": ("vit_base", 1, None), "imagenet-vit-base-k4-manpp": ("vit_base", 4, [4, 3, 3, 3]),
 }
 
 
@@ -234,13 +234,12 @@ IMAGENET_RECIPES = {
 def test_imagenet_and_vit_recipes_build_their_learner(name):
     """Each recipe validates and builds the learner it claims (on the meta device: no memory, no init
     cost): the published split, the SPEC section 5 optimiser, the streamed imagenet data."""
-    from pathlib import Path
-
     from manlearn.config import load_config
     from manlearn.data import get_dataset_info
+    from manlearn.recipes import packaged_recipes_dir
     from manlearn.train import build_learner
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    cfg = load_config(packaged_recipes_dir() / f"{name}.yaml")
     model, K, sizes = IMAGENET_RECIPES[name]
     assert (cfg.model, cfg.dataset, cfg.image_size, cfg.epochs, cfg.batch_size) == (model, "imagenet", 224, 90, 1024)
     if model.startswith("vit"):

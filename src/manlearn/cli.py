@@ -14,49 +14,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from manlearn.errors import ConfigError, ManlearnError
+# Recipe lookup lives in manlearn.recipes; re-exported here for callers of the former cli functions.
+from manlearn.recipes import list_recipes, resolve_recipe
 
-__all__ = ["main", "build_parser", "recipes_dirs", "list_recipes", "resolve_recipe"]
-
-
-def recipes_dirs() -> list[Path]:
-    """Folders searched for recipes: the repository's ``configs/`` and ``./configs``."""
-    dirs = [Path(__file__).resolve().parents[2] / "configs", Path.cwd() / "configs"]
-    out: list[Path] = []
-    for d in dirs:
-        if d.is_dir() and d.resolve() not in [o.resolve() for o in out]:
-            out.append(d)
-    return out
-
-
-def list_recipes() -> dict[str, Path]:
-    """Recipe name (file stem) → YAML path, first folder wins."""
-    found: dict[str, Path] = {}
-    for d in recipes_dirs():
-        for p in sorted(d.glob("*.yaml")):
-            found.setdefault(p.stem, p)
-    return found
-
-
-def resolve_recipe(name: str) -> Path:
-    """A YAML path, or the name of a recipe in ``configs/`` (with or without ``.yaml``)."""
-    p = Path(name)
-    if p.is_file():
-        return p
-    recipes = list_recipes()
-    stem = p.name[:-5] if p.name.endswith(".yaml") else p.name
-    if p.parent == Path("."):
-        if stem in recipes:
-            return recipes[stem]
-        # Same words in another order (fm-r32-manpp-infopro for fm-r32-infopro-manpp).
-        same = [r for r in recipes if sorted(r.split("-")) == sorted(stem.split("-"))]
-        if len(same) == 1:
-            return recipes[same[0]]
-    import difflib
-
-    close = difflib.get_close_matches(stem, list(recipes), n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    raise ConfigError(f"no config file or recipe named '{name}'{hint}; recipes: "
-                      f"{', '.join(recipes) or '(none found)'}")
+__all__ = ["main", "build_parser", "list_recipes", "resolve_recipe"]
 
 
 def _fmt_bytes(n: Any) -> str:
@@ -229,26 +190,10 @@ def _eval_dense(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    import manlearn
-    from manlearn.data import list_datasets
+    """``manlearn list [KIND]``: aligned tables of models, methods, datasets and recipes (manlearn.listing)."""
+    from manlearn.listing import render
 
-    print("models:   " + ", ".join(manlearn.list_models()))
-    print("methods:  " + ", ".join(manlearn.list_rules()) + "  (man/manpp take base=dgl|infopro)")
-    print("datasets: " + ", ".join(list_datasets()))
-    recipes = list_recipes()
-    from manlearn.config import read_config_file
-
-    def dense(p: Path) -> bool:
-        try:
-            return "task" in read_config_file(p)
-        except ConfigError:
-            return False
-
-    dense_names = [r for r, p in recipes.items() if dense(p)]
-    plain = [r for r in recipes if r not in dense_names]
-    print("recipes:  " + (", ".join(plain) if recipes else "(no configs/ folder found)"))
-    if dense_names:
-        print("dense recipes (detection/segmentation):  " + ", ".join(dense_names))
+    print(render([args.kind] if args.kind else None))
     return 0
 
 
@@ -279,11 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train from a YAML config or recipe name (see `manlearn list`), with key=value "
                     "overrides. With no config: MAN++ (InfoPro) ResNet-32 K=16 on Fashion-MNIST (FM-R32).",
         epilog="examples:  manlearn train fm-r32-manpp-infopro epochs=1\n"
-               "           manlearn train configs/cifar10-resnet32-e2e.yaml data_dir=/data lr=0.4\n"
+               "           manlearn train my-recipe.yaml data_dir=/data lr=0.4              (any YAML file)\n"
                "           manlearn train out_dir=runs/x --resume\n"
                "           torchrun --nproc_per_node 2 -m manlearn train epochs=1   (data parallel)\n"
                "           manlearn train pipeline_workers=2 epochs=1              (block pipeline)\n"
-               "           manlearn train mosaic_retinanet_r50_manpp_k4 max_steps=50  (detection: recipes with task:)",
+               "           manlearn train mosaic-retinanet-r50-k4-manpp max_steps=50  (detection: recipes with task:)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]",
                    help="a YAML file or recipe name, then key=value overrides")
@@ -300,7 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("list", help="models, methods, datasets and recipes")
+    p = sub.add_parser("list", help="models, methods, datasets and recipes",
+                       description="Tables of what can be trained: models, methods (rules), datasets and "
+                                   "recipes (./configs first, then the recipes shipped with manlearn).")
+    p.add_argument("kind", nargs="?", choices=["models", "methods", "datasets", "recipes"],
+                   help="print only this table")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("data", help="dataset tools (make-mosaic)")

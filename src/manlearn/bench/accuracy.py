@@ -24,7 +24,7 @@ BASE_RECIPE = "fm-r32-infopro-manpp"  # carries every FM-R32 key; method/base/K 
 
 def fm_r32_config(spec: str, K: int, epochs: int, seed: int, out_dir: Path, extra: Sequence[str] = ()):
     """The FM-R32 TrainConfig of one run."""
-    from ..cli import resolve_recipe
+    from ..recipes import resolve_recipe
 
     m = parse_method(spec)
     items = [f"method={m['method']}", f"K={K}", f"epochs={epochs}", f"seed={seed}",
