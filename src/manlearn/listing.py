@@ -7,7 +7,6 @@ Building a table never fails on one bad entry: a broken recipe becomes a row wit
 
 from __future__ import annotations
 
-import inspect
 from typing import TYPE_CHECKING, Callable, Sequence
 
 if TYPE_CHECKING:
@@ -15,18 +14,6 @@ if TYPE_CHECKING:
 
 __all__ = ["KINDS", "format_table", "models_table", "methods_table", "datasets_table", "recipes_table",
            "render"]
-
-# One line for the built-in rules whose class has no docstring (a rule's own docstring wins).
-_METHOD_NOTES = {
-    "e2e": "end-to-end backprop, one piece (the baseline; K is ignored)",
-    "greedy": "greedy local learning: a linear classifier head per block",
-    "dgl": "Decoupled Greedy Learning: a small conv classifier head per block",
-    "infopro": "InfoPro: reconstruction decoder + classifier head per block (lambda schedule)",
-    "infopro-contrast": "InfoPro with a contrastive head instead of the classifier",
-    "man": "MAN: momentum auxiliary network (EMA of the next block's first unit) before the base heads",
-    "manpp": "MAN++: MAN with a learnable scale s on the momentum branch",
-}
-
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], indent: str = "  ") -> str:
     """Left-aligned columns separated by two spaces, a dashed rule under the header; no trailing blanks."""
@@ -53,34 +40,16 @@ def models_table() -> str:
     return "models:\n" + format_table(("name", "family", "input"), rows)
 
 
-def _describe_rule(name: str, cls: type) -> str:
-    doc = (cls.__dict__.get("__doc__") or "").strip()
-    first = doc.splitlines()[0].strip() if doc else ""
-    if first.startswith(f"``{name}``:"):  # "``man``: MAN on top of ..." -> "MAN on top of ..."
-        first = first.split(":", 1)[1].strip()
-    return first.replace("``", "").rstrip(".") or _METHOD_NOTES.get(name, "")
-
-
 def methods_table() -> str:
-    """Registered rules, whether they take ``base=`` (MAN/MAN++ wrap a base rule), one line each."""
-    from manlearn.rules import get_rule_class, list_rules
+    """Registered rules (yours too), what a modifier can wrap, and each rule's one-line ``summary``."""
+    from manlearn.rules import get_rule_class, list_base_rules, list_rules
 
     rows = []
     for name in list_rules():
         cls = get_rule_class(name)
-        try:
-            takes_base = "base" in inspect.signature(cls.__init__).parameters
-        except (TypeError, ValueError):
-            takes_base = False
-        if takes_base:
-            try:
-                from manlearn.rules.momentum import MAN_BASES
-                base = "base=" + "|".join(MAN_BASES)
-            except ImportError:
-                base = "base="
-        else:
-            base = ""
-        rows.append((name, base, _describe_rule(name, cls)))
+        takes = "base=" + "|".join(list_base_rules()) if cls.modifier else ""
+        doc = (cls.__doc__ or "").strip().splitlines()
+        rows.append((name, takes, cls.summary or (doc[0].replace("``", "") if doc else "")))
     return "methods:\n" + format_table(("name", "takes", "what"), rows)
 
 
