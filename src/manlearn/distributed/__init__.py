@@ -3,14 +3,13 @@
 - :mod:`.dist`: process-group setup from the ``torchrun`` environment, rank helpers, sharded
   loading and evaluation.
 - :mod:`.data_parallel`: :class:`GradReducer`, one asynchronous gradient all-reduce per local block.
-- :mod:`.pipeline`: the K local blocks spread over P worker processes (block pipeline).
+- the block pipeline lives in :mod:`manlearn.train.pipeline` (it is a training loop).
 """
 
 from .data_parallel import GradReducer, block_buckets
 from .dist import (SINGLE, DistInfo, ShardedLoader, average_buffers, broadcast_state, cleanup,
                    env_world_size, free_port, gloo_available, setup_from_env, sharded_evaluate)
-from .pipeline import PipelineError, run_pipeline
 
 __all__ = ["DistInfo", "SINGLE", "GradReducer", "block_buckets", "ShardedLoader", "average_buffers",
            "broadcast_state", "cleanup", "env_world_size", "free_port", "gloo_available",
-           "setup_from_env", "sharded_evaluate", "PipelineError", "run_pipeline"]
+           "setup_from_env", "sharded_evaluate"]
