@@ -1,8 +1,9 @@
 """Moving tensors between pipeline workers: bounded point-to-point links and MAN's back-sync.
 
-Every wait has a deadline (``pipeline_timeout_s``) and ends in a typed error naming the peer:
-:class:`~.errors.WorkerTimeout` when the peer stayed silent for the whole timeout,
-:class:`~.errors.WorkerGone` when the link failed before it (a dead peer's sockets close at once).
+Every wait has a deadline (``pipeline_timeout_s``), and every wait or post that fails ends in a typed
+error naming the peer: :class:`~.errors.WorkerTimeout` when the peer stayed silent for the whole
+timeout, :class:`~.errors.WorkerGone` when the link failed before it (a dead peer's sockets close at
+once; posting a send or receive on such a link fails at once too).
 gloo reports both as a bare ``RuntimeError`` (and nccl as ``torch.distributed.DistError``, also a
 ``RuntimeError``), so the kind is told by the clock: a failure that took the whole timeout is a timeout.
 """
@@ -63,7 +64,8 @@ class Inbox:
 
     def _post(self, t: int) -> None:
         ts = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in self.shapes]
-        works = [dist.irecv(x, self.src, tag=tag) for x, tag in zip(ts, TENSOR_TAGS)]
+        works = guarded(lambda: [dist.irecv(x, self.src, tag=tag) for x, tag in zip(ts, TENSOR_TAGS)],
+                        self.timeout_s, f"worker {self.rank}: receiving micro-batch {t}", f"worker {self.src}")
         self.posted.append((t, works, ts))
 
     def fill(self) -> None:
@@ -107,7 +109,8 @@ class Outbox:
         """Send micro-batch ``t`` (kept alive until its send completes)."""
         self.bound(self.depth - 1)
         out = [x.contiguous() for x in tensors]
-        works = [dist.isend(x, self.dst, tag=tag) for x, tag in zip(out, TENSOR_TAGS)]
+        works = guarded(lambda: [dist.isend(x, self.dst, tag=tag) for x, tag in zip(out, TENSOR_TAGS)],
+                        self.timeout_s, f"worker {self.rank}: sending micro-batch {t}", f"worker {self.dst}")
         self.pending.append((t, works, out))
 
     def flush(self) -> None:
@@ -140,7 +143,9 @@ class ShadowReceiver:
         while self.next_version < len(self.versions) and self.versions[self.next_version] <= t + 1:
             v = self.versions[self.next_version]
             buf = torch.empty(self.size, device=self.device)
-            self.posted.append((v, dist.irecv(buf, self.src, tag=TAG_PARAM), buf))
+            work = guarded(lambda: dist.irecv(buf, self.src, tag=TAG_PARAM), self.timeout_s,
+                           f"worker {self.rank}: receiving parameters (version {v})", f"worker {self.src}")
+            self.posted.append((v, work, buf))
             self.next_version += 1
 
     @torch.no_grad()
@@ -173,7 +178,9 @@ class UnitSender:
         self.flush()
         with torch.no_grad():
             buf = torch.cat([p.detach().reshape(-1) for p in self.params])
-        self.pending.append((t + 1, dist.isend(buf, self.dst, tag=TAG_PARAM), buf))
+        work = guarded(lambda: dist.isend(buf, self.dst, tag=TAG_PARAM), self.timeout_s,
+                       f"worker {self.rank}: sending parameters (version {t + 1})", f"worker {self.dst}")
+        self.pending.append((t + 1, work, buf))
 
     def flush(self) -> None:
         while self.pending:
