@@ -72,7 +72,7 @@ def run_single(args, tmp: str) -> dict:
 
 
 def run_pipe(args, tmp: str) -> dict:
-    from manlearn.distributed.pipeline import run_pipeline
+    from manlearn.train.pipeline import run_pipeline
 
     cfg = dataclasses.replace(base_cfg(args, os.path.join(tmp, "pipe")), pipeline_workers=args.workers,
                               pipeline_queue_depth=args.queue_depth)

@@ -224,7 +224,7 @@ def test_trainer_data_parallel_matches_single_process_and_only_rank0_writes(tmp_
 
 
 def test_sync_bn_is_refused_on_cpu_and_batch_must_divide(tmp_path, monkeypatch):
-    from manlearn.distributed import ShardedLoader
+    from manlearn.train.data_parallel import ShardedLoader
     from manlearn.errors import ConfigError
 
     class L:
@@ -243,7 +243,7 @@ def test_sync_bn_is_refused_on_cpu_and_batch_must_divide(tmp_path, monkeypatch):
 def test_sharded_loader_gives_each_rank_its_rows_of_the_global_batch(tmp_path):
     """In-memory and streamed (ImageNet-style, sharded by sample keys) loaders alike."""
     from manlearn.data import BatchLoader, StreamingLoader, index_image_folder, load_dataset
-    from manlearn.distributed import ShardedLoader
+    from manlearn.train.data_parallel import ShardedLoader
 
     def check(full, make):
         whole = list(full.epoch(1, start_batch=1))
@@ -267,3 +267,14 @@ def test_sharded_loader_gives_each_rank_its_rows_of_the_global_batch(tmp_path):
     data = index_image_folder("train", data_dir=tmp_path, image_size=16)
     check(StreamingLoader(data, 4, train=True, seed=5, workers=0),
           lambda: StreamingLoader(data, 4, train=True, seed=5, workers=0))
+
+
+def test_distributed_holds_primitives_only():
+    """``manlearn.distributed`` imports no loop code (train, cli) beyond what ``import manlearn`` brings."""
+    import subprocess
+    import sys
+
+    code = ("import sys, manlearn; before = set(sys.modules); import manlearn.distributed; "
+            "print(sorted(m for m in set(sys.modules) - before if m.startswith('manlearn')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert not any(m.startswith(("manlearn.train", "manlearn.cli", "manlearn.learner")) for m in eval(out)), out

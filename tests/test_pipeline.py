@@ -19,9 +19,9 @@ import torch
 
 from manlearn.config import TrainConfig
 from manlearn.distributed import gloo_available
-from manlearn.distributed.pipeline import PipelineError, param_version, partition, run_pipeline
 from manlearn.errors import ConfigError
 from manlearn.train import Trainer, load_checkpoint
+from manlearn.train.pipeline import PipelineError, param_version, partition, run_pipeline
 
 pytestmark = pytest.mark.skipif(not gloo_available(), reason="torch.distributed gloo backend not available")
 

@@ -131,7 +131,7 @@ def _train_dense(config_path: Path | None, items: Sequence[str], args: argparse.
 def _train_pipeline(cfg: Any, args: argparse.Namespace) -> int:
     """``pipeline_workers=N``: the K blocks over N worker processes on this host (docs/scaling.md)."""
     from manlearn.distributed import env_world_size
-    from manlearn.distributed.pipeline import run_pipeline
+    from manlearn.train.pipeline import run_pipeline
 
     if env_world_size() > 1:
         raise ConfigError("pipeline_workers is not combined with torchrun (data parallel) yet: start the "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -398,3 +398,22 @@ class LocalLearner(nn.Module):
     def extra_repr(self) -> str:
         return (f"task={type(self.task).__name__}, method={self.method}, base={self.base}, K={self.K}, "
                 f"split={self.split.source}, stem_module={self.split.stem_module}, momentum={self._momentum}")
+
+    def keep_parts(self, blocks: Iterable[int], auxes: Iterable[int], head: bool) -> None:
+        """Free, in place, every part that this process will not run (a pipeline worker keeps its blocks).
+
+        Blocks not in ``blocks`` become empty ``nn.Sequential``, auxiliary networks not in ``auxes``
+        ``nn.Identity``, and the head ``nn.Identity`` unless ``head``.  Indices and the kept parts'
+        state-dict keys are unchanged; only ``local_step``/``run_block`` of kept parts stay meaningful.
+        """
+        keep_blocks, keep_auxes = set(blocks), set(auxes)
+        for k in range(len(self.blocks)):
+            if k not in keep_blocks:
+                self.blocks[k] = nn.Sequential()
+                if self._segments is not None:
+                    self._segments[k] = []
+        for k in range(len(self.auxes)):
+            if k not in keep_auxes:
+                self.auxes[k] = nn.Identity()
+        if not head:
+            self.head = nn.Identity()

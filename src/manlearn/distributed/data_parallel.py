@@ -67,7 +67,7 @@ class GradReducer:
     """Averages the gradients of every trainable parameter over the ranks, once per iteration.
 
     Use: ``learner.train_step(x, y, after_block=r.block_done)`` then ``stats = r.finish(stats)``
-    before the optimiser step.  With equal shards per rank (``ShardedLoader``), the average of the
+    before the optimiser step.  With equal shards per rank (:class:`manlearn.train.data_parallel.ShardedLoader`), the average of the
     per-rank mean-loss gradients is the gradient of the mean loss over the global batch.
     """
 

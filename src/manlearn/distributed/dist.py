@@ -5,28 +5,28 @@
   describes; a plain ``python -m manlearn train`` stays a single process and never touches
   ``torch.distributed``.  Multi-node runs work the same way: torchrun sets the variables per node.
 - :class:`DistInfo` answers "which rank am I, how many are we, may I write files".
-- :func:`broadcast_state`, :func:`average_buffers`, :func:`sharded_evaluate` and
-  :class:`ShardedLoader` are the collective pieces the trainer needs.
+- :func:`broadcast_state` and :func:`average_buffers` are the collectives on a whole module.
+
+Loop-level pieces (sharding a loader, sharded evaluation) are in :mod:`manlearn.train.data_parallel`.
 """
 
 from __future__ import annotations
 
 import datetime
-import math
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from manlearn.errors import ConfigError
+from manlearn.runtime import resolve_device
 
 __all__ = ["DistInfo", "SINGLE", "env_world_size", "setup_from_env", "resolve_backend", "free_port",
-           "broadcast_state", "average_buffers", "sharded_evaluate", "ShardedLoader", "cleanup",
-           "gloo_available"]
+           "broadcast_state", "average_buffers", "cleanup", "gloo_available"]
 
 BACKENDS = ("auto", "gloo", "nccl")
 
@@ -91,8 +91,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def rank_device(name: str, local_rank: int) -> torch.device:
     """The device of this rank: ``auto``/``cuda`` become ``cuda:LOCAL_RANK`` when CUDA is present."""
-    from manlearn.runtime import resolve_device
-
     dev = resolve_device(name)
     if dev.type == "cuda" and dev.index is None:
         n = torch.cuda.device_count()
@@ -112,8 +110,6 @@ def setup_from_env(backend: str = "auto", device: str = "auto",
     """
     world = env_world_size()
     if world <= 1 and not dist.is_initialized():
-        from manlearn.runtime import resolve_device
-
         return SINGLE, resolve_device(device)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = rank_device(device, local_rank)
@@ -168,65 +164,3 @@ def average_buffers(module: nn.Module, group: Any = None) -> None:
     flat.div_(world)
     for b, v in zip(bufs, torch._utils._unflatten_dense_tensors(flat, bufs)):
         b.copy_(v)
-
-
-class ShardedLoader:
-    """Each rank's share of a :class:`~manlearn.data.BatchLoader`'s *global* batches.
-
-    ``batch_size`` stays the global batch (so recipes and learning rates keep their meaning); rank r
-    gets rows ``[r·B/N, (r+1)·B/N)`` of global batch b.  The global batch is built (and augmented)
-    exactly as a single process would build it and then sliced: N ranks together see precisely
-    the single-process batches, which is what makes data parallelism reproduce single-process
-    training.  For in-memory data, building the whole batch costs each rank one crop/flip of B
-    images, small next to a training step; streamed data (ImageNet) is sharded by sample keys, so
-    each rank decodes only its own images.
-    """
-
-    def __init__(self, loader: Any, rank: int, world_size: int) -> None:
-        if loader.batch_size % world_size:
-            raise ConfigError(f"batch_size={loader.batch_size} is the global batch and must be divisible by the "
-                              f"{world_size} data-parallel ranks")
-        self.loader, self.rank, self.world_size = loader, rank, world_size
-        self.shard = loader.batch_size // world_size
-        self.batch_size = loader.batch_size
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        lo, hi = self.rank * self.shard, (self.rank + 1) * self.shard
-        if hasattr(self.loader, "batches") and hasattr(self.loader, "_iterate"):
-            # StreamingLoader (ImageNet): a sample's augmentation depends only on its key (epoch,
-            # index), so decoding just this rank's keys gives exactly the rows of the global batch
-            # without decoding the other ranks' images.
-            keys = self.loader.batches(epoch, start_batch)
-            yield from self.loader._iterate([b[lo:hi] for b in keys])
-            return
-        for x, y in self.loader.epoch(epoch, start_batch=start_batch):
-            yield x[lo:hi], y[lo:hi]
-
-
-@torch.no_grad()
-def sharded_evaluate(learner: nn.Module, loader: Any, info: DistInfo,
-                     device: torch.device | None = None) -> tuple[float, int, int]:
-    """Top-1 accuracy with the test batches dealt round-robin over the ranks, counts summed.
-
-    Every rank must call it (it ends with an all-reduce); every rank gets the same result.
-    """
-    was_training = learner.training
-    learner.eval()
-    dev = device or next(learner.parameters()).device
-    counts = torch.zeros(2, dtype=torch.float64, device=dev)
-    try:
-        for b, (x, y) in enumerate(loader.epoch(0)):
-            if b % info.world_size != info.rank:
-                continue
-            logits = learner(x)
-            counts[0] += (logits.argmax(dim=1) == y).sum()
-            counts[1] += y.numel()
-    finally:
-        learner.train(was_training)
-    if info.enabled:
-        dist.all_reduce(counts)
-    n, total = int(counts[0].item()), int(counts[1].item())
-    return (n / total if total else math.nan), n, total

@@ -85,7 +85,7 @@ class Trainer(TrainerBase):
         # device; otherwise a single process (self.dist.enabled is False, nothing else changes).
         if cfg.pipeline_workers:
             raise ConfigError("pipeline_workers is set: a block pipeline is run by "
-                              "manlearn.distributed.run_pipeline (or `manlearn train`), not by Trainer")
+                              "manlearn.train.pipeline.run_pipeline (or `manlearn train`), not by Trainer")
         from manlearn.distributed.dist import setup_from_env
 
         self.dist, self.device = setup_from_env(cfg.dist_backend, cfg.device, cfg.dist_timeout_s)
@@ -102,7 +102,7 @@ class Trainer(TrainerBase):
         self.train_loader = make_loader(cfg, self.train_data, train=True, device=self.device)
         self.test_loader = make_loader(cfg, self.test_data, train=False, device=self.device)
         if self.dist.enabled:  # each rank trains on its slice of every global batch
-            from manlearn.distributed.dist import ShardedLoader
+            from .data_parallel import ShardedLoader
 
             self.train_loader = ShardedLoader(self.train_loader, self.dist.rank, self.dist.world_size)
         self.steps_per_epoch = len(self.train_loader)
@@ -185,7 +185,9 @@ class Trainer(TrainerBase):
     def evaluate(self) -> float:
         """Test accuracy now; updates the best/last accuracy bookkeeping."""
         if self.dist.enabled:  # sharded over the ranks, counts summed: every rank gets the result
-            from manlearn.distributed import average_buffers, sharded_evaluate
+            from manlearn.distributed import average_buffers
+
+            from .data_parallel import sharded_evaluate
 
             average_buffers(self.learner)
             acc, _, _ = sharded_evaluate(self.learner, self.test_loader, self.dist, self.device)
