@@ -7,10 +7,13 @@ Building a table never fails on one bad entry: a broken recipe becomes a row wit
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
-if TYPE_CHECKING:
-    from manlearn.recipes import RecipeInfo
+from manlearn.data import dataset_files, get_dataset_info, list_datasets
+from manlearn.data.info import candidate_dirs
+from manlearn.models import list_models, model_tags
+from manlearn.recipes import PACKAGE_SOURCE, RecipeInfo, all_recipe_info
+from manlearn.rules import get_rule_class, list_base_rules, list_rules
 
 __all__ = ["KINDS", "format_table", "models_table", "methods_table", "datasets_table", "recipes_table",
            "render"]
@@ -28,8 +31,6 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], inden
 
 def models_table() -> str:
     """Registered backbones: family and the input size they are built for (from their registry tags)."""
-    from manlearn.models import list_models, model_tags
-
     rows = []
     for name in list_models():
         tags = model_tags(name)
@@ -42,8 +43,6 @@ def models_table() -> str:
 
 def methods_table() -> str:
     """Registered rules (yours too), what a modifier can wrap, and each rule's one-line ``summary``."""
-    from manlearn.rules import get_rule_class, list_base_rules, list_rules
-
     rows = []
     for name in list_rules():
         cls = get_rule_class(name)
@@ -55,8 +54,6 @@ def methods_table() -> str:
 
 def datasets_table() -> str:
     """Classification datasets: classes, the tensor the model sees, and the files looked for."""
-    from manlearn.data import dataset_files, get_dataset_info, list_datasets
-
     rows = []
     for name in list_datasets():
         info = get_dataset_info(name)
@@ -69,14 +66,12 @@ def datasets_table() -> str:
     return "datasets:\n" + format_table(("name", "classes", "model input", "train files"), rows) + "\n" + note
 
 
-def _recipe_data(info: "RecipeInfo") -> str:
+def _recipe_data(info: RecipeInfo) -> str:
     """Dataset and where it is read from: the recipe's data_dir, else the dataset's default folder, else
     a reminder that it must be given (ImageNet, CIFAR... are never downloaded)."""
     if info.data_dir:
         where = f"data_dir={info.data_dir}"
     else:
-        from manlearn.data.info import candidate_dirs, list_datasets
-
         default = [d for d in candidate_dirs(info.dataset, None)] if info.dataset in list_datasets() else []
         where = default[0] if default else "set data_dir= or $MANLEARN_DATA"
         if info.dataset == "digits":
@@ -86,8 +81,6 @@ def _recipe_data(info: "RecipeInfo") -> str:
 
 def recipes_table() -> str:
     """Every recipe found (``./configs`` first, then the packaged ones): task, model, method, K, budget, data."""
-    from manlearn.recipes import PACKAGE_SOURCE, all_recipe_info
-
     infos = all_recipe_info()
     if not infos:
         return "recipes:\n  (none found)"
