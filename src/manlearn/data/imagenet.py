@@ -235,9 +235,11 @@ class StreamingLoader(EpochOrder):
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         if not 0 <= start_batch <= len(self):
             raise ValueError(f"start_batch must lie in 0..{len(self)}, got {start_batch}")
-        return self._iterate(self.batches(epoch, start_batch))
+        return self.load_batches(self.batches(epoch, start_batch))
 
-    def _iterate(self, batches: list[list[tuple[int, int]]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def load_batches(self, batches: list[list[tuple[int, int]]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Decode and yield the given batches of dataset keys (``(epoch, index)``; see :meth:`batches`).
+        Data parallelism passes each rank's slice of the global batches, so a rank decodes only its rows."""
         if not batches:
             return
         kw = {}

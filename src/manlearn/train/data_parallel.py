@@ -45,12 +45,12 @@ class ShardedLoader:
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         lo, hi = self.rank * self.shard, (self.rank + 1) * self.shard
-        if hasattr(self.loader, "batches") and hasattr(self.loader, "_iterate"):
+        if hasattr(self.loader, "batches") and hasattr(self.loader, "load_batches"):
             # StreamingLoader (ImageNet): a sample's augmentation depends only on its key (epoch,
             # index), so decoding just this rank's keys gives exactly the rows of the global batch
             # without decoding the other ranks' images.
             keys = self.loader.batches(epoch, start_batch)
-            yield from self.loader._iterate([b[lo:hi] for b in keys])
+            yield from self.loader.load_batches([b[lo:hi] for b in keys])
             return
         for x, y in self.loader.epoch(epoch, start_batch=start_batch):
             yield x[lo:hi], y[lo:hi]
