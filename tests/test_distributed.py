@@ -278,3 +278,38 @@ def test_distributed_holds_primitives_only():
             "print(sorted(m for m in set(sys.modules) - before if m.startswith('manlearn')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert not any(m.startswith(("manlearn.train", "manlearn.cli", "manlearn.learner")) for m in eval(out)), out
+
+
+def _unsynced_worker(rank, world, port):
+    import torch.distributed as dist
+
+    from manlearn import ConfigError
+    from manlearn.distributed import GradReducer
+
+    _init(rank, world, port)
+    learner = make_learner()
+    (x, y), = batches(1, n=4)
+    try:
+        learner.train_step(x, y)  # what wrapping in DistributedDataParallel would amount to
+    except ConfigError as e:
+        assert "unsynced" in str(e) and "GradReducer" in str(e), str(e)
+    else:
+        raise AssertionError("train_step ran unsynced under a 2-rank process group")
+    ddp = torch.nn.parallel.DistributedDataParallel(learner)
+    try:
+        ddp.module.train_step(x, y)
+    except ConfigError:
+        pass
+    else:
+        raise AssertionError("a DDP-wrapped learner's train_step ran unsynced")
+    reducer = GradReducer(learner, world)
+    learner.train_step(x, y, after_block=reducer.block_done)
+    reducer.finish()
+    learner.train_step(x, y, local_only=True)  # on purpose
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_train_step_refuses_to_run_unsynced_under_a_process_group():
+    """Two gloo ranks: a plain (or DDP-wrapped) train_step refuses; the GradReducer path runs."""
+    _spawn(_unsynced_worker, 2)

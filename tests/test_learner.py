@@ -358,8 +358,8 @@ def test_compile_parts_keeps_state_dict_and_results(batch):
 
 
 def test_train_step_refuses_inputs_of_another_shape():
-    learner = make("infopro", K=3)  # built for 3x16x16
-    with pytest.raises(ConfigError, match=r"built for inputs \[B, 3, 16, 16\]"):
+    learner = make("infopro", K=3)  # built for 3 channels (any spatial size the backbone accepts)
+    with pytest.raises(ConfigError, match=r"images must be \[B, 3, H, W\]"):
         learner.train_step(torch.randn(2, 1, 28, 28), torch.tensor([0, 1]))
     with pytest.raises(ConfigError, match="labels"):
         learner.train_step(torch.randn(2, 3, 16, 16), torch.tensor([0, 1, 2]))

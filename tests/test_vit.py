@@ -75,7 +75,7 @@ def test_learner_builds_the_vit_for_its_image_size():
     with pytest.raises(ConfigError, match="divisible by the patch"):
         LocalLearner(model="vit_tiny", method="manpp", K=4, image_size=40, model_kwargs=SMALL)
     learner = make("vit_tiny")
-    with pytest.raises(ConfigError, match=r"built for inputs \[B, 3, 64, 64\]"):
+    with pytest.raises(ConfigError, match=r"this ViT was built for 3x64x64 inputs"):
         learner.train_step(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
 
 

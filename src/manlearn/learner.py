@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -26,20 +25,46 @@ from .split import Split, ends_from_stage_cuts, resolve_split, stage_ends
 from .tasks import ClassificationTask, check_task
 
 
-@dataclass
 class StepOutput:
-    """Result of :meth:`LocalLearner.train_step`."""
+    """Result of :meth:`LocalLearner.train_step`.
 
-    logits: Any               # final head's outputs, detached (logits for classification)
-    losses: list[float]       # one local loss per block; the last is the task loss
+    ``loss_values`` is a 1-D tensor on the learner's device (one loss per block, detached): the step
+    does not wait for the device. ``losses`` turns it into Python floats on first access (one host
+    sync), for logging.
+    """
+
+    def __init__(self, logits: Any, loss_values: torch.Tensor) -> None:
+        self.logits = logits              # final head's outputs, detached (logits for classification)
+        self.loss_values = loss_values
+        self._losses: list[float] | None = None
 
     @property
     def outputs(self) -> Any:
         return self.logits
 
     @property
+    def losses(self) -> list[float]:
+        """One local loss per block as floats; the last is the task loss."""
+        if self._losses is None:
+            self._losses = self.loss_values.tolist()
+        return self._losses
+
+    @property
     def loss(self) -> float:
         return self.losses[-1]
+
+
+def _refuse_unsynced() -> None:
+    """Refuse a plain train_step on one rank of several: its gradients would never be averaged (wrapping
+    the learner in DistributedDataParallel does not help — train_step runs K backward passes of its own)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ConfigError(
+            f"train_step on rank {dist.get_rank()} of {dist.get_world_size()} would leave the gradients unsynced "
+            "(DistributedDataParallel does not see the learner's K backward passes). Average them per block with "
+            "manlearn.distributed.GradReducer: r = GradReducer(learner, world_size); "
+            "learner.train_step(x, y, after_block=r.block_done); r.finish(); opt.step() "
+            "(README: data parallelism in your own loop), or pass local_only=True to train each rank alone")
 
 
 def _detach(out: Any) -> Any:
@@ -353,18 +378,27 @@ class LocalLearner(nn.Module):
             check(x, targets)
 
     def train_step(self, x: torch.Tensor, y: Any, *, zero_grad: bool = True,
-                   grad_scale: torch.Tensor | None = None,
-                   after_block: Callable[[int], None] | None = None) -> StepOutput:
+                   scaler: Any = None, grad_scale: torch.Tensor | None = None,
+                   after_block: Callable[[int], None] | None = None, local_only: bool = False) -> StepOutput:
         """Forward of every block, every local backward, the EMA updates (SPEC §1).
 
-        ``y`` are the task's targets (class indices for classification; per-image box dicts for
-        detection; label maps for segmentation). Leaves ``.grad`` on every trainable parameter and does
-        not step an optimiser. ``grad_scale`` multiplies every loss before its backward (for a fp16
-        GradScaler). ``after_block(k)`` is called once block k's gradients (block, auxiliary network)
-        are final — data parallelism starts block k's gradient all-reduce there, overlapping it with the
-        later blocks.
+        ``y`` are the task's targets (class indices or per-class probabilities for classification;
+        per-image box dicts for detection; label maps for segmentation). Leaves ``.grad`` on every
+        trainable parameter and does not step an optimiser.
+
+        ``scaler``: a ``torch.amp.GradScaler``; every loss is backpropagated as ``scaler.scale(loss)``, so
+        the usual ``scaler.step(opt); scaler.update()`` follows. (``grad_scale``, a scale tensor, is the
+        older form.) ``after_block(k)`` is called once block k's gradients (block, auxiliary network) are
+        final — data parallelism (:class:`manlearn.distributed.GradReducer`) starts block k's gradient
+        all-reduce there. Under an initialised process group of several ranks the step refuses to run
+        without it, since nothing else would average the gradients (``local_only=True`` trains each rank
+        on its own on purpose).
         """
         self.check_batch(x, y)
+        if after_block is None and not local_only:
+            _refuse_unsynced()
+        if scaler is not None:
+            grad_scale = scaler.scale(torch.ones((), device=x.device))
         if zero_grad:
             self.zero_grad(set_to_none=True)
         x = self.prepare_input(x)
@@ -373,10 +407,11 @@ class LocalLearner(nn.Module):
         losses = []
         for k in range(self.K):
             h, loss = self.local_step(k, h, batch, grad_scale)
-            losses.append(loss.float())
+            losses.append(loss)
             if after_block is not None:
                 after_block(k)
-        return StepOutput(h, torch.stack(losses).tolist())
+        wide = torch.float64 if any(v.dtype == torch.float64 for v in losses) else torch.float32
+        return StepOutput(h, torch.stack([v.to(wide) for v in losses]))
 
     def compile_parts(self, **compile_kwargs) -> "LocalLearner":
         """``torch.compile`` every block, auxiliary network and the head in place (state_dict keys

@@ -118,8 +118,9 @@ class InfoProDecoder(nn.Module):
         self.bn = nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, out_channels, 3, padding=1, bias=True)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        size = (self.image_size, self.image_size)
+    def forward(self, h: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Reconstruct at ``size`` (the batch's image size; default the size the decoder was built for)."""
+        size = tuple(size) if size is not None else (self.image_size, self.image_size)
         if tuple(h.shape[-2:]) == size:
             x = self.conv1(h)
         elif self.factorized is True or (self.factorized == "auto" and h.shape[-1] * 4 <= size[1]

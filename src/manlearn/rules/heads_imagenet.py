@@ -57,18 +57,23 @@ class ImageNetInfoProDecoder(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.out = nn.Conv2d(c, out_channels, 3, padding=1, bias=True)
 
-    def _up(self, h: torch.Tensor, size: int) -> torch.Tensor:
-        if h.shape[-1] == size and h.shape[-2] == size:
+    def _up(self, h: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if tuple(h.shape[-2:]) == tuple(size):
             return h
-        return F.interpolate(h, size=(size, size), mode="bilinear", align_corners=True)
+        return F.interpolate(h, size=tuple(size), mode="bilinear", align_corners=True)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Reconstruct at ``size`` (the batch's image size; default the size the decoder was built for):
+        the ladder's intermediate sizes keep their ratio to it."""
+        H, W = size if size is not None else (self.image_size, self.image_size)
         h = self.reduce(h)
         sizes = self.sizes or [self.image_size]
+        scaled = [(max(round(s * H / self.image_size), 1), max(round(s * W / self.image_size), 1)) for s in sizes]
+        scaled[-1] = (H, W)
         # one upsample before each ladder stage, the last one before the output conv
-        for stage, size in zip(self.stages, sizes[:-1]):
-            h = stage(self._up(h, size))
-        return self.out(self._up(h, sizes[-1]))
+        for stage, sz in zip(self.stages, scaled[:-1]):
+            h = stage(self._up(h, sz))
+        return self.out(self._up(h, scaled[-1]))
 
 
 class ImageNetInfoProClassifier(nn.Module):

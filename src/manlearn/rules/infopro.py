@@ -67,11 +67,12 @@ class InfoProAux(nn.Module):
         self.lambda_x, self.lambda_y = float(lambdas[0]), float(lambdas[1])
 
     def forward(self, h: torch.Tensor, batch: LocalBatch) -> torch.Tensor:
-        recon = self.decoder(h)
+        recon = self.decoder(h, batch.image_hw)
         loss_x = F.binary_cross_entropy_with_logits(recon.float(), batch.image01)
         out = self.classifier(h)
         if self.contrast:
-            loss_y = supcon_loss(F.normalize(out.float(), dim=1), batch.y, self.temperature)
+            labels = batch.y if not batch.y.is_floating_point() else batch.y.argmax(dim=1)  # soft targets
+            loss_y = supcon_loss(F.normalize(out.float(), dim=1), labels, self.temperature)
         else:
             loss_y = F.cross_entropy(out, batch.y)
         return self.lambda_x * loss_x + self.lambda_y * loss_y

@@ -20,18 +20,25 @@ class LinearProbe(nn.Sequential):
 
 
 class ClassificationTask(Task):
-    """One class per image (``targets``: ``[B]`` class indices). The final head is the backbone's own
-    (``final_head`` is not called: the learner keeps ``backbone.head``)."""
+    """One class per image. Targets are ``[B]`` class indices or ``[B, num_classes]`` class
+    probabilities (soft targets: mixup, cutmix). The final head is the backbone's own (``final_head``
+    is not called: the learner keeps ``backbone.head``).
+
+    ``label_smoothing`` applies to the final head's loss (the local losses are the rules' own).
+    """
 
     name = "classification"
     reads = "last"
     per_image_labels = True
-    fixed_input_size = True
+    fixed_input_size = False
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, label_smoothing: float = 0.0) -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
+        if isinstance(label_smoothing, bool) or not 0.0 <= float(label_smoothing) < 1.0:
+            raise ConfigError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}")
         self.num_classes = num_classes
+        self.label_smoothing = float(label_smoothing)
 
     def final_head(self, channels: Sequence[int], strides: Sequence[int]) -> nn.Module:
         return LinearProbe(channels[-1], self.num_classes)
@@ -40,13 +47,17 @@ class ClassificationTask(Task):
         return LinearProbe(channels, self.num_classes)
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor, image_hw: Any = None) -> torch.Tensor:
-        return F.cross_entropy(loss_precision(outputs), targets)
+        return F.cross_entropy(loss_precision(outputs), targets, label_smoothing=self.label_smoothing)
 
     def predict(self, outputs: torch.Tensor, image_hw: Any = None) -> torch.Tensor:
         return outputs.argmax(dim=1)
 
     def check_targets(self, x: torch.Tensor, targets: Any) -> None:
-        if not isinstance(targets, torch.Tensor) or targets.shape != x.shape[:1]:
-            shape = list(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
-            raise ConfigError(f"classification targets (labels) must be [B] class indices for a batch of {x.shape[0]}, "
-                              f"got {shape}")
+        b, c = x.shape[0], self.num_classes
+        if isinstance(targets, torch.Tensor) and targets.shape == (b,) and not targets.is_floating_point():
+            return
+        if isinstance(targets, torch.Tensor) and targets.shape == (b, c) and targets.is_floating_point():
+            return
+        shape = f"{targets.dtype} {list(targets.shape)}" if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise ConfigError(f"classification targets (labels) must be [B] integer class indices or [B, {c}] class "
+                          f"probabilities for a batch of {b}, got {shape}")
