@@ -199,7 +199,7 @@ class _Worker:
         self.loader = self.test_loader = None
         if self.first:
             self.loader = make_loader(cfg, load_split(cfg, "train", cfg.train_limit), train=True, device=dev)
-            self.test_loader = make_loader(cfg, load_split(cfg, "test", cfg.test_limit), train=False, device=dev)
+            self.test_loader = make_loader(cfg, load_split(cfg, "test", cfg.eval_limit), train=False, device=dev)
             if len(self.loader) != spe:
                 raise PipelineError(f"worker 0 sees {len(self.loader)} batches per epoch, the plan {spe}")
 
@@ -398,7 +398,7 @@ class _Worker:
             end_of_epoch = t % self.spe == 0
             if end_of_epoch or t == self.stop_at:
                 done_epoch = t // self.spe
-                do_eval = t == self.stop_at or (cfg.eval_every > 0 and done_epoch % cfg.eval_every == 0
+                do_eval = t == self.stop_at or (cfg.eval_every_epochs > 0 and done_epoch % cfg.eval_every_epochs == 0
                                                  and end_of_epoch)
                 bound_sends(0)
                 acc, rec = self._sync_epoch(stats, t, done_epoch if end_of_epoch else done_epoch + (t % self.spe) / self.spe,

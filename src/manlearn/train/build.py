@@ -11,10 +11,15 @@ from typing import Any
 import torch
 
 from manlearn.config import TrainConfig
-from manlearn.errors import ConfigError
 from manlearn.runtime import amp_dtype, resolve_device, seed_everything
 
-__all__ = ["resolve_device", "seed_everything", "amp_dtype", "build_learner", "load_split", "make_loader"]
+__all__ = ["resolve_device", "seed_everything", "amp_dtype", "build_learner", "build_task", "load_split",
+           "make_loader", "normalization", "IGNORE_INDEX"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Label of the pixels a segmentation loss and metric ignore.
+IGNORE_INDEX = 255
 
 
 def load_split(cfg: TrainConfig, split: str, limit: int | None) -> Any:
@@ -45,15 +50,55 @@ def make_loader(cfg: TrainConfig, data: Any, *, train: bool, device: torch.devic
                        device=device, seed=cfg.seed, channels_last=cfg.channels_last)
 
 
-def build_learner(cfg: TrainConfig, info: Any, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The :class:`~manlearn.LocalLearner` described by ``cfg`` for a dataset described by ``info``.
+def normalization(cfg: TrainConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of a dense task's input normalisation (``task.normalize``)."""
+    return (IMAGENET_MEAN, IMAGENET_STD) if cfg.task.normalize == "imagenet" else ((0.5,) * 3, (0.5,) * 3)
 
-    Shapes and normalisation come from the dataset (``info``), never from the config, so a recipe
-    cannot disagree with its data.
+
+def build_task(cfg: TrainConfig, num_classes: int) -> Any:
+    """The dense task object (heads, loss, post-processing) of ``cfg.task``."""
+    t = cfg.task
+    if t.name == "detection":
+        from manlearn.detection import RetinaNetTask
+
+        return RetinaNetTask(num_classes, fpn_channels=t.fpn_channels, head_convs=t.head_convs,
+                             box_loss=t.box_loss, local_channels=t.local_channels, norm=t.head_norm)
+    from manlearn.segmentation import DeepLabV3Task
+
+    return DeepLabV3Task(num_classes, ignore_index=IGNORE_INDEX, aspp_channels=t.aspp_channels,
+                         decoder=t.decoder, local_channels=t.local_channels)
+
+
+def build_learner(cfg: TrainConfig, info: Any, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The learner described by ``cfg`` for data described by ``info`` (every task: the one place a
+    learner is constructed).
+
+    Classification: a :class:`~manlearn.LocalLearner`; shapes and normalisation come from the dataset
+    (``info``: a :class:`~manlearn.data.DatasetInfo`), never from the config, so a recipe cannot
+    disagree with its data.  Detection / segmentation: a :class:`~manlearn.dense.DenseLocalLearner`
+    around the task's heads (``info.num_classes``).
     """
+    dev = torch.device(device)
+    if cfg.is_dense:
+        from manlearn.dense.learner import DenseLocalLearner
+
+        t = cfg.task
+        kwargs: dict[str, Any] = {}
+        if t.model_widths is not None:
+            kwargs["widths"] = tuple(t.model_widths)
+        if t.stem_width is not None:
+            kwargs["stem_width"] = t.stem_width
+        mean, std = normalization(cfg)
+        dense = DenseLocalLearner(
+            build_task(cfg, info.num_classes), model=cfg.model, method=cfg.method,
+            K=1 if cfg.method == "e2e" else cfg.K,
+            stage_cuts=list(t.stage_cuts) if t.stage_cuts is not None and cfg.method != "e2e" else None,
+            momentum=cfg.momentum, init=cfg.init, norm_mean=mean, norm_std=std,
+            channels_last=cfg.channels_last, amp_dtype=amp_dtype(cfg.amp, dev), model_kwargs=kwargs)
+        return dense.to(dev)
+
     import manlearn
 
-    dev = torch.device(device)
     split: Any = cfg.split
     if not isinstance(split, str):
         split = [tuple(b) if isinstance(b, (list, tuple)) else b for b in split]
@@ -67,4 +112,3 @@ def build_learner(cfg: TrainConfig, info: Any, device: torch.device | str = "cpu
         ema_recompute=cfg.ema_recompute, grad_checkpoint=cfg.grad_checkpoint,
     )
     return learner.to(dev)
-
