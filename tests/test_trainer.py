@@ -66,7 +66,7 @@ def training_records(records: list[dict]) -> list[tuple]:
     """The deterministic part of the metric records (timings and memory dropped)."""
     out = []
     for r in records:
-        if r["type"] == "final":
+        if r["type"] == "eval":  # the end-of-run evaluation of a run stopped early
             continue
         out.append((r["type"], r["step"], r["epoch"], r.get("lr"), tuple(r.get("losses", ())),
                     r.get("train_acc"), r.get("test_acc")))
@@ -329,6 +329,22 @@ def test_corrupt_checkpoints_are_refused(finished, tmp_path):
         load_checkpoint(tmp_path / "future.pt")
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_checkpoint_of_an_earlier_version_resumes(finished, tmp_path):
+    """A checkpoint whose config has the earlier flat shape (test_limit, eval_every, no task section, no
+    step-decay keys) is upgraded: the run resumes, and a real difference is still refused."""
+    ck = load_checkpoint(finished / CKPT_NAME)
+    c = ck["config"]
+    c["test_limit"], c["eval_every"] = c.pop("eval_limit"), c.pop("eval_every_epochs")
+    for key in ("task", "iterations", "eval_every_steps", "lr_steps", "lr_gamma", "warmup_iters", "warmup_factor"):
+        c.pop(key)
+    d = tmp_path / "old"
+    d.mkdir()
+    torch.save(ck, d / CKPT_NAME)
+    assert Trainer(tiny(d, epochs=1), resume=True).step == 2
+    with pytest.raises(CheckpointError, match="lr: checkpoint"):
+        Trainer(tiny(d, epochs=1, lr=0.3), resume=True)
 
 
 def test_checkpoint_with_wrong_weights_is_refused(finished, tmp_path):

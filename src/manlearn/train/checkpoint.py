@@ -124,7 +124,12 @@ def config_differences(saved: Mapping[str, Any], cfg: TrainConfig,
     """``{key: (saved value, current value)}`` for every key that differs and is not ignored; task keys
     are compared one by one as ``task.<key>``; ``saved`` may be a config of an earlier version."""
     current = flat_config_dict(config_to_dict(cfg))
-    saved = flat_config_dict(upgrade_config_dict(saved))
+    upgraded = upgrade_config_dict(saved)
+    try:  # keys a checkpoint of an earlier version lacks had today's defaults (they did not exist yet)
+        upgraded = config_to_dict(config_from_dict(upgraded, check=False))
+    except ConfigError:  # keys unknown to this version: compare as stored (check_resume_compatible names them)
+        pass
+    saved = flat_config_dict(upgraded)
     diffs: dict[str, tuple[Any, Any]] = {}
     for key in sorted(set(saved) | set(current)):
         if key in ignore:
