@@ -232,6 +232,9 @@ def test_classification_is_the_default_task():
     assert "task" in config_keys() and "fpn_channels" not in config_keys()
     assert "task.fpn_channels" in task_keys("detection") and "task.aspp_channels" in task_keys("segmentation")
     assert "task.fpn_channels" not in task_keys("segmentation")
+    # from Python, a task name or mapping is turned into its section
+    assert TrainConfig(task="detection").task == DetectionTask()
+    assert TrainConfig(task={"name": "segmentation", "aspp_channels": 8}).task == SegmentationTask(aspp_channels=8)
 
 
 DET = ["model=resnet50", "K=4", "data_dir=data/mosaic"]

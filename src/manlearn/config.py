@@ -245,6 +245,11 @@ class TrainConfig:
     log_every: int = 50  # write a step record to metrics.jsonl every N steps (0 = never)
     progress: bool = True  # tqdm progress bar (only shown on a terminal)
 
+    def __post_init__(self) -> None:
+        # Convenience for Python callers: TrainConfig(task="detection") or task={"name": ..., ...}.
+        if isinstance(self.task, (str, Mapping)):
+            self.task = _task_section(ClassificationTask(), self.task)
+
     @property
     def is_dense(self) -> bool:
         """A detection or segmentation run (a stage-cut backbone with dense heads)."""

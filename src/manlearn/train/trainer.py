@@ -148,7 +148,7 @@ class Trainer:
     # ------------------------------------------------------------------ compatibility views
     @property
     def train_data(self) -> Any:
-        return getattr(self.run, "train_data", None) or getattr(self.run, "data", None)
+        return self.run.data.train if self.cfg.is_dense else self.run.train_data
 
     @property
     def test_data(self) -> Any:
