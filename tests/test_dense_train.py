@@ -215,6 +215,22 @@ def test_resume_is_exact(mosaic, tmp_path, task, extra):
     recs = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in recs if r["type"] == "train"]
     assert steps == list(range(1, 7))  # nothing written twice
+    assert [r["step"] for r in recs if r["type"] == "epoch"] == [4]  # epoch ends are recorded for every task
+
+
+def test_evaluation_and_checkpoint_periods_are_in_steps(mosaic, tmp_path):
+    """eval_every_steps / ckpt_every_steps count optimiser steps whatever the task; the end always evaluates."""
+    saved: list[int] = []
+    t = Trainer(tiny_cfg(mosaic, tmp_path, "segmentation", "eval_every_steps=2", "ckpt_every_steps=3",
+                         "max_steps=5"), out=io.StringIO(),
+                hooks=[lambda tr: saved.append(torch.load(tr.ckpt_path, weights_only=True)["step"])
+                       if tr.ckpt_path.exists() else None])
+    summary = t.fit()
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["type"] == "eval"] == [2, 4, 5]
+    assert [r["step"] for r in recs if r["type"] == "epoch" and r["metrics"] is not None] == [4]  # reused
+    assert saved == [3, 3, 4]  # (hooks of steps 3, 4, 5) written at step 3, then at the epoch end (step 4)
+    assert summary["headline"][0] == "miou" and summary["stopped_early"]
 
 
 def test_resume_with_another_config_is_refused(mosaic, tmp_path, capsys):
