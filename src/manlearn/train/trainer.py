@@ -550,9 +550,11 @@ class Trainer:
                         continue
                     if self.step >= stop_at:
                         break
-                    nxt = self._next_stop(stop_at)
+                    nxt, before = self._next_stop(stop_at), self.step
                     for x, targets, n in self.run.batches(self.epoch, self.batch, self.batch + nxt - self.step):
                         self._train_one(x, targets, n)
+                    if self.step == before:  # pragma: no cover - a task run that yields no batch
+                        raise RuntimeError(f"the training data gave no batch at epoch {self.epoch}, batch {self.batch}")
                 peak = self._peak()
         finally:
             if self._bar is not None:
