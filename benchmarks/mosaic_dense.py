@@ -14,8 +14,7 @@ import os
 from manlearn.bench.common import append_rows, environment
 from manlearn.recipes import resolve_recipe
 from manlearn.config import apply_overrides, load_config
-from manlearn.dense.config import DenseConfig
-from manlearn.dense.trainer import DenseTrainer
+from manlearn.train import Trainer
 
 RECIPES = ["mosaic-retinanet-r50-e2e", "mosaic-retinanet-r50-k4-manpp", "mosaic-deeplab-r50-e2e",
            "mosaic-deeplab-r50-k4-manpp"]
@@ -29,9 +28,9 @@ def main() -> None:
     args = ap.parse_args()
     env = environment()
     for name in args.recipes:
-        cfg = apply_overrides(load_config(resolve_recipe(name), cls=DenseConfig), args.overrides)
-        summary = DenseTrainer(cfg, overwrite=True).fit()
-        row = dict(recipe=name, task=cfg.task, model=cfg.model, widths=cfg.model_widths, method=cfg.method,
+        cfg = apply_overrides(load_config(resolve_recipe(name)), args.overrides)
+        summary = Trainer(cfg, overwrite=True).fit()
+        row = dict(recipe=name, task=cfg.task.name, model=cfg.model, widths=cfg.task.model_widths, method=cfg.method,
                    K=1 if cfg.method == "e2e" else cfg.K, iterations=summary["steps"], batch=cfg.batch_size,
                    metrics=summary["metrics"], seconds_per_iter=summary["seconds_per_iter"],
                    peak_rss_MiB=(summary["peak_mem_bytes"] or 0) / 2**20, overrides=list(args.overrides), **env)

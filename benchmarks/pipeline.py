@@ -36,7 +36,7 @@ def base_cfg(args, out_dir: str):
     from manlearn.config import TrainConfig
 
     kw = dict(dataset=args.dataset, model=args.model, method=args.method, base=args.base, K=args.K,
-              batch_size=args.batch, epochs=1, train_limit=args.batch * args.steps, test_limit=args.test_limit,
+              batch_size=args.batch, epochs=1, train_limit=args.batch * args.steps, eval_limit=args.test_limit,
               eval_batch_size=500, lr=0.1, device="cpu", out_dir=out_dir, log_every=0, progress=False,
               seed=0)
     return TrainConfig(**kw)

@@ -78,7 +78,7 @@ def test_speed_rows_are_interleaved_medians_with_e2e_reference(tmp_path):
                     reason="needs Fashion-MNIST (scripts/setup.sh installs it)")
 def test_accuracy_run_appends_once_and_skips_done_runs(tmp_path):
     res = tmp_path / "acc.jsonl"
-    extra = ["model=resnet20", "train_limit=128", "test_limit=64", "eval_batch_size=64"]
+    extra = ["model=resnet20", "train_limit=128", "eval_limit=64", "eval_batch_size=64"]
     said: list[str] = []
     run_accuracy(["dgl"], [3], 1, [0], res, tmp_path / "runs", extra=extra, say=said.append)
     rows = read_rows(res)
@@ -91,7 +91,7 @@ def test_accuracy_run_appends_once_and_skips_done_runs(tmp_path):
 
 def test_accuracy_rerun_redoes_old_rows_once(tmp_path):
     res = tmp_path / "acc.jsonl"
-    extra = ["model=resnet20", "train_limit=128", "test_limit=64", "eval_batch_size=64"]
+    extra = ["model=resnet20", "train_limit=128", "eval_limit=64", "eval_batch_size=64"]
     run_accuracy(["greedy"], [2], 1, [0], res, tmp_path / "runs", extra=extra, say=lambda *a: None)
     # the second "greedy" stands for a worker beside this one reaching the same run later
     run_accuracy(["greedy", "greedy"], [2], 1, [0], res, tmp_path / "runs", extra=extra, rerun=True,
@@ -103,7 +103,7 @@ def test_accuracy_workers_share_one_sweep(tmp_path, capsys):
     res = tmp_path / "acc.jsonl"
     args = ["bench", "accuracy", "--methods", "greedy", "dgl", "--K", "2", "--seeds", "0", "--workers", "2",
             "--threads", "1", "--results", str(res), "--runs-dir", str(tmp_path / "runs"),
-            "model=resnet20", "train_limit=128", "test_limit=64", "eval_batch_size=64"]
+            "model=resnet20", "train_limit=128", "eval_limit=64", "eval_batch_size=64"]
     assert main(args) == 0
     rows = read_rows(res)
     assert sorted(r["method"] for r in rows) == ["dgl", "greedy"]  # each run once, by one of the workers

@@ -11,7 +11,7 @@ import pytest
 from manlearn import cli
 from manlearn.train import CKPT_NAME, load_checkpoint
 
-TINY = ["dataset=digits", "model=resnet20", "K=4", "train_limit=128", "test_limit=64", "batch_size=32",
+TINY = ["dataset=digits", "model=resnet20", "K=4", "train_limit=128", "eval_limit=64", "batch_size=32",
         "eval_batch_size=64", "epochs=1", "device=cpu", "progress=false"]
 
 

@@ -1,4 +1,4 @@
-"""TrainConfig: defaults, key=value overrides, type and value checks, YAML files, every recipe."""
+"""TrainConfig: defaults, key=value overrides, the task section, type and value checks, YAML files, every recipe."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import dataclasses
 import pytest
 import yaml
 
-from manlearn.config import (TrainConfig, apply_overrides, config_from_dict, config_keys,
-                             config_to_dict, load_config, validate)
+from manlearn.config import (DetectionTask, SegmentationTask, TrainConfig, apply_overrides, config_from_dict,
+                             config_keys, config_to_dict, load_config, task_keys, upgrade_config_dict, validate)
 from manlearn.errors import ConfigError
 from manlearn.recipes import packaged_recipes_dir, resolve_recipe
 
 CONFIGS = packaged_recipes_dir()  # src/manlearn/configs, shipped in the wheel
-# Classification recipes; dense (detection / segmentation) recipes carry a `task:` key and are
-# checked by tests/test_dense_train.py against DenseConfig.
+# Classification recipes; dense (detection / segmentation) recipes carry a `task:` section and are
+# built and run by tests/test_dense_train.py.
 RECIPES = sorted(p for p in CONFIGS.glob("*.yaml") if "task" not in (yaml.safe_load(p.read_text()) or {}))
 
 REQUIRED_RECIPES = {
@@ -39,12 +39,12 @@ def test_defaults_are_the_main_job_and_valid():
 def test_overrides_parse_to_the_field_type():
     cfg = apply_overrides(TrainConfig(), [
         "lr=0.2", "K=8", "nesterov=no", "stem_module=0", "channels_last=YES", "train_limit=100",
-        "test_limit=none", "data_dir=/x/y", "weight_decay=5e-4", "momentum=1", "max_steps=1_000",
+        "eval_limit=none", "data_dir=/x/y", "weight_decay=5e-4", "momentum=1", "max_steps=1_000",
     ])
     assert cfg.lr == 0.2 and isinstance(cfg.lr, float)
     assert cfg.K == 8 and isinstance(cfg.K, int)
     assert cfg.nesterov is False and cfg.stem_module is False and cfg.channels_last is True
-    assert cfg.train_limit == 100 and cfg.test_limit is None and cfg.data_dir == "/x/y"
+    assert cfg.train_limit == 100 and cfg.eval_limit is None and cfg.data_dir == "/x/y"
     assert cfg.weight_decay == 5e-4 and cfg.momentum == 1.0 and isinstance(cfg.momentum, float)
     assert cfg.max_steps == 1000
     # the input object is not modified
@@ -91,7 +91,7 @@ def test_override_without_equals_is_refused():
     ("method=bogus", "method"),
     ("model=resnet7", "model"),
     ("dataset=imagenet-22k", "dataset"),
-    ("base=greedy", "base"),
+    ("base=gredy", "did you mean 'greedy'"),
     ("K=0", "K must be >= 1"),
     ("lr=0", "lr must be > 0"),
     ("lr=-1", "lr must be > 0"),
@@ -203,3 +203,111 @@ def test_recipes_follow_the_papers():
     assert (s.batch_size, s.lr) == (128, 0.1)
     assert load_config(CONFIGS / "cifar10-resnet110-k55-infopro-manpp.yaml").K == 55
     assert load_config(CONFIGS / "fm-r32-dgl-manpp.yaml").base == "dgl"
+
+
+def test_bases_come_from_the_library():
+    """man/manpp accept every base rule the library does (not a list of config.py's own)."""
+    from manlearn.rules.momentum import MAN_BASES
+
+    for base in MAN_BASES:
+        assert apply_overrides(TrainConfig(), [f"base={base}"]).base == base
+    assert {"greedy", "infopro-contrast"} <= set(MAN_BASES)
+
+
+def test_length_iterations_win_over_epochs():
+    from manlearn.train import lr_at, total_epochs, total_steps
+
+    cfg = TrainConfig(epochs=3)
+    assert total_steps(cfg, 10) == 30 and total_epochs(cfg, 10) == 3
+    cfg = TrainConfig(epochs=3, iterations=25)  # iterations > 0 wins
+    assert total_steps(cfg, 10) == 25 and total_epochs(cfg, 10) == 3
+    assert lr_at(cfg, 25, 10) == pytest.approx(0.0, abs=1e-12)  # cosine-iter spans the 25 steps
+
+
+# ---------------------------------------------------------------------------- the task section
+
+
+def test_classification_is_the_default_task():
+    cfg = TrainConfig()
+    assert cfg.task.name == "classification" and not cfg.is_dense
+    assert "task" in config_keys() and "fpn_channels" not in config_keys()
+    assert "task.fpn_channels" in task_keys("detection") and "task.aspp_channels" in task_keys("segmentation")
+    assert "task.fpn_channels" not in task_keys("segmentation")
+    # from Python, a task name or mapping is turned into its section
+    assert TrainConfig(task="detection").task == DetectionTask()
+    assert TrainConfig(task={"name": "segmentation", "aspp_channels": 8}).task == SegmentationTask(aspp_channels=8)
+
+
+DET = ["model=resnet50", "K=4", "data_dir=data/mosaic"]
+
+
+def test_task_section_from_yaml_and_overrides(tmp_path):
+    p = tmp_path / "det.yaml"
+    p.write_text("task:\n  name: detection\n  fpn_channels: 64\n  min_size: 128\n  max_size: 128\n"
+                 "model: resnet50\nK: 4\ndata_dir: data/mosaic\n")
+    cfg = load_config(p)
+    assert isinstance(cfg.task, DetectionTask) and cfg.task.fpn_channels == 64 and cfg.task.min_size == 128
+    assert cfg.task.head_convs == 4 and cfg.is_dense  # the section's defaults fill the rest
+    cfg2 = apply_overrides(cfg, ["task.fpn_channels=128", "task.hflip=no", "task.model_widths=[8,8,8,8]"])
+    assert (cfg2.task.fpn_channels, cfg2.task.hflip, cfg2.task.model_widths) == (128, False, [8, 8, 8, 8])
+    assert cfg.task.fpn_channels == 64  # the input is not modified
+    # task.name switches the section (to that task's defaults), applied before the other task keys
+    seg = apply_overrides(cfg, ["task.aspp_channels=32", "task.name=segmentation"])
+    assert isinstance(seg.task, SegmentationTask) and seg.task.aspp_channels == 32
+    assert seg.task.data_format == "mask-folder"
+    assert apply_overrides(TrainConfig(), ["task=detection", *DET]).task == DetectionTask()
+    # round trip through the checkpoint form (a nested dict)
+    assert config_to_dict(cfg2)["task"]["fpn_channels"] == 128
+    assert config_from_dict(config_to_dict(cfg2)) == cfg2
+
+
+@pytest.mark.parametrize("items, needle", [
+    (["task.name=detection", *DET, "task.fpn_channel=3"], "unknown config key 'task.fpn_channel'"),
+    (["task.name=detection", *DET, "task.fpn_channel=3"], "did you mean 'task.fpn_channels'"),
+    (["fpn_channels=3"], "did you mean 'task.fpn_channels'"),
+    (["task.fpn_channels=3"], "unknown config key 'task.fpn_channels'"),  # not a classification key
+    (["task.name=detecton"], "did you mean 'detection'"),
+    (["task.name=detection", *DET, "task.fpn_channels=wide"], "config key 'task.fpn_channels' (command line) "
+                                                              "expects int, got 'wide'"),
+    (["task.name=segmentation", *DET, "task.seg_scale=[2, 1]"], "task.seg_scale must be [low, high]"),
+    (["task.name=detection", *DET, "model=resnet32"], "model='resnet32'"),
+    (["task.name=detection", *DET, "K=7"], "K must be in 1..4"),
+    (["task.name=detection", *DET, "method=dgl"], "method='dgl'"),
+    (["task.name=detection", "model=resnet50", "K=4"], "needs data_dir"),
+    (["task.name=segmentation", *DET, "task.data_format=coco"], "task.data_format='coco'"),
+    (["task.name=detection", *DET, "pipeline_workers=2"], "pipeline_workers is for classification"),
+    (["schedule=step-warmup", "lr_steps=[500, 100]"], "lr_steps must be strictly increasing"),
+    (["test_limit=3"], "'test_limit' in command line is now 'eval_limit'"),
+    (["eval_every=3"], "is now 'eval_every_epochs (or eval_every_steps)'"),
+])
+def test_task_section_errors(items, needle):
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(TrainConfig(), items)
+    assert needle in str(e.value)
+
+
+def test_task_section_errors_in_yaml(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("task: {name: detection, fpn_channel: 64}\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'task.fpn_channel' in .*r\.yaml "
+                                          r"\(did you mean 'task.fpn_channels'"):
+        load_config(p)
+    p.write_text("task: [detection]\n")
+    with pytest.raises(ConfigError, match="task section"):
+        load_config(p)
+
+
+def test_configs_of_earlier_versions_are_upgraded():
+    """Checkpoints keep their config: an earlier flat dense config (or renamed keys) still loads."""
+    old_dense = {"task": "segmentation", "data_dir": "d", "aspp_channels": 32, "eval_every": 50,
+                 "ckpt_every": 100, "model_widths": [8, 8, 8, 8], "data_format": "auto", "lr": 0.02}
+    cfg = config_from_dict(upgrade_config_dict(old_dense))
+    assert isinstance(cfg.task, SegmentationTask) and cfg.task.aspp_channels == 32
+    assert cfg.task.data_format == "mask-folder" and cfg.task.model_widths == [8, 8, 8, 8]
+    assert (cfg.eval_every_steps, cfg.eval_every_epochs, cfg.ckpt_every_steps) == (50, 0, 100)
+    assert (cfg.schedule, cfg.iterations, cfg.lr_steps, cfg.lr, cfg.nesterov) == ("step-warmup", 90000,
+                                                                                 [60000, 80000], 0.02, False)
+    old_cls = {"test_limit": 7, "eval_every": 2, "lr": 0.3}
+    cfg = config_from_dict(upgrade_config_dict(old_cls))
+    assert (cfg.eval_limit, cfg.eval_every_epochs, cfg.lr, cfg.task.name) == (7, 2, 0.3, "classification")
+    assert upgrade_config_dict(config_to_dict(cfg)) == config_to_dict(cfg)  # today's shape: unchanged

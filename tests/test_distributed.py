@@ -174,7 +174,7 @@ def tiny_cfg(out_dir, **kw):
     from manlearn.config import TrainConfig
 
     base = dict(dataset="digits", model="gn_net", method="greedy", K=4, split=[1, 2, 3], train_limit=128,
-                test_limit=100, batch_size=32, eval_batch_size=16, epochs=2, lr=0.05, device="cpu",
+                eval_limit=100, batch_size=32, eval_batch_size=16, epochs=2, lr=0.05, device="cpu",
                 out_dir=str(out_dir), log_every=1, progress=False, channels_last=False)
     base.update(kw)
     return TrainConfig(**base)

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(not gloo_available(), reason="torch.distributed 
 
 def cfg_(out_dir, **kw) -> TrainConfig:
     base = dict(dataset="digits", model="resnet20", method="infopro", K=4, lambda_schedule="module",
-                train_limit=128, test_limit=100, batch_size=32, eval_batch_size=100, epochs=2, lr=0.05,
+                train_limit=128, eval_limit=100, batch_size=32, eval_batch_size=100, epochs=2, lr=0.05,
                 device="cpu", out_dir=str(out_dir), log_every=0, progress=False, pipeline_workers=2,
                 pipeline_timeout_s=30.0)
     base.update(kw)
@@ -112,8 +112,8 @@ def test_ema_tracks_the_next_workers_first_unit_at_the_documented_version(tmp_pa
 # ------------------------------------------------------------------ a real (small) data set
 
 def test_pipeline_trains_digits_to_a_sensible_accuracy(tmp_path):
-    s = run(cfg_(tmp_path, method="manpp", base="dgl", train_limit=1024, test_limit=297, batch_size=64,
-                 epochs=4, lr=0.1, eval_every=0))
+    s = run(cfg_(tmp_path, method="manpp", base="dgl", train_limit=1024, eval_limit=297, batch_size=64,
+                 epochs=4, lr=0.1, eval_every_epochs=0))
     assert s["steps"] == 64
     assert s["test_acc"] >= 0.8, s["test_acc"]
     ck = load_checkpoint(tmp_path / "last.pt")

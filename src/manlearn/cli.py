@@ -61,6 +61,7 @@ def _print_test_acc(summary: dict[str, Any]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """``manlearn train [CONFIG] [key=value ...]``: every task through one :class:`~manlearn.train.Trainer`."""
     from manlearn.config import TrainConfig, apply_overrides, load_config, validate
     from manlearn.train import Trainer
 
@@ -71,8 +72,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     bad = [i for i in items if "=" not in i]
     if bad:
         raise ConfigError(f"expected key=value overrides after the config, got {', '.join(bad)}")
-    if _is_dense(config_path, items):
-        return _train_dense(config_path, items, args)
     cfg = load_config(config_path, check=False) if config_path else TrainConfig()
     cfg = validate(apply_overrides(cfg, items, check=False))
     if cfg.pipeline_workers:
@@ -89,41 +88,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 130
     if not trainer.dist.is_main:
         return 0
-    _print_test_acc(summary)
+    print(trainer.run.metrics_text(summary["metrics"]))
     _print_seconds_per_iter(summary)
-    kind = ("CUDA allocator peak" if trainer.device.type == "cuda"
-            else "activations kept for backward, peak")
-    from manlearn.memory import peak_rss_bytes
-    print(f"peak memory: {_fmt_bytes(summary['peak_mem_bytes'])} ({kind}); "
-          f"process peak RSS {_fmt_bytes(peak_rss_bytes())}")
-    _print_steps(summary)
-    return 0
+    kind = summary["peak_mem_kind"]
+    rss = ""
+    if kind != "process peak RSS":
+        from manlearn.memory import peak_rss_bytes
 
-
-def _is_dense(config_path: Path | None, items: Sequence[str]) -> bool:
-    """A detection/segmentation run: the recipe has a ``task:`` key, or ``task=...`` is overridden."""
-    from manlearn.config import read_config_file
-
-    if any(i.split("=", 1)[0].strip().lstrip("-") == "task" for i in items):
-        return True
-    return config_path is not None and "task" in read_config_file(config_path)
-
-
-def _train_dense(config_path: Path | None, items: Sequence[str], args: argparse.Namespace) -> int:
-    """``manlearn train <dense recipe>``: :class:`~manlearn.dense.DenseTrainer` (docs in manlearn.dense)."""
-    from manlearn.config import apply_overrides
-    from manlearn.dense.config import DenseConfig, load_dense_config, validate_dense
-    from manlearn.dense.trainer import DenseTrainer, format_metrics
-
-    cfg = load_dense_config(config_path, check=False) if config_path else DenseConfig()
-    cfg = validate_dense(apply_overrides(cfg, items, check=False))
-    trainer = DenseTrainer(cfg, resume=args.resume, overwrite=args.overwrite)
-    summary = _fit(trainer)
-    if summary is None:
-        return 130
-    print(f"{cfg.task} ({trainer.data.n_val} val images): {format_metrics(cfg.task, summary['metrics'])}")
-    _print_seconds_per_iter(summary)
-    print(f"peak memory: {_fmt_bytes(summary['peak_mem_bytes'])} ({summary['peak_mem_kind']})")
+        rss = f"; process peak RSS {_fmt_bytes(peak_rss_bytes())}"
+    print(f"peak memory: {_fmt_bytes(summary['peak_mem_bytes'])} ({kind}){rss}")
     _print_steps(summary)
     return 0
 
@@ -154,38 +127,13 @@ def _check_eval_args(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from manlearn.config import validate
-    from manlearn.train import build_learner, evaluate, load_checkpoint, load_split, make_loader
-    from manlearn.train import resolve_device
-    from manlearn.train.checkpoint import checkpoint_config, eval_config, load_model_state
-
-    ckpt = load_checkpoint(args.checkpoint)
-    if ckpt.get("kind") == "dense":
-        return _eval_dense(args)
-    cfg = checkpoint_config(ckpt, args.checkpoint)
-    _check_eval_args(args)
-    cfg = validate(eval_config(cfg, device=args.device, data_dir=args.data_dir, limit_key="test_limit",
-                               limit=args.limit, batch_size=args.batch_size))
-    device = resolve_device(cfg.device)
-    data = load_split(cfg, "test", cfg.test_limit)
-    learner = build_learner(cfg, data.info, device)
-    load_model_state(learner, ckpt, args.checkpoint)
-    acc, correct, total = evaluate(learner, make_loader(cfg, data, train=False, device=device))
-    print(f"test accuracy: {acc:.4f} ({correct}/{total} {cfg.dataset} test images; "
-          f"{cfg.model} {cfg.method}, step {ckpt['step']})")
-    return 0
-
-
-def _eval_dense(args: argparse.Namespace) -> int:
-    """``manlearn eval`` of a detection / segmentation checkpoint: COCO box AP or mIoU on its val split."""
-    from manlearn.dense.trainer import evaluate_checkpoint, format_metrics
+    """``manlearn eval CHECKPOINT``: test accuracy, detection AP or segmentation mIoU, by the checkpoint's task."""
+    from manlearn.train import evaluate_checkpoint
 
     _check_eval_args(args)
     r = evaluate_checkpoint(args.checkpoint, device=args.device, data_dir=args.data_dir, limit=args.limit,
                             batch_size=args.batch_size)
-    cfg = r["cfg"]
-    print(f"{r['task']}: {format_metrics(r['task'], r['metrics'])} ({r['n_val']} {cfg.val_split} images of "
-          f"{cfg.data_dir}; {cfg.model} {cfg.method}, step {r['step']})")
+    print(r["line"])
     return 0
 
 
@@ -228,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                "           manlearn train out_dir=runs/x --resume\n"
                "           torchrun --nproc_per_node 2 -m manlearn train epochs=1   (data parallel)\n"
                "           manlearn train pipeline_workers=2 epochs=1              (block pipeline)\n"
-               "           manlearn train mosaic-retinanet-r50-k4-manpp max_steps=50  (detection: recipes with task:)",
+               "           manlearn train mosaic-retinanet-r50-k4-manpp max_steps=50  (detection)\n"
+               "           manlearn train mosaic-deeplab-r50-e2e task.aspp_channels=32   (task keys: task.<key>=value)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]",
                    help="a YAML file or recipe name, then key=value overrides")

@@ -1,14 +1,25 @@
-"""Typed training configuration: one flat dataclass, YAML files, ``key=value`` overrides.
+"""Typed training configuration: one dataclass with a task section, YAML files, ``key=value`` overrides.
 
-Why a single flat dataclass (nanoGPT style): every knob of a run is visible in one place, is
-stored verbatim in each checkpoint, and can be changed from the command line with the same
-``key=value`` syntax that a YAML recipe uses.  Values are checked against the type of the field's
-default *before* anything is built, so a typo fails in milliseconds with a message that names
-the key, not twenty minutes later with a traceback from deep inside the trainer.
+Why one dataclass (nanoGPT style): every knob of a run is visible in one place, is stored verbatim in
+each checkpoint, and can be changed from the command line with the same ``key=value`` syntax that a
+YAML recipe uses.  Values are checked against the type of the field's default *before* anything is
+built, so a typo fails in milliseconds with a message that names the key, not twenty minutes later
+with a traceback from deep inside the trainer.
 
-This module is a leaf: it imports neither the models nor the data package at import time.  The
-registries (models, rules, datasets) are consulted lazily inside :func:`validate` so that names
-are checked against what is really installed.
+Every key means one thing whatever the task.  What only one task reads lives in the **task section**
+``task:`` (YAML) / ``task.<key>=...`` (command line): a :class:`ClassificationTask` (the default; a
+recipe without ``task:`` is a classification one), a :class:`DetectionTask` (RetinaNet) or a
+:class:`SegmentationTask` (DeepLabV3+), selected by ``task.name``::
+
+    task: {name: detection, fpn_channels: 64, head_convs: 2, min_size: 128, max_size: 128}
+
+Length: ``iterations`` (optimiser steps) wins when it is > 0, else ``epochs`` passes over the training
+set.  Evaluation: every ``eval_every_epochs`` epochs and every ``eval_every_steps`` steps (0 = off) and
+always at the end; checkpoints: at every epoch end, every ``ckpt_every_steps`` steps and at the end.
+
+This module is a leaf: it imports neither torch, the models nor the data package at import time.  The
+registries (models, rules, bases, datasets, dense methods) are consulted lazily inside :func:`validate`
+so that names are checked against what is really installed.
 """
 
 from __future__ import annotations
@@ -19,7 +30,7 @@ import math
 import re
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, List, Mapping, Optional, Tuple, Union
 
@@ -29,12 +40,20 @@ from manlearn.errors import ConfigError
 
 __all__ = [
     "TrainConfig",
+    "ClassificationTask",
+    "DetectionTask",
+    "SegmentationTask",
+    "TASKS",
     "load_config",
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
+    "config_to_yaml",
+    "flat_config_dict",
+    "upgrade_config_dict",
     "validate",
     "config_keys",
+    "task_keys",
     "read_config_file",
     "validate_any",
     "OPTIMIZERS",
@@ -43,33 +62,123 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine-warmup", "cosine-iter", "constant")
+SCHEDULES = ("cosine-warmup", "cosine-iter", "constant", "step-warmup")
 AMP_MODES = ("off", "bf16", "fp16")
-BASES = ("dgl", "infopro")
 INITS = ("copy", "random")
 LAMBDA_SCHEDULES = ("stage", "module")
 INFOPRO_HEADS = ("auto", "cifar", "imagenet")
 DIST_BACKENDS = ("auto", "gloo", "nccl")
+DETECTION_FORMATS = ("coco",)
+SEGMENTATION_FORMATS = ("mask-folder", "cityscapes")
+NORMALIZATIONS = ("imagenet", "half")
+BOX_LOSSES = ("smooth_l1", "l1", "giou")
 
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
 _NONE = {"none", "null", "~"}
 
 
+# -------------------------------------------------------------------------------------------
+# the task section
+# -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClassificationTask:
+    """``task.name=classification`` (the default): one label per image, top-1 accuracy.
+
+    The data are the registered ``dataset`` (a shared key: ``manlearn list`` shows the names); the
+    classification knobs of the learner (``base``, ``split``, ``stem_module``, InfoPro heads) are shared
+    keys too, since they describe the local-learning method.
+    """
+
+    name: str = "classification"
+
+
+@dataclass
+class DetectionTask:
+    """``task.name=detection``: RetinaNet (FPN P3-P7, focal + box loss) on a stage-cut ResNet, COCO box AP.
+
+    The defaults are the COCO setting of SPEC 3.4 (shorter side 600, longer at most 1000, 256-channel FPN,
+    4-conv heads).  Data: a COCO root ``data_dir`` with ``annotations/instances_<split>.json`` and images
+    in ``images/<split>`` (the mosaic) or ``<split>`` (COCO's train2017/val2017).
+    """
+
+    name: str = "detection"
+    data_format: str = "coco"  # coco
+    train_split: str = "train2017"
+    val_split: str = "val2017"
+    num_classes: Optional[int] = None  # none = the foreground classes of the data
+    min_size: int = 600  # shorter side resized to this ...
+    max_size: int = 1000  # ... unless the longer side would exceed this
+    hflip: bool = True  # random horizontal flip of training batches
+    normalize: str = "imagenet"  # imagenet (ImageNet mean/std, for ResNet backbones) | half (0.5/0.5)
+    model_widths: Optional[List[int]] = None  # planes per stage (4 values): narrow backbones for tests/CPU
+    stem_width: Optional[int] = None  # stem channels (default: the first width)
+    stage_cuts: Optional[List[int]] = None  # stages after which to cut (default K=4: [1, 2, 3])
+    fpn_channels: int = 256
+    head_convs: int = 4
+    local_channels: Optional[int] = None  # width of the local heads (default: fpn_channels)
+    box_loss: str = "smooth_l1"  # smooth_l1 | l1 | giou
+    head_norm: bool = False  # GroupNorm in the head towers (off in the paper; steadier from scratch)
+
+
+@dataclass
+class SegmentationTask:
+    """``task.name=segmentation``: DeepLabV3+ (ASPP, decoder on the stride-4 feature) on a stage-cut ResNet, mIoU.
+
+    Data: mask folders (``images/<split>/`` + ``masks/<split>/``, what ``manlearn data make-mosaic`` writes)
+    or Cityscapes (``leftImg8bit/`` + ``gtFine/``).
+    """
+
+    name: str = "segmentation"
+    data_format: str = "mask-folder"  # mask-folder | cityscapes
+    train_split: str = "train"
+    val_split: str = "val"
+    num_classes: Optional[int] = None  # none = from the data (background included)
+    seg_size: Optional[List[int]] = None  # resize every image to [H, W] at load time
+    seg_crop: Optional[List[int]] = None  # training: random crop [H, W] (after seg_scale)
+    seg_scale: Optional[List[float]] = None  # training: random rescale [low, high]
+    hflip: bool = True
+    normalize: str = "imagenet"  # imagenet | half
+    model_widths: Optional[List[int]] = None
+    stem_width: Optional[int] = None
+    stage_cuts: Optional[List[int]] = None
+    aspp_channels: int = 256
+    decoder: bool = True  # DeepLabV3+ decoder on the stride-4 feature
+    local_channels: Optional[int] = None  # width of the local heads (default: aspp_channels)
+
+
+#: ``task.name`` -> the dataclass of its section.
+TASKS: dict[str, type] = {"classification": ClassificationTask, "detection": DetectionTask,
+                          "segmentation": SegmentationTask}
+TaskConfig = Union[ClassificationTask, DetectionTask, SegmentationTask]
+
+
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run.
+    """Everything that defines a training run (classification, detection or segmentation).
 
     The defaults are the project's main job: MAN++ on top of InfoPro, ResNet-32 with K=16
     gradient-isolated pieces (the stem is its own piece), trained on Fashion-MNIST with the
     shared FM-R32 protocol of SPEC §8 (SGD 0.9 Nesterov, wd 1e-4, lr 0.1, per-iteration cosine to
     0, batch 128).  ``epochs`` is modest (10) so the default run finishes; override it freely.
+    Dense runs set ``task:`` and usually ``iterations`` with ``schedule: step-warmup`` (the recipes
+    ``mosaic-*`` / ``coco-*``).
     """
+
+    # --- task: what is learnt, and the knobs only that task reads (see the module docstring) ---
+    task: TaskConfig = field(default_factory=ClassificationTask)
 
     # --- model / local-learning method -------------------------------------------------------
     model: str = "resnet32"
     method: str = "manpp"
-    base: str = "infopro"  # base rule of man/manpp: dgl | infopro
+    # base rule of man/manpp: any of manlearn.list_base_rules(); the default infopro needs class labels, so
+    # detection / segmentation take their task's default (greedy: the task's local head) unless set
+    base: str = "infopro"
+    # your own code to import first (module names or .py paths): rules, tasks, models registered there
+    # become valid names here (``imports=[my_rules.py]``, or ``manlearn --import my_rules.py``)
+    imports: List[str] = field(default_factory=list)
     K: int = 16  # number of gradient-isolated pieces (ignored by e2e)
     # a name (auto | paper | memory | uniform | balanced) or explicit boundaries: unit counts
     # [3, 8, 15] or (stage, unit) pairs [[1, 0], [2, 3], [3, 4]], the last one the network's end
@@ -83,16 +192,17 @@ class TrainConfig:
     infopro_heads: str = "auto"
 
     # --- data ---------------------------------------------------------------------------------
-    dataset: str = "fashion-mnist"
-    data_dir: Optional[str] = None
+    dataset: str = "fashion-mnist"  # classification: a registered dataset (dense tasks read task.data_format)
+    data_dir: Optional[str] = None  # none = the dataset's default location (dense tasks need it)
     train_limit: Optional[int] = None  # use only the first N training images
-    test_limit: Optional[int] = None  # evaluate on the first N test images
-    image_size: Optional[int] = None  # None = the dataset's native size
-    data_workers: int = 8  # streamed datasets (imagenet): DataLoader decode processes
+    eval_limit: Optional[int] = None  # evaluate on the first N test / validation images
+    image_size: Optional[int] = None  # classification: None = the dataset's native size
+    data_workers: int = 8  # decode processes for sets too large to hold in memory (imagenet, full COCO)
 
-    # --- length -------------------------------------------------------------------------------
+    # --- length: iterations wins when > 0 -------------------------------------------------------
     epochs: int = 10
-    max_steps: int = 0  # stop after this many optimiser steps in total (0 = no cap)
+    iterations: int = 0  # optimiser steps of the run (0 = epochs x steps per epoch)
+    max_steps: int = 0  # stop after this many optimiser steps in total (0 = no cap); the schedule is unchanged
 
     # --- optimisation -------------------------------------------------------------------------
     batch_size: int = 128
@@ -102,9 +212,13 @@ class TrainConfig:
     sgd_momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 1e-4
-    schedule: str = "cosine-iter"  # cosine-warmup | cosine-iter | constant
-    warmup_epochs: int = 0
-    warmup_lr: float = 0.01
+    schedule: str = "cosine-iter"  # cosine-warmup | cosine-iter | constant | step-warmup
+    warmup_epochs: int = 0  # cosine-warmup: linear warm-up epochs ...
+    warmup_lr: float = 0.01  # ... starting from this lr
+    lr_steps: List[int] = field(default_factory=list)  # step-warmup: lr x lr_gamma at each of these steps
+    lr_gamma: float = 0.1
+    warmup_iters: int = 0  # step-warmup: linear warm-up from lr x warmup_factor over these steps
+    warmup_factor: float = 0.001
 
     # --- execution ----------------------------------------------------------------------------
     seed: int = 0
@@ -117,7 +231,7 @@ class TrainConfig:
     ema_recompute: bool = False
     grad_checkpoint: bool = False
 
-    # --- scaling out (issue #4; docs/scaling.md) ----------------------------------------------
+    # --- scaling out (issue #4; docs/scaling.md; classification) ------------------------------
     # Data parallelism is switched on by launching with torchrun; batch_size stays the global batch.
     dist_backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
     dist_timeout_s: float = 1800.0  # collective timeout of the data-parallel process group
@@ -130,10 +244,21 @@ class TrainConfig:
 
     # --- output -------------------------------------------------------------------------------
     out_dir: str = "runs/default"
-    ckpt_every_steps: int = 0  # 0 = checkpoint only at epoch ends (and at the end of the run)
-    eval_every: int = 1  # evaluate every N epochs (0 = only after the last epoch)
+    eval_every_epochs: int = 1  # evaluate at every N-th epoch end (0 = not at epoch ends)
+    eval_every_steps: int = 0  # evaluate every N steps (0 = off); a run always ends with an evaluation
+    ckpt_every_steps: int = 0  # also write last.pt every N steps (always: at epoch ends and the end)
     log_every: int = 50  # write a step record to metrics.jsonl every N steps (0 = never)
     progress: bool = True  # tqdm progress bar (only shown on a terminal)
+
+    def __post_init__(self) -> None:
+        # Convenience for Python callers: TrainConfig(task="detection") or task={"name": ..., ...}.
+        if isinstance(self.task, (str, Mapping)):
+            self.task = _task_section(ClassificationTask(), self.task)
+
+    @property
+    def is_dense(self) -> bool:
+        """A detection or segmentation run (a stage-cut backbone with dense heads)."""
+        return self.task.name != "classification"
 
 
 # -------------------------------------------------------------------------------------------
@@ -141,8 +266,8 @@ class TrainConfig:
 # -------------------------------------------------------------------------------------------
 
 
-# Every function below takes the config dataclass as ``cls`` (default :class:`TrainConfig`), so that other
-# flat configs (``manlearn.dense.DenseConfig``) get the same typed YAML / ``key=value`` machinery.
+# The functions below take a config dataclass as ``cls`` (default :class:`TrainConfig`); the task
+# sections use the same typed machinery with their own dataclass and the ``task.`` prefix.
 
 
 def _field_types(cls: type = TrainConfig) -> dict[str, Any]:
@@ -258,26 +383,80 @@ def _coerce(value: Any, tp: Any) -> Any:
     raise _Mismatch  # pragma: no cover - a field type this module does not know
 
 
-def _unknown_key_error(key: str, where: str = "", cls: type = TrainConfig) -> ConfigError:
-    keys = config_keys(cls)
-    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
+def task_keys(name: str | None = None) -> list[str]:
+    """The keys of the task section of ``name`` (every task when None), as ``task.<key>``, in order."""
+    out: list[str] = []
+    for n, cls in TASKS.items():
+        if name is None or n == name:
+            out += [f"task.{k}" for k in config_keys(cls) if f"task.{k}" not in out]
+    return out
+
+
+#: Keys of earlier versions: what to write instead.
+RENAMED_KEYS = {
+    "test_limit": "eval_limit",
+    "ckpt_every": "ckpt_every_steps",
+    "eval_every": "eval_every_epochs (or eval_every_steps)",
+}
+
+
+def _unknown_key_error(key: str, where: str = "", cls: type = TrainConfig, prefix: str = "") -> ConfigError:
+    keys = [prefix + k for k in config_keys(cls)]
     src = f" in {where}" if where else ""
-    return ConfigError(f"unknown config key '{key}'{src}{hint}; valid keys: {', '.join(keys)}")
+    if not prefix and key in RENAMED_KEYS:
+        return ConfigError(f"config key '{key}'{src} is now '{RENAMED_KEYS[key]}'")
+    # a task-only key written at the top level: point to task.<key>
+    candidates = keys + (task_keys() if cls is TrainConfig else [])
+    close = difflib.get_close_matches(prefix + key, candidates, n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    what = f"task {cls.__name__}" if prefix else "config"
+    return ConfigError(f"unknown config key '{prefix}{key}'{src}{hint}; valid keys of the {what}: "
+                       f"{', '.join(keys)}")
 
 
-def _set(values: dict[str, Any], key: str, raw: Any, where: str = "", cls: type = TrainConfig) -> None:
+def _set(values: dict[str, Any], key: str, raw: Any, where: str = "", cls: type = TrainConfig,
+         prefix: str = "") -> None:
     types_ = _field_types(cls)
     if key not in types_:
-        raise _unknown_key_error(key, where, cls)
+        raise _unknown_key_error(key, where, cls, prefix)
     tp = types_[key]
     try:
         values[key] = _coerce(raw, tp)
     except _Mismatch:
         src = f" ({where})" if where else ""
         raise ConfigError(
-            f"config key '{key}'{src} expects {_type_name(tp)}, got {raw!r}"
+            f"config key '{prefix}{key}'{src} expects {_type_name(tp)}, got {raw!r}"
         ) from None
+
+
+def _task_class(name: Any, where: str = "") -> type:
+    if isinstance(name, str) and name.strip() in TASKS:
+        return TASKS[name.strip()]
+    close = difflib.get_close_matches(str(name), list(TASKS), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    src = f" ({where})" if where else ""
+    raise ConfigError(f"task.name='{name}'{src} is not one of: {', '.join(TASKS)}{hint}")
+
+
+def _task_section(current: Any, data: Any, where: str = "") -> Any:
+    """The task section ``current`` updated with ``data`` (a mapping of task keys, or a task name).
+
+    ``name`` is applied first: a new name starts from the defaults of that task's section, then the
+    other keys are set (typed, unknown ones refused with a did-you-mean).
+    """
+    if isinstance(data, str):
+        data = {"name": data}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"the task section{' in ' + where if where else ''} must be a mapping such as "
+                          f"{{name: detection, fpn_channels: 256}}, got {type(data).__name__}")
+    name = data.get("name", current.name)
+    cls = _task_class(name, where)
+    values = dataclasses.asdict(current) if type(current) is cls else {}
+    for key, raw in data.items():
+        if str(key) != "name":
+            _set(values, str(key), raw, where, cls, prefix="task.")
+    values["name"] = cls().name
+    return cls(**values)
 
 
 # -------------------------------------------------------------------------------------------
@@ -286,38 +465,101 @@ def _set(values: dict[str, Any], key: str, raw: Any, where: str = "", cls: type 
 
 
 def validate_any(cfg: Any) -> Any:
-    """Validate a config of any class: :func:`validate` for a :class:`TrainConfig`, else the class's own
-    ``validate()`` method (one ConfigError listing every problem)."""
-    if isinstance(cfg, TrainConfig):
-        return validate(cfg)
-    check = getattr(cfg, "validate", None)
-    if callable(check):
-        check()
-    return cfg
+    """Deprecated name of :func:`validate` (there is one config class now)."""
+    return validate(cfg)
 
 
 def config_from_dict(data: Mapping[str, Any], *, base: Any = None,
-                     where: str = "", check: bool = True, cls: type | None = None) -> Any:
+                     where: str = "", check: bool = True, cls: type | None = None) -> TrainConfig:
     """Build a config from a mapping, type-checking every key; unknown keys are refused.
 
-    ``cls`` is the config dataclass (default: ``type(base)``, else :class:`TrainConfig`).
+    ``task`` may be a mapping (the task section) or a task name.  ``cls`` is accepted for compatibility
+    and must be :class:`TrainConfig`.
     """
-    cls = cls if cls is not None else (type(base) if base is not None else TrainConfig)
+    if cls is not None and cls is not TrainConfig:
+        raise TypeError(f"config_from_dict builds a TrainConfig, not {cls.__name__}")
     if not isinstance(data, Mapping):
         raise ConfigError(f"a config{' in ' + where if where else ''} must be a mapping of key: value, "
                           f"got {type(data).__name__}")
-    values = dataclasses.asdict(base) if base is not None else {}
+    base = base if base is not None else TrainConfig()
+    values = dataclasses.asdict(base)
+    task = base.task
     for key, raw in data.items():
-        _set(values, str(key), raw, where, cls)
-    cfg = cls(**values)
+        key = str(key)
+        if key == "task":
+            task = _task_section(task, raw, where)
+        else:
+            _set(values, key, raw, where)
+    values["task"] = task
+    cfg = TrainConfig(**values)
     if check:
-        validate_any(cfg)
+        validate(cfg)
     return cfg
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain ``dict`` of a config (tuples kept), the form stored in checkpoints."""
+    """Plain ``dict`` of a config (tuples kept; the task section a nested dict), the form stored in checkpoints."""
     return dataclasses.asdict(cfg)
+
+
+def flat_config_dict(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A config dict with the task section spread out as ``task.<key>`` entries (for comparisons)."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if k == "task" and isinstance(v, Mapping):
+            out.update({f"task.{tk}": tv for tk, tv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+#: Keys of the flat dense config of earlier versions that now live in the task section.
+_LEGACY_DENSE_TASK_KEYS = ("data_format", "train_split", "val_split", "num_classes", "min_size", "max_size",
+                           "seg_size", "seg_crop", "seg_scale", "hflip", "normalize", "model_widths",
+                           "stem_width", "stage_cuts", "fpn_channels", "head_convs", "local_channels",
+                           "box_loss", "head_norm", "aspp_channels", "decoder")
+#: Defaults of that flat dense config where they differ from today's shared defaults.
+_LEGACY_DENSE_DEFAULTS = {"data_dir": "data/coco", "data_workers": 4, "iterations": 90000,
+                          "lr": 0.01, "lr_steps": [60000, 80000], "warmup_iters": 500, "warmup_factor": 0.001,
+                          "batch_size": 16, "eval_batch_size": 8, "channels_last": False, "log_every": 20,
+                          "ckpt_every": 1000, "eval_every": 0, "out_dir": "runs/dense", "model": "resnet50",
+                          "K": 4, "nesterov": False, "schedule": "step-warmup"}
+
+
+def upgrade_config_dict(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A config mapping of an earlier manlearn (a checkpoint's) in today's shape.
+
+    Renamed keys (``test_limit``, ``ckpt_every``, ``eval_every``) get their new names, and a flat dense
+    config (``task: detection`` beside ``fpn_channels: ...``) gets its task section and its old defaults
+    spelt out.  A mapping already in today's shape is returned unchanged (a copy).
+    """
+    d = dict(data)
+    dense = isinstance(d.get("task"), str) and d["task"] in ("detection", "segmentation")
+    if dense:
+        d = {**_LEGACY_DENSE_DEFAULTS, **d}
+        section: dict[str, Any] = {"name": d.pop("task")}
+        fmt = d.get("data_format", "auto")
+        if fmt == "auto":
+            d["data_format"] = "coco" if section["name"] == "detection" else "mask-folder"
+        allowed = set(config_keys(TASKS[section["name"]]))
+        for k in _LEGACY_DENSE_TASK_KEYS:
+            if k in d:
+                v = d.pop(k)
+                if k in allowed:
+                    section[k] = v
+        d["task"] = section
+    if "test_limit" in d:
+        d.setdefault("eval_limit", d.pop("test_limit"))
+    if "ckpt_every" in d:
+        d.setdefault("ckpt_every_steps", d.pop("ckpt_every"))
+    if "eval_every" in d:
+        every = d.pop("eval_every")
+        if dense:
+            d.setdefault("eval_every_steps", every)
+            d.setdefault("eval_every_epochs", 0)
+        else:
+            d.setdefault("eval_every_epochs", every)
+    return d
 
 
 def _lists(v: Any) -> Any:
@@ -335,8 +577,7 @@ def config_to_yaml(cfg: Any) -> str:
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The raw mapping of a YAML recipe (not yet typed); lets a caller pick the config class, e.g. by
-    the recipe's ``task:`` key, before building it."""
+    """The raw mapping of a YAML recipe (not yet typed)."""
     p = Path(path)
     try:
         text = p.read_text()
@@ -355,18 +596,23 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return dict(data)
 
 
-def load_config(path: str | Path, *, check: bool = True, cls: type = TrainConfig) -> Any:
-    """Read a YAML recipe (a flat mapping of config keys) on top of the defaults of ``cls``."""
+def load_config(path: str | Path, *, check: bool = True, cls: type | None = None) -> TrainConfig:
+    """Read a YAML recipe (config keys, optionally a ``task:`` section) on top of the defaults."""
     return config_from_dict(read_config_file(path), where=str(path), check=check, cls=cls)
 
 
-def apply_overrides(cfg: Any, overrides: Iterable[str], *, check: bool = True) -> Any:
+def apply_overrides(cfg: TrainConfig, overrides: Iterable[str], *, check: bool = True) -> TrainConfig:
     """Return a copy of ``cfg`` with ``key=value`` strings applied.
 
     Values are parsed for the type of the field: bools accept true/false/1/0/yes/no, optional
-    fields accept ``none``, lists/tuples use YAML syntax (``split=[[1,0],[2,3]]``).
+    fields accept ``none``, lists/tuples use YAML syntax (``split=[[1,0],[2,3]]``).  Task keys are
+    written ``task.<key>=value``; ``task.name=detection`` (or ``task=detection``) switches the task
+    section to that task's defaults and is applied before the other ``task.`` keys.
     """
     values = dataclasses.asdict(cfg)
+    task = cfg.task
+    flat: list[tuple[str, str]] = []
+    section: dict[str, str] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
@@ -374,12 +620,26 @@ def apply_overrides(cfg: Any, overrides: Iterable[str], *, check: bool = True) -
         key = key.strip()
         if key.startswith("--"):
             key = key[2:]
+        if key == "task":
+            key = "task.name"
+        if key.startswith("task."):
+            section[key[5:].replace("-", "_")] = raw
+            continue
         if key not in values and key.replace("-", "_") in values:
             key = key.replace("-", "_")
-        _set(values, key, raw, "command line", type(cfg))
-    out = type(cfg)(**values)
+        flat.append((key, raw))
+    if section:
+        name = section.pop("name", task.name)
+        task = _task_section(task, {"name": name.strip() if isinstance(name, str) else name, **section},
+                             "command line")
+    for key, raw in flat:
+        if key == "task":  # pragma: no cover - mapped to task.name above
+            continue
+        _set(values, key, raw, "command line")
+    values["task"] = task
+    out = TrainConfig(**values)
     if check:
-        validate_any(out)
+        validate(out)
     return out
 
 
@@ -407,6 +667,32 @@ def _registries() -> tuple[list[str] | None, list[str] | None, list[str] | None]
     return models, rules, datasets
 
 
+def _man_bases() -> list[str] | None:
+    """The base rules that modifiers (man/manpp) accept (the rule registry), or None if it cannot be imported."""
+    try:
+        from manlearn.rules import list_base_rules
+    except ImportError:  # pragma: no cover
+        return None
+    return list_base_rules()
+
+
+def dense_model_names() -> list[str]:
+    """Registered backbones a dense task can cut at stage boundaries (the ImageNet ResNets/ResNeXts)."""
+    from manlearn.models.registry import list_models, model_tags
+
+    return [m for m in list_models("imagenet") if "resnet" in model_tags(m)]
+
+
+def _dense_methods() -> list[str] | None:
+    """Rules a dense run may name: every registered rule (those that cannot train the task refuse when the
+    learner is built) and ``local``, the dense recipes' name of ``greedy``; None if they cannot be imported."""
+    try:
+        from manlearn.rules import list_rules
+    except ImportError:  # pragma: no cover
+        return None
+    return sorted(set(list_rules()) | {"local"})
+
+
 def _one_of(problems: list[str], key: str, value: Any, allowed: Iterable[str]) -> None:
     allowed = list(allowed)
     if value not in allowed:
@@ -415,17 +701,18 @@ def _one_of(problems: list[str], key: str, value: Any, allowed: Iterable[str]) -
         problems.append(f"{key}='{value}' is not one of: {', '.join(allowed)}{hint}")
 
 
-# Checks shared by validate() and manlearn.dense.config.validate_dense(): each appends its problem (if any)
-# to ``problems`` so that one ConfigError can list them all.
+# Checks used by validate(): each appends its problem (if any) to ``problems`` so that one ConfigError
+# can list them all.
 
-def _at_least(problems: list[str], cfg: Any, keys: Iterable[str], low: int, *, or_none: bool = False) -> None:
+def _at_least(problems: list[str], cfg: Any, keys: Iterable[str], low: int, *, or_none: bool = False,
+              prefix: str = "") -> None:
     """``key must be >= low`` for every key of ``cfg`` below ``low`` (``or_none``: None is allowed too)."""
     for key in keys:
         v = getattr(cfg, key)
         if or_none and v is None:
             continue
         if v < low:
-            problems.append(f"{key} must be >= {low}{' or none' if or_none else ''}, got {v}")
+            problems.append(f"{prefix}{key} must be >= {low}{' or none' if or_none else ''}, got {v}")
 
 
 def _positive(problems: list[str], key: str, value: float) -> None:
@@ -445,30 +732,93 @@ def _unit_interval(problems: list[str], label: str, value: float, *, include_one
         problems.append(f"{label} must be in [0, {'1]' if include_one else '1)'}, got {value}")
 
 
-def _finish(problems: list[str], cfg: Any, *, devices: str, device_names: str, what: str) -> Any:
-    """The checks every config ends with (``device`` matches the regex ``devices``, a non-empty
-    ``out_dir``); raise one ConfigError listing all the problems, or return ``cfg``."""
-    if not re.fullmatch(devices, cfg.device):
-        problems.append(f"device must be {device_names}, got '{cfg.device}'")
-    if not cfg.out_dir.strip():
-        problems.append("out_dir must not be empty")
-    if problems:
-        raise ConfigError(f"invalid {what}: " + "; ".join(problems))
-    return cfg
+def _positive_pair(p: list[str], key: str, v: Optional[list], kind: type) -> None:
+    if v is None:
+        return
+    if len(v) != 2 or any(not (x > 0) for x in v):
+        p.append(f"{key} must be two positive {kind.__name__}s [{'H, W' if kind is int else 'low, high'}] "
+                 f"or none, got {v}")
+
+
+def _validate_dense(p: list[str], cfg: TrainConfig, registries: bool) -> None:
+    """The checks of a detection / segmentation run (its task section and the shared keys it constrains)."""
+    t = cfg.task
+    det = t.name == "detection"
+    _one_of(p, "task.data_format", t.data_format, DETECTION_FORMATS if det else SEGMENTATION_FORMATS)
+    _one_of(p, "task.normalize", t.normalize, NORMALIZATIONS)
+    for key in ("train_split", "val_split"):
+        if not getattr(t, key).strip():
+            p.append(f"task.{key} must not be empty")
+    if cfg.data_dir is None or not cfg.data_dir.strip():
+        p.append(f"a {t.name} run needs data_dir (e.g. data_dir=data/mosaic, made by `manlearn data make-mosaic`)")
+    _at_least(p, t, ("num_classes", "stem_width", "local_channels"), 1, or_none=True, prefix="task.")
+    if det:
+        if t.min_size < 1 or t.max_size < t.min_size:
+            p.append(f"need 1 <= task.min_size <= task.max_size, got min_size={t.min_size}, max_size={t.max_size}")
+        _at_least(p, t, ("fpn_channels",), 1, prefix="task.")
+        _at_least(p, t, ("head_convs",), 0, prefix="task.")
+        _one_of(p, "task.box_loss", t.box_loss, BOX_LOSSES)
+    else:
+        if t.num_classes is not None and t.num_classes < 2:
+            p.append(f"segmentation needs task.num_classes >= 2 (background included), got {t.num_classes}")
+        _positive_pair(p, "task.seg_size", t.seg_size, int)
+        _positive_pair(p, "task.seg_crop", t.seg_crop, int)
+        _positive_pair(p, "task.seg_scale", t.seg_scale, float)
+        if t.seg_scale is not None and len(t.seg_scale) == 2 and t.seg_scale[0] > t.seg_scale[1]:
+            p.append(f"task.seg_scale must be [low, high] with low <= high, got {t.seg_scale}")
+        _at_least(p, t, ("aspp_channels",), 1, prefix="task.")
+    if t.model_widths is not None and (len(t.model_widths) != 4 or min(t.model_widths) < 1):
+        p.append(f"task.model_widths must be 4 positive channel counts (one per stage) or none, got {t.model_widths}")
+    if registries:
+        try:
+            _one_of(p, "model", cfg.model, dense_model_names())
+        except ImportError:  # pragma: no cover - the models package is part of manlearn
+            pass
+        methods = _dense_methods()
+        if methods is not None:
+            _one_of(p, "method", cfg.method, methods)
+    if not 1 <= cfg.K <= 4:
+        p.append(f"K must be in 1..4 for a {t.name} run (cuts fall between the 4 stages), got {cfg.K}")
+    elif cfg.method != "e2e" and cfg.K == 1:
+        p.append(f"method={cfg.method} with K=1 is plain backprop; use method=e2e or K >= 2")
+    if t.stage_cuts is not None and cfg.method != "e2e":
+        cuts = list(t.stage_cuts)
+        if len(cuts) != cfg.K - 1 or cuts != sorted(set(cuts)) or any(not 1 <= c <= 3 for c in cuts):
+            p.append(f"task.stage_cuts must be K-1={cfg.K - 1} increasing stage numbers in 1..3, got {cuts}")
+    for key in ("compile", "ema_recompute", "grad_checkpoint", "sync_bn"):
+        if getattr(cfg, key):
+            p.append(f"{key}=true is for classification runs; a {t.name} run does not support it")
+    if cfg.pipeline_workers:
+        p.append(f"pipeline_workers is for classification runs; a {t.name} run does not support it")
 
 
 def validate(cfg: TrainConfig, *, registries: bool = True) -> TrainConfig:
     """Check the values (ranges, choices, registered names); raise one ConfigError listing all."""
     p: list[str] = []
-    if registries:
-        models, rules, datasets = _registries()
-        if models is not None:
-            _one_of(p, "model", cfg.model, models)
-        if rules is not None:
-            _one_of(p, "method", cfg.method, rules)
-        if datasets is not None:
-            _one_of(p, "dataset", cfg.dataset, datasets)
-    _one_of(p, "base", cfg.base, BASES)
+    if not isinstance(cfg.task, tuple(TASKS.values())) or TASKS.get(cfg.task.name) is not type(cfg.task):
+        p.append(f"task must be a task section ({', '.join(c.__name__ for c in TASKS.values())}) with its "
+                 f"own name, got {cfg.task!r}")
+        raise ConfigError("invalid config: " + "; ".join(p))
+    if registries and cfg.imports:
+        from manlearn.plugins import import_user_code
+
+        import_user_code(cfg.imports)  # the user's rules/models are registered before names are checked
+    if cfg.is_dense:
+        _validate_dense(p, cfg, registries)
+    else:
+        if registries:
+            models, rules, datasets = _registries()
+            if models is not None:
+                _one_of(p, "model", cfg.model, models)
+            if rules is not None:
+                _one_of(p, "method", cfg.method, rules)
+            if datasets is not None:
+                _one_of(p, "dataset", cfg.dataset, datasets)
+        if cfg.K < 1:
+            p.append(f"K must be >= 1, got {cfg.K}")
+    bases = _man_bases()
+    if bases is not None:
+        _one_of(p, "base", cfg.base, bases)
     _one_of(p, "init", cfg.init, INITS)
     _one_of(p, "lambda_schedule", cfg.lambda_schedule, LAMBDA_SCHEDULES)
     _one_of(p, "infopro_heads", cfg.infopro_heads, INFOPRO_HEADS)
@@ -477,22 +827,29 @@ def validate(cfg: TrainConfig, *, registries: bool = True) -> TrainConfig:
     _one_of(p, "schedule", cfg.schedule, SCHEDULES)
     _one_of(p, "amp", cfg.amp, AMP_MODES)
 
-    if cfg.K < 1:
-        p.append(f"K must be >= 1, got {cfg.K}")
     if isinstance(cfg.split, str) and not cfg.split.strip():
         p.append("split must be a name (e.g. 'auto') or a list of [stage, unit] boundaries")
     _unit_interval(p, "momentum (EMA)", cfg.momentum)
-    _at_least(p, cfg, ("train_limit", "test_limit", "image_size"), 1, or_none=True)
+    _at_least(p, cfg, ("train_limit", "eval_limit", "image_size"), 1, or_none=True)
     _at_least(p, cfg, ("epochs", "batch_size", "eval_batch_size"), 1)
-    _at_least(p, cfg, ("max_steps", "warmup_epochs", "seed", "ckpt_every_steps", "eval_every", "log_every"), 0)
+    _at_least(p, cfg, ("iterations", "max_steps", "warmup_epochs", "warmup_iters", "seed", "ckpt_every_steps",
+                       "eval_every_epochs", "eval_every_steps", "log_every"), 0)
     _positive(p, "lr", cfg.lr)
     _unit_interval(p, "sgd_momentum", cfg.sgd_momentum, include_one=False)
     if cfg.optimizer == "sgd" and cfg.nesterov and cfg.sgd_momentum == 0:
         p.append("nesterov=true needs sgd_momentum > 0")
     _non_negative(p, "weight_decay", cfg.weight_decay)
     _non_negative(p, "warmup_lr", cfg.warmup_lr)
-    if cfg.schedule == "cosine-warmup" and cfg.warmup_epochs >= cfg.epochs and cfg.epochs >= 1:
+    if (cfg.schedule == "cosine-warmup" and cfg.iterations == 0 and cfg.warmup_epochs >= cfg.epochs
+            and cfg.epochs >= 1):
         p.append(f"warmup_epochs ({cfg.warmup_epochs}) must be < epochs ({cfg.epochs})")
+    steps = list(cfg.lr_steps)
+    if any(s < 1 for s in steps) or any(b <= a for a, b in zip(steps, steps[1:])):
+        p.append(f"lr_steps must be strictly increasing positive steps, got {steps}")
+    if not (0 < cfg.lr_gamma <= 1):
+        p.append(f"lr_gamma must be in (0, 1], got {cfg.lr_gamma}")
+    if not (0 < cfg.warmup_factor <= 1):
+        p.append(f"warmup_factor must be in (0, 1], got {cfg.warmup_factor}")
     _one_of(p, "dist_backend", cfg.dist_backend, DIST_BACKENDS)
     for key in ("dist_timeout_s", "pipeline_timeout_s"):
         v = getattr(cfg, key)
@@ -501,5 +858,10 @@ def validate(cfg: TrainConfig, *, registries: bool = True) -> TrainConfig:
     if cfg.pipeline_workers < 0 or cfg.pipeline_workers == 1:
         p.append(f"pipeline_workers must be 0 (off) or >= 2, got {cfg.pipeline_workers}")
     _at_least(p, cfg, ("pipeline_queue_depth", "pipeline_param_sync_every", "pipeline_param_delay"), 1)
-    return _finish(p, cfg, devices=r"auto|cpu|mps|cuda(:\d+)?", device_names="auto, cpu, cuda, cuda:N or mps",
-                   what="config")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
+        p.append(f"device must be auto, cpu, cuda, cuda:N or mps, got '{cfg.device}'")
+    if not cfg.out_dir.strip():
+        p.append("out_dir must not be empty")
+    if p:
+        raise ConfigError("invalid config: " + "; ".join(p))
+    return cfg

@@ -1,4 +1,4 @@
-"""Runtime policy shared by every layer: which device, how to seed, which autocast dtype.
+"""Runtime policy shared by every layer: which device, how to seed (and mix seeds), which autocast dtype.
 
 A leaf module (it imports only torch, numpy and the errors), so that the trainer, the data-parallel
 and pipeline loops and the benchmarks all take these decisions the same way without importing each
@@ -13,7 +13,7 @@ import torch
 
 from manlearn.errors import ConfigError
 
-__all__ = ["resolve_device", "seed_everything", "amp_dtype"]
+__all__ = ["resolve_device", "seed_everything", "amp_dtype", "derive_seed", "epoch_order", "step_generator"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,3 +46,39 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if device.type != "cuda":
         raise ConfigError(f"amp={amp} needs a CUDA device (device resolves to {device}); use amp=off")
     return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def derive_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (stable across runs and platforms, unlike ``hash``).
+
+    The one seed mixer of manlearn (data loaders, dense batches and augmentation): nearby inputs
+    (batch 3 vs 4, epoch 0 vs 1) give unrelated generator streams.
+    """
+    h = 0x1234567
+    for p in parts:
+        h = _splitmix64(h ^ (int(p) & _MASK64))
+    return h & ((1 << 63) - 1)
+
+
+#: Stream tags, so that the permutation and augmentation streams of one (seed, ...) never coincide.
+TAG_PERM, TAG_AUG = 1, 2
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The order of ``n`` training samples in ``epoch``: a pure function of (seed, epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(TAG_PERM, seed, epoch)))
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The augmentation RNG of training step ``step`` (a pure function of (seed, step): exact resume)."""
+    return torch.Generator().manual_seed(derive_seed(TAG_AUG, seed, step))

@@ -13,33 +13,12 @@ from typing import Iterator
 
 import torch
 
+from manlearn.runtime import TAG_AUG as _TAG_AUG, TAG_PERM as _TAG_PERM, derive_seed  # the one seed mixer
+
 from .info import ImageData
 from .transforms import BatchTransform
 
 __all__ = ["BatchLoader", "derive_seed"]
-
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def derive_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers (stable across runs and platforms, unlike ``hash``).
-
-    Nearby inputs (batch 3 vs 4, epoch 0 vs 1) give unrelated generator streams.
-    """
-    h = 0x1234567
-    for p in parts:
-        h = _splitmix64(h ^ (int(p) & _MASK64))
-    return h & ((1 << 63) - 1)
-
-
-_TAG_PERM, _TAG_AUG = 1, 2  # keep the permutation and augmentation streams apart
 
 
 class EpochOrder:

@@ -1,7 +1,10 @@
-"""Local learning beyond classification: detection and segmentation on stage-cut backbones."""
-from .config import DenseConfig, load_dense_config, validate_dense
+"""Local learning beyond classification: detection and segmentation on stage-cut backbones.
+
+Dense runs are configured by :class:`manlearn.config.TrainConfig` with a ``task:`` section and trained by
+:class:`manlearn.train.Trainer`; ``DenseTrainer`` is a deprecated alias.
+"""
 from .learner import DENSE_METHODS, DenseLocalLearner, DenseStepOutput, DenseTask, LocalTaskLoss
 from .trainer import DenseTrainer, evaluate_checkpoint
 
 __all__ = ["DENSE_METHODS", "DenseLocalLearner", "DenseStepOutput", "DenseTask", "LocalTaskLoss",
-           "DenseConfig", "load_dense_config", "validate_dense", "DenseTrainer", "evaluate_checkpoint"]
+           "DenseTrainer", "evaluate_checkpoint"]

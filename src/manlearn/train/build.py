@@ -11,10 +11,18 @@ from typing import Any
 import torch
 
 from manlearn.config import TrainConfig
-from manlearn.errors import ConfigError
+from manlearn.learner import LocalLearner
+from manlearn.plugins import import_user_code
+from manlearn.tasks import ClassificationTask, DeepLabV3Task, RetinaNetTask
 from manlearn.runtime import amp_dtype, resolve_device, seed_everything
 
-__all__ = ["resolve_device", "seed_everything", "amp_dtype", "build_learner", "load_split", "make_loader"]
+__all__ = ["resolve_device", "seed_everything", "amp_dtype", "build_learner", "build_task", "load_split",
+           "make_loader", "normalization", "IGNORE_INDEX"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Label of the pixels a segmentation loss and metric ignore.
+IGNORE_INDEX = 255
 
 
 def load_split(cfg: TrainConfig, split: str, limit: int | None) -> Any:
@@ -45,26 +53,62 @@ def make_loader(cfg: TrainConfig, data: Any, *, train: bool, device: torch.devic
                        device=device, seed=cfg.seed, channels_last=cfg.channels_last)
 
 
+def normalization(cfg: TrainConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of a dense task's input normalisation (``task.normalize``)."""
+    return (IMAGENET_MEAN, IMAGENET_STD) if cfg.task.normalize == "imagenet" else ((0.5,) * 3, (0.5,) * 3)
+
+
+def build_task(cfg: TrainConfig, num_classes: int) -> Any:
+    """The task object (final head, loss, post-processing, local head) of ``cfg.task``."""
+    t = cfg.task
+    if t.name == "detection":
+        return RetinaNetTask(num_classes, fpn_channels=t.fpn_channels, head_convs=t.head_convs,
+                             box_loss=t.box_loss, local_channels=t.local_channels, norm=t.head_norm)
+    if t.name == "segmentation":
+        return DeepLabV3Task(num_classes, ignore_index=IGNORE_INDEX, aspp_channels=t.aspp_channels,
+                             decoder=t.decoder, local_channels=t.local_channels)
+    return ClassificationTask(num_classes)
+
+
+#: The probe input side of stage-reading tasks (any size trains; this only measures channels and strides).
+DENSE_PROBE_SIZE = 64
+
+
 def build_learner(cfg: TrainConfig, info: Any, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The :class:`~manlearn.LocalLearner` described by ``cfg`` for a dataset described by ``info``.
+    """The :class:`~manlearn.LocalLearner` described by ``cfg`` for data described by ``info`` (every task:
+    the one place a learner is constructed).
 
-    Shapes and normalisation come from the dataset (``info``), never from the config, so a recipe
-    cannot disagree with its data.
+    Shapes and normalisation come from the dataset (``info``: a :class:`~manlearn.data.DatasetInfo`;
+    dense tasks: ``info.num_classes``), never from the config, so a recipe cannot disagree with its data.
+    The dense recipes' ``local`` method is the ``greedy`` rule (the task's local head); a modifier
+    (``man``/``manpp``) left on the classification default ``base=infopro`` takes the task's default
+    base on a task without per-image labels (``greedy``).
     """
-    import manlearn
-
     dev = torch.device(device)
-    split: Any = cfg.split
-    if not isinstance(split, str):
-        split = [tuple(b) if isinstance(b, (list, tuple)) else b for b in split]
-    learner = manlearn.LocalLearner(
-        model=cfg.model, method=cfg.method, base=cfg.base, K=cfg.K,
-        num_classes=info.num_classes, in_channels=info.in_channels, image_size=info.image_size,
-        split=split, stem_module=cfg.stem_module, momentum=cfg.momentum, init=cfg.init,
-        lambda_schedule=cfg.lambda_schedule, infopro_heads=cfg.infopro_heads,
-        norm_mean=tuple(info.mean), norm_std=tuple(info.std),
-        amp_dtype=amp_dtype(cfg.amp, dev), channels_last=cfg.channels_last,
-        ema_recompute=cfg.ema_recompute, grad_checkpoint=cfg.grad_checkpoint,
-    )
+    import_user_code(cfg.imports)
+    task = build_task(cfg, info.num_classes)
+    method = "greedy" if cfg.method == "local" else cfg.method
+    base = cfg.base if (task.per_image_labels or cfg.base != "infopro") else None
+    kwargs: dict[str, Any] = {}
+    if cfg.is_dense:
+        t = cfg.task
+        model_kwargs: dict[str, Any] = {}
+        if t.model_widths is not None:
+            model_kwargs["widths"] = tuple(t.model_widths)
+        if t.stem_width is not None:
+            model_kwargs["stem_width"] = t.stem_width
+        mean, std = normalization(cfg)
+        kwargs = dict(in_channels=3, image_size=DENSE_PROBE_SIZE, norm_mean=mean, norm_std=std,
+                      stage_cuts=list(t.stage_cuts) if t.stage_cuts is not None else None, model_kwargs=model_kwargs)
+    else:
+        split: Any = cfg.split
+        if not isinstance(split, str):
+            split = [tuple(b) if isinstance(b, (list, tuple)) else b for b in split]
+        kwargs = dict(in_channels=info.in_channels, image_size=info.image_size, norm_mean=tuple(info.mean),
+                      norm_std=tuple(info.std), split=split, stem_module=cfg.stem_module,
+                      grad_checkpoint=cfg.grad_checkpoint)
+    learner = LocalLearner(
+        model=cfg.model, method=method, base=base, K=cfg.K, task=task, momentum=cfg.momentum, init=cfg.init,
+        lambda_schedule=cfg.lambda_schedule, infopro_heads=cfg.infopro_heads, amp_dtype=amp_dtype(cfg.amp, dev),
+        channels_last=cfg.channels_last, ema_recompute=cfg.ema_recompute, **kwargs)
     return learner.to(dev)
-

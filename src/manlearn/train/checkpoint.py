@@ -19,7 +19,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from manlearn.config import TrainConfig, config_from_dict, config_keys, config_to_dict
+from manlearn.config import (TrainConfig, config_from_dict, config_keys, config_to_dict, flat_config_dict,
+                             task_keys, upgrade_config_dict)
 from manlearn.errors import CheckpointError, ConfigError
 
 __all__ = [
@@ -45,11 +46,10 @@ REQUIRED_KEYS = ("format", "version", "model", "optimizer", "step", "epoch", "ba
 #: how the run is shown, how long it goes on, where and how fast it executes.  Every other key
 #: changes the model or the optimisation, and resuming across such a change is refused.
 RESUME_FREE_KEYS = frozenset({
-    "out_dir", "progress", "log_every", "max_steps", "epochs", "device", "data_dir",
-    "eval_batch_size", "eval_every", "ckpt_every_steps", "test_limit", "compile",
-    "channels_last", "dist_backend", "dist_timeout_s", "pipeline_timeout_s",
+    "out_dir", "progress", "log_every", "max_steps", "epochs", "iterations", "device", "data_dir",
+    "data_workers", "eval_batch_size", "eval_every_epochs", "eval_every_steps", "ckpt_every_steps",
+    "eval_limit", "compile", "channels_last", "dist_backend", "dist_timeout_s", "pipeline_timeout_s",
 })
-
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -121,8 +121,15 @@ def _norm(v: Any) -> Any:
 
 def config_differences(saved: Mapping[str, Any], cfg: TrainConfig,
                        ignore: frozenset[str] = RESUME_FREE_KEYS) -> dict[str, tuple[Any, Any]]:
-    """``{key: (saved value, current value)}`` for every key that differs and is not ignored."""
-    current = config_to_dict(cfg)
+    """``{key: (saved value, current value)}`` for every key that differs and is not ignored; task keys
+    are compared one by one as ``task.<key>``; ``saved`` may be a config of an earlier version."""
+    current = flat_config_dict(config_to_dict(cfg))
+    upgraded = upgrade_config_dict(saved)
+    try:  # keys a checkpoint of an earlier version lacks had today's defaults (they did not exist yet)
+        upgraded = config_to_dict(config_from_dict(upgraded, check=False))
+    except ConfigError:  # keys unknown to this version: compare as stored (check_resume_compatible names them)
+        pass
+    saved = flat_config_dict(upgraded)
     diffs: dict[str, tuple[Any, Any]] = {}
     for key in sorted(set(saved) | set(current)):
         if key in ignore:
@@ -138,11 +145,13 @@ def check_resume_compatible(ckpt: Mapping[str, Any], cfg: TrainConfig, path: str
     diffs = config_differences(ckpt["config"], cfg)
     if diffs:
         items = "; ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diffs.items())
-        unknown = sorted(set(ckpt["config"]) - set(config_keys()))
+        known = set(config_keys()) | set(task_keys())
+        unknown = sorted(set(flat_config_dict(upgrade_config_dict(ckpt["config"]))) - known)
         extra = f" (keys unknown to this version: {', '.join(unknown)})" if unknown else ""
         raise CheckpointError(
             f"checkpoint {path} belongs to another configuration; differing keys: {items}{extra}. "
-            "Use another out_dir, or the checkpoint's settings, to resume.")
+            "Use another out_dir, or the checkpoint's settings, to resume (keys free to change: "
+            f"{', '.join(sorted(RESUME_FREE_KEYS))}).")
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -178,10 +187,11 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 # ``manlearn eval`` of a checkpoint (classification and dense): its config, adjusted, and its weights.
 
-def checkpoint_config(ckpt: Mapping[str, Any], path: str | Path, cls: type = TrainConfig) -> Any:
-    """The ``cls`` config stored in ``ckpt`` (validated); a config this version cannot use is a CheckpointError."""
+def checkpoint_config(ckpt: Mapping[str, Any], path: str | Path, cls: type | None = None) -> TrainConfig:
+    """The config stored in ``ckpt`` (validated; one of an earlier version is upgraded); a config this
+    version cannot use is a CheckpointError."""
     try:
-        return config_from_dict(ckpt["config"], where=f"checkpoint {path}", cls=cls)
+        return config_from_dict(upgrade_config_dict(ckpt["config"]), where=f"checkpoint {path}")
     except ConfigError as e:
         raise CheckpointError(f"checkpoint {path} holds a config this manlearn cannot use: {e}") from None
 

@@ -1,17 +1,23 @@
-"""The training loop: optimiser step, lr schedule, evaluation, metrics, checkpoints, resume.
+"""The training loop of every task: optimiser step, lr schedule, evaluation, metrics, checkpoints, resume.
 
 The learner owns the modules and the local-learning step (forward, every local backward, EMA
-updates); the trainer owns everything around it.  Its one hard promise is **exact resume**: a run
-killed at any point and resumed from ``last.pt`` ends bit-identical (on CPU) to a run that never
-stopped.  That is why
+updates); the task run (:mod:`manlearn.train.task_runs`) owns the data, the targets and the
+evaluation metric; the trainer owns everything around them.  Its one hard promise is **exact
+resume**: a run killed at any point and resumed from ``last.pt`` ends bit-identical (on CPU) to a
+run that never stopped.  That is why
 
 - the lr is a pure function of the global step (``schedule.lr_at``), not a scheduler object;
 - the position is stored as (epoch, batch-within-epoch) and training batches depend only on
-  (seed, epoch, batch index), so ``loader.epoch(e, start_batch=b)`` replays the rest of an epoch;
+  (seed, epoch, batch index), so ``run.batches(e, b, ...)`` replays the rest of an epoch;
 - the checkpoint carries parameters *and* buffers (EMA units, BN statistics), the optimiser state,
   the RNG states and the running epoch statistics;
 - ``metrics.jsonl`` is rewritten from the checkpoint's records on resume, so lines written after
   the last checkpoint (and then redone) do not appear twice.
+
+Checkpoints are atomic (``last.pt`` is replaced, never truncated), written at every epoch end, every
+``ckpt_every_steps`` steps and at the end; a fresh run never silently replaces an earlier run's
+``last.pt`` (``overwrite``); resuming with another model / optimisation config is refused
+(:data:`~manlearn.train.RESUME_FREE_KEYS` may change).
 """
 
 from __future__ import annotations
@@ -24,71 +30,64 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
+from tqdm import tqdm
 
-from manlearn.config import TrainConfig, validate
-from manlearn.errors import ConfigError
+from manlearn.config import TrainConfig, config_to_dict, config_to_yaml, validate
+from manlearn.errors import CheckpointError, ConfigError
+from manlearn.memory import peak_rss_bytes
 
-from .build import amp_dtype, build_learner, load_split, make_loader
-from .checkpoint import check_resume_compatible
+from .build import amp_dtype, build_learner, resolve_device, seed_everything
+from .checkpoint import (CKPT_FORMAT, CKPT_VERSION, capture_rng_state, check_resume_compatible, checkpoint_config,
+                         eval_config, load_checkpoint, load_model_state, restore_rng_state, save_checkpoint)
+from .metrics import JsonlWriter, MetricLogger
 from .optim import build_optimizer, trainable_parameters
-from .run import CKPT_NAME, METRICS_NAME, TrainerBase
-from .schedule import lr_at, total_steps
+from .schedule import lr_at, total_epochs, total_steps
+from .task_runs import evaluate, make_task_run
 
 try:  # the memory accounting is optional: the trainer works without it
     from manlearn.memory import PeakMemory
 except ImportError:  # pragma: no cover
     PeakMemory = None  # type: ignore[assignment,misc]
 
-__all__ = ["Trainer", "evaluate", "StepHook", "CKPT_NAME", "METRICS_NAME"]
+__all__ = ["Trainer", "evaluate", "evaluate_checkpoint", "StepHook", "CKPT_NAME", "METRICS_NAME"]
 
-#: Called after every optimiser step (after any periodic checkpoint) with the trainer.
+CKPT_NAME = "last.pt"
+METRICS_NAME = "metrics.jsonl"
+
+#: Called after every optimiser step (after any periodic evaluation / checkpoint) with the trainer.
 StepHook = Callable[["Trainer"], None]
 
 
-@torch.no_grad()
-def evaluate(learner: torch.nn.Module, loader: Any) -> tuple[float, int, int]:
-    """Top-1 accuracy of ``learner`` (backbone + head only) over one pass of ``loader``.
+class Trainer:
+    """Train the learner described by a :class:`~manlearn.config.TrainConfig` (any task).
 
-    Returns ``(accuracy, correct, total)``.  The learner is put in eval mode and restored to its
-    previous mode afterwards; nothing in it changes (no BN statistics, no RNG draws).
-    """
-    was_training = learner.training
-    learner.eval()
-    correct: torch.Tensor | int = 0
-    total = 0
-    try:
-        for x, y in loader.epoch(0):
-            logits = learner(x)
-            correct = correct + (logits.argmax(dim=1) == y).sum()
-            total += int(y.numel())
-    finally:
-        learner.train(was_training)
-    n = int(correct) if isinstance(correct, int) else int(correct.item())
-    return (n / total if total else math.nan), n, total
+    - ``cfg``: the run's configuration (validated here);
+    - ``resume``: continue from ``<out_dir>/last.pt`` when it exists (a fresh run otherwise);
+    - ``overwrite``: allow a fresh run in an ``out_dir`` that already holds a checkpoint;
+    - ``hooks``: callables ``hook(trainer)`` run after every optimiser step (after any periodic
+      evaluation and checkpoint); tests use them to simulate a crash at a chosen step;
+    - ``out``: where progress lines go (default stdout).
 
-
-
-class Trainer(TrainerBase):
-    """Train a :class:`~manlearn.LocalLearner` as described by a :class:`TrainConfig`.
-
-    The arguments (``cfg``, ``resume``, ``overwrite``, ``hooks``, ``out``) are those of every manlearn
-    trainer, described on :class:`~manlearn.train.run.TrainerBase`.  Launched by torchrun
-    (``WORLD_SIZE > 1``) it trains data parallel.
+    Launched by torchrun (``WORLD_SIZE > 1``) a classification run trains data parallel.
     """
 
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                  hooks: Iterable[StepHook] = (), out: Any = None) -> None:
-        self.cfg = validate(cfg)
+        self.cfg = cfg = validate(cfg)
         self._out = out if out is not None else sys.stdout
         self.hooks: list[StepHook] = list(hooks)
-        # Data parallel when launched by torchrun (WORLD_SIZE > 1): join the group, take this rank's
-        # device; otherwise a single process (self.dist.enabled is False, nothing else changes).
+        self._bar: tqdm | None = None
         if cfg.pipeline_workers:
             raise ConfigError("pipeline_workers is set: a block pipeline is run by "
                               "manlearn.train.pipeline.run_pipeline (or `manlearn train`), not by Trainer")
+        # Data parallel when launched by torchrun (WORLD_SIZE > 1): join the group, take this rank's
+        # device; otherwise a single process (self.dist.enabled is False, nothing else changes).
         from manlearn.distributed.dist import setup_from_env
 
         self.dist, self.device = setup_from_env(cfg.dist_backend, cfg.device, cfg.dist_timeout_s)
+        if self.dist.enabled and cfg.is_dense:
+            raise ConfigError(f"data parallel (torchrun) trains classification runs; a {cfg.task.name} run "
+                              "runs in one process")
         if cfg.sync_bn and self.dist.enabled and self.device.type != "cuda":
             raise ConfigError("sync_bn=true needs CUDA devices (torch's SyncBatchNorm does not run on CPU); "
                               "on CPU each rank normalises over its own shard")
@@ -96,21 +95,20 @@ class Trainer(TrainerBase):
         # Read (and vet) the checkpoint before the expensive work: a refusal should be instant.
         ckpt = self._open_run(cfg.out_dir, resume=resume, overwrite=overwrite)
 
-        self.train_data = load_split(cfg, "train", cfg.train_limit)
-        self.test_data = load_split(cfg, "test", cfg.test_limit)
-        self.info = self.train_data.info
-        self.train_loader = make_loader(cfg, self.train_data, train=True, device=self.device)
-        self.test_loader = make_loader(cfg, self.test_data, train=False, device=self.device)
+        self.run = make_task_run(cfg, self.device)
+        self.info = self.run.info
         if self.dist.enabled:  # each rank trains on its slice of every global batch
             from .data_parallel import ShardedLoader
 
-            self.train_loader = ShardedLoader(self.train_loader, self.dist.rank, self.dist.world_size)
-        self.steps_per_epoch = len(self.train_loader)
+            self.run.train_loader = ShardedLoader(self.run.train_loader, self.dist.rank, self.dist.world_size)
+        self.steps_per_epoch = self.run.steps_per_epoch
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"batch_size={cfg.batch_size} is larger than the {len(self.train_data)} "
+            raise ConfigError(f"batch_size={cfg.batch_size} is larger than the {self.run.n_train} "
                               "training images (the last partial batch is dropped): nothing to train")
 
-        self._seed(cfg.seed)
+        seed_everything(cfg.seed)  # the learner is built right after: its init is repeatable
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
         self.learner = build_learner(cfg, self.info, self.device)
         self.reducer: Any = None
         if self.dist.enabled:
@@ -121,26 +119,109 @@ class Trainer(TrainerBase):
             broadcast_state(self.learner)  # identical start on every rank, whatever the seeding
             self.reducer = GradReducer(self.learner, self.dist.world_size)
         if cfg.compile:
-            self._compile()
+            self.learner.compile_parts()  # blocks, auxiliary networks and head (LocalLearner.compile_parts)
         self.optimizer = build_optimizer(cfg, self.learner)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
 
-        # Position and history.
-        self._reset_counters()
+        # Position and history (what _restore overwrites on resume).
+        self.step = 0  # optimiser steps done
         self.epoch = 0  # current epoch (0-based)
         self.batch = 0  # next batch index within the current epoch
-        self.best_acc: float | None = None
-        self.last_test_acc: float | None = None
+        self.records: list[dict[str, Any]] = []
+        self.last_eval_step = -1
+        self.last_metrics: dict[str, Any] | None = None
+        self.best: float | None = None  # best headline figure so far (accuracy, AP, mIoU)
+        self.meters = MetricLogger()  # running statistics of the current epoch
+        self.elapsed_before = 0.0
+        self.train_time = 0.0
+        self.steps_timed = 0
+        self.peak_mem_saved: int | None = None
+        self._win_time = 0.0
+        self._win_images = 0
         self._pm: Any = None
-        self._start_from(ckpt)
+        self._t0 = time.perf_counter()
+        self._stop_at = total_steps(cfg, self.steps_per_epoch)
+        self.resumed = ckpt is not None
+        if ckpt is not None:
+            self._restore(ckpt)
 
-    def _compile(self) -> None:
-        """``torch.compile`` the blocks, auxiliary networks and head (see LocalLearner.compile_parts)."""
-        self.learner.compile_parts()
+    # ------------------------------------------------------------------ compatibility views
+    @property
+    def train_data(self) -> Any:
+        return self.run.data.train if self.cfg.is_dense else self.run.train_data
+
+    @property
+    def test_data(self) -> Any:
+        return getattr(self.run, "test_data", None)
+
+    @property
+    def train_loader(self) -> Any:
+        return getattr(self.run, "train_loader", None)
+
+    @property
+    def test_loader(self) -> Any:
+        return getattr(self.run, "test_loader", None)
+
+    @property
+    def data(self) -> Any:
+        """The dense data (detection / segmentation runs)."""
+        return getattr(self.run, "data", None)
+
+    @property
+    def best_acc(self) -> float | None:
+        return self.best if not self.cfg.is_dense else None
+
+    @property
+    def last_test_acc(self) -> float | None:
+        return (self.last_metrics or {}).get("acc") if not self.cfg.is_dense else None
+
+    # ------------------------------------------------------------------ set-up
+    def _is_main(self) -> bool:
+        """Whether this process writes files and prints (data parallel: rank 0 only)."""
+        return self.dist.is_main
+
+    def _open_run(self, out_dir: str, *, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+        """Set the run's paths; return the (vetted) checkpoint to resume from, or None for a fresh run."""
+        self.out_dir = Path(out_dir)
+        self.ckpt_path = self.out_dir / CKPT_NAME
+        self.metrics_path = self.out_dir / METRICS_NAME
+        if resume and self.ckpt_path.exists():
+            ckpt = load_checkpoint(self.ckpt_path)
+            check_resume_compatible(ckpt, self.cfg, self.ckpt_path)
+            return ckpt
+        if resume:
+            self._say(f"no checkpoint at {self.ckpt_path}; starting a new run")
+        elif self.ckpt_path.exists() and not overwrite:
+            raise CheckpointError(
+                f"{self.out_dir} already holds a checkpoint ({CKPT_NAME}) of an earlier run; pass --resume to "
+                "continue it, --overwrite to start over, or choose another out_dir")
+        return None
 
     # ------------------------------------------------------------------ output
-    def _is_main(self) -> bool:
-        return self.dist.is_main
+    def _say(self, msg: str) -> None:
+        if not self._is_main():
+            return
+        if self._bar is not None and not self._bar.disable:
+            self._bar.write(msg, file=self._out)
+        else:
+            print(msg, file=self._out, flush=True)
+
+    def _elapsed(self) -> float:
+        return self.elapsed_before + (time.perf_counter() - self._t0)
+
+    def _record(self, rec: dict[str, Any]) -> None:
+        self.records.append(rec)
+        if self._is_main():
+            JsonlWriter(self.metrics_path).write(rec)
+
+    @property
+    def peak_mem_kind(self) -> str:
+        """What :meth:`_peak` measures on this device for this task."""
+        if self.device.type == "cuda":
+            return "CUDA allocator peak"
+        if self.run.track_activations and not self.cfg.compile:
+            return "activations kept for backward, peak"
+        return "process peak RSS"
 
     def _peak(self) -> int | None:
         cur: int | None = None
@@ -149,17 +230,46 @@ class Trainer(TrainerBase):
             cur = int(self._pm.peak_bytes)
         elif self.device.type == "cuda":
             cur = int(torch.cuda.max_memory_allocated(self.device))
+        elif not self.run.track_activations:
+            cur = peak_rss_bytes()
         vals = [v for v in (cur, self.peak_mem_saved) if v is not None]
         return max(vals) if vals else None
 
     # ------------------------------------------------------------------ checkpoints
-    def _check_resumable(self, ckpt: dict[str, Any]) -> None:
-        check_resume_compatible(ckpt, self.cfg, self.ckpt_path)
+    def state(self) -> dict[str, Any]:
+        """Everything needed to continue the run exactly."""
+        import manlearn
 
-    def _extra_state(self) -> dict[str, Any]:
-        """The position as (epoch, batch) and the accuracy bookkeeping (see module docstring)."""
-        return {"epoch": self.epoch, "batch": self.batch, "best_acc": self.best_acc,
-                "last_test_acc": self.last_test_acc}
+        payload: dict[str, Any] = {
+            "format": CKPT_FORMAT,
+            "version": CKPT_VERSION,
+            "manlearn_version": str(getattr(manlearn, "__version__", "?")),
+            "torch_version": str(torch.__version__),
+            "task": self.cfg.task.name,
+            "model": self.learner.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "steps_per_epoch": self.steps_per_epoch,
+            "config": config_to_dict(self.cfg),
+            "rng": capture_rng_state(),
+            "metrics": self.records,
+            "last_eval_step": self.last_eval_step,
+            "last_metrics": self.last_metrics,
+            "best": self.best,
+            "meters": self.meters.state_dict(),
+            "elapsed_s": self._elapsed(),
+            "train_time_s": self.train_time,
+            "steps_timed": self.steps_timed,
+            "peak_mem_bytes": self._peak(),
+            **self.run.checkpoint_fields(),
+        }
+        if not self.cfg.is_dense:  # the names earlier versions (and their readers) use
+            payload["best_acc"], payload["last_test_acc"] = self.best_acc, self.last_test_acc
+        if self.scaler is not None:
+            payload["scaler"] = self.scaler.state_dict()
+        return payload
 
     def save(self) -> Path:
         """Write ``<out_dir>/last.pt`` atomically (data parallel: every rank calls it, the BN
@@ -170,100 +280,195 @@ class Trainer(TrainerBase):
             average_buffers(self.learner)
             if not self.dist.is_main:
                 return self.ckpt_path
-        return super().save()
+        return save_checkpoint(self.ckpt_path, self.state())
 
-    def _restore_own(self, ckpt: dict[str, Any]) -> None:
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        try:
+            self.learner.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if self.scaler is not None and "scaler" in ckpt:
+                self.scaler.load_state_dict(ckpt["scaler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(
+                f"checkpoint {self.ckpt_path} does not fit the model built from its config: {e}") from None
         step, epoch, batch = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch"])
         spe = self.steps_per_epoch
         if ckpt.get("steps_per_epoch", spe) != spe or batch > spe or step != epoch * spe + batch:
-            raise self._spe_mismatch(ckpt.get("steps_per_epoch"))
+            raise CheckpointError(
+                f"checkpoint {self.ckpt_path} was written with {ckpt.get('steps_per_epoch')} steps per epoch, "
+                f"this run has {spe}: the training set changed, so the run cannot be resumed exactly")
         self.step, self.epoch, self.batch = step, epoch, batch
-        self.best_acc = ckpt.get("best_acc")
-        self.last_test_acc = ckpt.get("last_test_acc")
+        self.last_metrics = ckpt.get("last_metrics")
+        if self.last_metrics is None and ckpt.get("last_test_acc") is not None:  # an earlier version's
+            self.last_metrics = {"acc": ckpt["last_test_acc"]}
+        self.best = ckpt.get("best", ckpt.get("best_acc"))
+        self.records = list(ckpt.get("metrics", []))
+        self.last_eval_step = int(ckpt.get("last_eval_step", -1))
+        self.meters.load_state_dict(ckpt.get("meters", {}))
+        self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
+        self.train_time = float(ckpt.get("train_time_s", 0.0))
+        self.steps_timed = int(ckpt.get("steps_timed", 0))
+        self.peak_mem_saved = ckpt.get("peak_mem_bytes")
+        restore_rng_state(ckpt.get("rng", {}))
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self) -> float:
-        """Test accuracy now; updates the best/last accuracy bookkeeping."""
+    def evaluate(self) -> dict[str, Any]:
+        """The task's metrics now (classification: ``acc``; detection: ``AP``...; segmentation: ``miou``...);
+        updates the last/best bookkeeping."""
         if self.dist.enabled:  # sharded over the ranks, counts summed: every rank gets the result
             from manlearn.distributed import average_buffers
 
             from .data_parallel import sharded_evaluate
 
             average_buffers(self.learner)
-            acc, _, _ = sharded_evaluate(self.learner, self.test_loader, self.dist, self.device)
+            acc, correct, total = sharded_evaluate(self.learner, self.run.test_loader, self.dist, self.device)
+            m: dict[str, Any] = {"acc": acc, "correct": correct, "total": total}
         else:
-            acc, _, _ = evaluate(self.learner, self.test_loader)
-        self.last_test_acc = acc
+            m = self.run.evaluate(self.learner)
+        self.last_metrics = m
         self.last_eval_step = self.step
-        if self.best_acc is None or acc > self.best_acc:
-            self.best_acc = acc
-        return acc
+        head = m.get(self.run.headline)
+        if head is not None and not (isinstance(head, float) and math.isnan(head)):
+            if self.best is None or head > self.best:
+                self.best = head
+        return m
 
-    # ------------------------------------------------------------------ the loop
-    def _train_one(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def _eval_record(self) -> dict[str, Any]:
+        """Evaluate now and record an ``eval`` line (an evaluation that is not part of an epoch's record)."""
+        t = time.perf_counter()
+        m = self.evaluate()
+        rec = {"type": "eval", "step": self.step, "epoch": self.epoch, "batch": self.batch,
+               **self.run.record_fields(m, self.best), "eval_s": time.perf_counter() - t,
+               "elapsed_s": self._elapsed()}
+        self._record(rec)
+        self._say(f"eval at step {self.step} ({self.run.n_eval} images, {rec['eval_s']:.1f} s): "
+                  f"{self.run.eval_text(m)}")
+        return m
+
+    # ------------------------------------------------------------------ the step
+    def _set_lr(self, lr: float) -> Any:
+        """Set the lr of every parameter group; return the loss scale to pass to the step (fp16) or None."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return self.scaler.scale(torch.ones((), device=self.device)) if self.scaler is not None else None
+
+    def _train_one(self, x: torch.Tensor, targets: Any, n: int) -> None:
         cfg = self.cfg
         lr = lr_at(cfg, self.step, self.steps_per_epoch)
         scale = self._set_lr(lr)
         t = time.perf_counter()
-        hook = self.reducer.block_done if self.reducer is not None else None
-        out = self.learner.train_step(x, y, grad_scale=scale, after_block=hook)
-        n = int(y.numel())
+        if self.reducer is not None:
+            out = self.learner.train_step(x, targets, grad_scale=scale, after_block=self.reducer.block_done)
+        else:
+            out = self.learner.train_step(x, targets, grad_scale=scale)
+        counts = self.run.step_counts(out, targets, n)
         if self.reducer is not None:
             # Gradients averaged over the ranks (exactly once) before the step; the step's losses
-            # and correct count travel in the last bucket: [losses..., correct, n].
-            local = torch.tensor([*out.losses, float((out.logits.argmax(dim=1) == y).sum()), float(n)],
-                                 dtype=torch.float64, device=self.device)
+            # and counts travel in the last bucket: [losses..., counts...].
+            local = torch.tensor([*out.losses, *(float(c) for c in counts)], dtype=torch.float64,
+                                 device=self.device)
             tot = self.reducer.finish(local).cpu()
-            out.losses[:] = (tot[:-2] / self.dist.world_size).tolist()
-            correct, n = int(round(float(tot[-2]))), int(round(float(tot[-1])))
-        self._optimizer_step()
-        if self.reducer is None:
-            correct = int((out.logits.argmax(dim=1) == y).sum().item())  # also syncs the device
+            k = len(out.losses)
+            losses = (tot[:k] / self.dist.world_size).tolist()
+            counts = [round(float(c)) for c in tot[k:]]
+            n = int(counts[-1])
+        else:
+            losses = [float(v) for v in out.losses]
+            counts = [int(c.item()) if isinstance(c, torch.Tensor) else c for c in counts]  # syncs the device
+        if self.scaler is None and not all(math.isfinite(v) for v in losses):
+            raise ConfigError(f"the training loss is not finite at step {self.step} (block losses {losses}, lr "
+                              f"{lr:.4g}): lower lr or lengthen the warm-up; {self.ckpt_path} keeps the last "
+                              "saved state")
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t
         self.step += 1
         self.batch += 1
-        self.meters.update(n=n, acc=correct / n, **{f"loss{k}": v for k, v in enumerate(out.losses)})
+        self.meters.update(n=n, **self.run.step_stats(counts), **{f"loss{k}": v for k, v in enumerate(losses)})
         self.meters.update(time=dt, images=n)
-        self._step_done(dt, n, out.losses[-1], lr)
-        if cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0:
+        self.train_time += dt
+        self.steps_timed += 1
+        self._win_time += dt
+        self._win_images += n
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.3g}", img_s=f"{n / max(dt, 1e-9):.1f}",
+                                  refresh=False)
+        if cfg.log_every and self.step % cfg.log_every == 0:
+            self._log_step(lr)
+        if cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0 and self.step < self._stop_at:
+            self._eval_record()  # (the end of the run evaluates anyway; an epoch end reuses this one)
+        if cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0 and self.step < self._stop_at:
             self.save()
         for hook in self.hooks:
             hook(self)
 
-    def _position(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batch": self.batch}
+    def _block_losses(self, window: bool) -> list[float]:
+        """The per-block losses: over the recent steps (``window``) or the whole epoch."""
+        keys = sorted((k for k in self.meters.meters if k.startswith("loss")), key=lambda k: int(k[4:]))
+        return [self.meters[k].avg if window else self.meters[k].global_avg for k in keys]
 
-    def _window_stats(self) -> dict[str, Any]:
-        return {"train_acc": self.meters["acc"].global_avg, "images_per_s": self._take_window_rate()}
+    def _take_window_rate(self) -> float | None:
+        """Images per second since the last log line; starts a new window."""
+        rate = self._win_images / self._win_time if self._win_time > 0 else None
+        self._win_time, self._win_images = 0.0, 0
+        return rate
 
-    def _step_line(self, rec: dict[str, Any], lr: float, eta_s: float) -> str:
-        peak = rec["peak_mem_bytes"]
-        mem = f"  peak mem {peak / 2**20:.0f} MiB" if peak else ""
-        return (f"step {self.step}/{self._stop_at}  loss {rec['losses'][-1]:.4f}  lr {lr:.4g}  "
-                f"{(rec['images_per_s'] or 0):.0f} img/s  ETA {eta_s / 60:.1f} min{mem}")
+    def _plain_progress(self) -> bool:
+        """Progress wanted but no bar on a terminal (logs, CI): print plain lines instead."""
+        return bool(self.cfg.progress) and (self._bar is None or self._bar.disable)
+
+    def _log_step(self, lr: float) -> None:
+        """Record a ``train`` line in metrics.jsonl; without a progress bar on a terminal (logs, CI), also
+        print it as a plain line with throughput, ETA and memory."""
+        rec = {
+            "type": "train", "step": self.step, "epoch": self.epoch, "batch": self.batch, "lr": lr,
+            "losses": self._block_losses(window=True),
+            **self.run.window_fields(self.meters),
+            "images_per_s": self._take_window_rate(), "seconds_per_iter": self.meters["time"].avg,
+            "peak_mem_bytes": self._peak(), "elapsed_s": self._elapsed(),
+        }
+        self._record(rec)
+        if self._plain_progress():
+            eta = max(self._stop_at - self.step, 0) * self.train_time / max(self.steps_timed, 1)
+            peak = rec["peak_mem_bytes"]
+            mem = f"  peak mem {peak / 2**20:.0f} MiB" if peak else ""
+            self._say(f"step {self.step}/{self._stop_at}  {self.run.step_text(rec)}  lr {lr:.4g}  "
+                      f"{(rec['images_per_s'] or 0):.1f} img/s  {rec['seconds_per_iter']:.3f} s/it  "
+                      f"ETA {eta / 60:.1f} min{mem}")
 
     def _end_epoch(self) -> None:
         cfg = self.cfg
         e = self.epoch
-        do_eval = (cfg.eval_every > 0 and (e + 1) % cfg.eval_every == 0) or e + 1 >= cfg.epochs
-        test_acc = self.evaluate() if do_eval else None
+        every = cfg.eval_every_epochs
+        due = (every > 0 and (e + 1) % every == 0) or e + 1 >= total_epochs(cfg, self.steps_per_epoch)
+        m = None
+        if self.last_eval_step == self.step:
+            m = self.last_metrics
+        elif due:
+            m = self.evaluate()
         losses = self._block_losses(window=False)
-        m = self.meters.meters
-        t_ep = m["time"].total if "time" in m else 0.0
-        ips = m["images"].total / t_ep if t_ep > 0 else None
+        mt = self.meters.meters
+        t_ep = mt["time"].total if "time" in mt else 0.0
+        ips = mt["images"].total / t_ep if t_ep > 0 else None
         rec = {
             "type": "epoch", "epoch": e + 1, "step": self.step,
             "lr": lr_at(cfg, max(self.step - 1, 0), self.steps_per_epoch),
             "losses": losses, "loss": losses[-1] if losses else None,
-            "train_acc": m["acc"].global_avg if "acc" in m else None,
-            "test_acc": test_acc, "best_acc": self.best_acc, "images_per_s": ips,
-            "seconds_per_iter": t_ep / m["time"].count if "time" in m and m["time"].count else None,
+            **self.run.window_fields(self.meters),
+            **self.run.record_fields(m, self.best), "images_per_s": ips,
+            "seconds_per_iter": t_ep / mt["time"].count if "time" in mt and mt["time"].count else None,
             "peak_mem_bytes": self._peak(), "elapsed_s": self._elapsed(),
         }
         self._record(rec)
-        acc_s = f"{test_acc:.4f}" if test_acc is not None else "-"
-        self._say(f"epoch {e + 1}/{cfg.epochs}  step {self.step}  loss {rec['loss']:.4f}  "
-                  f"train_acc {rec['train_acc']:.4f}  test_acc {acc_s}  lr {rec['lr']:.4g}  "
+        train_acc = f"  train_acc {rec['train_acc']:.4f}" if rec.get("train_acc") is not None else ""
+        self._say(f"epoch {e + 1}/{total_epochs(cfg, self.steps_per_epoch)}  step {self.step}  "
+                  f"loss {rec['loss']:.4f}{train_acc}  {self.run.eval_text(m)}  lr {rec['lr']:.4g}  "
                   f"{(ips or 0):.0f} img/s")
         self.epoch += 1
         self.batch = 0
@@ -271,16 +476,24 @@ class Trainer(TrainerBase):
         self._win_time, self._win_images = 0.0, 0
         self.save()
 
+    # ------------------------------------------------------------------ fit
     def _header(self) -> None:
         cfg = self.cfg
         lr_ = self.learner
         n_params = sum(p.numel() for p in trainable_parameters(lr_))
-        method = cfg.method + (f"/{cfg.base}" if cfg.method in ("man", "manpp") else "")
-        split = getattr(getattr(lr_, "split", None), "source", cfg.split)
-        self._say(f"manlearn: {cfg.model} {method} K={getattr(lr_, 'K', cfg.K)} (split {split}) | "
-                  f"{cfg.dataset}: {len(self.train_data)} train / {len(self.test_data)} test | "
-                  f"{self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs | device {self.device} | "
-                  f"{n_params:,} trainable parameters | out_dir {self.out_dir}")
+        method = cfg.method + (f"/{cfg.base}" if cfg.method in ("man", "manpp") and not cfg.is_dense else "")
+        if cfg.is_dense:
+            widths = f" widths {cfg.task.model_widths}" if cfg.task.model_widths else ""
+            cut = f"{type(lr_.task).__name__}, cuts {getattr(lr_, 'stage_cuts', None)}"
+        else:
+            widths = ""
+            cut = f"split {getattr(getattr(lr_, 'split', None), 'source', cfg.split)}"
+        total = total_steps(cfg, self.steps_per_epoch)
+        length = f"{cfg.iterations} iterations" if cfg.iterations else f"{cfg.epochs} epochs"
+        self._say(f"manlearn {cfg.task.name}: {cfg.model}{widths} {method} K={getattr(lr_, 'K', cfg.K)} ({cut}) | "
+                  f"{self.run.describe()} | {self.steps_per_epoch} steps/epoch, {total} steps ({length}) x batch "
+                  f"{cfg.batch_size} | device {self.device} | {n_params:,} trainable parameters | "
+                  f"out_dir {self.out_dir}")
         if self.dist.enabled:
             self._say(f"data parallel: {self.dist.world_size} ranks ({self.dist.backend}), global batch "
                       f"{cfg.batch_size} = {self.dist.world_size} x {cfg.batch_size // self.dist.world_size}"
@@ -289,56 +502,111 @@ class Trainer(TrainerBase):
             self._say(f"resuming from {self.ckpt_path} at step {self.step} "
                       f"(epoch {self.epoch + 1}, batch {self.batch})")
 
-    def fit(self) -> dict[str, Any]:
-        """Train until ``epochs`` are done or ``max_steps`` is reached; return a summary dict.
+    def _next_stop(self, stop_at: int) -> int:
+        """The step at which the current chunk of batches ends: the epoch's end, the run's stop, or the
+        next periodic evaluation / checkpoint (so that a data-loader pass never outlives them)."""
+        nxt = min(stop_at, self.step + self.steps_per_epoch - self.batch)
+        for every in (self.cfg.ckpt_every_steps, self.cfg.eval_every_steps):
+            if every:
+                nxt = min(nxt, (self.step // every + 1) * every)
+        return nxt
 
-        The summary holds ``test_acc`` (final), ``best_acc``, ``steps``, ``epochs``,
-        ``seconds_per_iter`` (training steps only, over the whole run), ``images_per_s``,
-        ``peak_mem_bytes``, ``elapsed_s``, ``stopped_early`` and the checkpoint path.
+    def fit(self) -> dict[str, Any]:
+        """Train until the schedule's length (``iterations``, else ``epochs``) or ``max_steps`` is reached,
+        evaluate, checkpoint; return a summary dict.
+
+        The summary holds ``task``, ``metrics`` (the last evaluation), ``headline`` (name, value),
+        ``best``, ``steps``, ``epochs`` (fractional), ``seconds_per_iter`` (training steps only, over the
+        whole run), ``images_per_s``, ``peak_mem_bytes`` with ``peak_mem_kind``, ``elapsed_s``,
+        ``stopped_early``, ``out_dir`` and ``checkpoint``; classification adds ``test_acc`` and ``best_acc``.
         """
         cfg = self.cfg
         spe = self.steps_per_epoch
         total = total_steps(cfg, spe)
         stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
-        self._begin_fit(stop_at, "train")
+        self._stop_at = stop_at
+        # config.yaml, and metrics.jsonl rewritten from the records of the state we start from (drops lines
+        # written after the checkpoint by a killed run, and those of an overwritten run).
+        if self._is_main():
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(config_to_yaml(cfg))
+            JsonlWriter(self.metrics_path).rewrite(self.records)
+        self._t0 = time.perf_counter()
+        show = bool(cfg.progress) and sys.stderr.isatty() and self._is_main()
+        self._bar = tqdm(total=stop_at, initial=min(self.step, stop_at), disable=not show, unit="it",
+                         dynamic_ncols=True, desc=cfg.task.name, file=sys.stderr)
+        self._header()
         mem: Any = contextlib.nullcontext()
         if PeakMemory is not None:
             mem = PeakMemory(self.device, exclude=list(self.learner.parameters()),
                              # on CUDA the allocator peak is the measure; the per-tensor hooks would
                              # only slow the GPU step down
-                             track_activations=self.device.type != "cuda" and not cfg.compile)
-        stopped = False
+                             track_activations=(self.device.type != "cuda" and not cfg.compile
+                                                and self.run.track_activations))
         try:
             with mem as pm:
                 self._pm = pm
-                while self.epoch < cfg.epochs:
-                    if self.batch < spe:
-                        if self.step >= stop_at:
-                            stopped = True
-                            break
-                        for x, y in self.train_loader.epoch(self.epoch, start_batch=self.batch):
-                            self._train_one(x, y)
-                            if self.step >= stop_at:
-                                break
-                        if self.batch < spe:
-                            stopped = True
-                            break
-                    self._end_epoch()
+                while True:
+                    if self.batch >= spe:  # the epoch's batches are done, its end not yet
+                        self._end_epoch()
+                        continue
+                    if self.step >= stop_at:
+                        break
+                    nxt, before = self._next_stop(stop_at), self.step
+                    for x, targets, n in self.run.batches(self.epoch, self.batch, self.batch + nxt - self.step):
+                        self._train_one(x, targets, n)
+                    if self.step == before:  # pragma: no cover - a task run that yields no batch
+                        raise RuntimeError(f"the training data gave no batch at epoch {self.epoch}, batch {self.batch}")
                 peak = self._peak()
         finally:
-            self._close_bar()
+            if self._bar is not None:
+                self._bar.close()
+            self._bar = None
             self._pm = None
         self.peak_mem_saved = peak
         if self.last_eval_step != self.step:
-            acc = self.evaluate()
-            self._record({"type": "final", "epoch": self.epoch, "step": self.step, "test_acc": acc,
-                          "best_acc": self.best_acc, "elapsed_s": self._elapsed()})
+            self._eval_record()
         self.save()
-        return {
-            "test_acc": self.last_test_acc,
-            "best_acc": self.best_acc,
+        m = self.last_metrics
+        head = self.run.headline
+        summary: dict[str, Any] = {
+            "task": cfg.task.name,
+            "metrics": m,
+            "headline": (head, (m or {}).get(head)),
+            "best": self.best,
             "steps": self.step,
             "epochs": self.epoch + (self.batch / spe if spe else 0.0),
-            **self._speed_summary(),
-            **self._end_summary(stopped),
+            "seconds_per_iter": self.train_time / self.steps_timed if self.steps_timed else None,
+            "images_per_s": (cfg.batch_size * self.steps_timed / self.train_time if self.train_time > 0 else None),
+            "peak_mem_bytes": self.peak_mem_saved,
+            "peak_mem_kind": self.peak_mem_kind,
+            "elapsed_s": self._elapsed(),
+            "stopped_early": self.step < total,
+            "out_dir": str(self.out_dir),
+            "checkpoint": str(self.ckpt_path),
         }
+        if not cfg.is_dense:
+            summary["test_acc"], summary["best_acc"] = self.last_test_acc, self.best_acc
+        return summary
+
+
+def evaluate_checkpoint(path: str | Path, *, device: str = "auto", data_dir: str | None = None,
+                        limit: int | None = None, batch_size: int | None = None) -> dict[str, Any]:
+    """``manlearn eval``: rebuild the learner of a checkpoint (any task) from its config and evaluate it on
+    its test / validation split (``limit``: the first N images).
+
+    Returns ``{"task", "metrics", "cfg", "step", "n_eval", "line"}`` (``line``: the one-line report).
+    """
+    ckpt = load_checkpoint(path)
+    cfg = checkpoint_config(ckpt, path)
+    cfg = validate(eval_config(cfg, device=device, data_dir=data_dir, limit_key="eval_limit", limit=limit,
+                               batch_size=batch_size))
+    dev = resolve_device(cfg.device)
+    run = make_task_run(cfg, dev, train=False)
+    run.adopt_checkpoint(ckpt)
+    learner = build_learner(cfg, run.info, dev)
+    load_model_state(learner, ckpt, path)
+    m = run.evaluate(learner)
+    step = int(ckpt["step"])
+    return {"task": cfg.task.name, "metrics": m, "cfg": cfg, "step": step, "n_eval": run.n_eval,
+            "line": run.eval_summary(m, step)}

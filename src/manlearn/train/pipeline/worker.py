@@ -124,7 +124,7 @@ class Worker:
     def _open_data(self) -> None:
         cfg, dev = self.cfg, self.device
         self.loader = make_loader(cfg, load_split(cfg, "train", cfg.train_limit), train=True, device=dev)
-        self.test_loader = make_loader(cfg, load_split(cfg, "test", cfg.test_limit), train=False, device=dev)
+        self.test_loader = make_loader(cfg, load_split(cfg, "test", cfg.eval_limit), train=False, device=dev)
         if len(self.loader) != self.spe:
             raise PipelineError(f"worker 0 sees {len(self.loader)} batches per epoch, the plan {self.spe}")
 
@@ -261,7 +261,7 @@ class Worker:
         spe, end_of_epoch = self.spe, step % self.spe == 0
         done = step // spe
         epoch = done if end_of_epoch else done + (step % spe) / spe
-        do_eval = step == self.plan.stop_at or (self.cfg.eval_every > 0 and done % self.cfg.eval_every == 0
+        do_eval = step == self.plan.stop_at or (self.cfg.eval_every_epochs > 0 and done % self.cfg.eval_every_epochs == 0
                                                 and end_of_epoch)
         part = stats.part(self.rank)
         if do_eval:
