@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,24 @@ def test_register_rule_refuses_what_is_not_a_rule():
 
     with pytest.raises(ConfigError, match="needs a class attribute `name`"):
         manlearn.register_rule(Nameless)
+
+
+def test_cli_trains_a_user_rule_imported_from_a_file(tmp_path, clean_registry, capsys):
+    """`manlearn --import my_rule.py train method=probe-l2`: the rule trains, the run records the import,
+    and `manlearn eval` of its checkpoint (a fresh registry) imports it again."""
+    from manlearn import cli
+
+    f = tmp_path / "my_rule.py"
+    f.write_text(readme_user_rule().split("x, y =")[0])
+    out = tmp_path / "run"
+    rc = cli.main(["--import", str(f), "train", "dataset=digits", "model=resnet20", "method=manpp", "base=probe-l2",
+                   "K=3", "epochs=1", "max_steps=2", "batch_size=32", "eval_limit=64", "progress=false",
+                   "device=cpu", f"out_dir={out}"])
+    assert rc == 0, capsys.readouterr().err
+    ckpt = torch.load(out / "last.pt", weights_only=False)
+    assert ckpt["config"]["imports"] == [str(f)] and ckpt["config"]["base"] == "probe-l2"
+    rules_base._RULES.pop("probe-l2")  # as in a fresh process: neither the rule nor its module is loaded
+    for name in [m for m in sys.modules if m.startswith("manlearn_user_my_rule")]:
+        del sys.modules[name]
+    assert cli.main(["eval", str(out / "last.pt"), "--limit", "32"]) == 0
+    assert cli.main(["train", "dataset=digits", "method=no-such-rule", f"out_dir={tmp_path / 'x'}"]) == 2

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from manlearn.errors import ConfigError, ManlearnError
+from manlearn.plugins import import_user_code
 # Recipe lookup lives in manlearn.recipes; re-exported here for callers of the former cli functions.
 from manlearn.recipes import list_recipes, resolve_recipe
 
@@ -73,7 +74,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if bad:
         raise ConfigError(f"expected key=value overrides after the config, got {', '.join(bad)}")
     cfg = load_config(config_path, check=False) if config_path else TrainConfig()
-    cfg = validate(apply_overrides(cfg, items, check=False))
+    cfg = apply_overrides(cfg, items, check=False)
+    # --import'ed code is recorded in the run's config, so `manlearn eval` and --resume import it again
+    cfg.imports = list(dict.fromkeys([*getattr(args, "imports", []), *cfg.imports]))
+    cfg = validate(cfg)
     if cfg.pipeline_workers:
         return _train_pipeline(cfg, args)
     trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
@@ -165,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="manlearn",
         description="Supervised local learning (DGL, InfoPro, MAN, MAN++) in PyTorch.")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
+                        help="import your own code first (a module name or a .py file; repeatable): rules, "
+                             "tasks and models it registers become valid names, e.g. method=my-rule")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser(
@@ -224,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        import_user_code(args.imports)
         return int(args.func(args))
     except ManlearnError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -231,6 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `manlearn list | head`: the reader left; nothing to report
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
