@@ -207,11 +207,11 @@ def test_recipes_follow_the_papers():
 
 def test_bases_come_from_the_library():
     """man/manpp accept every base rule the library does (not a list of config.py's own)."""
-    from manlearn.rules.momentum import MAN_BASES
+    from manlearn.rules import list_base_rules
 
-    for base in MAN_BASES:
+    for base in list_base_rules():
         assert apply_overrides(TrainConfig(), [f"base={base}"]).base == base
-    assert {"greedy", "infopro-contrast"} <= set(MAN_BASES)
+    assert {"greedy", "infopro-contrast"} <= set(list_base_rules())
 
 
 def test_length_iterations_win_over_epochs():
@@ -272,18 +272,33 @@ def test_task_section_from_yaml_and_overrides(tmp_path):
     (["task.name=segmentation", *DET, "task.seg_scale=[2, 1]"], "task.seg_scale must be [low, high]"),
     (["task.name=detection", *DET, "model=resnet32"], "model='resnet32'"),
     (["task.name=detection", *DET, "K=7"], "K must be in 1..4"),
-    (["task.name=detection", *DET, "method=dgl"], "method='dgl'"),
+    (["task.name=detection", *DET, "method=dgll"], "method='dgll'"),
     (["task.name=detection", "model=resnet50", "K=4"], "needs data_dir"),
     (["task.name=segmentation", *DET, "task.data_format=coco"], "task.data_format='coco'"),
     (["task.name=detection", *DET, "pipeline_workers=2"], "pipeline_workers is for classification"),
     (["schedule=step-warmup", "lr_steps=[500, 100]"], "lr_steps must be strictly increasing"),
-    (["test_limit=3"], "'test_limit' in command line is now 'eval_limit'"),
     (["eval_every=3"], "is now 'eval_every_epochs (or eval_every_steps)'"),
 ])
 def test_task_section_errors(items, needle):
     with pytest.raises(ConfigError) as e:
         apply_overrides(TrainConfig(), items)
     assert needle in str(e.value)
+
+
+def test_a_rule_that_cannot_train_the_task_is_refused_when_the_learner_is_built():
+    """Every registered rule is a valid name for a dense run; one whose heads classify whole images
+    refuses the detection task itself, with the reason."""
+    from manlearn.train import build_learner
+
+    cfg = apply_overrides(TrainConfig(), ["task.name=detection", *DET, "method=dgl", "task.model_widths=[8,8,8,8]",
+                                          "task.stem_width=8", "task.fpn_channels=8"])
+    with pytest.raises(ConfigError, match="per-image class labels"):
+        build_learner(cfg, type("Info", (), {"num_classes": 3})())
+
+
+def test_keys_of_earlier_versions_still_work_under_their_new_names():
+    cfg = apply_overrides(TrainConfig(), ["test_limit=3", "ckpt_every=7"])
+    assert (cfg.eval_limit, cfg.ckpt_every_steps) == (3, 7)
 
 
 def test_task_section_errors_in_yaml(tmp_path):

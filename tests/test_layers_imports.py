@@ -22,7 +22,8 @@ LAYERS = [
     ["rules", "tasks"],
     ["detection", "segmentation"],
     ["models", "split", "recompute", "memory", "distributed"],
-    ["data", "runtime", "plugins", "recipes"],
+    ["data", "plugins", "recipes"],
+    ["runtime"],
     ["errors"],
 ]
 RANK = {c: r for r, comps in enumerate(LAYERS) for c in comps}

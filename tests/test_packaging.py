@@ -29,7 +29,8 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: 
 
 def _dependency_paths() -> list[str]:
     """Where the running interpreter finds torch & co: its ``sys.path`` (site folders and whatever their
-    ``.pth`` files added) without the standard library, the checkout, or any other source tree of manlearn."""
+    ``.pth`` files added) without the standard library, the checkout's own folder and src/, or any other source tree of manlearn (the
+    project's .venv may live inside the checkout: its site-packages stay)."""
     import sysconfig
 
     stdlib = os.path.realpath(sysconfig.get_paths()["stdlib"])
@@ -37,7 +38,7 @@ def _dependency_paths() -> list[str]:
     for p in sys.path:
         real = os.path.realpath(p) if p else ""
         if not p or not os.path.isdir(p) or real == stdlib or real.startswith(stdlib + os.sep) \
-                or Path(real).is_relative_to(ROOT):
+                or real == os.path.realpath(ROOT) or Path(real).is_relative_to(ROOT / "src"):
             continue
         if os.path.isfile(os.path.join(p, "manlearn", "__init__.py")) and not p.endswith("-packages"):
             continue  # another checkout's src/ (an editable install): the wheel must not compete with it

@@ -392,12 +392,10 @@ def task_keys(name: str | None = None) -> list[str]:
     return out
 
 
-#: Keys of earlier versions: what to write instead.
-RENAMED_KEYS = {
-    "test_limit": "eval_limit",
-    "ckpt_every": "ckpt_every_steps",
-    "eval_every": "eval_every_epochs (or eval_every_steps)",
-}
+#: Keys of earlier versions whose meaning did not change: still accepted, under their new name.
+KEY_ALIASES = {"test_limit": "eval_limit", "ckpt_every": "ckpt_every_steps"}
+#: Keys of earlier versions whose meaning depended on the run (epochs or steps): what to write instead.
+RENAMED_KEYS = {"eval_every": "eval_every_epochs (or eval_every_steps)"}
 
 
 def _unknown_key_error(key: str, where: str = "", cls: type = TrainConfig, prefix: str = "") -> ConfigError:
@@ -417,6 +415,8 @@ def _unknown_key_error(key: str, where: str = "", cls: type = TrainConfig, prefi
 def _set(values: dict[str, Any], key: str, raw: Any, where: str = "", cls: type = TrainConfig,
          prefix: str = "") -> None:
     types_ = _field_types(cls)
+    if not prefix and cls is TrainConfig:
+        key = KEY_ALIASES.get(key, key)
     if key not in types_:
         raise _unknown_key_error(key, where, cls, prefix)
     tp = types_[key]
