@@ -228,6 +228,7 @@ def randomize(net: nn.Module, seed: int = 0) -> nn.Module:
             if name.endswith("running_var"):
                 t.copy_(torch.rand(t.shape, generator=g) + 0.5)
             else:
-                t.copy_(torch.randn(t.shape, generator=g) * (0.2 if t.dim() > 1 else 0.5)
+                scale = t[0].numel() ** -0.5 if t.dim() > 1 else 0.2
+                t.copy_(torch.randn(t.shape, generator=g) * scale
                         + (1.0 if name.endswith("weight") and t.dim() == 1 else 0.0))
     return net

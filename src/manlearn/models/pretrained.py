@@ -101,6 +101,24 @@ def _family(model: nn.Module) -> str:
     return "vit" if hasattr(stem, "cls_token") and hasattr(stem, "pos_embed") else "cnn"
 
 
+def _describe(sd: Mapping[str, torch.Tensor], layout: str) -> str:
+    """What the checkpoint holds, for the error message: block type, blocks per stage, widths."""
+    try:
+        if layout == "torchvision-resnet":
+            counts = [len({k.split(".")[1] for k in sd if k.startswith(f"layer{s}.")}) for s in (1, 2, 3, 4)]
+            block = "Bottleneck" if "layer1.0.conv3.weight" in sd else "BasicBlock"
+            return (f": {block} blocks {tuple(counts)}, stem width {sd['conv1.weight'].shape[0]}, "
+                    f"{sd['fc.weight'].shape[0]} classes")
+        if layout == "timm-vit":
+            depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+            p = sd["patch_embed.proj.weight"].shape
+            return (f": depth {depth}, dim {p[0]}, patch {p[-1]}, {sd['pos_embed'].shape[1] - 1} patches, "
+                    f"{sd['head.weight'].shape[0]} classes")
+    except (KeyError, IndexError):
+        pass
+    return ""
+
+
 def _listing(title: str, keys: list[str], n: int = 5) -> str:
     more = f", ... ({len(keys) - n} more)" if len(keys) > n else ""
     return f"{len(keys)} {title}: {', '.join(keys[:n])}{more}"
@@ -139,7 +157,8 @@ def load_pretrained(model: nn.Module, source: Source, *, head: bool = True, name
                and not mk.endswith("num_batches_tracked")]  # old torchvision files predate it: keep the model's
     shapes = [f"{renamed[mk]} {tuple(sd[renamed[mk]].shape)} vs {tuple(own[mk].shape)} in {what}"
               for mk in renamed if sd[renamed[mk]].shape != own[mk].shape and (head or not is_cls(mk))]
-    if head and any(is_cls(mk) for mk in renamed if sd[renamed[mk]].shape != own[mk].shape):
+    if head and any(is_cls(mk) and sd[renamed[mk]].shape[1:] == own[mk].shape[1:]
+                    for mk in renamed if sd[renamed[mk]].shape != own[mk].shape):
         cls_hint = (" The classifier has another class count: pass pretrained_head=False (load_pretrained(..., "
                     "head=False)) to load everything but the classifier, which then starts from scratch.")
     else:
@@ -148,8 +167,9 @@ def load_pretrained(model: nn.Module, source: Source, *, head: bool = True, name
         parts = [p for p in (_listing("keys the model needs but the checkpoint lacks", missing) if missing else "",
                              _listing("checkpoint keys the model has no place for", unexpected) if unexpected else "",
                              _listing("shape mismatches", shapes, 4) if shapes else "") if p]
-        raise ConfigError(f"pretrained weights ({layout} layout) do not fit {what}: " + "; ".join(parts)
-                          + ". Build the model with the checkpoint's widths/depth/image size." + cls_hint)
+        raise ConfigError(f"pretrained weights ({layout} layout{_describe(sd, layout)}) do not fit {what}: "
+                          + "; ".join(parts) + ". Build the model with the checkpoint's widths/depth/image size."
+                          + cls_hint)
     new = {mk: sd[ck] for mk, ck in renamed.items() if head or not is_cls(mk)}
     for mk, v in own.items():
         new.setdefault(mk, v)
