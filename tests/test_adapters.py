@@ -236,3 +236,14 @@ def test_glob_stays_within_one_path_component():
     net = tv_resnet18()
     bb = cut_model(net, stem=["conv1"], units=["layer1.*"], head=[])
     assert list(bb.units) == list(net.layer1)   # not layer1.0.conv1, layer1.0.bn1, ...
+
+
+def test_readme_cut_model_example_runs():
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    m = re.search(r"<!-- tests/test_adapters.py runs this block -->\n```python\n(.*?)```", text, re.S)
+    assert m, "README lost its cut_model example"
+    ns = {"manlearn": manlearn, "torch": torch, "net": tv_resnet18(num_classes=100)}
+    exec(compile(m.group(1), "README.md", "exec"), ns)
+    assert ns["learner"].K == 4 and ns["learner"].blocks[0][0][0] is ns["net"].conv1

@@ -47,7 +47,7 @@ def model_accepts(name: str, arg: str) -> bool:
     return arg in inspect.signature(_MODELS[name]).parameters
 
 
-def create_model(name: str, pretrained: str | os.PathLike | None = None, pretrained_head: bool = True,
+def create_model(name: str, *, pretrained: str | os.PathLike | None = None, pretrained_head: bool = True,
                  **kwargs) -> Backbone:
     """Build a registered backbone, e.g. ``create_model("resnet32", num_classes=10)``.
 
