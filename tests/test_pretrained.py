@@ -41,7 +41,8 @@ def test_torchvision_resnet_weights_give_the_same_network(tmp_path, name, theirs
     kw = dict(groups=2, width_per_group=64) if name.startswith("resnext") else {}
     ours = create_model(name, num_classes=7, pretrained=_save(tmp_path, net.state_dict()), **NARROW, **kw)
     _assert_same(net, ours)
-    torch.testing.assert_close(ours.units[ours.unit_ids.index((2, 0))].downsample[1].running_var, net.layer2[0].downsample[1].running_var)
+    first_of_stage2 = ours.units[ours.unit_ids.index((2, 0))]
+    torch.testing.assert_close(first_of_stage2.downsample[1].running_var, net.layer2[0].downsample[1].running_var)
 
 
 def test_timm_vit_weights_give_the_same_network(tmp_path):
