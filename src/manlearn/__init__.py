@@ -5,13 +5,13 @@
 """
 from .errors import CheckpointError, ConfigError, DatasetError, ManlearnError
 from .learner import LocalLearner, StepOutput
-from .models import Backbone, create_model, list_models, register_model
+from .models import Backbone, adapt_model, create_model, cut_model, list_models, register_model
 from .rules import Rule, create_rule, list_base_rules, list_rules, register_rule
 from . import tasks
 from .split import PUBLISHED_SPLITS, Split, resolve_split
 
 __version__ = "0.1.0"
 
-__all__ = ["LocalLearner", "StepOutput", "Backbone", "create_model", "list_models", "register_model",
+__all__ = ["LocalLearner", "StepOutput", "Backbone", "adapt_model", "cut_model", "create_model", "list_models", "register_model",
            "list_rules", "Rule", "register_rule", "create_rule", "list_base_rules", "tasks", "PUBLISHED_SPLITS", "Split", "resolve_split", "ManlearnError", "ConfigError",
            "DatasetError", "CheckpointError", "__version__"]

@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .memory import unit_activation_bytes
-from .models import create_model, follows_protocol, init_weights, model_accepts
+from .models import adapt_model, create_model, follows_protocol, init_weights, model_accepts
 from .models.base import feature_info
 from .rules import AuxContext, LocalBatch, check_momentum, create_rule
 from .rules.base import register_norm_buffers
@@ -160,10 +160,8 @@ class LocalLearner(nn.Module):
                 model_kwargs.setdefault("image_size", image_size)
             return create_model(model, num_classes=num_classes, in_channels=in_channels, **model_kwargs)
         if isinstance(model, nn.Module):
-            if not follows_protocol(model):
-                raise ConfigError("a custom backbone must expose `stem` (nn.Module), `units` (a non-empty "
-                                  "nn.ModuleList) and `head` (nn.Module); see manlearn.models.Backbone")
-            return model
+            # a network of another layout (torchvision ResNet, timm ViT, nn.Sequential) is cut in place
+            return model if follows_protocol(model) else adapt_model(model)
         raise ConfigError(f"model must be a registered name or an nn.Module, got {type(model).__name__}")
 
     def _resolve_split(self, backbone, units, unit_ids, model, K, split, stage_cuts, stem_module) -> Split:

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Callable
 
 from ..errors import ConfigError
 from .base import Backbone
+from .pretrained import load_pretrained
 
 _MODELS: dict[str, Callable[..., Backbone]] = {}
 _TAGS: dict[str, frozenset[str]] = {}
@@ -45,8 +47,17 @@ def model_accepts(name: str, arg: str) -> bool:
     return arg in inspect.signature(_MODELS[name]).parameters
 
 
-def create_model(name: str, **kwargs) -> Backbone:
-    """Build a registered backbone, e.g. ``create_model("resnet32", num_classes=10)``."""
+def create_model(name: str, *, pretrained: str | os.PathLike | None = None, pretrained_head: bool = True,
+                 **kwargs) -> Backbone:
+    """Build a registered backbone, e.g. ``create_model("resnet32", num_classes=10)``.
+
+    ``pretrained``: a weights file (torchvision ResNet/ResNeXt, timm ViT or manlearn state_dict, see
+    :func:`manlearn.models.load_pretrained`) loaded into the new model; ``pretrained_head=False`` loads
+    everything but the classifier (a checkpoint of another class count).
+    """
     if name not in _MODELS:
         raise ConfigError(f"unknown model {name!r}; available models: {', '.join(list_models())}")
-    return _MODELS[name](**kwargs)
+    model = _MODELS[name](**kwargs)
+    if pretrained is not None:
+        load_pretrained(model, pretrained, head=pretrained_head, name=name)
+    return model
