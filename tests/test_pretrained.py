@@ -157,3 +157,26 @@ def test_learner_builds_a_pretrained_backbone_through_model_kwargs(tmp_path):
     learner = LocalLearner("resnet18", method="dgl", K=2, num_classes=3, image_size=32,
                            model_kwargs=dict(pretrained=_save(tmp_path, net.state_dict()), **NARROW))
     _assert_same(net, learner)
+
+
+def test_recipes_take_pretrained_for_dense_and_classification(tmp_path):
+    """`pretrained=` in a config starts the backbone from a torchvision file; a dense run never loads the
+    classifier (its head is the task's), and a resumed run does not read the file again."""
+    from foreign_nets import randomize, tv_resnet50
+
+    from manlearn.config import TrainConfig, apply_overrides
+    from manlearn.train import build_learner
+
+    net = randomize(tv_resnet50(num_classes=7))
+    path = tmp_path / "r50.pth"
+    torch.save(net.state_dict(), path)
+    cfg = apply_overrides(TrainConfig(), ["task.name=detection", "model=resnet50", "K=4", "data_dir=x",
+                                          "task.model_widths=[8,16,32,64]", "task.stem_width=8",
+                                          "task.fpn_channels=8", f"pretrained={path}"])
+    learner = build_learner(cfg, type("Info", (), {"num_classes": 3})())
+    torch.testing.assert_close(learner.blocks[0][0][0].weight, net.conv1.weight)   # stem conv
+    torch.testing.assert_close(learner.blocks[-1][-1].conv3.weight, net.layer4[-1].conv3.weight)
+    path.unlink()
+    build_learner(cfg, type("Info", (), {"num_classes": 3})(), load_pretrained=False)  # resume: file not needed
+    with pytest.raises(ConfigError):
+        build_learner(cfg, type("Info", (), {"num_classes": 3})())

@@ -179,6 +179,10 @@ class TrainConfig:
     # your own code to import first (module names or .py paths): rules, tasks, models registered there
     # become valid names here (``imports=[my_rules.py]``, or ``manlearn --import my_rules.py``)
     imports: List[str] = field(default_factory=list)
+    # a torchvision ResNet/ResNeXt or timm ViT checkpoint file to start the backbone from (keys mapped;
+    # detection / segmentation never load the classifier); pretrained_head=false skips it for classification
+    pretrained: Optional[str] = None
+    pretrained_head: bool = True
     K: int = 16  # number of gradient-isolated pieces (ignored by e2e)
     # a name (auto | paper | memory | uniform | balanced) or explicit boundaries: unit counts
     # [3, 8, 15] or (stage, unit) pairs [[1, 0], [2, 3], [3, 4]], the last one the network's end

@@ -74,7 +74,8 @@ def build_task(cfg: TrainConfig, num_classes: int) -> Any:
 DENSE_PROBE_SIZE = 64
 
 
-def build_learner(cfg: TrainConfig, info: Any, device: torch.device | str = "cpu") -> torch.nn.Module:
+def build_learner(cfg: TrainConfig, info: Any, device: torch.device | str = "cpu", *,
+                  load_pretrained: bool = True) -> torch.nn.Module:
     """The :class:`~manlearn.LocalLearner` described by ``cfg`` for data described by ``info`` (every task:
     the one place a learner is constructed).
 
@@ -90,9 +91,11 @@ def build_learner(cfg: TrainConfig, info: Any, device: torch.device | str = "cpu
     method = "greedy" if cfg.method == "local" else cfg.method
     base = cfg.base if (task.per_image_labels or cfg.base != "infopro") else None
     kwargs: dict[str, Any] = {}
+    model_kwargs: dict[str, Any] = {}
+    if cfg.pretrained and load_pretrained:
+        model_kwargs.update(pretrained=cfg.pretrained, pretrained_head=cfg.pretrained_head and not cfg.is_dense)
     if cfg.is_dense:
         t = cfg.task
-        model_kwargs: dict[str, Any] = {}
         if t.model_widths is not None:
             model_kwargs["widths"] = tuple(t.model_widths)
         if t.stem_width is not None:
@@ -106,7 +109,7 @@ def build_learner(cfg: TrainConfig, info: Any, device: torch.device | str = "cpu
             split = [tuple(b) if isinstance(b, (list, tuple)) else b for b in split]
         kwargs = dict(in_channels=info.in_channels, image_size=info.image_size, norm_mean=tuple(info.mean),
                       norm_std=tuple(info.std), split=split, stem_module=cfg.stem_module,
-                      grad_checkpoint=cfg.grad_checkpoint)
+                      grad_checkpoint=cfg.grad_checkpoint, model_kwargs=model_kwargs)
     learner = LocalLearner(
         model=cfg.model, method=method, base=base, K=cfg.K, task=task, momentum=cfg.momentum, init=cfg.init,
         lambda_schedule=cfg.lambda_schedule, infopro_heads=cfg.infopro_heads, amp_dtype=amp_dtype(cfg.amp, dev),

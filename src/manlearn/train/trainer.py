@@ -109,7 +109,8 @@ class Trainer:
         seed_everything(cfg.seed)  # the learner is built right after: its init is repeatable
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        self.learner = build_learner(cfg, self.info, self.device)
+        # a resumed run's weights come from its checkpoint: the pretrained file is read only for a fresh run
+        self.learner = build_learner(cfg, self.info, self.device, load_pretrained=ckpt is None)
         self.reducer: Any = None
         if self.dist.enabled:
             from manlearn.distributed import GradReducer, broadcast_state
@@ -604,7 +605,7 @@ def evaluate_checkpoint(path: str | Path, *, device: str = "auto", data_dir: str
     dev = resolve_device(cfg.device)
     run = make_task_run(cfg, dev, train=False)
     run.adopt_checkpoint(ckpt)
-    learner = build_learner(cfg, run.info, dev)
+    learner = build_learner(cfg, run.info, dev, load_pretrained=False)
     load_model_state(learner, ckpt, path)
     m = run.evaluate(learner)
     step = int(ckpt["step"])
