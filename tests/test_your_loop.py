@@ -96,3 +96,15 @@ def test_the_step_keeps_losses_on_the_device_until_asked():
     assert isinstance(out.loss_values, torch.Tensor) and out.loss_values.shape == (learner.K,)
     assert out._losses is None  # nothing turned into Python floats yet
     assert out.losses == out.loss_values.tolist() and out.loss == out.losses[-1]
+
+
+def test_readme_own_loop_example_runs(capsys):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    m = re.search(r"<!-- the test suite runs this block \(tests/test_your_loop.py\) -->\n```python\n(.*?)```", text, re.S)
+    assert m, "README lost its tested own-loop example"
+    exec(compile(m.group(1), "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed.startswith("[") and len(eval(printed)) == 3  # K=3 losses
