@@ -3,7 +3,6 @@ the test environment): the same attribute names, forward and state_dict key layo
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 

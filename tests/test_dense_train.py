@@ -14,7 +14,7 @@ import yaml
 from manlearn import cli
 from manlearn.config import DetectionTask, TrainConfig, apply_overrides, load_config
 from manlearn.errors import CheckpointError, ConfigError, DatasetError
-from manlearn.recipes import packaged_recipes_dir, resolve_recipe
+from manlearn.recipes import packaged_recipes_dir
 from manlearn.runtime import epoch_order
 from manlearn.train import Trainer, lr_at
 

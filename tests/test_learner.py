@@ -10,7 +10,7 @@ from torch import nn
 
 import manlearn
 from manlearn import ConfigError, LocalLearner
-from manlearn.rules import LocalBatch, MomentumAux
+from manlearn.rules import LocalBatch
 
 from invariants import (assert_block_grads_are_their_local_loss_grads, assert_ema_is_m_old_plus_one_minus_m_source,
                         perturb_ema_and_snapshot)

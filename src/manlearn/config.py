@@ -305,6 +305,86 @@ class _Mismatch(Exception):
     """Internal: the value does not fit the type."""
 
 
+def _coerce_union(value: Any, tp: Any) -> Any:
+    args = typing.get_args(tp)
+    if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE)):
+        return None
+    # Try str last, so that "[[1, 2]]" for Union[str, list] becomes a list.
+    ordered = sorted((a for a in args if a is not type(None)), key=lambda a: a is str)
+    looks_like_list = isinstance(value, str) and value.strip().startswith(("[", "("))
+    if looks_like_list and any(typing.get_origin(a) in (list, List, tuple, Tuple) for a in ordered):
+        ordered = [a for a in ordered if a is not str]  # a malformed list is an error, not a name
+    for arg in ordered:
+        try:
+            return _coerce(value, arg)
+        except _Mismatch:
+            continue
+    raise _Mismatch
+
+
+def _coerce_sequence(value: Any, tp: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise _Mismatch from None
+    if not isinstance(value, (list, tuple)):
+        raise _Mismatch
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (list, List):
+        item = args[0] if args else Any
+        return [_coerce(v, item) for v in value]
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_coerce(v, args[0]) for v in value)
+    if args and len(args) != len(value):
+        raise _Mismatch
+    return tuple(_coerce(v, a) for v, a in zip(value, args)) if args else tuple(value)
+
+
+def _coerce_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        s = value.strip().lower()
+        if s in _TRUE:
+            return True
+        if s in _FALSE:
+            return False
+    raise _Mismatch
+
+
+def _coerce_int(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        s = value.strip().replace("_", "")
+        if re.fullmatch(r"[+-]?\d+", s):
+            return int(s)
+    raise _Mismatch
+
+
+def _coerce_float(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            raise _Mismatch from None
+    raise _Mismatch
+
+
+def _coerce_str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    raise _Mismatch
+
+
+_SCALARS = {bool: _coerce_bool, int: _coerce_int, float: _coerce_float, str: _coerce_str}
+
+
 def _coerce(value: Any, tp: Any) -> Any:
     """Return ``value`` converted to ``tp`` or raise :class:`_Mismatch`.
 
@@ -315,75 +395,11 @@ def _coerce(value: Any, tp: Any) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE)):
-            return None
-        # Try str last, so that "[[1, 2]]" for Union[str, list] becomes a list.
-        ordered = sorted((a for a in args if a is not type(None)), key=lambda a: a is str)
-        looks_like_list = isinstance(value, str) and value.strip().startswith(("[", "("))
-        if looks_like_list and any(typing.get_origin(a) in (list, List, tuple, Tuple) for a in ordered):
-            ordered = [a for a in ordered if a is not str]  # a malformed list is an error, not a name
-        for arg in ordered:
-            try:
-                return _coerce(value, arg)
-            except _Mismatch:
-                continue
-        raise _Mismatch
+        return _coerce_union(value, tp)
     if origin in (list, List, tuple, Tuple):
-        if isinstance(value, str):
-            try:
-                value = yaml.safe_load(value)
-            except yaml.YAMLError:
-                raise _Mismatch from None
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch
-        args = typing.get_args(tp)
-        if origin in (list, List):
-            item = args[0] if args else Any
-            return [_coerce(v, item) for v in value]
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0]) for v in value)
-        if args and len(args) != len(value):
-            raise _Mismatch
-        return tuple(_coerce(v, a) for v, a in zip(value, args)) if args else tuple(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str):
-            s = value.strip().lower()
-            if s in _TRUE:
-                return True
-            if s in _FALSE:
-                return False
-        raise _Mismatch
-    if tp is int:
-        if isinstance(value, bool):
-            raise _Mismatch
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            s = value.strip().replace("_", "")
-            if re.fullmatch(r"[+-]?\d+", s):
-                return int(s)
-        raise _Mismatch
-    if tp is float:
-        if isinstance(value, bool):
-            raise _Mismatch
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                out = float(value.strip())
-            except ValueError:
-                raise _Mismatch from None
-            return out
-        raise _Mismatch
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _Mismatch
+        return _coerce_sequence(value, tp)
+    if tp in _SCALARS:
+        return _SCALARS[tp](value)
     raise _Mismatch  # pragma: no cover - a field type this module does not know
 
 
@@ -796,48 +812,46 @@ def _validate_dense(p: list[str], cfg: TrainConfig, registries: bool) -> None:
         p.append(f"pipeline_workers is for classification runs; a {t.name} run does not support it")
 
 
-def validate(cfg: TrainConfig, *, registries: bool = True) -> TrainConfig:
-    """Check the values (ranges, choices, registered names); raise one ConfigError listing all."""
-    p: list[str] = []
-    if not isinstance(cfg.task, tuple(TASKS.values())) or TASKS.get(cfg.task.name) is not type(cfg.task):
-        p.append(f"task must be a task section ({', '.join(c.__name__ for c in TASKS.values())}) with its "
-                 f"own name, got {cfg.task!r}")
-        raise ConfigError("invalid config: " + "; ".join(p))
-    if registries and cfg.imports:
-        from manlearn.plugins import import_user_code
+def _validate_classification(p: list[str], cfg: TrainConfig, registries: bool) -> None:
+    if registries:
+        models, rules, datasets = _registries()
+        if models is not None:
+            _one_of(p, "model", cfg.model, models)
+        if rules is not None:
+            _one_of(p, "method", cfg.method, rules)
+        if datasets is not None:
+            _one_of(p, "dataset", cfg.dataset, datasets)
+    if cfg.K < 1:
+        p.append(f"K must be >= 1, got {cfg.K}")
 
-        import_user_code(cfg.imports)  # the user's rules/models are registered before names are checked
-    if cfg.is_dense:
-        _validate_dense(p, cfg, registries)
-    else:
-        if registries:
-            models, rules, datasets = _registries()
-            if models is not None:
-                _one_of(p, "model", cfg.model, models)
-            if rules is not None:
-                _one_of(p, "method", cfg.method, rules)
-            if datasets is not None:
-                _one_of(p, "dataset", cfg.dataset, datasets)
-        if cfg.K < 1:
-            p.append(f"K must be >= 1, got {cfg.K}")
+
+def _validate_choices(p: list[str], cfg: TrainConfig) -> None:
+    """Names chosen from fixed lists or the registries."""
     bases = _man_bases()
     if bases is not None:
         _one_of(p, "base", cfg.base, bases)
     _one_of(p, "init", cfg.init, INITS)
     _one_of(p, "lambda_schedule", cfg.lambda_schedule, LAMBDA_SCHEDULES)
     _one_of(p, "infopro_heads", cfg.infopro_heads, INFOPRO_HEADS)
-    _at_least(p, cfg, ("data_workers",), 0)
     _one_of(p, "optimizer", cfg.optimizer, OPTIMIZERS)
     _one_of(p, "schedule", cfg.schedule, SCHEDULES)
     _one_of(p, "amp", cfg.amp, AMP_MODES)
-
+    _one_of(p, "dist_backend", cfg.dist_backend, DIST_BACKENDS)
     if isinstance(cfg.split, str) and not cfg.split.strip():
         p.append("split must be a name (e.g. 'auto') or a list of [stage, unit] boundaries")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
+        p.append(f"device must be auto, cpu, cuda, cuda:N or mps, got '{cfg.device}'")
+    if not cfg.out_dir.strip():
+        p.append("out_dir must not be empty")
+
+
+def _validate_optimisation(p: list[str], cfg: TrainConfig) -> None:
+    """Lengths, periods, learning-rate schedule and optimiser numbers."""
     _unit_interval(p, "momentum (EMA)", cfg.momentum)
     _at_least(p, cfg, ("train_limit", "eval_limit", "image_size"), 1, or_none=True)
     _at_least(p, cfg, ("epochs", "batch_size", "eval_batch_size"), 1)
-    _at_least(p, cfg, ("iterations", "max_steps", "warmup_epochs", "warmup_iters", "seed", "ckpt_every_steps",
-                       "eval_every_epochs", "eval_every_steps", "log_every"), 0)
+    _at_least(p, cfg, ("data_workers", "iterations", "max_steps", "warmup_epochs", "warmup_iters", "seed",
+                       "ckpt_every_steps", "eval_every_epochs", "eval_every_steps", "log_every"), 0)
     _positive(p, "lr", cfg.lr)
     _unit_interval(p, "sgd_momentum", cfg.sgd_momentum, include_one=False)
     if cfg.optimizer == "sgd" and cfg.nesterov and cfg.sgd_momentum == 0:
@@ -854,7 +868,9 @@ def validate(cfg: TrainConfig, *, registries: bool = True) -> TrainConfig:
         p.append(f"lr_gamma must be in (0, 1], got {cfg.lr_gamma}")
     if not (0 < cfg.warmup_factor <= 1):
         p.append(f"warmup_factor must be in (0, 1], got {cfg.warmup_factor}")
-    _one_of(p, "dist_backend", cfg.dist_backend, DIST_BACKENDS)
+
+
+def _validate_scaling(p: list[str], cfg: TrainConfig) -> None:
     for key in ("dist_timeout_s", "pipeline_timeout_s"):
         v = getattr(cfg, key)
         if not (v > 0) or not math.isfinite(v):
@@ -862,10 +878,25 @@ def validate(cfg: TrainConfig, *, registries: bool = True) -> TrainConfig:
     if cfg.pipeline_workers < 0 or cfg.pipeline_workers == 1:
         p.append(f"pipeline_workers must be 0 (off) or >= 2, got {cfg.pipeline_workers}")
     _at_least(p, cfg, ("pipeline_queue_depth", "pipeline_param_sync_every", "pipeline_param_delay"), 1)
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
-        p.append(f"device must be auto, cpu, cuda, cuda:N or mps, got '{cfg.device}'")
-    if not cfg.out_dir.strip():
-        p.append("out_dir must not be empty")
+
+
+def validate(cfg: TrainConfig, *, registries: bool = True) -> TrainConfig:
+    """Check the values (ranges, choices, registered names); raise one ConfigError listing all."""
+    p: list[str] = []
+    if not isinstance(cfg.task, tuple(TASKS.values())) or TASKS.get(cfg.task.name) is not type(cfg.task):
+        raise ConfigError(f"invalid config: task must be a task section ({', '.join(c.__name__ for c in TASKS.values())}) "
+                          f"with its own name, got {cfg.task!r}")
+    if registries and cfg.imports:
+        from manlearn.plugins import import_user_code
+
+        import_user_code(cfg.imports)  # the user's rules/models are registered before names are checked
+    if cfg.is_dense:
+        _validate_dense(p, cfg, registries)
+    else:
+        _validate_classification(p, cfg, registries)
+    _validate_choices(p, cfg)
+    _validate_optimisation(p, cfg)
+    _validate_scaling(p, cfg)
     if p:
         raise ConfigError("invalid config: " + "; ".join(p))
     return cfg

@@ -22,7 +22,6 @@ Checkpoints are atomic (``last.pt`` is replaced, never truncated), written at ev
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
@@ -32,11 +31,15 @@ from typing import Any, Callable, Iterable
 import torch
 from tqdm import tqdm
 
+import manlearn
 from manlearn.config import TrainConfig, config_to_dict, config_to_yaml, validate
+from manlearn.distributed import GradReducer, average_buffers, broadcast_state
+from manlearn.distributed.dist import setup_from_env
 from manlearn.errors import CheckpointError, ConfigError
-from manlearn.memory import peak_rss_bytes
+from manlearn.memory import PeakMemory, peak_rss_bytes
 
 from .build import amp_dtype, build_learner, resolve_device, seed_everything
+from .data_parallel import ShardedLoader, sharded_evaluate
 from .checkpoint import (CKPT_FORMAT, CKPT_VERSION, capture_rng_state, check_resume_compatible, checkpoint_config,
                          eval_config, load_checkpoint, load_model_state, restore_rng_state, save_checkpoint)
 from .metrics import JsonlWriter, MetricLogger
@@ -44,10 +47,6 @@ from .optim import build_optimizer, trainable_parameters
 from .schedule import lr_at, total_epochs, total_steps
 from .task_runs import evaluate, make_task_run
 
-try:  # the memory accounting is optional: the trainer works without it
-    from manlearn.memory import PeakMemory
-except ImportError:  # pragma: no cover
-    PeakMemory = None  # type: ignore[assignment,misc]
 
 __all__ = ["Trainer", "evaluate", "evaluate_checkpoint", "StepHook", "CKPT_NAME", "METRICS_NAME"]
 
@@ -80,10 +79,19 @@ class Trainer:
         if cfg.pipeline_workers:
             raise ConfigError("pipeline_workers is set: a block pipeline is run by "
                               "manlearn.train.pipeline.run_pipeline (or `manlearn train`), not by Trainer")
-        # Data parallel when launched by torchrun (WORLD_SIZE > 1): join the group, take this rank's
-        # device; otherwise a single process (self.dist.enabled is False, nothing else changes).
-        from manlearn.distributed.dist import setup_from_env
+        self._setup_process(cfg)
+        # Read (and vet) the checkpoint before the expensive work: a refusal should be instant.
+        ckpt = self._open_run(cfg.out_dir, resume=resume, overwrite=overwrite)
+        self._setup_data(cfg)
+        self._setup_model(cfg, fresh=ckpt is None)
+        self._reset_position()
+        self.resumed = ckpt is not None
+        if ckpt is not None:
+            self._restore(ckpt)
 
+    def _setup_process(self, cfg: TrainConfig) -> None:
+        """Data parallel when launched by torchrun (WORLD_SIZE > 1): join the group, take this rank's
+        device; otherwise a single process (``self.dist.enabled`` is False, nothing else changes)."""
         self.dist, self.device = setup_from_env(cfg.dist_backend, cfg.device, cfg.dist_timeout_s)
         if self.dist.enabled and cfg.is_dense:
             raise ConfigError(f"data parallel (torchrun) trains classification runs; a {cfg.task.name} run "
@@ -92,29 +100,26 @@ class Trainer:
             raise ConfigError("sync_bn=true needs CUDA devices (torch's SyncBatchNorm does not run on CPU); "
                               "on CPU each rank normalises over its own shard")
         amp_dtype(cfg.amp, self.device)  # refuse amp on a CPU before loading anything
-        # Read (and vet) the checkpoint before the expensive work: a refusal should be instant.
-        ckpt = self._open_run(cfg.out_dir, resume=resume, overwrite=overwrite)
 
+    def _setup_data(self, cfg: TrainConfig) -> None:
         self.run = make_task_run(cfg, self.device)
         self.info = self.run.info
         if self.dist.enabled:  # each rank trains on its slice of every global batch
-            from .data_parallel import ShardedLoader
-
             self.run.train_loader = ShardedLoader(self.run.train_loader, self.dist.rank, self.dist.world_size)
         self.steps_per_epoch = self.run.steps_per_epoch
         if self.steps_per_epoch == 0:
             raise ConfigError(f"batch_size={cfg.batch_size} is larger than the {self.run.n_train} "
                               "training images (the last partial batch is dropped): nothing to train")
 
-        seed_everything(cfg.seed)  # the learner is built right after: its init is repeatable
+    def _setup_model(self, cfg: TrainConfig, fresh: bool) -> None:
+        """The learner (seeded: its init is repeatable), its data-parallel reducer, optimiser and scaler.
+        A resumed run's weights come from its checkpoint: a pretrained file is read only for a fresh run."""
+        seed_everything(cfg.seed)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        # a resumed run's weights come from its checkpoint: the pretrained file is read only for a fresh run
-        self.learner = build_learner(cfg, self.info, self.device, load_pretrained=ckpt is None)
+        self.learner = build_learner(cfg, self.info, self.device, load_pretrained=fresh)
         self.reducer: Any = None
         if self.dist.enabled:
-            from manlearn.distributed import GradReducer, broadcast_state
-
             if cfg.sync_bn:
                 self.learner = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.learner)
             broadcast_state(self.learner)  # identical start on every rank, whatever the seeding
@@ -124,7 +129,8 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.learner)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
 
-        # Position and history (what _restore overwrites on resume).
+    def _reset_position(self) -> None:
+        """Position and history of a fresh run (what _restore overwrites on resume)."""
         self.step = 0  # optimiser steps done
         self.epoch = 0  # current epoch (0-based)
         self.batch = 0  # next batch index within the current epoch
@@ -141,10 +147,7 @@ class Trainer:
         self._win_images = 0
         self._pm: Any = None
         self._t0 = time.perf_counter()
-        self._stop_at = total_steps(cfg, self.steps_per_epoch)
-        self.resumed = ckpt is not None
-        if ckpt is not None:
-            self._restore(ckpt)
+        self._stop_at = total_steps(self.cfg, self.steps_per_epoch)
 
     # ------------------------------------------------------------------ compatibility views
     @property
@@ -239,8 +242,6 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
         """Everything needed to continue the run exactly."""
-        import manlearn
-
         payload: dict[str, Any] = {
             "format": CKPT_FORMAT,
             "version": CKPT_VERSION,
@@ -276,8 +277,6 @@ class Trainer:
         """Write ``<out_dir>/last.pt`` atomically (data parallel: every rank calls it, the BN
         statistics are averaged over the ranks, rank 0 writes)."""
         if self.dist.enabled:
-            from manlearn.distributed import average_buffers
-
             average_buffers(self.learner)
             if not self.dist.is_main:
                 return self.ckpt_path
@@ -317,10 +316,6 @@ class Trainer:
         """The task's metrics now (classification: ``acc``; detection: ``AP``...; segmentation: ``miou``...);
         updates the last/best bookkeeping."""
         if self.dist.enabled:  # sharded over the ranks, counts summed: every rank gets the result
-            from manlearn.distributed import average_buffers
-
-            from .data_parallel import sharded_evaluate
-
             average_buffers(self.learner)
             acc, correct, total = sharded_evaluate(self.learner, self.run.test_loader, self.dist, self.device)
             m: dict[str, Any] = {"acc": acc, "correct": correct, "total": total}
@@ -512,64 +507,41 @@ class Trainer:
                 nxt = min(nxt, (self.step // every + 1) * every)
         return nxt
 
-    def fit(self) -> dict[str, Any]:
-        """Train until the schedule's length (``iterations``, else ``epochs``) or ``max_steps`` is reached,
-        evaluate, checkpoint; return a summary dict.
-
-        The summary holds ``task``, ``metrics`` (the last evaluation), ``headline`` (name, value),
-        ``best``, ``steps``, ``epochs`` (fractional), ``seconds_per_iter`` (training steps only, over the
-        whole run), ``images_per_s``, ``peak_mem_bytes`` with ``peak_mem_kind``, ``elapsed_s``,
-        ``stopped_early``, ``out_dir`` and ``checkpoint``; classification adds ``test_acc`` and ``best_acc``.
-        """
-        cfg = self.cfg
-        spe = self.steps_per_epoch
-        total = total_steps(cfg, spe)
-        stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
-        self._stop_at = stop_at
-        # config.yaml, and metrics.jsonl rewritten from the records of the state we start from (drops lines
-        # written after the checkpoint by a killed run, and those of an overwritten run).
+    def _begin_fit(self, stop_at: int) -> None:
+        """config.yaml, and metrics.jsonl rewritten from the records of the state we start from (drops lines
+        written after the checkpoint by a killed run, and those of an overwritten run); clock, bar, header."""
         if self._is_main():
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(config_to_yaml(cfg))
+            (self.out_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
             JsonlWriter(self.metrics_path).rewrite(self.records)
         self._t0 = time.perf_counter()
-        show = bool(cfg.progress) and sys.stderr.isatty() and self._is_main()
+        show = bool(self.cfg.progress) and sys.stderr.isatty() and self._is_main()
         self._bar = tqdm(total=stop_at, initial=min(self.step, stop_at), disable=not show, unit="it",
-                         dynamic_ncols=True, desc=cfg.task.name, file=sys.stderr)
+                         dynamic_ncols=True, desc=self.cfg.task.name, file=sys.stderr)
         self._header()
-        mem: Any = contextlib.nullcontext()
-        if PeakMemory is not None:
-            mem = PeakMemory(self.device, exclude=list(self.learner.parameters()),
-                             # on CUDA the allocator peak is the measure; the per-tensor hooks would
-                             # only slow the GPU step down
-                             track_activations=(self.device.type != "cuda" and not cfg.compile
-                                                and self.run.track_activations))
-        try:
-            with mem as pm:
-                self._pm = pm
-                while True:
-                    if self.batch >= spe:  # the epoch's batches are done, its end not yet
-                        self._end_epoch()
-                        continue
-                    if self.step >= stop_at:
-                        break
-                    nxt, before = self._next_stop(stop_at), self.step
-                    for x, targets, n in self.run.batches(self.epoch, self.batch, self.batch + nxt - self.step):
-                        self._train_one(x, targets, n)
-                    if self.step == before:  # pragma: no cover - a task run that yields no batch
-                        raise RuntimeError(f"the training data gave no batch at epoch {self.epoch}, batch {self.batch}")
-                peak = self._peak()
-        finally:
-            if self._bar is not None:
-                self._bar.close()
-            self._bar = None
-            self._pm = None
-        self.peak_mem_saved = peak
-        if self.last_eval_step != self.step:
-            self._eval_record()
-        self.save()
-        m = self.last_metrics
-        head = self.run.headline
+
+    def _memory_meter(self) -> PeakMemory:
+        # on CUDA the allocator peak is the measure; the per-tensor hooks would only slow the GPU step down
+        track = self.device.type != "cuda" and not self.cfg.compile and self.run.track_activations
+        return PeakMemory(self.device, exclude=list(self.learner.parameters()), track_activations=track)
+
+    def _train_until(self, stop_at: int) -> None:
+        """Steps (and epoch ends) until ``stop_at``, in chunks that end at evaluation / checkpoint steps."""
+        spe = self.steps_per_epoch
+        while True:
+            if self.batch >= spe:  # the epoch's batches are done, its end not yet
+                self._end_epoch()
+                continue
+            if self.step >= stop_at:
+                return
+            nxt, before = self._next_stop(stop_at), self.step
+            for x, targets, n in self.run.batches(self.epoch, self.batch, self.batch + nxt - self.step):
+                self._train_one(x, targets, n)
+            if self.step == before:  # pragma: no cover - a task run that yields no batch
+                raise RuntimeError(f"the training data gave no batch at epoch {self.epoch}, batch {self.batch}")
+
+    def _summary(self, total: int) -> dict[str, Any]:
+        cfg, spe, m, head = self.cfg, self.steps_per_epoch, self.last_metrics, self.run.headline
         summary: dict[str, Any] = {
             "task": cfg.task.name,
             "metrics": m,
@@ -589,6 +561,35 @@ class Trainer:
         if not cfg.is_dense:
             summary["test_acc"], summary["best_acc"] = self.last_test_acc, self.best_acc
         return summary
+
+    def fit(self) -> dict[str, Any]:
+        """Train until the schedule's length (``iterations``, else ``epochs``) or ``max_steps`` is reached,
+        evaluate, checkpoint; return a summary dict.
+
+        The summary holds ``task``, ``metrics`` (the last evaluation), ``headline`` (name, value),
+        ``best``, ``steps``, ``epochs`` (fractional), ``seconds_per_iter`` (training steps only, over the
+        whole run), ``images_per_s``, ``peak_mem_bytes`` with ``peak_mem_kind``, ``elapsed_s``,
+        ``stopped_early``, ``out_dir`` and ``checkpoint``; classification adds ``test_acc`` and ``best_acc``.
+        """
+        total = total_steps(self.cfg, self.steps_per_epoch)
+        stop_at = min(total, self.cfg.max_steps) if self.cfg.max_steps else total
+        self._stop_at = stop_at
+        self._begin_fit(stop_at)
+        try:
+            with self._memory_meter() as pm:
+                self._pm = pm
+                self._train_until(stop_at)
+                peak = self._peak()
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+            self._bar = None
+            self._pm = None
+        self.peak_mem_saved = peak
+        if self.last_eval_step != self.step:
+            self._eval_record()
+        self.save()
+        return self._summary(total)
 
 
 def evaluate_checkpoint(path: str | Path, *, device: str = "auto", data_dir: str | None = None,
