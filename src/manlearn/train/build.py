@@ -11,6 +11,8 @@ from typing import Any
 import torch
 
 from manlearn.config import TrainConfig
+from manlearn.data import (STREAMING_DATASETS, BatchLoader, FolderIndex, StreamingLoader, index_image_folder,
+                           load_dataset)
 from manlearn.learner import LocalLearner
 from manlearn.plugins import import_user_code
 from manlearn.tasks import ClassificationTask, DeepLabV3Task, RetinaNetTask
@@ -28,8 +30,6 @@ IGNORE_INDEX = 255
 def load_split(cfg: TrainConfig, split: str, limit: int | None) -> Any:
     """One split of ``cfg.dataset`` as :class:`~manlearn.data.ImageData`, or for a streamed dataset
     (imagenet) as a :class:`~manlearn.data.FolderIndex` of its files (DatasetError if missing)."""
-    from manlearn.data import STREAMING_DATASETS, index_image_folder, load_dataset
-
     if cfg.dataset in STREAMING_DATASETS:
         return index_image_folder(split, data_dir=cfg.data_dir, limit=limit, image_size=cfg.image_size,
                                   name=cfg.dataset)
@@ -42,8 +42,6 @@ def load_split(cfg: TrainConfig, split: str, limit: int | None) -> Any:
 def make_loader(cfg: TrainConfig, data: Any, *, train: bool, device: torch.device) -> Any:
     """A :class:`~manlearn.data.BatchLoader` (or :class:`~manlearn.data.StreamingLoader` for a streamed
     dataset); training batches depend only on (seed, epoch, index)."""
-    from manlearn.data import BatchLoader, FolderIndex, StreamingLoader
-
     if isinstance(data, FolderIndex):
         return StreamingLoader(data, cfg.batch_size if train else cfg.eval_batch_size, train=train,
                                device=device, seed=cfg.seed, channels_last=cfg.channels_last,

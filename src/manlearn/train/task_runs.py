@@ -29,8 +29,11 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from manlearn.config import TrainConfig
+from manlearn.detection import CocoDetection, coco_map, collate, hflip_batch
 from manlearn.errors import ConfigError, DatasetError
 from manlearn.runtime import epoch_order, step_generator
+from manlearn.segmentation import (ConfusionMatrix, SegmentationAugment, load_cityscapes,
+                                   load_mask_folder)
 
 from .build import IGNORE_INDEX, load_split, make_loader, normalization
 
@@ -183,8 +186,6 @@ def _how_to_get(cfg: TrainConfig) -> str:
 
 
 def _coco_split(cfg: TrainConfig, split: str, **kw: Any) -> Any:
-    from manlearn.detection import CocoDetection
-
     ann = Path(cfg.data_dir) / "annotations" / f"instances_{split}.json"
     if not ann.is_file():
         have = sorted(p.name[len("instances_"):-len(".json")]
@@ -223,8 +224,6 @@ def load_dense_data(cfg: TrainConfig, *, train: bool = True) -> DenseData:
         n_va = len(va) if cfg.eval_limit is None else min(len(va), cfg.eval_limit)
         return DenseData("detection", tr, va, n_tr, n_va, nc, list(ref.class_names))
 
-    from manlearn.segmentation import load_cityscapes, load_mask_folder
-
     size = list(t.seg_size) if t.seg_size is not None else None
 
     def read(split: str, limit: int | None) -> Any:
@@ -248,8 +247,6 @@ def load_dense_data(cfg: TrainConfig, *, train: bool = True) -> DenseData:
 def _iter_detection(ds: Any, index_batches: list[list[int]], workers: int) -> Iterator[Any]:
     """Collated :class:`~manlearn.detection.DetectionBatch` es of ``ds`` for the given index lists; decoded
     by ``workers`` processes when the set is not held in memory."""
-    from manlearn.detection import collate
-
     if ds.cached or workers == 0:
         for idx in index_batches:
             yield ds.get_batch(idx)
@@ -285,8 +282,6 @@ def evaluate_dense(learner: Any, cfg: TrainConfig, data: DenseData, device: torc
     batches = [list(range(i, min(i + bs, data.n_val))) for i in range(0, data.n_val, bs)]
     try:
         if data.task == "detection":
-            from manlearn.detection import coco_map
-
             preds: dict[int, dict[str, torch.Tensor]] = {}
             for b in _iter_detection(data.val, batches, workers):
                 x = _to_float(b.images, mean, std, device, b.image_sizes)
@@ -296,8 +291,6 @@ def evaluate_dense(learner: Any, cfg: TrainConfig, data: DenseData, device: torc
                     preds[int(iid)] = {k: v.detach().cpu() for k, v in d.items()}
             ids = data.val.image_ids[:data.n_val]
             return coco_map(data.val, preds, image_ids=ids)
-        from manlearn.segmentation import ConfusionMatrix
-
         cm = ConfusionMatrix(data.num_classes, IGNORE_INDEX)
         for idx in batches:
             sel = torch.tensor(idx)
@@ -344,8 +337,6 @@ class DenseRun:
         self._std = torch.tensor(std, device=device).view(1, 3, 1, 1)
         self._augment: Any = None
         if self.name == "segmentation":
-            from manlearn.segmentation import SegmentationAugment
-
             t = cfg.task
             self._augment = SegmentationAugment(flip=t.hflip, scale=t.seg_scale, crop=t.seg_crop,
                                                 ignore_index=IGNORE_INDEX)
@@ -375,8 +366,6 @@ class DenseRun:
         cfg, dev = self.cfg, self.device
         spe = self.steps_per_epoch
         if self.name == "detection":
-            from manlearn.detection import hflip_batch
-
             index_batches = [self.batch_indices(epoch, b) for b in range(start, stop)]
             for b, batch in zip(range(start, stop), _iter_detection(self.data.train, index_batches,
                                                                      cfg.data_workers)):
