@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The GPU checks, as one prepared script (< 8 minutes on one H200): the CUDA-marked tests, then E2E vs
+# MAN++ s/iter and torch.cuda.max_memory_allocated for ResNet-32 K=16 b1024, ResNet-101 K=4 b64 at 224²
+# and ViT-B K=4 b64, bf16 (benchmarks/gpu_check.py). Uses the machine's python3 with a CUDA torch; the
+# package is taken from src/ (no install). Output rows: benchmarks/results/gpu_check.jsonl (or $OUT).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+"$PY" -c 'import torch, sys; ok = torch.cuda.is_available(); print("torch", torch.__version__, "cuda", ok); sys.exit(0 if ok else 1)'
+"$PY" -m pip install --quiet --no-deps --no-index pycocotools 2>/dev/null || true   # optional (COCO AP)
+timeout 240 "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider
+RESULTS=${OUT:+$OUT/gpu_check.jsonl}
+timeout 300 "$PY" benchmarks/gpu_check.py --steps 10 --warmup 3 ${RESULTS:+--results "$RESULTS"}
