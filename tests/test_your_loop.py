@@ -98,13 +98,63 @@ def test_the_step_keeps_losses_on_the_device_until_asked():
     assert out.losses == out.loss_values.tolist() and out.loss == out.losses[-1]
 
 
-def test_readme_own_loop_example_runs(capsys):
+def test_readme_own_loop_example_runs(capsys, monkeypatch):
+    """The README's loop, with `torchvision.models.resnet18` standing for a network of torchvision's
+    ResNet layout (torchvision cannot be imported here: tests/foreign_nets.py builds that layout)."""
     import re
+    import sys
+    import types
     from pathlib import Path
+
+    from foreign_nets import tv_resnet18
+
+    stub = types.ModuleType("torchvision")
+    stub.models = types.SimpleNamespace(resnet18=tv_resnet18)
+    monkeypatch.setitem(sys.modules, "torchvision", stub)
 
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     m = re.search(r"<!-- the test suite runs this block \(tests/test_your_loop.py\) -->\n```python\n(.*?)```", text, re.S)
     assert m, "README lost its tested own-loop example"
     exec(compile(m.group(1), "README.md", "exec"), {})
     printed = capsys.readouterr().out
-    assert printed.startswith("[") and len(eval(printed)) == 3  # K=3 losses
+    assert printed.startswith("[") and len(eval(printed)) == 4  # K=4 losses
+
+
+def test_mix_batch_gives_probabilities_and_is_a_function_of_its_seed():
+    from manlearn.data.transforms import mix_batch
+
+    x, y = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 3, 4, 0])
+    for mixup, cutmix in ((0.4, 0.0), (0.0, 1.0), (0.4, 1.0)):
+        a_x, a_y = mix_batch(x, y, 5, mixup, cutmix, seed=11)
+        b_x, b_y = mix_batch(x, y, 5, mixup, cutmix, seed=11)
+        assert torch.equal(a_x, b_x) and torch.equal(a_y, b_y)
+        assert a_y.shape == (6, 5) and torch.allclose(a_y.sum(1), torch.ones(6))
+        assert not torch.equal(mix_batch(x, y, 5, mixup, cutmix, seed=12)[1], a_y) or mixup == 0
+    # CutMix: the weight of the pasted image is exactly the pasted area
+    cx, cy = mix_batch(x, y, 5, 0.0, 1.0, seed=3)
+    pasted = (cx != x).any(dim=1)[1].float().mean()  # sample 1 (class 1) is paired with sample 4 (class 4)
+    assert float(cy[1, 4]) == pytest.approx(float(pasted), abs=1e-6) and 0 < float(pasted) < 1
+
+
+def test_trainer_with_mixup_cutmix_and_label_smoothing_resumes_exactly(tmp_path):
+    """Soft targets reach the learner through the CLI's config keys, and a resumed run mixes exactly as an
+    uninterrupted one (the draws are a function of (seed, step))."""
+    from manlearn.config import TrainConfig, apply_overrides
+    from manlearn.train import Trainer
+
+    base = ["dataset=digits", "model=resnet20", "method=dgl", "K=2", "epochs=1", "batch_size=32",
+            "eval_limit=64", "progress=false", "device=cpu", "task.mixup_alpha=0.4", "task.cutmix_alpha=1.0",
+            "task.label_smoothing=0.1", "log_every=0"]
+    full = Trainer(apply_overrides(TrainConfig(), [*base, f"out_dir={tmp_path / 'a'}", "max_steps=4"]))
+    seen = []
+    real = full.learner.train_step
+    full.learner.train_step = lambda x, y, **kw: (seen.append(y), real(x, y, **kw))[1]
+    full.fit()
+    assert all(t.is_floating_point() and t.shape[1] == 10 for t in seen)
+    Trainer(apply_overrides(TrainConfig(), [*base, f"out_dir={tmp_path / 'b'}", "max_steps=2"])).fit()
+    resumed = Trainer(apply_overrides(TrainConfig(), [*base, f"out_dir={tmp_path / 'b'}", "max_steps=4"]), resume=True)
+    resumed.fit()
+    for pa, pb in zip(full.learner.state_dict().values(), resumed.learner.state_dict().values()):
+        assert torch.equal(pa, pb)
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        apply_overrides(TrainConfig(), ["task.label_smoothing=1.0"])

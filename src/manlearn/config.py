@@ -93,6 +93,9 @@ class ClassificationTask:
     """
 
     name: str = "classification"
+    label_smoothing: float = 0.0  # of the final head's cross-entropy
+    mixup_alpha: float = 0.0  # > 0: Mixup of training batches with lambda ~ Beta(alpha, alpha)
+    cutmix_alpha: float = 0.0  # > 0: CutMix (with mixup_alpha too: one or the other, half the batches each)
 
 
 @dataclass
@@ -823,6 +826,12 @@ def _validate_classification(p: list[str], cfg: TrainConfig, registries: bool) -
             _one_of(p, "dataset", cfg.dataset, datasets)
     if cfg.K < 1:
         p.append(f"K must be >= 1, got {cfg.K}")
+    t = cfg.task
+    if not 0.0 <= t.label_smoothing < 1.0:
+        p.append(f"task.label_smoothing must lie in [0, 1), got {t.label_smoothing}")
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        if not getattr(t, key) >= 0.0:
+            p.append(f"task.{key} must be >= 0 (0 = off), got {getattr(t, key)}")
 
 
 def _validate_choices(p: list[str], cfg: TrainConfig) -> None:

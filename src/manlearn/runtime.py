@@ -70,8 +70,8 @@ def derive_seed(*parts: int) -> int:
     return h & ((1 << 63) - 1)
 
 
-#: Stream tags, so that the permutation and augmentation streams of one (seed, ...) never coincide.
-TAG_PERM, TAG_AUG = 1, 2
+#: Stream tags, so that the permutation, augmentation and mixup/cutmix streams of one (seed, ...) never coincide.
+TAG_PERM, TAG_AUG, TAG_MIX = 1, 2, 3
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:

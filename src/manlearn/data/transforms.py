@@ -13,8 +13,10 @@ uint8 on every device (reflect-padding uint8 is not supported everywhere).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from manlearn.errors import DatasetError
@@ -158,3 +160,33 @@ class BatchTransform:
         scale, bias = self._constants(dev)
         # Broadcasting [B,1,S,S] against [1,Cin,1,1] replicates grey to Cin channels for free.
         return torch.addcmul(bias, x.float(), scale)
+
+
+def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup_alpha: float, cutmix_alpha: float,
+              seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or CutMix of a normalised batch with its reversed self (timm's pairing); returns the mixed
+    images and soft targets ``[B, num_classes]`` (per-class probabilities).
+
+    One mixing coefficient λ ~ Beta(α, α) per batch; with both alphas set, CutMix or Mixup with
+    probability 1/2. CutMix pastes a box of area (1−λ) (clipped to the image; λ is then recomputed from the
+    pasted area). Everything is drawn from ``seed`` (the trainer passes a pure function of (seed, step), so
+    a resumed run mixes exactly as an uninterrupted one).
+    """
+    rng = np.random.default_rng(seed)
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < 0.5)
+    alpha = cutmix_alpha if use_cutmix else mixup_alpha
+    lam = float(rng.beta(alpha, alpha))
+    onehot = torch.nn.functional.one_hot(y, num_classes).to(x.dtype)
+    if use_cutmix:
+        h, w = x.shape[-2:]
+        cut = math.sqrt(1.0 - lam)
+        ch, cw = int(h * cut), int(w * cut)
+        cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+        y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+        x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+        x = x.clone()
+        x[..., y0:y1, x0:x1] = x.flip(0)[..., y0:y1, x0:x1]
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+    else:
+        x = x * lam + x.flip(0) * (1.0 - lam)
+    return x, onehot * lam + onehot.flip(0) * (1.0 - lam)

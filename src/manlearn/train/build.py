@@ -65,7 +65,7 @@ def build_task(cfg: TrainConfig, num_classes: int) -> Any:
     if t.name == "segmentation":
         return DeepLabV3Task(num_classes, ignore_index=IGNORE_INDEX, aspp_channels=t.aspp_channels,
                              decoder=t.decoder, local_channels=t.local_channels)
-    return ClassificationTask(num_classes)
+    return ClassificationTask(num_classes, label_smoothing=t.label_smoothing)
 
 
 #: The probe input side of stage-reading tasks (any size trains; this only measures channels and strides).

@@ -31,7 +31,8 @@ import torch
 from manlearn.config import TrainConfig
 from manlearn.detection import CocoDetection, coco_map, collate, hflip_batch
 from manlearn.errors import ConfigError, DatasetError
-from manlearn.runtime import epoch_order, step_generator
+from manlearn.data.transforms import mix_batch
+from manlearn.runtime import TAG_MIX, derive_seed, epoch_order, step_generator
 from manlearn.segmentation import (ConfusionMatrix, SegmentationAugment, load_cityscapes,
                                    load_mask_folder)
 
@@ -105,12 +106,24 @@ class ClassificationRun:
         return len(self.train_loader)
 
     def batches(self, epoch: int, start: int, stop: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-        for x, y in itertools.islice(self.train_loader.epoch(epoch, start_batch=start), stop - start):
-            yield x, y, int(y.numel())
+        """Training batches ``start..stop-1`` of ``epoch``; with mixup/cutmix the targets are soft
+        (``[B, classes]``), mixed by a pure function of (seed, step)."""
+        t = self.cfg.task
+        mix = t.mixup_alpha > 0 or t.cutmix_alpha > 0
+        spe = len(self.train_loader)
+        batches = itertools.islice(self.train_loader.epoch(epoch, start_batch=start), stop - start)
+        for b, (x, y) in enumerate(batches, start=start):
+            n = int(y.shape[0])
+            if mix:
+                x, y = mix_batch(x, y, self.info.num_classes, t.mixup_alpha, t.cutmix_alpha,
+                                 derive_seed(TAG_MIX, self.cfg.seed, epoch * spe + b))
+            yield x, y, n
 
     def step_counts(self, out: Any, y: torch.Tensor, n: int) -> list[Any]:
-        """[correct, n]: summed over the ranks under data parallelism (a tensor stays on the device)."""
-        return [(out.logits.argmax(dim=1) == y).sum(), n]
+        """[correct, n]: summed over the ranks under data parallelism (a tensor stays on the device).
+        With soft targets (mixup, cutmix) the class of largest weight counts as the label."""
+        labels = y.argmax(dim=1) if y.is_floating_point() else y
+        return [(out.logits.argmax(dim=1) == labels).sum(), n]
 
     def step_stats(self, counts: Sequence[float]) -> dict[str, float]:
         correct, n = counts

@@ -342,21 +342,18 @@ class Trainer:
         return m
 
     # ------------------------------------------------------------------ the step
-    def _set_lr(self, lr: float) -> Any:
-        """Set the lr of every parameter group; return the loss scale to pass to the step (fp16) or None."""
+    def _set_lr(self, lr: float) -> None:
+        """Set the lr of every parameter group."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        return self.scaler.scale(torch.ones((), device=self.device)) if self.scaler is not None else None
 
     def _train_one(self, x: torch.Tensor, targets: Any, n: int) -> None:
         cfg = self.cfg
         lr = lr_at(cfg, self.step, self.steps_per_epoch)
-        scale = self._set_lr(lr)
+        self._set_lr(lr)
         t = time.perf_counter()
-        if self.reducer is not None:
-            out = self.learner.train_step(x, targets, grad_scale=scale, after_block=self.reducer.block_done)
-        else:
-            out = self.learner.train_step(x, targets, grad_scale=scale)
+        after = self.reducer.block_done if self.reducer is not None else None
+        out = self.learner.train_step(x, targets, scaler=self.scaler, after_block=after)  # scaler: fp16 only
         counts = self.run.step_counts(out, targets, n)
         if self.reducer is not None:
             # Gradients averaged over the ranks (exactly once) before the step; the step's losses
