@@ -39,3 +39,33 @@ def assert_ema_is_m_old_plus_one_minus_m_source(learner, before, m: float) -> No
     for aux, (old, src) in zip(learner.auxes, before):
         for p, o, s in zip(aux.ema.parameters(), old, src):
             torch.testing.assert_close(p, (m * o.double() + (1 - m) * s.double()).float(), rtol=1e-6, atol=1e-7)
+
+
+def own_loss_grads(learner, x: torch.Tensor, y) -> list[list[torch.Tensor | None]]:
+    """For every block, the gradient of its own loss alone, computed on the detached output of the
+    block before (and, for the last block, on detached earlier feature taps)."""
+    ref = copy.deepcopy(learner)
+    torch.manual_seed(7)  # dropout (DeepLab's ASPP) draws the same masks as the step compared against
+    batch = LocalBatch(x, y, ref.norm_mean, ref.norm_std)
+    inp, taps, out = x, [], []
+    for k in range(ref.K):
+        h, own = ref.run_block_taps(k, inp.detach())
+        if k == ref.K - 1:
+            loss = ref.task.loss(ref.head_forward(h, [t.detach() for t in taps] + own), y, batch.image_hw)
+        else:
+            loss = ref.auxes[k](h, batch)
+        params = list(ref.blocks[k].parameters())
+        out.append(list(torch.autograd.grad(loss, params, allow_unused=True)))
+        taps += own
+        inp = h
+    return out
+
+
+def assert_blocks_learn_only_their_own_loss(learner, x: torch.Tensor, y, rtol: float = 1e-7, atol: float = 1e-10) -> None:
+    """After ``train_step``, every block's gradients are exactly those of its own loss (float64 learners)."""
+    expected = own_loss_grads(learner, x, y)
+    torch.manual_seed(7)
+    learner.train_step(x, y)
+    for k, block in enumerate(learner.blocks):
+        for p, g in zip(block.parameters(), expected[k]):
+            torch.testing.assert_close(p.grad, g, rtol=rtol, atol=atol)

@@ -6,15 +6,16 @@ stay gradient-isolated, or refuse the task with a ConfigError that says why.
 """
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 
 import manlearn
 from manlearn import ConfigError, LocalLearner
-from manlearn.rules import LocalBatch, get_rule_class, list_base_rules
+from manlearn.rules import get_rule_class, list_base_rules
 from manlearn.tasks import ClassificationTask, DeepLabV3Task, RetinaNetTask
+
+from invariants import assert_blocks_learn_only_their_own_loss, own_loss_grads
 
 NARROW = dict(widths=[8, 16, 32, 64], stem_width=8)
 
@@ -51,26 +52,6 @@ def build(task: str, method: str, base: str | None, K: int = 3) -> LocalLearner:
     torch.manual_seed(0)
     return LocalLearner(model, method=method, base=base, K=K, image_size=size, task=factory(),
                         model_kwargs=dict(kwargs)).double()
-
-
-def own_loss_grads(learner: LocalLearner, x: torch.Tensor, y) -> list[list[torch.Tensor | None]]:
-    """For every block, the gradient of its own loss alone, computed on the detached output of the
-    block before (and, for the last block, on detached earlier feature taps)."""
-    ref = copy.deepcopy(learner)
-    torch.manual_seed(7)  # dropout (DeepLab's ASPP) draws the same masks as the step compared against
-    batch = LocalBatch(x, y, ref.norm_mean, ref.norm_std)
-    inp, taps, out = x, [], []
-    for k in range(ref.K):
-        h, own = ref.run_block_taps(k, inp.detach())
-        if k == ref.K - 1:
-            loss = ref.task.loss(ref.head_forward(h, [t.detach() for t in taps] + own), y, batch.image_hw)
-        else:
-            loss = ref.auxes[k](h, batch)
-        params = list(ref.blocks[k].parameters())
-        out.append(list(torch.autograd.grad(loss, params, allow_unused=True)))
-        taps += own
-        inp = h
-    return out
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
@@ -128,12 +109,7 @@ def test_every_registered_model_trains_isolated_blocks(model):
                            model_kwargs=kwargs).double()
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1)).double()
     y = torch.tensor([0, 2])
-    expected = own_loss_grads(learner, x, y)
-    torch.manual_seed(7)
-    learner.train_step(x, y)
-    for k, block in enumerate(learner.blocks):
-        for p, g in zip(block.parameters(), expected[k]):
-            torch.testing.assert_close(p.grad, g, rtol=1e-7, atol=1e-10)
+    assert_blocks_learn_only_their_own_loss(learner, x, y)
     learner.eval()
     with torch.no_grad():
         assert learner(x).shape == (2, 3)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from manlearn.split import balanced_ends
 from manlearn.config import TrainConfig
 from manlearn.errors import ConfigError
 from manlearn.rules import LocalBatch
@@ -54,26 +55,8 @@ def partition(costs: Sequence[float], P: int) -> list[range]:
     K = len(costs)
     if not 2 <= P <= K:
         raise ConfigError(f"pipeline_workers={P} needs 2 <= workers <= K={K} blocks")
-    pre = [0.0]
-    for c in costs:
-        pre.append(pre[-1] + float(c))
-    INF = float("inf")
-    # best[p][j]: minimal max-cost of splitting the first j blocks over p workers
-    best = [[INF] * (K + 1) for _ in range(P + 1)]
-    cut = [[0] * (K + 1) for _ in range(P + 1)]
-    best[0][0] = 0.0
-    for p in range(1, P + 1):
-        for j in range(p, K - (P - p) + 1):
-            for i in range(p - 1, j):
-                v = max(best[p - 1][i], pre[j] - pre[i])
-                if v < best[p][j]:
-                    best[p][j], cut[p][j] = v, i
-    bounds, j = [], K
-    for p in range(P, 0, -1):
-        i = cut[p][j]
-        bounds.append(range(i, j))
-        j = i
-    return bounds[::-1]
+    ends = balanced_ends(costs, P)  # the same exact min-max DP that balances a split's memory
+    return [range(a, b) for a, b in zip((0, *ends[:-1]), ends)]
 
 
 def block_costs(learner: nn.Module, batch: int = 2) -> list[float]:
