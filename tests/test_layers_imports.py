@@ -21,7 +21,7 @@ LAYERS = [
     ["learner"],
     ["rules", "tasks"],
     ["detection", "segmentation"],
-    ["models", "split", "recompute", "memory", "distributed"],
+    ["models", "split", "recompute", "memory", "distributed", "concurrency"],
     ["data", "plugins", "recipes"],
     ["runtime"],
     ["errors"],

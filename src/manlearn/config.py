@@ -236,6 +236,9 @@ class TrainConfig:
     # Memory for compute (same gradients): MAN/MAN++ recompute the frozen ema unit in backward;
     # grad_checkpoint recomputes every block stage by stage (the E2E baseline of the benchmarks).
     ema_recompute: bool = False
+    # > 1: overlap each block's local loss/backward with the next blocks' forwards (worker threads); same
+    # results, up to this many blocks' activations alive at once (manlearn.concurrency)
+    blocks_in_flight: int = 1
     grad_checkpoint: bool = False
 
     # --- scaling out (issue #4; docs/scaling.md; classification) ------------------------------
@@ -858,7 +861,7 @@ def _validate_optimisation(p: list[str], cfg: TrainConfig) -> None:
     """Lengths, periods, learning-rate schedule and optimiser numbers."""
     _unit_interval(p, "momentum (EMA)", cfg.momentum)
     _at_least(p, cfg, ("train_limit", "eval_limit", "image_size"), 1, or_none=True)
-    _at_least(p, cfg, ("epochs", "batch_size", "eval_batch_size"), 1)
+    _at_least(p, cfg, ("epochs", "batch_size", "eval_batch_size", "blocks_in_flight"), 1)
     _at_least(p, cfg, ("data_workers", "iterations", "max_steps", "warmup_epochs", "warmup_iters", "seed",
                        "ckpt_every_steps", "eval_every_epochs", "eval_every_steps", "log_every"), 0)
     _positive(p, "lr", cfg.lr)

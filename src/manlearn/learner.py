@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from .concurrency import overlapped_step
 from .errors import ConfigError
 from .memory import unit_activation_bytes
 from .models import adapt_model, create_model, follows_protocol, init_weights, model_accepts
@@ -109,6 +110,8 @@ class LocalLearner(nn.Module):
             backward); with ``method="e2e"`` this is the memory baseline of the benchmarks.
         ema_recompute: MAN/MAN++ recompute the frozen ema unit in backward instead of keeping its
             activations (same gradients, one more ema forward per step, less memory).
+        blocks_in_flight: 1 (default) runs a step's blocks in sequence; N > 1 overlaps each block's local
+            loss and backward with the next blocks' forwards in worker threads (same results).
     """
 
     def __init__(self, model: str | nn.Module = "resnet32", method: str = "manpp", base: str | None = None,
@@ -120,7 +123,7 @@ class LocalLearner(nn.Module):
                  rule_options: dict | None = None,
                  norm_mean: Sequence[float] | None = None, norm_std: Sequence[float] | None = None,
                  amp_dtype: torch.dtype | None = None, channels_last: bool = False,
-                 grad_checkpoint: bool = False, ema_recompute: bool = False,
+                 grad_checkpoint: bool = False, ema_recompute: bool = False, blocks_in_flight: int = 1,
                  model_kwargs: dict | None = None) -> None:
         super().__init__()
         for name, v in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
@@ -137,6 +140,7 @@ class LocalLearner(nn.Module):
         self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
         self.amp_dtype = amp_dtype
         self.channels_last = channels_last
+        self.blocks_in_flight = blocks_in_flight  # validated by the property setter
 
         backbone = self._build_backbone(model, num_classes, in_channels, image_size, dict(model_kwargs or {}))
         units = list(backbone.units)
@@ -260,6 +264,19 @@ class LocalLearner(nn.Module):
         self._momentum = check_momentum(m)
 
     @property
+    def blocks_in_flight(self) -> int:
+        """How many blocks may have a live graph at once in ``train_step``: 1 runs the blocks strictly in
+        sequence; N > 1 overlaps block k's local loss, backward and EMA update (in worker threads) with the
+        next blocks' forwards (:mod:`manlearn.concurrency`; same gradients, more activation memory)."""
+        return self._blocks_in_flight
+
+    @blocks_in_flight.setter
+    def blocks_in_flight(self, n: int) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"blocks_in_flight must be a positive integer (1 = sequential), got {n!r}")
+        self._blocks_in_flight = n
+
+    @property
     def stage_cuts(self) -> tuple[int, ...] | None:
         """Stages after which the blocks are cut, when every cut falls at a stage boundary (else None)."""
         ends = self._stage_ends
@@ -336,6 +353,28 @@ class LocalLearner(nn.Module):
         """The task's post-processed predictions of the final head (class indices, boxes, label maps)."""
         return self.task.predict(self(x), (int(x.shape[-2]), int(x.shape[-1])))
 
+    def forward_block(self, k: int, inp: torch.Tensor, batch: LocalBatch) -> torch.Tensor:
+        """Block k's forward (with autograd) on ``inp``; its feature taps are appended, detached, to
+        ``batch.taps``. The first half of :meth:`local_step`, for schedulers that overlap blocks."""
+        with self.autocast(inp):
+            h, taps = self.run_block_taps(k, inp)
+        if self.task.reads != "last":
+            batch.taps.extend(t.detach() for t in taps)
+        return h
+
+    def local_loss(self, k: int, h: torch.Tensor, batch: LocalBatch,
+                   grad_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Block k's local loss on its output ``h`` (from :meth:`forward_block`), its backward through the
+        auxiliary network and block k, then the auxiliary network's ``after_backward`` (MAN's EMA update).
+        The second half of :meth:`local_step` (k < K-1); returns the detached loss."""
+        with self.autocast(h):
+            loss = self.auxes[k](h, batch)
+        (loss * grad_scale if grad_scale is not None else loss).backward()
+        hook = getattr(self.auxes[k], "after_backward", None)
+        if hook is not None:
+            hook(self._momentum)
+        return loss.detach()
+
     def local_step(self, k: int, inp: torch.Tensor, batch: LocalBatch,
                    grad_scale: torch.Tensor | None = None) -> tuple[Any, torch.Tensor]:
         """One block's whole work, as one schedulable unit: forward, local loss, backward, and the auxiliary
@@ -344,22 +383,14 @@ class LocalLearner(nn.Module):
         Returns (detached block output, detached loss); for the last block the output is the final
         head's. Feature taps of the block are appended, detached, to ``batch.taps``.
         """
-        last = k == self.K - 1
+        if k < self.K - 1:
+            h = self.forward_block(k, inp, batch)
+            return h.detach(), self.local_loss(k, h, batch, grad_scale)
         with self.autocast(inp):
             h, taps = self.run_block_taps(k, inp)
-            if last:
-                out = self.head_forward(h, batch.taps + taps)
-                loss = self.task.loss(out, batch.y, batch.image_hw)
-            else:
-                out = h
-                loss = self.auxes[k](h, batch)
+            out = self.head_forward(h, batch.taps + taps)
+            loss = self.task.loss(out, batch.y, batch.image_hw)
         (loss * grad_scale if grad_scale is not None else loss).backward()
-        if not last:
-            hook = getattr(self.auxes[k], "after_backward", None)
-            if hook is not None:
-                hook(self._momentum)
-        if self.task.reads != "last":
-            batch.taps.extend(t.detach() for t in taps)
         return _detach(out), loss.detach()
 
     def check_batch(self, x: torch.Tensor, targets: Any) -> None:
@@ -401,13 +432,15 @@ class LocalLearner(nn.Module):
             self.zero_grad(set_to_none=True)
         x = self.prepare_input(x)
         batch = LocalBatch(x, y, self.norm_mean, self.norm_std)
-        h = x
-        losses = []
-        for k in range(self.K):
-            h, loss = self.local_step(k, h, batch, grad_scale)
-            losses.append(loss)
-            if after_block is not None:
-                after_block(k)
+        if self._blocks_in_flight > 1 and self.K > 2:
+            h, losses = overlapped_step(self, x, batch, grad_scale, after_block, self._blocks_in_flight)
+        else:
+            h, losses = x, []
+            for k in range(self.K):
+                h, loss = self.local_step(k, h, batch, grad_scale)
+                losses.append(loss)
+                if after_block is not None:
+                    after_block(k)
         wide = torch.float64 if any(v.dtype == torch.float64 for v in losses) else torch.float32
         return StepOutput(h, torch.stack([v.to(wide) for v in losses]))
 

@@ -10,6 +10,7 @@ registered rule given as ``base``. A rule written in user code and registered wi
 from __future__ import annotations
 
 import inspect
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -32,6 +33,7 @@ class LocalBatch:
     #: detached outputs of the backbone's feature taps produced by the blocks run so far (for tasks whose
     #: final head reads several stages)
     taps: list[torch.Tensor] = field(default_factory=list, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def image_hw(self) -> tuple[int, int]:
@@ -39,6 +41,10 @@ class LocalBatch:
 
     @property
     def image01(self) -> torch.Tensor:
+        with self._lock:  # auxiliary networks of several blocks may ask at once (manlearn.concurrency)
+            return self._image01_locked()
+
+    def _image01_locked(self) -> torch.Tensor:
         if self._image01 is None:
             img = self.x.float()
             if self.mean is not None and self.std is not None:

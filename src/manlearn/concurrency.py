@@ -1,0 +1,101 @@
+"""A step scheduler that overlaps blocks: block k's local loss, backward and EMA update run in a worker
+thread while the main thread already runs block k+1's forward.
+
+Why this is correct: block k's auxiliary work reads only h_k (and the next block's first unit, read-only,
+for MAN's EMA), writes only block k's and aux_k's gradients and aux_k's EMA unit; block k+1's forward
+reads only h_k detached. So the overlapped step computes the sequential step's gradients, EMA units and
+BN statistics (tests/test_concurrency.py checks it for every registered rule). ``after_block(k)`` (data
+parallelism's all-reduce) is still called in block order, from the main thread, so every rank issues its
+collectives in the same order.
+
+``blocks_in_flight = N`` bounds how many blocks have a live graph at once (the memory price: N blocks'
+activations instead of one); N−1 worker threads do auxiliary work. On the CPU each thread gets its share
+of the intra-op threads (``torch.get_num_threads() // N``, at least 1), so the threads do not oversubscribe
+the cores. On CUDA the work is issued from several threads onto the current stream (correct, no overlap
+on the device yet). Blocks must not modify their input in place (the sequential step gives them a tensor
+nobody else reads; here block k's auxiliary network may still be reading it).
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["overlapped_step"]
+
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_LOCK = threading.Lock()
+
+
+def _pool(workers: int, threads: int) -> ThreadPoolExecutor:
+    """A shared pool of ``workers`` threads, each running torch ops on ``threads`` intra-op threads."""
+    key = (workers, threads)
+    with _LOCK:
+        if key not in _POOLS:
+            _POOLS[key] = ThreadPoolExecutor(workers, thread_name_prefix="manlearn-block",
+                                             initializer=torch.set_num_threads, initargs=(threads,))
+        return _POOLS[key]
+
+
+def _current_saved_tensor_hooks() -> tuple[Any, Any] | None:
+    """The innermost ``saved_tensors_hooks`` of this thread (e.g. manlearn.memory's activation tracker), or
+    None. The hooks are thread-local, so the workers re-enter them to be counted like the main thread."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:  # pragma: no cover - an older/newer torch without it: workers run untracked
+        return None
+    try:
+        return top(False)
+    except TypeError:  # pragma: no cover - signature without the tracing flag
+        return top()
+
+
+def _in_hooks(hooks: tuple[Any, Any] | None, fn: Callable, *args: Any) -> Any:
+    if hooks is None:
+        return fn(*args)
+    with torch.autograd.graph.saved_tensors_hooks(*hooks):
+        return fn(*args)
+
+
+def overlapped_step(learner: Any, x: torch.Tensor, batch: Any, grad_scale: torch.Tensor | None,
+                    after_block: Callable[[int], None] | None, blocks_in_flight: int) -> tuple[Any, list[torch.Tensor]]:
+    """One training step of ``learner`` with up to ``blocks_in_flight`` blocks in flight; returns (the final
+    head's detached outputs, one detached loss per block), as the sequential loop of ``train_step`` does."""
+    K, n = learner.K, max(2, int(blocks_in_flight))
+    total = torch.get_num_threads()
+    share = max(1, total // n)
+    pool = _pool(n - 1, share)
+    pending: deque[tuple[int, Future]] = deque()
+    losses: list[torch.Tensor | None] = [None] * K
+
+    def finish_oldest() -> None:
+        k, fut = pending.popleft()
+        losses[k] = fut.result()
+        if after_block is not None:
+            after_block(k)
+
+    hooks = _current_saved_tensor_hooks()
+    torch.set_num_threads(share)
+    try:
+        h_in = x
+        for k in range(K - 1):
+            h = learner.forward_block(k, h_in, batch)
+            while len(pending) >= n - 1:
+                finish_oldest()
+            pending.append((k, pool.submit(_in_hooks, hooks, learner.local_loss, k, h, batch, grad_scale)))
+            h_in = h.detach()
+        out, losses[K - 1] = learner.local_step(K - 1, h_in, batch, grad_scale)
+        while pending:
+            finish_oldest()
+    finally:
+        for _, fut in pending:  # an error above: let the workers finish before the graphs are dropped
+            try:
+                fut.result()
+            except Exception:  # noqa: BLE001 - the first error is the one raised
+                pass
+        torch.set_num_threads(total)
+    if after_block is not None:
+        after_block(K - 1)
+    return out, losses

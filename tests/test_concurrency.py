@@ -1,0 +1,82 @@
+"""Blocks in flight: the overlapped step (manlearn.concurrency) computes what the sequential step computes
+— gradients, EMA units, BN statistics, losses — for every registered rule, and calls after_block in order."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from manlearn import ConfigError, LocalLearner
+from manlearn.rules import get_rule_class
+
+from test_contract import TASKS, _targets, build, rule_specs
+
+
+def _trainable_specs():
+    return [s for s in rule_specs() if not get_rule_class(s[0]).single_block]
+
+
+def _state(learner):
+    """Everything a step changes: gradients, and every buffer and parameter (EMA units, BN statistics)."""
+    grads = {n: p.grad.clone() for n, p in learner.named_parameters() if p.grad is not None}
+    return grads, {k: v.clone() for k, v in learner.state_dict().items()}
+
+
+@pytest.mark.parametrize("task", ["classification", "detection"])
+@pytest.mark.parametrize("method,base", _trainable_specs(), ids=lambda v: str(v))
+@pytest.mark.parametrize("n", [2, 3])
+def test_overlapped_step_equals_the_sequential_step(task, method, base, n):
+    try:
+        seq = build(task, method, base, K=4)
+    except ConfigError:
+        pytest.skip("the rule refuses this task (tests/test_contract.py checks the refusal)")
+    seq.momentum = 0.9
+    conc = copy.deepcopy(seq)
+    conc.blocks_in_flight = n
+    size = TASKS[task][3]
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1)).double()
+    y = _targets(task, x)
+    for _ in range(2):  # two steps: the second one reads EMA units the first one moved
+        a, b = seq.train_step(x, y), conc.train_step(x, y)
+        torch.testing.assert_close(b.loss_values, a.loss_values, rtol=1e-10, atol=1e-12)
+        (ga, sa), (gb, sb) = _state(seq), _state(conc)
+        assert ga.keys() == gb.keys()
+        for name in ga:
+            torch.testing.assert_close(gb[name], ga[name], rtol=1e-9, atol=1e-12, msg=name)
+        for name in sa:
+            torch.testing.assert_close(sb[name], sa[name], rtol=1e-9, atol=1e-12, msg=name)
+        with torch.no_grad():  # an optimiser-like update, so the next step sees moved sources
+            for p, q in zip(seq.parameters(), conc.parameters()):
+                if p.grad is not None:
+                    p.sub_(0.01 * p.grad)
+                    q.sub_(0.01 * q.grad)
+
+
+def test_after_block_is_called_in_block_order_and_threads_are_restored():
+    torch.manual_seed(0)
+    learner = LocalLearner("resnet20", method="manpp", base="dgl", K=5, num_classes=3, image_size=16,
+                           blocks_in_flight=3)
+    calls = []
+    threads = torch.get_num_threads()
+    learner.train_step(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0]), after_block=calls.append)
+    assert calls == list(range(5)) and torch.get_num_threads() == threads
+    with pytest.raises(ConfigError, match="blocks_in_flight"):
+        learner.blocks_in_flight = 0
+
+
+def test_workers_run_under_the_callers_saved_tensor_hooks():
+    """The activation tracker (saved_tensors_hooks, thread-local) also sees what the workers keep."""
+    import threading
+
+    torch.manual_seed(0)
+    learner = LocalLearner("resnet20", method="dgl", K=4, num_classes=3, image_size=16, blocks_in_flight=2)
+    seen = set()
+
+    def pack(t):
+        seen.add(threading.current_thread().name.split("_")[0])
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        learner.train_step(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0]))
+    assert "MainThread" in seen and any(name.startswith("manlearn-block") for name in seen), seen
