@@ -111,3 +111,30 @@ def test_factorized_decoder_is_upsample_then_conv(c, s, image):
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     assert saved[0] < saved[1]
+
+
+def test_dgl_mlp_sr_head_is_dgls_own():
+    """DGL's own head (Belilovsky et al., MLP-SR): pool to ceil(H/4), 3 x 1x1 conv C->C without bias,
+    pool 2x2, 3 x Linear(4C, 4C)+BN1d, Linear to classes."""
+    from manlearn.rules.heads import DGLMLPSRHead
+
+    head = DGLMLPSRHead(16, 10)
+    convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)]
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.bias) for c in convs] == [(16, 16, (1, 1), None)] * 3
+    assert [(l.in_features, l.out_features) for l in linears] == [(64, 64)] * 3 + [(64, 10)]
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in head.modules()) == 3
+    assert head(torch.randn(3, 16, 32, 32)).shape == (3, 10)
+    assert head(torch.randn(3, 16, 3, 3)).shape == (3, 10)  # ceil(3/4) = 1, then 2x2
+    learner = LocalLearner("resnet20", method="dgl", K=3, image_size=16, rule_options={"head": "mlp-sr"})
+    assert isinstance(learner.auxes[0].head, DGLMLPSRHead)
+    assert isinstance(LocalLearner("resnet20", method="dgl", K=3, image_size=16).auxes[0].head, DGLHead)
+    with pytest.raises(manlearn.ConfigError, match="mlp-sr"):
+        LocalLearner("resnet20", method="dgl", K=3, image_size=16, rule_options={"head": "mlp"})
+
+
+def test_dgl_summary_names_its_heads():
+    from manlearn.listing import methods_table
+
+    text = methods_table()
+    assert "mlp-sr" in text and "manpp" in text
