@@ -58,3 +58,64 @@ def test_predsim_trains_and_refuses_what_it_cannot_do():
     from manlearn.listing import methods_table
 
     assert "PredSim" in methods_table()
+
+
+# ----------------------------------------------------------------------------------------- AugLocal
+def test_auglocal_unit_indices_follow_the_definition_with_python_rounding():
+    from manlearn.rules.auglocal import later_unit_indices
+
+    # ResNet-32: n = 16 units (stem = 0); round(l + (n-l-1)/d*j), banker's rounding at .5
+    assert later_unit_indices(0, 16, 2) == [8, 15]      # round(7.5) = 8
+    assert later_unit_indices(2, 16, 2) == [8, 15]      # round(8.5) = 8
+    assert later_unit_indices(5, 16, 2) == [10, 15]
+    assert later_unit_indices(4, 16, 3) == [8, 11, 15]  # 4 + 11/3 = 7.67 -> 8, 11.33 -> 11
+    assert later_unit_indices(12, 16, 3) == [13, 14, 15]  # d >= n-1-l: every later unit
+    assert later_unit_indices(14, 16, 3) == [15]
+
+
+def test_auglocal_k_of_the_authors_and_their_layout():
+    from manlearn.rules.auglocal import auglocal_split, authors_k
+
+    split = auglocal_split(15, 2)  # ResNet-32: 15 residual units
+    learner = LocalLearner("resnet32", method="auglocal", K=14, split=split, image_size=8, num_classes=4)
+    assert learner.K == 14 and authors_k(learner.K, 2) == 16 and learner.rule.authors_k(14) == 16
+    assert len(learner.blocks[-1]) == 3  # the last d+1 = 3 units in the final piece
+
+
+def test_auglocal_aux_is_fresh_units_following_the_later_widths():
+    from manlearn.rules.auglocal import auglocal_split
+
+    torch.manual_seed(0)
+    learner = LocalLearner("resnet32", method="auglocal", K=14, split=auglocal_split(15, 2), image_size=16,
+                           num_classes=4)
+    units = list(learner.blocks[0]) + [u for b in learner.blocks[1:] for u in b]  # stem, then units 1..15
+    stem_aux = learner.auxes[0]  # stem = unit 0 -> follows units 8 (32 channels) and 15 (64 channels)
+    assert len(stem_aux.units) == 2 and isinstance(stem_aux.norm, nn.Identity)  # BN1d only when d <= 1
+    x = torch.randn(2, 16, 16, 16)
+    with torch.no_grad():
+        mid = stem_aux.units[0].eval()(x)
+        assert mid.shape == (2, 32, 8, 8)  # stride 2 where the width doubles
+        assert stem_aux.units[1].eval()(mid).shape == (2, 64, 4, 4)
+    assert stem_aux.fc.in_features == 64 and stem_aux.fc.out_features == 4
+    backbone = {id(p) for u in units for p in u.parameters()}
+    values = [p for u in units for p in u.parameters() if p.dim() == 4]
+    for p in stem_aux.parameters():
+        assert id(p) not in backbone and p.requires_grad
+        if p.dim() == 4:  # freshly initialised, not a copy of any backbone conv
+            assert not any(p.shape == v.shape and torch.equal(p, v) for v in values)
+    last_local = learner.auxes[-1]  # unit 12: every later unit (13, 14, 15) since d=2 < 3 -> round
+    assert len(last_local.units) == 2
+    d1 = LocalLearner("resnet20", method="auglocal", K=3, image_size=16, rule_options={"depth": 1})
+    assert all(isinstance(a.norm, nn.BatchNorm1d) and len(a.units) == 1 for a in d1.auxes)
+
+
+def test_auglocal_pyramid_depth_falls_to_about_half():
+    from manlearn.rules.auglocal import pyramid_depth
+
+    assert [pyramid_depth(4, p, 16) for p in (0, 7, 14)] == [4, 3, 2]  # 4 -> (4+1)/2 = 2.5 -> 2
+    learner = LocalLearner("resnet20", method="auglocal", K=10, image_size=8,
+                           rule_options={"depth": 4, "pyramid": True})
+    depths = [len(a.units) for a in learner.auxes]
+    assert depths[0] == 4 and depths == sorted(depths, reverse=True) and depths[-1] <= 2
+    with pytest.raises(ConfigError, match="depth"):
+        LocalLearner("resnet20", method="auglocal", K=3, image_size=8, rule_options={"depth": 0})

@@ -213,7 +213,7 @@ class LocalLearner(nn.Module):
                              next_shape=shapes[nxt + 1], next_stage=unit_ids[nxt][0] if unit_ids else None,
                              num_classes=self.num_classes, in_channels=self.in_channels, image_size=self.image_size,
                              reinit=reinit, following_unit=units[nxt + 1] if nxt + 1 < len(units) else None,
-                             task=self.task)
+                             task=self.task, later_units=units[nxt:], later_shapes=shapes[nxt + 1:])
             auxes.append(self.rule.build_aux(ctx))
         self.auxes = nn.ModuleList(auxes)
 

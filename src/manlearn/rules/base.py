@@ -78,6 +78,10 @@ class AuxContext:
     # the unit after next_unit (MAN++'s ViT auxiliary network copies it as lb1), None at the network's end
     following_unit: nn.Module | None = None
     task: Any = None                # the learner's task (local head, loss, whether targets are class labels)
+    # every unit after the block (next_unit first) and each one's output shape: rules whose auxiliary
+    # network follows the rest of the backbone's architecture (AugLocal) read them; never trained through
+    later_units: list[nn.Module] = field(default_factory=list)
+    later_shapes: list[tuple[int, ...]] = field(default_factory=list)
 
     def stride(self, shape: tuple[int, ...]) -> int:
         """Input pixels per feature-map pixel for a ``(C, H, W)`` shape (what a task's local head needs)."""
