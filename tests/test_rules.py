@@ -23,24 +23,37 @@ def lambdas(learner):
 def test_stage_schedule_uses_the_stage_of_the_next_unit():
     learner = LocalLearner(model="resnet32", method="manpp", base="infopro", K=16, image_size=8)
     got = lambdas(learner)
-    # aux i is followed by unit i (stem module): stages 1 x5, 2 x5, 3 x5 -> r = stage / 14
-    want = [(5 * (1 - s / 14), 0.5 * (1 - s / 14)) for s in [1] * 5 + [2] * 5 + [3] * 5][:15]
+    # aux i is followed by unit i (stem module): stages 1 x5, 2 x5, 3 x5 -> r = stage / 14; the stem's aux
+    # alone gets r = 0 (the authors' code hard-codes it): λ = (5, 0.5), not 13/14 of it
+    want = [(5.0, 0.5)] + [(5 * (1 - s / 14), 0.5 * (1 - s / 14)) for s in [1] * 4 + [2] * 5 + [3] * 5]
     assert got == [(round(a, 6), round(b, 6)) for a, b in want]
+    assert lambdas(LocalLearner(model="resnet32", method="manpp", base="infopro", K=16, image_size=8,
+                                lambda_schedule="stage")) == got  # auto is stage at K >= 6
 
 
-def test_module_schedule_decays_to_zero_at_the_last_local_block():
+def test_module_schedule_is_refused_when_it_silences_the_last_local_block():
+    """InfoPro's module schedule gives its last local block λ = (0, 0): refused unless the final weights
+    are non-zero; with them, r = i/(K-2)."""
+    with pytest.raises(manlearn.ConfigError, match="local block 6 of K=8"):
+        LocalLearner(model="resnet32", method="infopro", K=8, stem_module=False, image_size=8,
+                     lambda_schedule="module")
     learner = LocalLearner(model="resnet32", method="infopro", K=8, stem_module=False, image_size=8,
-                           lambda_schedule="module")
+                           lambda_schedule="module", lambdas=(5.0, 0.5, 1.0, 0.1))
+    assert [g[0] for g in lambdas(learner)] == [round(5 * (1 - i / 6) + 1.0 * i / 6, 6) for i in range(7)]
+
+
+@pytest.mark.parametrize("K", [3, 4, 5])
+def test_small_k_default_leaves_no_block_silent_and_explicit_stage_is_refused(K):
+    """At K < 6 the authors' stage schedule reaches r = 1 before the last local block (at K=4 two of
+    three local blocks never learn): the default is then 'linear' (r = i/(K-1)), and an explicit 'stage'
+    that silences a block is refused."""
+    learner = LocalLearner(model="resnet20", method="infopro", K=K, image_size=8)
     got = lambdas(learner)
-    assert got[0] == (5.0, 0.5) and got[-1] == (0.0, 0.0)
-    assert [g[0] for g in got] == [round(5 * (1 - i / 6), 6) for i in range(7)]
-
-
-def test_small_k_schedule_never_gives_negative_weights():
-    with pytest.warns(UserWarning, match="zero loss"):
-        learner = LocalLearner(model="resnet20", method="infopro", K=4, image_size=8)
-    assert all(a >= 0 and b >= 0 for a, b in lambdas(learner))
-    two = LocalLearner(model="resnet20", method="infopro", K=2, image_size=8)
+    assert all(a > 0 and b > 0 for a, b in got)
+    assert got == [(round(5 * (1 - i / (K - 1)), 6), round(0.5 * (1 - i / (K - 1)), 6)) for i in range(K - 1)]
+    with pytest.raises(manlearn.ConfigError, match=r"λ = \(0, 0\)"):
+        LocalLearner(model="resnet20", method="infopro", K=K, image_size=8, lambda_schedule="stage")
+    two = LocalLearner(model="resnet20", method="infopro", K=2, image_size=8, lambda_schedule="stage")
     assert lambdas(two) == [(5.0, 0.5)]
 
 

@@ -119,3 +119,89 @@ def test_auglocal_pyramid_depth_falls_to_about_half():
     assert depths[0] == 4 and depths == sorted(depths, reverse=True) and depths[-1] <= 2
     with pytest.raises(ConfigError, match="depth"):
         LocalLearner("resnet20", method="auglocal", K=3, image_size=8, rule_options={"depth": 0})
+
+
+# ----------------------------------------------------------------------------------------- HPFF
+def _hpff(base: str = "dgl", K: int = 4, **kwargs) -> LocalLearner:
+    torch.manual_seed(0)
+    return LocalLearner("resnet20", method="hpff", base=base, K=K, image_size=16, num_classes=3, **kwargs).double()
+
+
+@pytest.mark.parametrize("base", ["dgl", "infopro"])
+def test_hpff_block_loss_reaches_the_block_before_and_never_further(base):
+    """The invariant of HPFF's window, exactly: local block i's loss sends gradient to block i and block
+    i-1, to no block before i-1; the final block's loss only to itself. (Non-zero final InfoPro weights,
+    so that the last local block's window loss is not zero by its λ.)"""
+    learner = _hpff(base, K=5, lambdas=(5.0, 0.5, 1.0, 0.1))
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 0])
+    batch, inp = LocalBatch(x, y, learner.norm_mean, learner.norm_std), x
+    for k in range(learner.K):
+        batch.block_inputs[k] = inp.detach()
+        h = learner.blocks[k](inp.detach())
+        loss = learner.auxes[k](h, batch) if k < learner.K - 1 else learner.task.loss(learner.head(h), y, (16, 16))
+        for j in range(k + 1):
+            grads = torch.autograd.grad(loss, list(learner.blocks[j].parameters()), retain_graph=True,
+                                        allow_unused=True)
+            reached = any(g is not None and g.abs().sum() > 0 for g in grads)
+            assert reached == (j == k or (j == k - 1 and k < learner.K - 1)), (k, j)
+        inp = h
+
+
+def test_hpff_loss_is_0001_own_ce_plus_0999_base_on_the_window():
+    learner = _hpff("dgl", K=4)
+    learner.eval()  # BN on running statistics: re-running a block gives the same output
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0])
+    batch = LocalBatch(x, y)
+    x0 = x
+    h0 = learner.blocks[0](x0)
+    h1 = learner.blocks[1](h0)
+    batch.block_inputs.update({0: x0, 1: h0})
+    aux = learner.auxes[1]
+    window = learner.blocks[1](learner.blocks[0](x0))
+    want = 0.001 * F.cross_entropy(aux.base.head(h1), y) + 0.999 * F.cross_entropy(aux.base.head(window), y)
+    torch.testing.assert_close(aux(h1, batch), want, rtol=1e-12, atol=1e-12)
+    assert aux.window_output(h1, batch) is not h1 and torch.allclose(aux.window_output(h1, batch), h1)
+    with pytest.raises(ConfigError, match="block_inputs"):
+        aux(h1, LocalBatch(x, y))
+    assert isinstance(learner.auxes[0].base, nn.Module) and learner.reaches_back == 1
+    assert sum(p.numel() for p in learner.parameters()) == sum(p.numel() for p in _hpff("dgl", K=4).parameters())
+
+
+def test_hpff_patch_fusion_decoder_sums_four_quadrant_bces():
+    from manlearn.rules.hpff import PatchFusionDecoder
+
+    torch.manual_seed(0)
+    dec = PatchFusionDecoder(8, 3).double()
+    h = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    batch = LocalBatch(x, torch.tensor([0, 1]), torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))
+    want = 0.0
+    for q, (r, c) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+        feat = h[:, :, 2 * r:2 * r + 2, 2 * c:2 * c + 2]
+        up = F.interpolate(feat, size=(8, 8), mode="bilinear", align_corners=True)  # half the image
+        target = x[:, :, 8 * r:8 * r + 8, 8 * c:8 * c + 8]
+        want = want + F.binary_cross_entropy(torch.sigmoid(dec.patches[q](up)), target)
+    torch.testing.assert_close(dec.reconstruction_loss(h, batch), want, rtol=1e-10, atol=1e-10)
+    learner = _hpff("infopro", K=4)
+    assert all(isinstance(a.base.decoder, PatchFusionDecoder) for a in learner.auxes)
+    # λ over the module index; the last local block keeps its own-output CE term
+    assert [round(a.base.lambda_x, 6) for a in learner.auxes] == [5.0, 2.5, 0.0]
+
+
+def test_hpff_reports_a_block_done_only_when_no_later_loss_reaches_it():
+    learner = _hpff("dgl", K=4)
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    seen: dict[int, list[torch.Tensor]] = {}
+
+    def done(k: int) -> None:
+        seen[k] = [p.grad.clone() for p in learner.blocks[k].parameters()]
+
+    learner.train_step(x, torch.tensor([0, 1, 2, 0]), after_block=done)
+    assert sorted(seen) == [0, 1, 2, 3]
+    for k, grads in seen.items():
+        for p, g in zip(learner.blocks[k].parameters(), grads):
+            torch.testing.assert_close(p.grad, g)
+    with pytest.raises(ConfigError, match="greedy"):
+        LocalLearner("resnet20", method="hpff", base="greedy", K=3, image_size=16)

@@ -115,7 +115,7 @@ class LocalLearner(nn.Module):
                  K: int = 16, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, *,
                  task: Any = None, split: str | Sequence = "auto", stage_cuts: Sequence[int] | None = None,
                  stem_module: bool | None = None, momentum: float = 0.995,
-                 init: str = "copy", lambda_schedule: str = "stage", infopro_classifier: str = "2c2f",
+                 init: str = "copy", lambda_schedule: str = "auto", infopro_classifier: str = "2c2f",
                  lambdas: tuple[float, float, float, float] | None = None, infopro_heads: str = "auto",
                  rule_options: dict | None = None,
                  norm_mean: Sequence[float] | None = None, norm_std: Sequence[float] | None = None,
@@ -132,6 +132,8 @@ class LocalLearner(nn.Module):
                        lambdas=lambdas, heads=infopro_heads, recompute_ema=ema_recompute)
         rule = create_rule(method, options, strict=rule_options, task=self.task)
         self.rule, self.method = rule, method
+        # blocks before its own that a block's loss reaches (0: gradient-isolated; HPFF's window: 1)
+        self.reaches_back = int(getattr(rule, "reaches_back", 0))
         self.base = getattr(rule, "base_name", None)
         self.momentum = momentum  # validated by the property setter
         self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
@@ -213,7 +215,8 @@ class LocalLearner(nn.Module):
                              next_shape=shapes[nxt + 1], next_stage=unit_ids[nxt][0] if unit_ids else None,
                              num_classes=self.num_classes, in_channels=self.in_channels, image_size=self.image_size,
                              reinit=reinit, following_unit=units[nxt + 1] if nxt + 1 < len(units) else None,
-                             task=self.task, later_units=units[nxt:], later_shapes=shapes[nxt + 1:])
+                             task=self.task, later_units=units[nxt:], later_shapes=shapes[nxt + 1:],
+                             blocks=list(self.blocks[:i + 1]))
             auxes.append(self.rule.build_aux(ctx))
         self.auxes = nn.ModuleList(auxes)
 
@@ -345,6 +348,10 @@ class LocalLearner(nn.Module):
         head's. Feature taps of the block are appended, detached, to ``batch.taps``.
         """
         last = k == self.K - 1
+        if self.reaches_back:  # a later block's loss re-runs this block on its own (detached) input
+            batch.block_inputs[k] = inp.detach()
+            for old in [j for j in batch.block_inputs if j < k - self.reaches_back]:
+                del batch.block_inputs[old]
         with self.autocast(inp):
             h, taps = self.run_block_taps(k, inp)
             if last:
@@ -403,10 +410,14 @@ class LocalLearner(nn.Module):
         batch = LocalBatch(x, y, self.norm_mean, self.norm_std)
         h = x
         losses = []
+        back = self.reaches_back  # block k's gradients are final once block k + back's loss is done
         for k in range(self.K):
             h, loss = self.local_step(k, h, batch, grad_scale)
             losses.append(loss)
-            if after_block is not None:
+            if after_block is not None and k >= back:
+                after_block(k - back)
+        if after_block is not None:
+            for k in range(max(0, self.K - back), self.K):
                 after_block(k)
         wide = torch.float64 if any(v.dtype == torch.float64 for v in losses) else torch.float32
         return StepOutput(h, torch.stack([v.to(wide) for v in losses]))

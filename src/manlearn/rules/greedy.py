@@ -42,6 +42,10 @@ class ClassifierAux(nn.Module):
         super().__init__()
         self.head = head
 
+    def classify(self, h: torch.Tensor) -> torch.Tensor:
+        """Class logits of ``h`` (what HPFF's own-output CE term reads)."""
+        return self.head(h)
+
     def forward(self, h: torch.Tensor, batch: LocalBatch) -> torch.Tensor:
         out = self.head(h)
         return F.cross_entropy(out if out.dtype in (torch.float32, torch.float64) else out.float(), batch.y)
