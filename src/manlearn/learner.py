@@ -25,6 +25,10 @@ from .split import Split, ends_from_stage_cuts, resolve_split, stage_ends
 from .tasks import ClassificationTask, check_task
 
 
+#: ``default``: the methods as intended; ``authors``: the authors' MAN++ code's exact computation (SPEC 2.3)
+FIDELITIES = ("default", "authors")
+
+
 class StepOutput:
     """Result of :meth:`LocalLearner.train_step`.
 
@@ -109,6 +113,13 @@ class LocalLearner(nn.Module):
             backward); with ``method="e2e"`` this is the memory baseline of the benchmarks.
         ema_recompute: MAN/MAN++ recompute the frozen ema unit in backward instead of keeping its
             activations (same gradients, one more ema forward per step, less memory).
+        fidelity: ``default`` (what the methods intend) or ``authors``: the authors' MAN++ CIFAR computation
+            exactly (SPEC 2.3): ``authors_init``, the InfoPro options ``authors_stem_head=True`` and
+            ``supcon_anchors="all"``, and ``lambda_schedule="stage"`` unless one is given (the stem's own
+            λ = (5, 0.5) holds under every schedule). Each item is also its own option.
+        authors_init: after building, re-initialise every Conv2d of the whole learner (backbone, ema/lb
+            units, auxiliary heads and decoders) with N(0, sqrt(2/(k·k·C_out))) and every norm layer with
+            weight 1 / bias 0, as the authors' code does (so ema and lb start random, not as copies).
     """
 
     def __init__(self, model: str | nn.Module = "resnet32", method: str = "manpp", base: str | None = None,
@@ -121,15 +132,22 @@ class LocalLearner(nn.Module):
                  norm_mean: Sequence[float] | None = None, norm_std: Sequence[float] | None = None,
                  amp_dtype: torch.dtype | None = None, channels_last: bool = False,
                  grad_checkpoint: bool = False, ema_recompute: bool = False,
-                 model_kwargs: dict | None = None) -> None:
+                 model_kwargs: dict | None = None, fidelity: str = "default", authors_init: bool = False) -> None:
         super().__init__()
         for name, v in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         self.task = check_task(task if task is not None else ClassificationTask(num_classes))
         num_classes = int(getattr(self.task, "num_classes", num_classes))
+        if fidelity not in FIDELITIES:
+            raise ConfigError(f"unknown fidelity {fidelity!r}; choose from {FIDELITIES}")
+        authors = fidelity == "authors"
+        if authors and lambda_schedule == "auto":
+            lambda_schedule = "stage"
         options = dict(base=base, init=init, lambda_schedule=lambda_schedule, classifier=infopro_classifier,
                        lambdas=lambdas, heads=infopro_heads, recompute_ema=ema_recompute)
+        if authors:  # rules that do not take these ignore them
+            options.update(authors_stem_head=True, supcon_anchors="all")
         rule = create_rule(method, options, strict=rule_options, task=self.task)
         self.rule, self.method = rule, method
         # blocks before its own that a block's loss reaches (0: gradient-isolated; HPFF's window: 1)
@@ -151,6 +169,9 @@ class LocalLearner(nn.Module):
         self._build_blocks(backbone, units, unit_ids, shapes, grad_checkpoint)
         self._build_auxes(backbone, units, unit_ids, shapes)
         register_norm_buffers(self, in_channels, norm_mean, norm_std)
+        self.fidelity = fidelity
+        if authors_init or authors:
+            init_weights(self)  # the authors' global re-init: every conv and norm layer, auxes included
         if channels_last:
             self.to(memory_format=torch.channels_last)
 

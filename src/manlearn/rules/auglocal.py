@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.layers import GlobalAvgPool
-from .base import AuxContext, LocalBatch, Rule, register_rule
+from .base import AuxContext, LocalBatch, Rule, loss_precision, register_rule
 from .vit_aux import is_token_shape
 
 
@@ -115,7 +115,7 @@ class AugLocalAux(nn.Module):
 
     def forward(self, h: torch.Tensor, batch: LocalBatch) -> torch.Tensor:
         logits = self.fc(self.norm(self.pool(self.units(h))))
-        logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+        logits = loss_precision(logits)
         y = batch.y.to(logits.dtype) if batch.y.is_floating_point() else batch.y
         return F.cross_entropy(logits, y)
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AuxContext, LocalBatch, Rule, register_rule
+from .base import AuxContext, LocalBatch, Rule, loss_precision, register_rule
 from ..errors import ConfigError
 from .heads import DGL_HEADS, DGLHead, DGLMLPSRHead
 from .vit_aux import TokenCEAux, TokenClassifier, is_token_shape
@@ -48,7 +48,8 @@ class ClassifierAux(nn.Module):
 
     def forward(self, h: torch.Tensor, batch: LocalBatch) -> torch.Tensor:
         out = self.head(h)
-        return F.cross_entropy(out if out.dtype in (torch.float32, torch.float64) else out.float(), batch.y)
+        out = loss_precision(out)
+        return F.cross_entropy(out, batch.y.to(out.dtype) if batch.y.is_floating_point() else batch.y)
 
 
 @register_rule

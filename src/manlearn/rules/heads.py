@@ -188,11 +188,19 @@ class InfoProClassifier(nn.Module):
         return self.fc(self.features(h))
 
 
-def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+SUPCON_ANCHORS = ("positive", "all")
+
+
+def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07,
+                anchors: str = "positive") -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al.) for one view per sample, fully batched.
 
-    ``features`` are L2-normalised. Anchors without any positive in the batch are left out.
+    ``features`` are L2-normalised. ``anchors="positive"`` averages over the anchors that have a positive
+    in the batch (the others are left out); ``"all"`` averages over every anchor, one without a positive
+    contributing 0 (the authors' MAN++ code): the two differ by the factor (anchors with a positive)/B.
     """
+    if anchors not in SUPCON_ANCHORS:
+        raise ValueError(f"unknown SupCon anchors {anchors!r}; choose from {SUPCON_ANCHORS}")
     n = features.shape[0]
     logits = features @ features.T / temperature
     self_mask = torch.eye(n, dtype=torch.bool, device=features.device)
@@ -205,4 +213,6 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float
     per_anchor = -pos_log_prob[has_pos] / n_pos[has_pos]
     if per_anchor.numel() == 0:
         return features.sum() * 0.0
+    if anchors == "all":
+        return per_anchor.sum() / n
     return per_anchor.mean()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .base import AuxContext, LocalBatch, Rule, create_rule, register_rule
+from .base import AuxContext, LocalBatch, Rule, create_rule, loss_precision, register_rule
 from .infopro import InfoProAux
 
 HPFF_BASES = ("dgl", "infopro")
@@ -77,7 +77,7 @@ class HPFFAux(nn.Module):
 
     def forward(self, h: torch.Tensor, batch: LocalBatch) -> torch.Tensor:
         logits = self.base.classify(h)
-        logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+        logits = loss_precision(logits)
         y = batch.y.to(logits.dtype) if batch.y.is_floating_point() else batch.y
         own = F.cross_entropy(logits, y)
         return self.own_weight * own + (1.0 - self.own_weight) * self.base(self.window_output(h, batch), batch)

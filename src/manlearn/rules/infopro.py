@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .base import AuxContext, LocalBatch, Rule, register_rule
-from .heads import INFOPRO_CLASSIFIERS, InfoProClassifier, InfoProDecoder, supcon_loss
+from .base import AuxContext, LocalBatch, Rule, loss_precision, register_rule
+from .heads import INFOPRO_CLASSIFIERS, SUPCON_ANCHORS, InfoProClassifier, InfoProDecoder, supcon_loss
 from .heads_imagenet import ImageNetInfoProClassifier, ImageNetInfoProDecoder
 
 #: ``auto`` (default): ``stage`` when K >= 6 (where it leaves no local block at λ = 0), else ``linear``;
@@ -68,7 +68,7 @@ class InfoProAux(nn.Module):
 
     def __init__(self, channels: int, ctx: AuxContext, lambdas: tuple[float, float], contrast: bool,
                  classifier: str, temperature: float, feature_dim: int = 128, heads: str = "cifar",
-                 feature_size: int | None = None) -> None:
+                 feature_size: int | None = None, supcon_anchors: str = "positive") -> None:
         super().__init__()
         out = feature_dim if contrast else ctx.num_classes
         if heads == "imagenet":
@@ -80,6 +80,7 @@ class InfoProAux(nn.Module):
             self.classifier = InfoProClassifier(channels, out, classifier)
         self.contrast = contrast
         self.temperature = temperature
+        self.supcon_anchors = supcon_anchors
         self.lambda_x, self.lambda_y = float(lambdas[0]), float(lambdas[1])
 
     def classify(self, h: torch.Tensor) -> torch.Tensor:
@@ -94,13 +95,16 @@ class InfoProAux(nn.Module):
             loss_x = own_loss(h, batch)
         else:
             recon = self.decoder(h, batch.image_hw)
-            loss_x = F.binary_cross_entropy_with_logits(recon.float(), batch.image01)
+            recon = loss_precision(recon)
+            loss_x = F.binary_cross_entropy_with_logits(recon, batch.image01.to(recon.dtype))
         out = self.classifier(h)
         if self.contrast:
             labels = batch.y if not batch.y.is_floating_point() else batch.y.argmax(dim=1)  # soft targets
-            loss_y = supcon_loss(F.normalize(out.float(), dim=1), labels, self.temperature)
+            loss_y = supcon_loss(F.normalize(loss_precision(out), dim=1), labels, self.temperature,
+                                 self.supcon_anchors)
         else:
-            loss_y = F.cross_entropy(out, batch.y)
+            out = loss_precision(out)
+            loss_y = F.cross_entropy(out, batch.y.to(out.dtype) if batch.y.is_floating_point() else batch.y)
         return self.lambda_x * loss_x + self.lambda_y * loss_y
 
 
@@ -115,7 +119,12 @@ class InfoProRule(Rule):
 
     def __init__(self, lambda_schedule: str = "auto",
                  lambdas: tuple[float, float, float, float] | None = None,
-                 classifier: str = "2c2f", temperature: float = 0.07, heads: str = "auto") -> None:
+                 classifier: str = "2c2f", temperature: float = 0.07, heads: str = "auto",
+                 supcon_anchors: str = "positive", authors_stem_head: bool = False) -> None:
+        """``supcon_anchors``: ``positive`` (anchors with a positive) or ``all`` (every anchor, the authors'
+        MAN++ code). ``authors_stem_head``: the auxiliary network of a block that is the stem alone gets the
+        classifier the authors' MAN++ code builds there — ``1c2f`` with a 128-d output trained by SupCon —
+        whatever the other blocks use (SPEC 2.3)."""
         if lambda_schedule not in LAMBDA_SCHEDULES:
             raise ConfigError(f"unknown lambda_schedule {lambda_schedule!r}; choose from {LAMBDA_SCHEDULES}")
         if classifier not in INFOPRO_CLASSIFIERS:
@@ -124,7 +133,11 @@ class InfoProRule(Rule):
             raise ConfigError("lambdas must be (λ1_first, λ2_first, λ1_last, λ2_last)")
         if heads not in INFOPRO_HEADS:
             raise ConfigError(f"unknown infopro_heads {heads!r}; choose from {INFOPRO_HEADS}")
+        if supcon_anchors not in SUPCON_ANCHORS:
+            raise ConfigError(f"unknown supcon_anchors {supcon_anchors!r}; choose from {SUPCON_ANCHORS}")
         self.lambda_schedule = lambda_schedule
+        self.supcon_anchors = supcon_anchors
+        self.authors_stem_head = bool(authors_stem_head)
         # None: the default of the heads in use (5/0.5 -> 0/0 for cifar, constant 5/0.75 for imagenet)
         self.lambdas = None if lambdas is None else tuple(float(v) for v in lambdas)
         self.heads = heads
@@ -152,8 +165,12 @@ class InfoProRule(Rule):
                 f"block would never learn. Use lambda_schedule='auto' (default: 'stage' from K={STAGE_MIN_K}, else "
                 "'linear') or 'linear' (r = i/(K-1), zero only at the final block), or non-zero final lambdas")
         heads = resolve_heads(self.heads, ctx.image_size)
-        return InfoProAux(c, ctx, lambdas, self.contrast, self.classifier, self.temperature, heads=heads,
-                          feature_size=shape[-1])
+        contrast, classifier = self.contrast, self.classifier
+        stem_alone = ctx.index == 0 and ctx.next_unit_index == 0
+        if self.authors_stem_head and stem_alone and heads == "cifar":
+            contrast, classifier = True, "1c2f"  # the authors' defaults, used because their code passes none
+        return InfoProAux(c, ctx, lambdas, contrast, classifier, self.temperature, heads=heads,
+                          feature_size=shape[-1], supcon_anchors=self.supcon_anchors)
 
 
 @register_rule
