@@ -126,6 +126,8 @@ def _model_kwargs(name: str) -> tuple[dict, int]:
     tags = manlearn.models.model_tags(name)
     if "vit" in tags:
         return dict(dim=16, depth=4, heads=2), (32 if "cifar" in tags else 64)
+    if "vgg" in tags:
+        return {}, 16  # four 2x2 max-pools
     if "cifar" in tags:
         return {}, 8
     if name.startswith("resnext"):

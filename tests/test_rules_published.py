@@ -205,3 +205,20 @@ def test_hpff_reports_a_block_done_only_when_no_later_loss_reaches_it():
             torch.testing.assert_close(p.grad, g)
     with pytest.raises(ConfigError, match="greedy"):
         LocalLearner("resnet20", method="hpff", base="greedy", K=3, image_size=16)
+
+
+def test_predsim_vgg_backbones_follow_the_original_configs():
+    for name, widths in [("vgg8b", [128, 256, 256, 512, 512, 512]),
+                         ("vgg11b", [128, 128, 128, 256, 256, 512, 512, 512, 512])]:
+        model = manlearn.create_model(name, num_classes=10)
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        assert [c.out_channels for c in convs] == widths and all(c.kernel_size == (3, 3) for c in convs)
+        assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 4
+        linears = [m for m in model.head.modules() if isinstance(m, nn.Linear)]
+        assert [(l.in_features, l.out_features) for l in linears] == [(512 * 2 * 2, 1024), (1024, 10)]
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    learner = LocalLearner("vgg8b", method="predsim", K=6, num_classes=10, image_size=32,
+                           rule_options={"feature_budget": 2048})
+    assert learner.auxes[0].pred.in_features <= 2048
+    with pytest.raises(ConfigError, match="image_size"):
+        manlearn.create_model("vgg8b", image_size=8)
