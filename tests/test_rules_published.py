@@ -54,7 +54,7 @@ def test_predsim_trains_and_refuses_what_it_cannot_do():
     out = learner.train_step(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]))
     assert len(out.losses) == 3
     with pytest.raises(ConfigError, match="per-block"):
-        LocalLearner("resnet20", method="predsim", K=3, image_size=16, rule_options={"optimizer": "per-block"})
+        LocalLearner("resnet20", method="predsim", K=3, image_size=16, rule_options={"optimizer": "adam"})
     from manlearn.listing import methods_table
 
     assert "PredSim" in methods_table()
@@ -205,6 +205,55 @@ def test_hpff_reports_a_block_done_only_when_no_later_loss_reaches_it():
             torch.testing.assert_close(p.grad, g)
     with pytest.raises(ConfigError, match="greedy"):
         LocalLearner("resnet20", method="hpff", base="greedy", K=3, image_size=16)
+
+
+def _per_block(**options) -> LocalLearner:
+    torch.manual_seed(0)
+    return LocalLearner("resnet20", method="predsim", K=3, image_size=16, num_classes=3,
+                        rule_options={"optimizer": "per-block", **options}).double()
+
+
+def test_predsim_per_block_adam_steps_inside_the_step_and_leaves_the_rest_to_the_run():
+    """The original variant: each local block and its heads take one Adam step of their own loss inside
+    train_step (their gradients are then cleared); the last piece keeps its gradient for the run's
+    optimiser."""
+    import copy
+
+    learner = _per_block(block_lr=1e-2)
+    ref = copy.deepcopy(learner)
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0])
+    learner.train_step(x, y)
+    batch, inp = LocalBatch(x, y), x
+    for k in range(ref.K - 1):
+        h = ref.blocks[k](inp)
+        params = ref.auxes[k].trained_parameters()
+        opt = torch.optim.Adam(params, lr=1e-2)
+        opt.zero_grad()
+        ref.auxes[k](h, batch).backward()
+        opt.step()
+        inp = h.detach()
+        for mine, want in zip(learner.auxes[k].trained_parameters(), params):
+            torch.testing.assert_close(mine, want, rtol=1e-12, atol=1e-12)
+            assert mine.grad is None
+    assert all(p.grad is not None for p in learner.blocks[-1].parameters())
+    assert learner.auxes[0].steps == 1
+
+
+def test_predsim_per_block_state_resumes_exactly_and_decays_at_milestones():
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0])
+    one = _per_block(block_lr_milestones=(2,), block_lr_decay=0.5)
+    for _ in range(2):
+        one.train_step(x, y)
+    assert one.auxes[0].block_optimizer.param_groups[0]["lr"] == pytest.approx(2.5e-4)
+    two = _per_block(block_lr_milestones=(2,), block_lr_decay=0.5)
+    two.load_state_dict(one.state_dict())
+    assert two.auxes[0].steps == 2 and two.auxes[0].block_optimizer.param_groups[0]["lr"] == pytest.approx(2.5e-4)
+    one.train_step(x, y)
+    two.train_step(x, y)
+    for a, b in zip(one.parameters(), two.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_predsim_vgg_backbones_follow_the_original_configs():

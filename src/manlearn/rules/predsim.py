@@ -11,6 +11,7 @@ property; nothing here gathers across ranks).
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -96,21 +97,79 @@ class PredSimAux(nn.Module):
         return self.beta * sim + (1.0 - self.beta) * pred
 
 
+class PerBlockPredSimAux(PredSimAux):
+    """The original code's variant: the block and this auxiliary network have their own Adam, stepped
+    right after the block's backward (inside ``train_step``); their gradients are then cleared, so the
+    run's optimiser (which still lists them) skips them and only trains the last piece and the head.
+
+    The Adam state and step count travel in ``state_dict`` (checkpoints resume exactly). The learning
+    rate is multiplied by ``lr_decay`` at each step count in ``lr_milestones`` (the original decays at
+    epochs: give the matching step counts). Not for data parallelism (each rank would step on its own
+    gradients: refused) nor an fp16 GradScaler (Adam would see scaled gradients).
+    """
+
+    def __init__(self, shape: tuple[int, int, int], num_classes: int, feature_budget: int, beta: float,
+                 block: nn.Module, lr: float, lr_milestones: tuple[int, ...], lr_decay: float) -> None:
+        super().__init__(shape, num_classes, feature_budget, beta)
+        self._block = (block,)  # not a submodule: the block belongs to the backbone
+        self.lr, self.lr_milestones, self.lr_decay = float(lr), tuple(int(m) for m in lr_milestones), float(lr_decay)
+        self.steps = 0
+        self._optimizer: torch.optim.Adam | None = None
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """The block's parameters, then this auxiliary network's: what the block's own Adam steps."""
+        return [p for p in (*self._block[0].parameters(), *self.parameters()) if p.requires_grad]
+
+    @property
+    def block_optimizer(self) -> torch.optim.Adam:
+        if self._optimizer is None:
+            self._optimizer = torch.optim.Adam(self.trained_parameters(), lr=self.lr)
+        return self._optimizer
+
+    def after_backward(self, momentum: float) -> None:
+        """Step the block's own Adam, then clear the gradients it consumed."""
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise ConfigError("predsim optimizer='per-block' steps each block's Adam inside the step, before any "
+                              "gradient averaging: not available under data parallelism; use optimizer='shared'")
+        self.block_optimizer.step()
+        for p in self.trained_parameters():
+            p.grad = None
+        self.steps += 1
+        if self.steps in self.lr_milestones:
+            for group in self.block_optimizer.param_groups:
+                group["lr"] *= self.lr_decay
+
+    def get_extra_state(self) -> dict:
+        return {"steps": self.steps, "optimizer": self.block_optimizer.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        # a copy: Optimizer.load_state_dict keeps tensors of matching dtype/device as they are, which would
+        # share the moments with the learner the state came from
+        self.block_optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+
+
 @register_rule
 class PredSimRule(Rule):
     """``predsim``: pred + sim heads per block, loss 0.99·sim + 0.01·pred (the ResNet adaptation:
     feature budget 512, one optimiser for everything)."""
 
     name = "predsim"
-    summary = "PredSim: 0.99 * similarity-matrix MSE + 0.01 * pooled linear CE per block (optimizer=shared)"
+    summary = ("PredSim: 0.99 * similarity-matrix MSE + 0.01 * pooled linear CE per block "
+               "(optimizer=shared | per-block: the original's own Adam per block)")
 
-    def __init__(self, feature_budget: int = 512, beta: float = 0.99, optimizer: str = "shared") -> None:
+    def __init__(self, feature_budget: int = 512, beta: float = 0.99, optimizer: str = "shared",
+                 block_lr: float = 5e-4, block_lr_milestones: tuple[int, ...] = (), block_lr_decay: float = 0.25) -> None:
+        """``optimizer="per-block"``: the original code's own Adam per block (``block_lr``, decayed by
+        ``block_lr_decay`` at the step counts ``block_lr_milestones``), stepped inside the step; the run's
+        optimiser then trains only the last piece and the head (the original recipe: Adam, lr 5e-4)."""
         if optimizer not in PREDSIM_OPTIMIZERS:
             raise ConfigError(f"unknown predsim optimizer {optimizer!r}; choose from {PREDSIM_OPTIMIZERS}")
-        if optimizer == "per-block":
-            raise ConfigError("predsim optimizer='per-block' (the original code's Adam per block, stepped inside "
-                              "the forward pass) is not implemented yet; optimizer='shared' is the ResNet "
-                              "adaptation (one optimiser for all parameters)")
+        if not float(block_lr) > 0:
+            raise ConfigError(f"predsim block_lr must be positive, got {block_lr!r}")
+        self.block_lr, self.block_lr_decay = float(block_lr), float(block_lr_decay)
+        self.block_lr_milestones = tuple(int(m) for m in block_lr_milestones)
         if isinstance(feature_budget, bool) or not isinstance(feature_budget, int) or feature_budget < 1:
             raise ConfigError(f"predsim feature_budget must be a positive integer, got {feature_budget!r}")
         if not 0.0 <= float(beta) <= 1.0:
@@ -123,4 +182,9 @@ class PredSimRule(Rule):
             raise ConfigError(f"predsim needs feature maps (C, H, W); local block {ctx.index} outputs "
                               f"{shape} (tokens?)")
         ctx.require_labels(self.name)
+        if self.optimizer == "per-block":
+            if len(ctx.blocks) != ctx.index + 1:
+                raise ConfigError("predsim optimizer='per-block' needs the learner's blocks in its AuxContext")
+            return PerBlockPredSimAux(shape, ctx.num_classes, self.feature_budget, self.beta, ctx.blocks[ctx.index],
+                                      self.block_lr, self.block_lr_milestones, self.block_lr_decay)
         return PredSimAux(shape, ctx.num_classes, self.feature_budget, self.beta)
