@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from invariants import assert_block_grads_are_their_local_loss_grads
 from torch import nn
 
-import manlearn
 from manlearn import ConfigError, LocalLearner
 from manlearn.rules import LocalBatch
 from manlearn.rules.heads import InfoProClassifier, supcon_loss
@@ -106,3 +106,15 @@ def test_infopro_loss_in_float64_matches_the_definition_to_1e12(method):
         got = aux(h, LocalBatch(x, y, learner.norm_mean, learner.norm_std))
     assert got.dtype == torch.float64
     assert abs(got.item() - want.item()) < 1e-12
+
+
+@pytest.mark.parametrize("base", ["infopro", "dgl"])
+def test_fidelity_authors_trains_in_float64_with_isolated_blocks(base):
+    torch.manual_seed(0)
+    learner = LocalLearner("resnet20", method="manpp", base=base, K=10, image_size=16, num_classes=3,
+                           fidelity="authors").double()
+    x = torch.randn(6, 3, 16, 16, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    assert_block_grads_are_their_local_loss_grads(learner, x, y, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ConfigError, match=r"λ = \(0, 0\)"):  # the authors' stage schedule at K < 6 is refused
+        LocalLearner("resnet20", method="manpp", base="infopro", K=4, image_size=16, fidelity="authors")
