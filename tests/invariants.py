@@ -41,21 +41,33 @@ def assert_ema_is_m_old_plus_one_minus_m_source(learner, before, m: float) -> No
             torch.testing.assert_close(p, (m * o.double() + (1 - m) * s.double()).float(), rtol=1e-6, atol=1e-7)
 
 
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if a is None else a if b is None else a + b
+
+
 def own_loss_grads(learner, x: torch.Tensor, y) -> list[list[torch.Tensor | None]]:
-    """For every block, the gradient of its own loss alone, computed on the detached output of the
-    block before (and, for the last block, on detached earlier feature taps)."""
+    """For every block, the gradient it receives: its own loss, computed on the detached output of the
+    block before (and, for the last block, on detached earlier feature taps), plus — for a rule whose loss
+    reaches back (``Rule.reaches_back``, HPFF's window: 1) — the losses of the next ``reaches_back``
+    blocks, and nothing else."""
     ref = copy.deepcopy(learner)
+    back = ref.reaches_back
     torch.manual_seed(7)  # dropout (DeepLab's ASPP) draws the same masks as the step compared against
     batch = LocalBatch(x, y, ref.norm_mean, ref.norm_std)
-    inp, taps, out = x, [], []
+    inp, taps = x, []
+    out: list[list[torch.Tensor | None]] = [[None] * len(list(b.parameters())) for b in ref.blocks]
     for k in range(ref.K):
+        batch.block_inputs[k] = inp.detach()
         h, own = ref.run_block_taps(k, inp.detach())
         if k == ref.K - 1:
             loss = ref.task.loss(ref.head_forward(h, [t.detach() for t in taps] + own), y, batch.image_hw)
         else:
             loss = ref.auxes[k](h, batch)
-        params = list(ref.blocks[k].parameters())
-        out.append(list(torch.autograd.grad(loss, params, allow_unused=True)))
+        reached = range(max(0, k - back), k + 1) if k < ref.K - 1 else range(k, k + 1)
+        params = [list(ref.blocks[j].parameters()) for j in reached]
+        grads = iter(torch.autograd.grad(loss, [p for ps in params for p in ps], allow_unused=True))
+        for j, ps in zip(reached, params):
+            out[j] = [_add(a, next(grads)) for a in out[j]]
         taps += own
         inp = h
     return out

@@ -104,7 +104,7 @@ def test_override_without_equals_is_refused():
     ("amp=fp8", "amp"),
     ("device=gpu", "device"),
     ("init=zeros", "init"),
-    ("lambda_schedule=linear", "lambda_schedule"),
+    ("lambda_schedule=cosine", "lambda_schedule"),
     ("epochs=0", "epochs"),
     ("batch_size=0", "batch_size"),
     ("train_limit=0", "train_limit"),
@@ -326,3 +326,10 @@ def test_configs_of_earlier_versions_are_upgraded():
     cfg = config_from_dict(upgrade_config_dict(old_cls))
     assert (cfg.eval_limit, cfg.eval_every_epochs, cfg.lr, cfg.task.name) == (7, 2, 0.3, "classification")
     assert upgrade_config_dict(config_to_dict(cfg)) == config_to_dict(cfg)  # today's shape: unchanged
+
+
+def test_lambda_schedules_are_the_rules_own():
+    from manlearn.config import LAMBDA_SCHEDULES
+    from manlearn.rules.infopro import LAMBDA_SCHEDULES as RULES
+
+    assert LAMBDA_SCHEDULES == RULES

@@ -172,7 +172,7 @@ def test_published_tables_and_refusals():
 def test_infopro_heads_choice_and_lambdas():
     assert resolve_heads("auto", 224) == "imagenet" and resolve_heads("auto", 32) == "cifar"
     assert resolve_heads("auto", 96) == "cifar"
-    cifar = make("resnet18", "infopro", K=3, infopro_heads="cifar", lambda_schedule="module")
+    cifar = make("resnet18", "infopro", K=3, infopro_heads="cifar", lambda_schedule="linear")
     assert type(cifar.auxes[0].decoder).__name__ == "InfoProDecoder"
     assert (cifar.auxes[0].lambda_x, cifar.auxes[0].lambda_y) == (5.0, 0.5)
     custom = make("resnet18", "infopro", K=3, lambdas=(1.0, 2.0, 1.0, 2.0))

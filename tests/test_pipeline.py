@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(not gloo_available(), reason="torch.distributed 
 
 
 def cfg_(out_dir, **kw) -> TrainConfig:
-    base = dict(dataset="digits", model="resnet20", method="infopro", K=4, lambda_schedule="module",
+    base = dict(dataset="digits", model="resnet20", method="infopro", K=4, lambda_schedule="linear",
                 train_limit=128, eval_limit=100, batch_size=32, eval_batch_size=100, epochs=2, lr=0.05,
                 device="cpu", out_dir=str(out_dir), log_every=0, progress=False, pipeline_workers=2,
                 pipeline_timeout_s=30.0)

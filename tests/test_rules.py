@@ -12,7 +12,7 @@ from manlearn.rules.momentum import ema_update_
 
 
 def test_registry_lists_every_rule():
-    assert set(manlearn.list_rules()) == {"e2e", "greedy", "dgl", "infopro", "infopro-contrast", "man", "manpp"}
+    assert set(manlearn.list_rules()) >= {"e2e", "greedy", "dgl", "infopro", "infopro-contrast", "man", "manpp", "predsim"}
 
 
 def lambdas(learner):
@@ -23,24 +23,37 @@ def lambdas(learner):
 def test_stage_schedule_uses_the_stage_of_the_next_unit():
     learner = LocalLearner(model="resnet32", method="manpp", base="infopro", K=16, image_size=8)
     got = lambdas(learner)
-    # aux i is followed by unit i (stem module): stages 1 x5, 2 x5, 3 x5 -> r = stage / 14
-    want = [(5 * (1 - s / 14), 0.5 * (1 - s / 14)) for s in [1] * 5 + [2] * 5 + [3] * 5][:15]
+    # aux i is followed by unit i (stem module): stages 1 x5, 2 x5, 3 x5 -> r = stage / 14; the stem's aux
+    # alone gets r = 0 (the authors' code hard-codes it): λ = (5, 0.5), not 13/14 of it
+    want = [(5.0, 0.5)] + [(5 * (1 - s / 14), 0.5 * (1 - s / 14)) for s in [1] * 4 + [2] * 5 + [3] * 5]
     assert got == [(round(a, 6), round(b, 6)) for a, b in want]
+    assert lambdas(LocalLearner(model="resnet32", method="manpp", base="infopro", K=16, image_size=8,
+                                lambda_schedule="stage")) == got  # auto is stage at K >= 6
 
 
-def test_module_schedule_decays_to_zero_at_the_last_local_block():
+def test_module_schedule_is_refused_when_it_silences_the_last_local_block():
+    """InfoPro's module schedule gives its last local block λ = (0, 0): refused unless the final weights
+    are non-zero; with them, r = i/(K-2)."""
+    with pytest.raises(manlearn.ConfigError, match="local block 6 of K=8"):
+        LocalLearner(model="resnet32", method="infopro", K=8, stem_module=False, image_size=8,
+                     lambda_schedule="module")
     learner = LocalLearner(model="resnet32", method="infopro", K=8, stem_module=False, image_size=8,
-                           lambda_schedule="module")
+                           lambda_schedule="module", lambdas=(5.0, 0.5, 1.0, 0.1))
+    assert [g[0] for g in lambdas(learner)] == [round(5 * (1 - i / 6) + 1.0 * i / 6, 6) for i in range(7)]
+
+
+@pytest.mark.parametrize("K", [3, 4, 5])
+def test_small_k_default_leaves_no_block_silent_and_explicit_stage_is_refused(K):
+    """At K < 6 the authors' stage schedule reaches r = 1 before the last local block (at K=4 two of
+    three local blocks never learn): the default is then 'linear' (r = i/(K-1)), and an explicit 'stage'
+    that silences a block is refused."""
+    learner = LocalLearner(model="resnet20", method="infopro", K=K, image_size=8)
     got = lambdas(learner)
-    assert got[0] == (5.0, 0.5) and got[-1] == (0.0, 0.0)
-    assert [g[0] for g in got] == [round(5 * (1 - i / 6), 6) for i in range(7)]
-
-
-def test_small_k_schedule_never_gives_negative_weights():
-    with pytest.warns(UserWarning, match="zero loss"):
-        learner = LocalLearner(model="resnet20", method="infopro", K=4, image_size=8)
-    assert all(a >= 0 and b >= 0 for a, b in lambdas(learner))
-    two = LocalLearner(model="resnet20", method="infopro", K=2, image_size=8)
+    assert all(a > 0 and b > 0 for a, b in got)
+    assert got == [(round(5 * (1 - i / (K - 1)), 6), round(0.5 * (1 - i / (K - 1)), 6)) for i in range(K - 1)]
+    with pytest.raises(manlearn.ConfigError, match=r"λ = \(0, 0\)"):
+        LocalLearner(model="resnet20", method="infopro", K=K, image_size=8, lambda_schedule="stage")
+    two = LocalLearner(model="resnet20", method="infopro", K=2, image_size=8, lambda_schedule="stage")
     assert lambdas(two) == [(5.0, 0.5)]
 
 
@@ -111,3 +124,30 @@ def test_factorized_decoder_is_upsample_then_conv(c, s, image):
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     assert saved[0] < saved[1]
+
+
+def test_dgl_mlp_sr_head_is_dgls_own():
+    """DGL's own head (Belilovsky et al., MLP-SR): pool to ceil(H/4), 3 x 1x1 conv C->C without bias,
+    pool 2x2, 3 x Linear(4C, 4C)+BN1d, Linear to classes."""
+    from manlearn.rules.heads import DGLMLPSRHead
+
+    head = DGLMLPSRHead(16, 10)
+    convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)]
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.bias) for c in convs] == [(16, 16, (1, 1), None)] * 3
+    assert [(l.in_features, l.out_features) for l in linears] == [(64, 64)] * 3 + [(64, 10)]
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in head.modules()) == 3
+    assert head(torch.randn(3, 16, 32, 32)).shape == (3, 10)
+    assert head(torch.randn(3, 16, 3, 3)).shape == (3, 10)  # ceil(3/4) = 1, then 2x2
+    learner = LocalLearner("resnet20", method="dgl", K=3, image_size=16, rule_options={"head": "mlp-sr"})
+    assert isinstance(learner.auxes[0].head, DGLMLPSRHead)
+    assert isinstance(LocalLearner("resnet20", method="dgl", K=3, image_size=16).auxes[0].head, DGLHead)
+    with pytest.raises(manlearn.ConfigError, match="mlp-sr"):
+        LocalLearner("resnet20", method="dgl", K=3, image_size=16, rule_options={"head": "mlp"})
+
+
+def test_dgl_summary_names_its_heads():
+    from manlearn.listing import methods_table
+
+    text = methods_table()
+    assert "mlp-sr" in text and "manpp" in text

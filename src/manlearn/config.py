@@ -65,7 +65,7 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine-warmup", "cosine-iter", "constant", "step-warmup")
 AMP_MODES = ("off", "bf16", "fp16")
 INITS = ("copy", "random")
-LAMBDA_SCHEDULES = ("stage", "module")
+LAMBDA_SCHEDULES = ("auto", "stage", "module", "linear")  # = manlearn.rules.infopro.LAMBDA_SCHEDULES (tested)
 INFOPRO_HEADS = ("auto", "cifar", "imagenet")
 DIST_BACKENDS = ("auto", "gloo", "nccl")
 DETECTION_FORMATS = ("coco",)
@@ -193,7 +193,9 @@ class TrainConfig:
     stem_module: bool = True  # MAN++: the stem is its own local piece
     momentum: float = 0.995  # EMA momentum of the momentum auxiliary network
     init: str = "copy"  # ema/lb start as copies of the next unit ("random" = authors' code)
-    lambda_schedule: str = "stage"  # InfoPro λ interpolation: stage | module
+    # InfoPro λ interpolation: auto (stage from K=6, linear below: no block left with a zero loss) | stage
+    # (MAN code) | module (InfoPro code) | linear; a schedule that zeroes a block's loss is refused
+    lambda_schedule: str = "auto"
     # InfoPro heads: auto (imagenet for inputs >= 128 px) | cifar (λ 5/0.5 -> 0/0) | imagenet (deeper
     # decoder/classifier, constant λ 5/0.75; SPEC 2.2)
     infopro_heads: str = "auto"

@@ -26,6 +26,10 @@ from .split import Split, ends_from_stage_cuts, resolve_split, stage_ends
 from .tasks import ClassificationTask, check_task
 
 
+#: ``default``: the methods as intended; ``authors``: the authors' MAN++ code's exact computation (SPEC 2.3)
+FIDELITIES = ("default", "authors")
+
+
 class StepOutput:
     """Result of :meth:`LocalLearner.train_step`.
 
@@ -112,29 +116,45 @@ class LocalLearner(nn.Module):
             activations (same gradients, one more ema forward per step, less memory).
         blocks_in_flight: 1 (default) runs a step's blocks in sequence; N > 1 overlaps each block's local
             loss and backward with the next blocks' forwards in worker threads (same results).
+        fidelity: ``default`` (what the methods intend) or ``authors``: the authors' MAN++ CIFAR computation
+            exactly (SPEC 2.3): ``authors_init``, the InfoPro options ``authors_stem_head=True`` and
+            ``supcon_anchors="all"``, and ``lambda_schedule="stage"`` unless one is given (the stem's own
+            λ = (5, 0.5) holds under every schedule). Each item is also its own option.
+        authors_init: after building, re-initialise every Conv2d of the whole learner (backbone, ema/lb
+            units, auxiliary heads and decoders) with N(0, sqrt(2/(k·k·C_out))) and every norm layer with
+            weight 1 / bias 0, as the authors' code does (so ema and lb start random, not as copies).
     """
 
     def __init__(self, model: str | nn.Module = "resnet32", method: str = "manpp", base: str | None = None,
                  K: int = 16, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, *,
                  task: Any = None, split: str | Sequence = "auto", stage_cuts: Sequence[int] | None = None,
                  stem_module: bool | None = None, momentum: float = 0.995,
-                 init: str = "copy", lambda_schedule: str = "stage", infopro_classifier: str = "2c2f",
+                 init: str = "copy", lambda_schedule: str = "auto", infopro_classifier: str = "2c2f",
                  lambdas: tuple[float, float, float, float] | None = None, infopro_heads: str = "auto",
                  rule_options: dict | None = None,
                  norm_mean: Sequence[float] | None = None, norm_std: Sequence[float] | None = None,
                  amp_dtype: torch.dtype | None = None, channels_last: bool = False,
                  grad_checkpoint: bool = False, ema_recompute: bool = False, blocks_in_flight: int = 1,
-                 model_kwargs: dict | None = None) -> None:
+                 model_kwargs: dict | None = None, fidelity: str = "default", authors_init: bool = False) -> None:
         super().__init__()
         for name, v in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         self.task = check_task(task if task is not None else ClassificationTask(num_classes))
         num_classes = int(getattr(self.task, "num_classes", num_classes))
+        if fidelity not in FIDELITIES:
+            raise ConfigError(f"unknown fidelity {fidelity!r}; choose from {FIDELITIES}")
+        authors = fidelity == "authors"
+        if authors and lambda_schedule == "auto":
+            lambda_schedule = "stage"
         options = dict(base=base, init=init, lambda_schedule=lambda_schedule, classifier=infopro_classifier,
                        lambdas=lambdas, heads=infopro_heads, recompute_ema=ema_recompute)
+        if authors:  # rules that do not take these ignore them
+            options.update(authors_stem_head=True, supcon_anchors="all")
         rule = create_rule(method, options, strict=rule_options, task=self.task)
         self.rule, self.method = rule, method
+        # blocks before its own that a block's loss reaches (0: gradient-isolated; HPFF's window: 1)
+        self.reaches_back = int(getattr(rule, "reaches_back", 0))
         self.base = getattr(rule, "base_name", None)
         self.momentum = momentum  # validated by the property setter
         self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
@@ -153,6 +173,9 @@ class LocalLearner(nn.Module):
         self._build_blocks(backbone, units, unit_ids, shapes, grad_checkpoint)
         self._build_auxes(backbone, units, unit_ids, shapes)
         register_norm_buffers(self, in_channels, norm_mean, norm_std)
+        self.fidelity = fidelity
+        if authors_init or authors:
+            init_weights(self)  # the authors' global re-init: every conv and norm layer, auxes included
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
@@ -217,7 +240,8 @@ class LocalLearner(nn.Module):
                              next_shape=shapes[nxt + 1], next_stage=unit_ids[nxt][0] if unit_ids else None,
                              num_classes=self.num_classes, in_channels=self.in_channels, image_size=self.image_size,
                              reinit=reinit, following_unit=units[nxt + 1] if nxt + 1 < len(units) else None,
-                             task=self.task)
+                             task=self.task, later_units=units[nxt:], later_shapes=shapes[nxt + 1:],
+                             blocks=list(self.blocks[:i + 1]))
             auxes.append(self.rule.build_aux(ctx))
         self.auxes = nn.ModuleList(auxes)
 
@@ -353,9 +377,16 @@ class LocalLearner(nn.Module):
         """The task's post-processed predictions of the final head (class indices, boxes, label maps)."""
         return self.task.predict(self(x), (int(x.shape[-2]), int(x.shape[-1])))
 
+    def _keep_block_input(self, k: int, inp: torch.Tensor, batch: LocalBatch) -> None:
+        if self.reaches_back:  # a later block's loss re-runs this block on its own (detached) input
+            batch.block_inputs[k] = inp.detach()
+            for old in [j for j in batch.block_inputs if j < k - self.reaches_back]:
+                del batch.block_inputs[old]
+
     def forward_block(self, k: int, inp: torch.Tensor, batch: LocalBatch) -> torch.Tensor:
         """Block k's forward (with autograd) on ``inp``; its feature taps are appended, detached, to
         ``batch.taps``. The first half of :meth:`local_step`, for schedulers that overlap blocks."""
+        self._keep_block_input(k, inp, batch)
         with self.autocast(inp):
             h, taps = self.run_block_taps(k, inp)
         if self.task.reads != "last":
@@ -386,6 +417,7 @@ class LocalLearner(nn.Module):
         if k < self.K - 1:
             h = self.forward_block(k, inp, batch)
             return h.detach(), self.local_loss(k, h, batch, grad_scale)
+        self._keep_block_input(k, inp, batch)
         with self.autocast(inp):
             h, taps = self.run_block_taps(k, inp)
             out = self.head_forward(h, batch.taps + taps)
@@ -432,17 +464,27 @@ class LocalLearner(nn.Module):
             self.zero_grad(set_to_none=True)
         x = self.prepare_input(x)
         batch = LocalBatch(x, y, self.norm_mean, self.norm_std)
-        if self._blocks_in_flight > 1 and self.K > 2:
+        # a rule whose loss reaches earlier blocks (HPFF) writes their gradients from two losses: in sequence
+        if self._blocks_in_flight > 1 and self.K > 2 and not self.reaches_back:
             h, losses = overlapped_step(self, x, batch, grad_scale, after_block, self._blocks_in_flight)
         else:
-            h, losses = x, []
-            for k in range(self.K):
-                h, loss = self.local_step(k, h, batch, grad_scale)
-                losses.append(loss)
-                if after_block is not None:
-                    after_block(k)
+            h, losses = self._sequential_step(x, batch, grad_scale, after_block)
         wide = torch.float64 if any(v.dtype == torch.float64 for v in losses) else torch.float32
         return StepOutput(h, torch.stack([v.to(wide) for v in losses]))
+
+    def _sequential_step(self, x: torch.Tensor, batch: LocalBatch, grad_scale: torch.Tensor | None,
+                         after_block: Callable[[int], None] | None) -> tuple[Any, list[torch.Tensor]]:
+        h, losses = x, []
+        back = self.reaches_back  # block k's gradients are final once block k + back's loss is done
+        for k in range(self.K):
+            h, loss = self.local_step(k, h, batch, grad_scale)
+            losses.append(loss)
+            if after_block is not None and k >= back:
+                after_block(k - back)
+        if after_block is not None:
+            for k in range(max(0, self.K - back), self.K):
+                after_block(k)
+        return h, losses
 
     def compile_parts(self, **compile_kwargs) -> "LocalLearner":
         """``torch.compile`` every block, auxiliary network and the head in place (state_dict keys

@@ -1,7 +1,7 @@
 """Local-learning rules: one small class per rule, one interface (:class:`Rule`)."""
 from .base import (AuxContext, LocalBatch, Rule, create_rule, get_rule_class, list_base_rules, list_rules,
                    register_rule)
-from . import e2e, greedy, infopro, momentum  # noqa: F401  (register the rules)
+from . import auglocal, e2e, greedy, hpff, infopro, momentum, predsim  # noqa: F401  (register the rules)
 from .greedy import TaskLoss
 from .momentum import MomentumAux, ViTMomentumAux, check_momentum, ema_update_
 

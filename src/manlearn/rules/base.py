@@ -20,6 +20,13 @@ from torch import nn
 from ..errors import ConfigError
 
 
+def loss_precision(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the precision a loss is computed in: float64 and float32 stay as they are, lower
+    precision (bf16/fp16 under autocast) is upcast to float32 — never a downcast of float64, so a
+    float64 run can be compared to 1e-12."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 @dataclass
 class LocalBatch:
     """What every auxiliary network may look at: the (normalised) input, the targets, and the
@@ -34,6 +41,9 @@ class LocalBatch:
     #: final head reads several stages)
     taps: list[torch.Tensor] = field(default_factory=list, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: detached input of block k, kept by the learner only for rules whose loss reaches earlier blocks
+    #: (``Rule.reaches_back`` > 0: HPFF re-runs block k-1 on its own input), and only as far back as needed
+    block_inputs: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def image_hw(self) -> tuple[int, int]:
@@ -46,9 +56,9 @@ class LocalBatch:
 
     def _image01_locked(self) -> torch.Tensor:
         if self._image01 is None:
-            img = self.x.float()
+            img = self.x if self.x.dtype == torch.float64 else self.x.float()  # never downcast float64
             if self.mean is not None and self.std is not None:
-                img = img * self.std.to(img.device) + self.mean.to(img.device)
+                img = img * self.std.to(img.device, img.dtype) + self.mean.to(img.device, img.dtype)
             self._image01 = img.clamp(0.0, 1.0)  # never in place: img may be the input itself
         return self._image01
 
@@ -84,6 +94,13 @@ class AuxContext:
     # the unit after next_unit (MAN++'s ViT auxiliary network copies it as lb1), None at the network's end
     following_unit: nn.Module | None = None
     task: Any = None                # the learner's task (local head, loss, whether targets are class labels)
+    # every unit after the block (next_unit first) and each one's output shape: rules whose auxiliary
+    # network follows the rest of the backbone's architecture (AugLocal) read them; never trained through
+    later_units: list[nn.Module] = field(default_factory=list)
+    later_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    # the learner's blocks up to and including this one (blocks[index] is the block this aux trains): a rule
+    # whose loss reaches earlier blocks (Rule.reaches_back) re-runs them; hold them as references, not submodules
+    blocks: list[nn.Module] = field(default_factory=list)
 
     def stride(self, shape: tuple[int, ...]) -> int:
         """Input pixels per feature-map pixel for a ``(C, H, W)`` shape (what a task's local head needs)."""
@@ -107,13 +124,17 @@ class Rule:
 
     Class attributes: ``name`` (the method name), ``modifier`` (wraps a ``base`` rule, like MAN),
     ``single_block`` (no local blocks at all: K is 1, like ``e2e``), ``summary`` (one line for
-    ``manlearn list``).
+    ``manlearn list``), ``reaches_back`` (how many blocks before its own a block's local loss sends
+    gradient to: 0 for gradient-isolated blocks; 1 for HPFF's two-block window. The learner then keeps
+    those blocks' detached inputs in ``LocalBatch.block_inputs`` and reports a block's gradients as final
+    to ``after_block`` only once no later loss can reach it).
     """
 
     name: str = "base"
     modifier: bool = False
     single_block: bool = False
     summary: str = ""
+    reaches_back: int = 0
 
     def build_aux(self, ctx: AuxContext, h_shape: tuple[int, ...] | None = None) -> nn.Module:
         raise NotImplementedError

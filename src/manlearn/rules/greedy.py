@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AuxContext, LocalBatch, Rule, register_rule
-from .heads import DGLHead
+from .base import AuxContext, LocalBatch, Rule, loss_precision, register_rule
+from ..errors import ConfigError
+from .heads import DGL_HEADS, DGLHead, DGLMLPSRHead
 from .vit_aux import TokenCEAux, TokenClassifier, is_token_shape
 
 
@@ -41,9 +42,14 @@ class ClassifierAux(nn.Module):
         super().__init__()
         self.head = head
 
+    def classify(self, h: torch.Tensor) -> torch.Tensor:
+        """Class logits of ``h`` (what HPFF's own-output CE term reads)."""
+        return self.head(h)
+
     def forward(self, h: torch.Tensor, batch: LocalBatch) -> torch.Tensor:
         out = self.head(h)
-        return F.cross_entropy(out if out.dtype in (torch.float32, torch.float64) else out.float(), batch.y)
+        out = loss_precision(out)
+        return F.cross_entropy(out, batch.y.to(out.dtype) if batch.y.is_floating_point() else batch.y)
 
 
 @register_rule
@@ -61,14 +67,23 @@ class GreedyRule(Rule):
 
 @register_rule
 class DGLRule(Rule):
-    """``dgl``: Decoupled Greedy Learning with the MAN++ CIFAR head."""
+    """``dgl``: Decoupled Greedy Learning. ``head="manpp"`` (default): the MAN++ CIFAR head (SPEC 2.1);
+    ``head="mlp-sr"``: DGL's own head (SPEC 2.4). Results differ by head, so name it with them."""
 
     name = "dgl"
-    summary = "Decoupled Greedy Learning: a conv + MLP classifier per block (MAN++'s head)"
+    summary = "Decoupled Greedy Learning: a conv + MLP classifier per block; head=manpp (default, MAN++'s) | mlp-sr (DGL's own)"
+
+    def __init__(self, head: str = "manpp") -> None:
+        if head not in DGL_HEADS:
+            raise ConfigError(f"unknown DGL head {head!r}; choose from {', '.join(DGL_HEADS)} "
+                              "(manpp: MAN++'s CIFAR head; mlp-sr: DGL's own, Belilovsky et al.)")
+        self.head = head
 
     def build_aux(self, ctx: AuxContext, h_shape=None) -> nn.Module:
         shape = h_shape or ctx.h_shape
         ctx.require_labels(self.name)
         if is_token_shape(shape):
             return TokenCEAux(TokenClassifier(shape[-1], ctx.num_classes))
+        if self.head == "mlp-sr":
+            return ClassifierAux(DGLMLPSRHead(shape[0], ctx.num_classes))
         return ClassifierAux(DGLHead(shape[0], ctx.num_classes))

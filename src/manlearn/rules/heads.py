@@ -33,6 +33,33 @@ class DGLHead(nn.Sequential):
         super().__init__(*layers)
 
 
+class DGLMLPSRHead(nn.Module):
+    """DGL's own auxiliary classifier, "MLP-SR" (Belilovsky et al. 2020, their code's
+    ``auxillary_classifier2`` with 3 conv and 3 MLP layers): adaptive-avg-pool to ceil(H/4), three
+    [1x1 conv C->C without bias, BN, ReLU], adaptive-avg-pool 2x2, flatten, three [Linear, BN1d, ReLU]
+    of width 4C, Linear to classes. MAN++'s CIFAR head (:class:`DGLHead`) is a different network,
+    which is why every DGL result must name its head."""
+
+    def __init__(self, channels: int, num_classes: int, convs: int = 3, mlp_layers: int = 3) -> None:
+        super().__init__()
+        self.convs = nn.Sequential(*[m for _ in range(convs) for m in _conv_bn_relu(channels, channels, 1)])
+        width = 4 * channels  # C x 2 x 2 after the last pool
+        layers: list[nn.Module] = []
+        for _ in range(mlp_layers):
+            layers += [nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
+        layers.append(nn.Linear(width, num_classes))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        side = -(-int(h.shape[-1]) // 4), -(-int(h.shape[-2]) // 4)
+        out = F.adaptive_avg_pool2d(h, (side[1], side[0]))
+        out = F.adaptive_avg_pool2d(self.convs(out), 2)
+        return self.mlp(out.flatten(1))
+
+
+DGL_HEADS = ("manpp", "mlp-sr")
+
+
 def bilinear_matrix(n_out: int, n_in: int, device=None, dtype=None) -> torch.Tensor:
     """(n_out, n_in) matrix of 1-D bilinear interpolation with ``align_corners=True``."""
     m = torch.zeros(n_out, n_in, dtype=torch.float64)
@@ -161,11 +188,19 @@ class InfoProClassifier(nn.Module):
         return self.fc(self.features(h))
 
 
-def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+SUPCON_ANCHORS = ("positive", "all")
+
+
+def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07,
+                anchors: str = "positive") -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al.) for one view per sample, fully batched.
 
-    ``features`` are L2-normalised. Anchors without any positive in the batch are left out.
+    ``features`` are L2-normalised. ``anchors="positive"`` averages over the anchors that have a positive
+    in the batch (the others are left out); ``"all"`` averages over every anchor, one without a positive
+    contributing 0 (the authors' MAN++ code): the two differ by the factor (anchors with a positive)/B.
     """
+    if anchors not in SUPCON_ANCHORS:
+        raise ValueError(f"unknown SupCon anchors {anchors!r}; choose from {SUPCON_ANCHORS}")
     n = features.shape[0]
     logits = features @ features.T / temperature
     self_mask = torch.eye(n, dtype=torch.bool, device=features.device)
@@ -178,4 +213,6 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float
     per_anchor = -pos_log_prob[has_pos] / n_pos[has_pos]
     if per_anchor.numel() == 0:
         return features.sum() * 0.0
+    if anchors == "all":
+        return per_anchor.sum() / n
     return per_anchor.mean()

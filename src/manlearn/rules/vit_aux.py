@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LocalBatch
+from .base import LocalBatch, loss_precision
 
 
 def is_token_shape(shape: tuple[int, ...]) -> bool:
@@ -47,4 +47,4 @@ class TokenCEAux(nn.Module):
         self.classifier = classifier
 
     def forward(self, h: torch.Tensor, batch: LocalBatch) -> torch.Tensor:
-        return F.cross_entropy(self.classifier(self.blocks(h)).float(), batch.y)
+        return F.cross_entropy(loss_precision(self.classifier(self.blocks(h))), batch.y)
