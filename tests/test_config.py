@@ -333,3 +333,16 @@ def test_lambda_schedules_are_the_rules_own():
     from manlearn.rules.infopro import LAMBDA_SCHEDULES as RULES
 
     assert LAMBDA_SCHEDULES == RULES
+
+
+def test_fidelity_and_authors_init_reach_the_learner():
+    """`fidelity=authors` in a config builds the authors' computation (their stem head: 1c2f SupCon)."""
+    from manlearn.train import build_learner
+
+    info = type("Info", (), {"num_classes": 10, "in_channels": 3, "image_size": 32, "mean": (0.5,) * 3,
+                             "std": (0.5,) * 3})()
+    plain = build_learner(apply_overrides(TrainConfig(), ["K=16"]), info)
+    authors = build_learner(apply_overrides(TrainConfig(), ["K=16", "fidelity=authors"]), info)
+    assert plain.auxes[0].heads.contrast is False and authors.auxes[0].heads.contrast is True
+    with pytest.raises(ConfigError, match="fidelity"):
+        apply_overrides(TrainConfig(), ["fidelity=paper"])

@@ -241,6 +241,9 @@ class TrainConfig:
     # > 1: overlap each block's local loss/backward with the next blocks' forwards (worker threads); same
     # results, up to this many blocks' activations alive at once (manlearn.concurrency)
     blocks_in_flight: int = 1
+    # default (what the methods intend) | authors: the authors' MAN++ CIFAR computation exactly (SPEC 2.3)
+    fidelity: str = "default"
+    authors_init: bool = False  # the authors' conv/BN initialisation of the whole learner (one item of fidelity)
     grad_checkpoint: bool = False
 
     # --- scaling out (issue #4; docs/scaling.md; classification) ------------------------------
@@ -846,6 +849,7 @@ def _validate_choices(p: list[str], cfg: TrainConfig) -> None:
         _one_of(p, "base", cfg.base, bases)
     _one_of(p, "init", cfg.init, INITS)
     _one_of(p, "lambda_schedule", cfg.lambda_schedule, LAMBDA_SCHEDULES)
+    _one_of(p, "fidelity", cfg.fidelity, ("default", "authors"))
     _one_of(p, "infopro_heads", cfg.infopro_heads, INFOPRO_HEADS)
     _one_of(p, "optimizer", cfg.optimizer, OPTIMIZERS)
     _one_of(p, "schedule", cfg.schedule, SCHEDULES)

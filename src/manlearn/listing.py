@@ -46,7 +46,8 @@ def methods_table() -> str:
     rows = []
     for name in list_rules():
         cls = get_rule_class(name)
-        takes = "base=" + "|".join(list_base_rules()) if cls.modifier else ""
+        bases = getattr(cls, "bases", None) or list_base_rules()  # a modifier may take only some bases
+        takes = "base=" + "|".join(bases) if cls.modifier else ""
         doc = (cls.__doc__ or "").strip().splitlines()
         rows.append((name, takes, cls.summary or (doc[0].replace("``", "") if doc else "")))
     return "methods:\n" + format_table(("name", "takes", "what"), rows)

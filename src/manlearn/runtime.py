@@ -13,7 +13,7 @@ import torch
 
 from manlearn.errors import ConfigError
 
-__all__ = ["resolve_device", "seed_everything", "amp_dtype", "derive_seed", "epoch_order", "step_generator"]
+__all__ = ["resolve_device", "seed_everything", "amp_dtype", "loss_precision", "derive_seed", "epoch_order", "step_generator"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -82,3 +82,10 @@ def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The augmentation RNG of training step ``step`` (a pure function of (seed, step): exact resume)."""
     return torch.Generator().manual_seed(derive_seed(TAG_AUG, seed, step))
+
+
+def loss_precision(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the precision a loss is computed in: float64 and float32 stay as they are, lower precision
+    (bf16/fp16 under autocast) is upcast to float32 — never a downcast of float64, so a float64 run can be
+    compared to 1e-12. The one place rules and tasks take this decision."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()

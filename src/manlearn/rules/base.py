@@ -18,13 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-
-
-def loss_precision(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in the precision a loss is computed in: float64 and float32 stay as they are, lower
-    precision (bf16/fp16 under autocast) is upcast to float32 — never a downcast of float64, so a
-    float64 run can be compared to 1e-12."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+from ..runtime import loss_precision  # noqa: F401  (re-exported)
 
 
 @dataclass

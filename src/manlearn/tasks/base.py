@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..runtime import loss_precision  # noqa: F401  (re-exported)
 
 #: ``last``: the final head reads the last unit's output; ``stages``: every stage's output (FPN, DeepLabV3+).
 READS = ("last", "stages")
@@ -67,6 +68,3 @@ def check_task(task: Any) -> Any:
     return task
 
 
-def loss_precision(t: torch.Tensor) -> torch.Tensor:
-    """Losses are computed in float32 for low-precision outputs, never downcasting float64."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()

@@ -474,13 +474,16 @@ class Trainer:
         cfg = self.cfg
         lr_ = self.learner
         n_params = sum(p.numel() for p in trainable_parameters(lr_))
-        method = cfg.method + (f"/{cfg.base}" if cfg.method in ("man", "manpp") and not cfg.is_dense else "")
+        method = cfg.method + (f"/{lr_.base}" if getattr(lr_, "base", None) else "")
         if cfg.is_dense:
             widths = f" widths {cfg.task.model_widths}" if cfg.task.model_widths else ""
             cut = f"{type(lr_.task).__name__}, cuts {getattr(lr_, 'stage_cuts', None)}"
         else:
             widths = ""
             cut = f"split {getattr(getattr(lr_, 'split', None), 'source', cfg.split)}"
+        authors_k = getattr(getattr(lr_, "rule", None), "authors_k", None)  # AugLocal counts its K differently
+        if callable(authors_k):
+            cut += f"; the authors' K={authors_k(lr_.K)}"
         total = total_steps(cfg, self.steps_per_epoch)
         length = f"{cfg.iterations} iterations" if cfg.iterations else f"{cfg.epochs} epochs"
         self._say(f"manlearn {cfg.task.name}: {cfg.model}{widths} {method} K={getattr(lr_, 'K', cfg.K)} ({cut}) | "

@@ -113,6 +113,10 @@ def make_plan(cfg: TrainConfig) -> PipelinePlan:
     cpu_cfg = dataclasses.replace(cfg, device="cpu", amp="off", compile=False)
     seed_everything(cfg.seed)
     probe = build_learner(cpu_cfg, train.info, "cpu")
+    if getattr(probe, "reaches_back", 0):
+        raise ConfigError(f"method={cfg.method}: its loss re-runs earlier blocks (a window reaching "
+                          f"{probe.reaches_back} block(s) back), which a pipeline worker does not hold; train it "
+                          "without pipeline_workers")
     if probe.K < P:
         raise ConfigError(f"pipeline_workers={P} is more than the K={probe.K} blocks")
     costs = block_costs(probe)
