@@ -346,3 +346,17 @@ def test_fidelity_and_authors_init_reach_the_learner():
     assert plain.auxes[0].heads.contrast is False and authors.auxes[0].heads.contrast is True
     with pytest.raises(ConfigError, match="fidelity"):
         apply_overrides(TrainConfig(), ["fidelity=paper"])
+
+
+def test_rule_options_from_the_command_line_reach_the_rule():
+    from manlearn.train import build_learner
+
+    cfg = apply_overrides(TrainConfig(), ["method=auglocal", "K=4", "rule_options={depth: 3}"])
+    assert cfg.rule_options == {"depth": 3}
+    info = type("Info", (), {"num_classes": 10, "in_channels": 3, "image_size": 32, "mean": (0.5,) * 3,
+                             "std": (0.5,) * 3})()
+    assert build_learner(cfg, info).rule.depth == 3
+    with pytest.raises(ConfigError, match="takes no option 'dept'"):
+        build_learner(apply_overrides(TrainConfig(), ["method=auglocal", "K=4", "rule_options={dept: 3}"]), info)
+    with pytest.raises(ConfigError, match="rule_options.*mapping"):
+        apply_overrides(TrainConfig(), ["rule_options=[1, 2]"])

@@ -32,7 +32,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import yaml
 
@@ -179,6 +179,9 @@ class TrainConfig:
     # base rule of man/manpp: any of manlearn.list_base_rules(); the default infopro needs class labels, so
     # detection / segmentation take their task's default (greedy: the task's local head) unless set
     base: str = "infopro"
+    # further options of the rule in use, e.g. {depth: 2} for auglocal, {head: mlp-sr} for dgl (command line:
+    # rule_options="{depth: 2}"); a key no rule in use takes is refused when the learner is built
+    rule_options: Dict[str, Any] = field(default_factory=dict)
     # your own code to import first (module names or .py paths): rules, tasks, models registered there
     # become valid names here (``imports=[my_rules.py]``, or ``manlearn --import my_rules.py``)
     imports: List[str] = field(default_factory=list)
@@ -309,6 +312,8 @@ def _type_name(tp: Any) -> str:
         if len(args) == 2 and args[1] is Ellipsis:
             return f"tuple of {_type_name(args[0])}"
         return "(" + ", ".join(_type_name(a) for a in args) + ")"
+    if origin in (dict, Dict):
+        return "mapping of key: value"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -350,6 +355,22 @@ def _coerce_sequence(value: Any, tp: Any) -> Any:
     if args and len(args) != len(value):
         raise _Mismatch
     return tuple(_coerce(v, a) for v, a in zip(value, args)) if args else tuple(value)
+
+
+def _coerce_mapping(value: Any, tp: Any) -> dict:
+    """A mapping: from YAML (``{depth: 2}`` on the command line) or already a dict; keys are strings."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise _Mismatch from None
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise _Mismatch
+    args = typing.get_args(tp)
+    item = args[1] if len(args) == 2 else Any
+    return {k: _coerce(v, item) for k, v in value.items()}
 
 
 def _coerce_bool(value: Any) -> bool:
@@ -409,6 +430,8 @@ def _coerce(value: Any, tp: Any) -> Any:
         return _coerce_union(value, tp)
     if origin in (list, List, tuple, Tuple):
         return _coerce_sequence(value, tp)
+    if origin in (dict, Dict):
+        return _coerce_mapping(value, tp)
     if tp in _SCALARS:
         return _SCALARS[tp](value)
     raise _Mismatch  # pragma: no cover - a field type this module does not know

@@ -112,5 +112,6 @@ def build_learner(cfg: TrainConfig, info: Any, device: torch.device | str = "cpu
         model=cfg.model, method=method, base=base, K=cfg.K, task=task, momentum=cfg.momentum, init=cfg.init,
         lambda_schedule=cfg.lambda_schedule, infopro_heads=cfg.infopro_heads, amp_dtype=amp_dtype(cfg.amp, dev),
         channels_last=cfg.channels_last, ema_recompute=cfg.ema_recompute, blocks_in_flight=cfg.blocks_in_flight,
-        fidelity=cfg.fidelity, authors_init=cfg.authors_init, **kwargs)
+        fidelity=cfg.fidelity, authors_init=cfg.authors_init, rule_options=dict(cfg.rule_options) or None,
+        **kwargs)
     return learner.to(dev)
