@@ -18,7 +18,6 @@ nobody else reads; here block k's auxiliary network may still be reading it).
 from __future__ import annotations
 
 import threading
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -62,19 +61,31 @@ def _in_hooks(hooks: tuple[Any, Any] | None, fn: Callable, *args: Any) -> Any:
 def overlapped_step(learner: Any, x: torch.Tensor, batch: Any, grad_scale: torch.Tensor | None,
                     after_block: Callable[[int], None] | None, blocks_in_flight: int) -> tuple[Any, list[torch.Tensor]]:
     """One training step of ``learner`` with up to ``blocks_in_flight`` blocks in flight; returns (the final
-    head's detached outputs, one detached loss per block), as the sequential loop of ``train_step`` does."""
+    head's detached outputs, one detached loss per block), as the sequential loop of ``train_step`` does.
+
+    The main thread runs the forwards in order. After block k's forward its auxiliary work goes to a worker
+    when one is free; when all ``blocks_in_flight - 1`` workers are busy the main thread does it itself
+    instead of waiting (so no thread idles while work is ready), then goes on with block k+1.
+    """
     K, n = learner.K, max(2, int(blocks_in_flight))
     total = torch.get_num_threads()
     share = max(1, total // n)
     pool = _pool(n - 1, share)
-    pending: deque[tuple[int, Future]] = deque()
+    pending: dict[int, Future] = {}
     losses: list[torch.Tensor | None] = [None] * K
+    reported = 0
 
-    def finish_oldest() -> None:
-        k, fut = pending.popleft()
-        losses[k] = fut.result()
-        if after_block is not None:
-            after_block(k)
+    def collect(block_until: int | None = None) -> None:
+        """Take finished auxiliary work (waiting for block ``block_until`` and all before it); report blocks
+        to ``after_block`` in order, as far as they are all done."""
+        nonlocal reported
+        for k in sorted(pending):
+            if pending[k].done() or (block_until is not None and k <= block_until):
+                losses[k] = pending.pop(k).result()
+        while reported < K - 1 and losses[reported] is not None:
+            if after_block is not None:
+                after_block(reported)
+            reported += 1
 
     hooks = _current_saved_tensor_hooks()
     torch.set_num_threads(share)
@@ -82,15 +93,16 @@ def overlapped_step(learner: Any, x: torch.Tensor, batch: Any, grad_scale: torch
         h_in = x
         for k in range(K - 1):
             h = learner.forward_block(k, h_in, batch)
-            while len(pending) >= n - 1:
-                finish_oldest()
-            pending.append((k, pool.submit(_in_hooks, hooks, learner.local_loss, k, h, batch, grad_scale)))
+            collect()
+            if len(pending) < n - 1:
+                pending[k] = pool.submit(_in_hooks, hooks, learner.local_loss, k, h, batch, grad_scale)
+            else:  # every worker is busy: do this block's auxiliary work here rather than wait
+                losses[k] = learner.local_loss(k, h, batch, grad_scale)
             h_in = h.detach()
         out, losses[K - 1] = learner.local_step(K - 1, h_in, batch, grad_scale)
-        while pending:
-            finish_oldest()
+        collect(block_until=K - 2)
     finally:
-        for _, fut in pending:  # an error above: let the workers finish before the graphs are dropped
+        for fut in pending.values():  # an error above: let the workers finish before the graphs are dropped
             try:
                 fut.result()
             except Exception:  # noqa: BLE001 - the first error is the one raised
