@@ -23,6 +23,7 @@ Checkpoints are atomic (``last.pt`` is replaced, never truncated), written at ev
 from __future__ import annotations
 
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ import manlearn
 from manlearn.config import TrainConfig, config_to_dict, config_to_yaml, validate
 from manlearn.distributed import GradReducer, average_buffers, broadcast_state
 from manlearn.distributed.dist import setup_from_env
-from manlearn.errors import CheckpointError, ConfigError
+from manlearn.errors import CheckpointError, ConfigError, DivergenceError
 from manlearn.memory import PeakMemory, peak_rss_bytes
 
 from .build import amp_dtype, build_learner, resolve_device, seed_everything
@@ -128,6 +129,7 @@ class Trainer:
             self.learner.compile_parts()  # blocks, auxiliary networks and head (LocalLearner.compile_parts)
         self.optimizer = build_optimizer(cfg, self.learner)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+        self._grad_params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def _reset_position(self) -> None:
         """Position and history of a fresh run (what _restore overwrites on resume)."""
@@ -143,6 +145,8 @@ class Trainer:
         self.train_time = 0.0
         self.steps_timed = 0
         self.peak_mem_saved: int | None = None
+        self.skipped = 0  # steps whose update was dropped for a non-finite loss / gradient (nonfinite=skip)
+        self._saved_step: int | None = None  # the step of the checkpoint on disk written or read by this run
         self._win_time = 0.0
         self._win_images = 0
         self._pm: Any = None
@@ -265,6 +269,7 @@ class Trainer:
             "train_time_s": self.train_time,
             "steps_timed": self.steps_timed,
             "peak_mem_bytes": self._peak(),
+            "nonfinite_skipped": self.skipped,
             **self.run.checkpoint_fields(),
         }
         if not self.cfg.is_dense:  # the names earlier versions (and their readers) use
@@ -278,9 +283,74 @@ class Trainer:
         statistics are averaged over the ranks, rank 0 writes)."""
         if self.dist.enabled:
             average_buffers(self.learner)
-            if not self.dist.is_main:
-                return self.ckpt_path
-        return save_checkpoint(self.ckpt_path, self.state())
+        self._check_finite_weights()  # never replace a finite checkpoint by a diverged one
+        if self.dist.enabled and not self.dist.is_main:
+            return self.ckpt_path
+        path = save_checkpoint(self.ckpt_path, self.state())
+        self._saved_step = self.step
+        return path
+
+    # ------------------------------------------------------------------ divergence
+    def _kept(self) -> str:
+        """What is on disk: the checkpoint this run last wrote (or resumed from), and its step."""
+        if self._saved_step is not None:
+            return f"{self.ckpt_path} (step {self._saved_step}) is kept"
+        return "no checkpoint was written yet"
+
+    def _param_names(self) -> dict[int, str]:
+        return {id(p): n for n, p in self.learner.named_parameters()}
+
+    def _block_of(self, name: str) -> str:
+        m = re.match(r"(blocks|auxes)\.(\d+)\.", name)
+        if m:
+            return f"block {int(m.group(2))}"
+        return f"block {getattr(self.learner, 'K', 1) - 1}" if name.startswith("head.") else "the learner"
+
+    def _nonfinite_grad(self) -> str | None:
+        """None when every gradient is finite (one fused norm per tensor list, one host sync); else the name of
+        the first parameter whose gradient is not."""
+        grads = [p.grad for p in self._grad_params if p.grad is not None]
+        if not grads:
+            return None
+        norms = torch._foreach_norm(grads, math.inf)  # max |g|: NaN or inf exactly when a value is (no overflow)
+        if bool(torch.isfinite(torch.stack(norms)).all()):
+            return None
+        names = self._param_names()
+        for p in self._grad_params:
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                return names.get(id(p), "?")
+        return "?"  # pragma: no cover
+
+    def _check_finite_weights(self) -> None:
+        state = [v for v in self.learner.state_dict().values() if v.is_floating_point()]
+        if not state or bool(torch.isfinite(torch.stack(torch._foreach_norm(state, math.inf))).all()):
+            return
+        bad = next(n for n, v in self.learner.state_dict().items() if v.is_floating_point()
+                   and not bool(torch.isfinite(v).all()))
+        raise DivergenceError(f"training diverged before step {self.step}: the weight {bad} ({self._block_of(bad)}) is "
+                              f"not finite, so it is not saved; {self._kept()}. Lower lr or lengthen the warm-up")
+
+    def _nonfinite_step(self, losses: list[float], lr: float) -> bool:
+        """Whether this step's losses and gradients are finite; a non-finite one stops the run (``nonfinite=stop``,
+        :class:`DivergenceError`) or drops the step's update (``skip``, counted). fp16 with a gradient scaler
+        leaves overflowing gradients to the scaler, which skips those steps itself."""
+        if self.scaler is not None:
+            return False
+        bad = next((k for k, v in enumerate(losses) if not math.isfinite(v)), None)
+        if bad is not None:
+            what = f"the loss of block {bad} is {losses[bad]}"
+        else:
+            name = self._nonfinite_grad()
+            if name is None:
+                return False
+            what = f"the gradient of {name} ({self._block_of(name)}) is not finite"
+        if self.cfg.nonfinite == "skip":
+            self.skipped += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            self._say(f"step {self.step + 1}: {what} (lr {lr:.4g}); update skipped ({self.skipped} skipped so far)")
+            return True
+        raise DivergenceError(f"training diverged at step {self.step + 1}: {what} (lr {lr:.4g}); {self._kept()}. "
+                              "Lower lr or lengthen the warm-up (nonfinite=skip drops such steps instead)")
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         try:
@@ -309,6 +379,8 @@ class Trainer:
         self.train_time = float(ckpt.get("train_time_s", 0.0))
         self.steps_timed = int(ckpt.get("steps_timed", 0))
         self.peak_mem_saved = ckpt.get("peak_mem_bytes")
+        self.skipped = int(ckpt.get("nonfinite_skipped", 0))
+        self._saved_step = step
         restore_rng_state(ckpt.get("rng", {}))
 
     # ------------------------------------------------------------------ evaluation
@@ -368,21 +440,19 @@ class Trainer:
         else:
             losses = [float(v) for v in out.losses]
             counts = [int(c.item()) if isinstance(c, torch.Tensor) else c for c in counts]  # syncs the device
-        if self.scaler is None and not all(math.isfinite(v) for v in losses):
-            raise ConfigError(f"the training loss is not finite at step {self.step} (block losses {losses}, lr "
-                              f"{lr:.4g}): lower lr or lengthen the warm-up; {self.ckpt_path} keeps the last "
-                              "saved state")
+        skipped = self._nonfinite_step(losses, lr)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
+        elif not skipped:
             self.optimizer.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t
         self.step += 1
         self.batch += 1
-        self.meters.update(n=n, **self.run.step_stats(counts), **{f"loss{k}": v for k, v in enumerate(losses)})
+        if not skipped:
+            self.meters.update(n=n, **self.run.step_stats(counts), **{f"loss{k}": v for k, v in enumerate(losses)})
         self.meters.update(time=dt, images=n)
         self.train_time += dt
         self.steps_timed += 1
@@ -456,12 +526,12 @@ class Trainer:
             **self.run.window_fields(self.meters),
             **self.run.record_fields(m, self.best), "images_per_s": ips,
             "seconds_per_iter": t_ep / mt["time"].count if "time" in mt and mt["time"].count else None,
-            "peak_mem_bytes": self._peak(), "elapsed_s": self._elapsed(),
+            "peak_mem_bytes": self._peak(), "elapsed_s": self._elapsed(), "skipped_steps": self.skipped,
         }
         self._record(rec)
         train_acc = f"  train_acc {rec['train_acc']:.4f}" if rec.get("train_acc") is not None else ""
         self._say(f"epoch {e + 1}/{total_epochs(cfg, self.steps_per_epoch)}  step {self.step}  "
-                  f"loss {rec['loss']:.4f}{train_acc}  {self.run.eval_text(m)}  lr {rec['lr']:.4g}  "
+                  f"loss {'-' if rec['loss'] is None else format(rec['loss'], '.4f')}{train_acc}  {self.run.eval_text(m)}  lr {rec['lr']:.4g}  "
                   f"{(ips or 0):.0f} img/s")
         self.epoch += 1
         self.batch = 0
@@ -552,6 +622,7 @@ class Trainer:
             "peak_mem_kind": self.peak_mem_kind,
             "elapsed_s": self._elapsed(),
             "stopped_early": self.step < total,
+            "skipped_steps": self.skipped,
             "out_dir": str(self.out_dir),
             "checkpoint": str(self.ckpt_path),
         }
