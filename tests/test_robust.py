@@ -89,3 +89,149 @@ def test_cli_divergence_is_one_line_exit_3_and_last_checkpoint_finite(tmp_path):
     assert "training diverged at step" in errors[0] and "block" in errors[0]
     ckpt = load_checkpoint(tmp_path / CKPT_NAME)
     assert f"(step {ckpt['step']}) is kept" in errors[0] and all_finite(ckpt["model"])
+
+
+# ---------------------------------------------------------------------------- 2. Ctrl-C (real signals)
+
+# Run first in the child process: slows one moment down and touches a marker file when
+# it is reached, so the test can send SIGINT right then.
+SLOW_PLUGIN = '''
+import os, pathlib, time
+import torch
+from manlearn.memory import SavedTensorTracker
+from manlearn.train import trainer as _trainer
+from manlearn.train.task_runs import ClassificationRun
+
+MOMENT, AT = os.environ["ROBUST_MOMENT"], int(os.environ["ROBUST_AT"])
+MARKER, SLEEP = pathlib.Path(os.environ["ROBUST_MARKER"]), float(os.environ.get("ROBUST_SLEEP", "0.5"))
+state = {"step": -1, "saves": 0, "evals": 0}
+
+def reached():
+    MARKER.touch()
+
+_train_one = _trainer.Trainer._train_one
+def train_one(self, *a, **k):
+    state["step"] = self.step
+    return _train_one(self, *a, **k)
+_trainer.Trainer._train_one = train_one
+
+_pack = SavedTensorTracker._pack
+def pack(self, t):  # the activation tracker's hook: Python code in the hot path
+    if MOMENT == "step" and state["step"] == AT:
+        reached()
+        time.sleep(0.004)
+    return _pack(self, t)
+SavedTensorTracker._pack = pack
+
+_save = torch.save
+def save(*a, **k):
+    state["saves"] += 1
+    if MOMENT == "save" and state["saves"] == AT:
+        reached()
+        time.sleep(SLEEP)
+    return _save(*a, **k)
+torch.save = save
+
+_evaluate = ClassificationRun.evaluate
+def evaluate(self, learner):
+    state["evals"] += 1
+    if MOMENT == "eval" and state["evals"] == AT:
+        reached()
+        time.sleep(SLEEP)
+    return _evaluate(self, learner)
+ClassificationRun.evaluate = evaluate
+'''
+
+CTRL_C = dict(ckpt_every_steps=1, eval_every_steps=3)
+
+
+def records(path: Path) -> list[tuple]:
+    from manlearn.train import read_jsonl
+
+    return [(r["type"], r["step"], tuple(r.get("losses", ())), r.get("train_acc"), r.get("test_acc"))
+            for r in read_jsonl(path)]
+
+
+@pytest.fixture(scope="module")
+def ctrl_c_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ctrl_c_ref")
+    tr = Trainer(tiny(out, **CTRL_C))
+    tr.fit()
+    return {"model": {k: v.clone() for k, v in tr.learner.state_dict().items()},
+            "records": records(out / "metrics.jsonl")}
+
+
+def interrupt_run(tmp_path: Path, moment: str, at: int, signals: int = 1, sleep: float = 0.5,
+                  **kw) -> tuple[subprocess.CompletedProcess, float]:
+    """A CLI training run that receives ``signals`` real SIGINTs when ``moment`` number ``at`` is reached;
+    returns the finished process and the seconds from the last signal to its exit."""
+    import signal
+    import time
+
+    plugin, marker = tmp_path / "slow_plugin.py", tmp_path / "reached"
+    plugin.write_text(SLOW_PLUGIN)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", ROBUST_MOMENT=moment, ROBUST_AT=str(at),
+               ROBUST_MARKER=str(marker), ROBUST_SLEEP=str(sleep))
+    out = tmp_path / "run"
+    # the CLI's main with the plugin run first (not --import: the run's config would record it)
+    code = "import sys; exec(open(sys.argv[1]).read()); from manlearn.cli import main; sys.exit(main(sys.argv[2:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(plugin), "train", *cli_args(out, **{**CTRL_C, **kw})],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert marker.exists(), f"the run never reached the {moment}: {proc.communicate()[1]}"
+        for i in range(signals):
+            if i:
+                time.sleep(0.3)
+            proc.send_signal(signal.SIGINT)
+        t = time.time()
+        stdout, stderr = proc.communicate(timeout=120)
+        waited = time.time() - t
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), waited
+
+
+@pytest.mark.parametrize("moment, at, ckpt_every, step, line", [
+    # inside the activation tracker's hook, no periodic checkpoint: the interrupt writes step 2
+    ("step", 1, 0, 2, "interrupted: saved {ckpt} at step 2 (epoch 1, batch 2)"),
+    ("save", 2, 1, 2, "interrupted: saved {ckpt} at step 2 (epoch 1, batch 2)"),  # while last.pt is written
+    ("eval", 1, 0, 3, "interrupted during the evaluation at step 3: saved {ckpt} at step 3"),
+])
+def test_ctrl_c_saves_the_completed_step_exits_130_and_resumes_exactly(tmp_path, ctrl_c_reference, moment, at,
+                                                                      ckpt_every, step, line):
+    r, _ = interrupt_run(tmp_path, moment, at, ckpt_every_steps=ckpt_every)
+    ckpt = tmp_path / "run" / CKPT_NAME
+    assert r.returncode == 130, r.stderr
+    assert line.format(ckpt=ckpt) in r.stderr and "Traceback" not in r.stderr
+    assert load_checkpoint(ckpt)["step"] == step
+    tr = Trainer(tiny(tmp_path / "run", **CTRL_C), resume=True)
+    tr.fit()
+    ref = ctrl_c_reference["model"]
+    assert all(torch.equal(ref[k], v) for k, v in tr.learner.state_dict().items())
+    assert records(tmp_path / "run" / "metrics.jsonl") == ctrl_c_reference["records"]
+
+
+def test_second_ctrl_c_exits_at_once_keeping_the_last_checkpoint(tmp_path):
+    r, waited = interrupt_run(tmp_path, "save", 2, signals=2, sleep=30)
+    assert r.returncode == 130 and waited < 10, r.stderr
+    ckpt = tmp_path / "run" / CKPT_NAME
+    assert f"second Ctrl-C: stopped at once; {ckpt} (step 1) is kept" in r.stderr
+    assert load_checkpoint(ckpt)["step"] == 1
+
+
+def test_the_activation_tracker_runs_no_python_when_autograd_frees_a_tensor():
+    """A KeyboardInterrupt landing in a ``__del__`` is printed and swallowed by Python: the tracker has none
+    (its releases are queued by a builtin weak-reference callback) and still counts exactly."""
+    from manlearn.memory import SavedTensorTracker, _Held
+
+    assert not hasattr(_Held, "__del__")
+    x = torch.randn(64, 32, requires_grad=True)
+    with SavedTensorTracker() as tr:
+        y = (x * 2).sin()
+        assert tr.live == 64 * 32 * 4
+        y.sum().backward()
+    assert tr.live == 0 and tr.peak == 64 * 32 * 4

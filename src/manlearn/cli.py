@@ -35,9 +35,8 @@ def _fit(trainer: Any) -> dict[str, Any] | None:
     """``trainer.fit()``; None after Ctrl-C, having said where the last checkpoint is."""
     try:
         return trainer.fit()
-    except KeyboardInterrupt:
-        print(f"\ninterrupted at step {trainer.step}; the last checkpoint is {trainer.ckpt_path} "
-              "(continue with --resume)", file=sys.stderr)
+    except KeyboardInterrupt as e:  # the trainer's TrainingInterrupted says what was saved and at which step
+        print(f"\n{e}" if str(e) else f"\ninterrupted at step {trainer.step}", file=sys.stderr)
         return None
 
 

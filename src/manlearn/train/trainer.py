@@ -22,6 +22,7 @@ Checkpoints are atomic (``last.pt`` is replaced, never truncated), written at ev
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import sys
@@ -43,6 +44,7 @@ from .build import amp_dtype, build_learner, resolve_device, seed_everything
 from .data_parallel import ShardedLoader, sharded_evaluate
 from .checkpoint import (CKPT_FORMAT, CKPT_VERSION, capture_rng_state, check_resume_compatible, checkpoint_config,
                          eval_config, load_checkpoint, load_model_state, restore_rng_state, save_checkpoint)
+from .interrupt import DeferredInterrupt, TrainingInterrupted
 from .metrics import JsonlWriter, MetricLogger
 from .optim import build_optimizer, trainable_parameters
 from .schedule import lr_at, total_epochs, total_steps
@@ -147,6 +149,10 @@ class Trainer:
         self.peak_mem_saved: int | None = None
         self.skipped = 0  # steps whose update was dropped for a non-finite loss / gradient (nonfinite=skip)
         self._saved_step: int | None = None  # the step of the checkpoint on disk written or read by this run
+        self._intr: DeferredInterrupt | None = None  # Ctrl-C deferred to step boundaries (fit)
+        self._eval_pending = False  # an eval record interrupted by Ctrl-C: redone first on resume
+        self._in_eval_record = False
+        self._eval_interrupted = False
         self._win_time = 0.0
         self._win_images = 0
         self._pm: Any = None
@@ -270,6 +276,7 @@ class Trainer:
             "steps_timed": self.steps_timed,
             "peak_mem_bytes": self._peak(),
             "nonfinite_skipped": self.skipped,
+            "eval_pending": self._eval_pending,
             **self.run.checkpoint_fields(),
         }
         if not self.cfg.is_dense:  # the names earlier versions (and their readers) use
@@ -380,6 +387,7 @@ class Trainer:
         self.steps_timed = int(ckpt.get("steps_timed", 0))
         self.peak_mem_saved = ckpt.get("peak_mem_bytes")
         self.skipped = int(ckpt.get("nonfinite_skipped", 0))
+        self._eval_pending = bool(ckpt.get("eval_pending", False))
         self._saved_step = step
         restore_rng_state(ckpt.get("rng", {}))
 
@@ -392,7 +400,12 @@ class Trainer:
             acc, correct, total = sharded_evaluate(self.learner, self.run.test_loader, self.dist, self.device)
             m: dict[str, Any] = {"acc": acc, "correct": correct, "total": total}
         else:
-            m = self.run.evaluate(self.learner)
+            try:
+                with self._intr.immediate() if self._intr is not None else contextlib.nullcontext():
+                    m = self.run.evaluate(self.learner)  # (Ctrl-C may stop an evaluation at once)
+            except KeyboardInterrupt:
+                self._eval_interrupted = True
+                raise
         self.last_metrics = m
         self.last_eval_step = self.step
         head = m.get(self.run.headline)
@@ -404,7 +417,9 @@ class Trainer:
     def _eval_record(self) -> dict[str, Any]:
         """Evaluate now and record an ``eval`` line (an evaluation that is not part of an epoch's record)."""
         t = time.perf_counter()
+        self._in_eval_record = True
         m = self.evaluate()
+        self._in_eval_record = False
         rec = {"type": "eval", "step": self.step, "epoch": self.epoch, "batch": self.batch,
                **self.run.record_fields(m, self.best), "eval_s": time.perf_counter() - t,
                "elapsed_s": self._elapsed()}
@@ -470,6 +485,29 @@ class Trainer:
             self.save()
         for hook in self.hooks:
             hook(self)
+        if self._intr is not None and self._intr.requested:
+            self._stop_interrupted()
+
+    # ------------------------------------------------------------------ Ctrl-C
+    def _stop_interrupted(self) -> None:
+        """Ctrl-C was pressed during the step just completed: save that step (unless it is saved), stop."""
+        if self._saved_step != self.step:
+            self.save()
+        raise TrainingInterrupted(f"interrupted: saved {self.ckpt_path} at step {self.step} (epoch {self.epoch + 1}, "
+                                  f"batch {self.batch}); continue with --resume")
+
+    def _interrupted_elsewhere(self) -> TrainingInterrupted:
+        """A KeyboardInterrupt that did not come through the step-boundary check: an evaluation stopped at once
+        (the completed step is saved, that evaluation is redone on resume), or one raised where the state may
+        be half-updated (nothing saved)."""
+        if self._eval_interrupted:  # an evaluation changes nothing in the state until it returns
+            self._eval_pending = self._in_eval_record
+            self.save()
+            return TrainingInterrupted(f"interrupted during the evaluation at step {self.step}: saved "
+                                       f"{self.ckpt_path} at step {self.step} (epoch {self.epoch + 1}, batch "
+                                       f"{self.batch}); continue with --resume")
+        return TrainingInterrupted(f"interrupted at step {self.step}; {self._kept()}"
+                                   + (" (continue with --resume)" if self._saved_step is not None else ""))
 
     def _block_losses(self, window: bool) -> list[float]:
         """The per-block losses: over the recent steps (``window``) or the whole epoch."""
@@ -538,6 +576,8 @@ class Trainer:
         self.meters.reset()
         self._win_time, self._win_images = 0.0, 0
         self.save()
+        if self._intr is not None and self._intr.requested:
+            self._stop_interrupted()
 
     # ------------------------------------------------------------------ fit
     def _header(self) -> None:
@@ -642,10 +682,27 @@ class Trainer:
         total = total_steps(self.cfg, self.steps_per_epoch)
         stop_at = min(total, self.cfg.max_steps) if self.cfg.max_steps else total
         self._stop_at = stop_at
+        # Ctrl-C is deferred to step boundaries (one process; data parallel ranks keep Python's default)
+        self._intr = None if self.dist.enabled else DeferredInterrupt(self._kept)
+        try:
+            with self._intr if self._intr is not None else contextlib.nullcontext():
+                self._fit_inner(stop_at)
+        except TrainingInterrupted:
+            raise
+        except KeyboardInterrupt:
+            raise self._interrupted_elsewhere() from None
+        finally:
+            self._intr = None
+        return self._summary(total)
+
+    def _fit_inner(self, stop_at: int) -> None:
         self._begin_fit(stop_at)
         try:
             with self._memory_meter() as pm:
                 self._pm = pm
+                if self._eval_pending:  # the evaluation a Ctrl-C stopped before the checkpoint was written
+                    self._eval_record()
+                    self._eval_pending = False
                 self._train_until(stop_at)
                 peak = self._peak()
         finally:
@@ -657,7 +714,6 @@ class Trainer:
         if self.last_eval_step != self.step:
             self._eval_record()
         self.save()
-        return self._summary(total)
 
 
 def evaluate_checkpoint(path: str | Path, *, device: str = "auto", data_dir: str | None = None,
