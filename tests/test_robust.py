@@ -221,6 +221,10 @@ def test_second_ctrl_c_exits_at_once_keeping_the_last_checkpoint(tmp_path):
     ckpt = tmp_path / "run" / CKPT_NAME
     assert f"second Ctrl-C: stopped at once; {ckpt} (step 1) is kept" in r.stderr
     assert load_checkpoint(ckpt)["step"] == 1
+    leftovers = list(ckpt.parent.glob(".last.pt.*.tmp"))  # the write the process was killed in
+    assert leftovers
+    tr = Trainer(tiny(ckpt.parent, **CTRL_C), resume=True)  # the next start cleans it up
+    assert tr.step == 1 and not any(p.exists() for p in leftovers)
 
 
 def test_the_activation_tracker_runs_no_python_when_autograd_frees_a_tensor():
@@ -235,3 +239,67 @@ def test_the_activation_tracker_runs_no_python_when_autograd_frees_a_tensor():
         assert tr.live == 64 * 32 * 4
         y.sum().backward()
     assert tr.live == 0 and tr.peak == 64 * 32 * 4
+
+
+# ---------------------------------------------------------------------------- 3. overwrites
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "config.yaml", CKPT_NAME])
+def test_the_guard_covers_every_file_a_run_writes(tmp_path, name):
+    from manlearn.errors import CheckpointError
+
+    (tmp_path / name).write_text("an earlier run's")
+    with pytest.raises(CheckpointError, match=f"already holds .*{name}.* of an earlier run"):
+        Trainer(tiny(tmp_path))
+    assert (tmp_path / name).read_text() == "an earlier run's"
+
+
+def test_resume_and_overwrite_together_are_refused(tmp_path):
+    from manlearn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--resume and --overwrite"):
+        Trainer(tiny(tmp_path), resume=True, overwrite=True)
+    r = run_cli("train", *cli_args(tmp_path), "--resume", "--overwrite")
+    assert r.returncode == 2 and "--resume and --overwrite" in r.stderr
+
+
+@pytest.fixture
+def earlier_run(tmp_path):
+    """An out_dir holding a finished run's files (1 step), and their bytes."""
+    Trainer(tiny(tmp_path, epochs=1, max_steps=1)).fit()
+    return {n: (tmp_path / n).read_bytes() for n in ("last.pt", "metrics.jsonl", "config.yaml")}
+
+
+def test_overwrite_run_failing_before_its_first_checkpoint_restores_the_earlier_run(tmp_path, earlier_run):
+    def crash(trainer):
+        assert not (tmp_path / CKPT_NAME).exists()  # the earlier run's files are aside meanwhile
+        raise RuntimeError("simulated crash")
+
+    tr = Trainer(tiny(tmp_path, lr=0.01), overwrite=True, hooks=[crash])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        tr.fit()
+    assert {n: (tmp_path / n).read_bytes() for n in earlier_run} == earlier_run
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(earlier_run)
+
+
+def test_overwrite_run_replaces_the_earlier_run_at_its_first_checkpoint(tmp_path, earlier_run):
+    seen = []
+    tr = Trainer(tiny(tmp_path, lr=0.01, ckpt_every_steps=1, max_steps=2), overwrite=True,
+                 hooks=[lambda t: seen.append(sorted(p.name for p in tmp_path.iterdir()))])
+    tr.fit()
+    assert seen[0] == ["config.yaml", "last.pt", "metrics.jsonl"]  # nothing of the earlier run left
+    assert load_checkpoint(tmp_path / CKPT_NAME)["config"]["lr"] == 0.01
+
+
+def test_a_killed_overwrite_run_and_a_killed_save_are_settled_by_the_next_start(tmp_path, earlier_run):
+    from manlearn.errors import CheckpointError
+    from manlearn.train.outputs import ASIDE, move_aside
+
+    # what kill -9 leaves: the earlier run aside, the new run's config, half a checkpoint write
+    move_aside(tmp_path)
+    (tmp_path / "config.yaml").write_text("the killed run's")
+    (tmp_path / ".last.pt.k2j4.tmp").write_bytes(b"half a checkpoint")
+    with pytest.raises(CheckpointError, match="already holds a checkpoint"):
+        Trainer(tiny(tmp_path))
+    assert {n: (tmp_path / n).read_bytes() for n in earlier_run} == earlier_run
+    assert not (tmp_path / ASIDE).exists() and not list(tmp_path.glob(".last.pt.*"))

@@ -46,6 +46,8 @@ from .checkpoint import (CKPT_FORMAT, CKPT_VERSION, capture_rng_state, check_res
                          eval_config, load_checkpoint, load_model_state, restore_rng_state, save_checkpoint)
 from .interrupt import DeferredInterrupt, TrainingInterrupted
 from .metrics import JsonlWriter, MetricLogger
+from .outputs import (check_writable_dir, drop_aside, move_aside, present_run_files, restore_aside, settle,
+                      write_failure)
 from .optim import build_optimizer, trainable_parameters
 from .schedule import lr_at, total_epochs, total_steps
 from .task_runs import evaluate, make_task_run
@@ -199,16 +201,29 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.ckpt_path = self.out_dir / CKPT_NAME
         self.metrics_path = self.out_dir / METRICS_NAME
+        self._aside = False  # the earlier run's files are moved aside (an --overwrite run not yet checkpointed)
+        self._replace_earlier = False
+        if resume and overwrite:
+            raise ConfigError("--resume and --overwrite ask for opposite things (continue the run in out_dir / "
+                              "replace it): pass one of them")
+        if self._is_main():
+            for line in settle(self.out_dir):  # what a killed run left half-done
+                self._say(line)
+            check_writable_dir(self.out_dir, "out_dir")
         if resume and self.ckpt_path.exists():
             ckpt = load_checkpoint(self.ckpt_path)
             check_resume_compatible(ckpt, self.cfg, self.ckpt_path)
             return ckpt
         if resume:
             self._say(f"no checkpoint at {self.ckpt_path}; starting a new run")
-        elif self.ckpt_path.exists() and not overwrite:
-            raise CheckpointError(
-                f"{self.out_dir} already holds a checkpoint ({CKPT_NAME}) of an earlier run; pass --resume to "
-                "continue it, --overwrite to start over, or choose another out_dir")
+        else:
+            existing = present_run_files(self.out_dir)
+            if existing and not overwrite:
+                what = "a checkpoint (last.pt)" if CKPT_NAME in existing else f"{', '.join(existing)}"
+                raise CheckpointError(
+                    f"{self.out_dir} already holds {what} of an earlier run; pass --resume to continue it, "
+                    "--overwrite to start over, or choose another out_dir")
+            self._replace_earlier = bool(existing)
         return None
 
     # ------------------------------------------------------------------ output
@@ -226,7 +241,10 @@ class Trainer:
     def _record(self, rec: dict[str, Any]) -> None:
         self.records.append(rec)
         if self._is_main():
-            JsonlWriter(self.metrics_path).write(rec)
+            try:
+                JsonlWriter(self.metrics_path).write(rec)
+            except OSError as e:
+                raise write_failure(self.metrics_path, e, "write", self._kept()) from None
 
     @property
     def peak_mem_kind(self) -> str:
@@ -293,8 +311,14 @@ class Trainer:
         self._check_finite_weights()  # never replace a finite checkpoint by a diverged one
         if self.dist.enabled and not self.dist.is_main:
             return self.ckpt_path
-        path = save_checkpoint(self.ckpt_path, self.state())
+        try:
+            path = save_checkpoint(self.ckpt_path, self.state())
+        except OSError as e:  # no space, permissions...: one line; the previous last.pt is untouched
+            raise write_failure(self.ckpt_path, e, "write the checkpoint", self._kept()) from None
         self._saved_step = self.step
+        if self._aside:  # this run has a checkpoint now: the earlier run it replaces goes
+            drop_aside(self.out_dir)
+            self._aside = False
         return path
 
     # ------------------------------------------------------------------ divergence
@@ -618,9 +642,15 @@ class Trainer:
         """config.yaml, and metrics.jsonl rewritten from the records of the state we start from (drops lines
         written after the checkpoint by a killed run, and those of an overwritten run); clock, bar, header."""
         if self._is_main():
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
-            JsonlWriter(self.metrics_path).rewrite(self.records)
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                if self._replace_earlier:  # --overwrite: the earlier run stays aside until our first checkpoint
+                    self._aside = move_aside(self.out_dir)
+                    self._replace_earlier = False
+                (self.out_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
+                JsonlWriter(self.metrics_path).rewrite(self.records)
+            except OSError as e:
+                raise write_failure(self.out_dir, e, "write into") from None
         self._t0 = time.perf_counter()
         show = bool(self.cfg.progress) and sys.stderr.isatty() and self._is_main()
         self._bar = tqdm(total=stop_at, initial=min(self.step, stop_at), disable=not show, unit="it",
@@ -685,12 +715,18 @@ class Trainer:
         # Ctrl-C is deferred to step boundaries (one process; data parallel ranks keep Python's default)
         self._intr = None if self.dist.enabled else DeferredInterrupt(self._kept)
         try:
-            with self._intr if self._intr is not None else contextlib.nullcontext():
-                self._fit_inner(stop_at)
-        except TrainingInterrupted:
+            try:
+                with self._intr if self._intr is not None else contextlib.nullcontext():
+                    self._fit_inner(stop_at)
+            except TrainingInterrupted:
+                raise
+            except KeyboardInterrupt:
+                raise self._interrupted_elsewhere() from None
+        except BaseException:
+            if self._aside and restore_aside(self.out_dir):  # failed before its first checkpoint: undo
+                self._aside = False
+                self._say(f"the earlier run's files in {self.out_dir} are restored")
             raise
-        except KeyboardInterrupt:
-            raise self._interrupted_elsewhere() from None
         finally:
             self._intr = None
         return self._summary(total)
