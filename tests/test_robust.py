@@ -7,6 +7,7 @@ tests/test_trainer.py; subprocess runs go through ``python -m manlearn``.
 from __future__ import annotations
 
 import math
+import re
 import os
 import subprocess
 import sys
@@ -303,3 +304,80 @@ def test_a_killed_overwrite_run_and_a_killed_save_are_settled_by_the_next_start(
         Trainer(tiny(tmp_path))
     assert {n: (tmp_path / n).read_bytes() for n in earlier_run} == earlier_run
     assert not (tmp_path / ASIDE).exists() and not list(tmp_path.glob(".last.pt.*"))
+
+
+# ---------------------------------------------------------------------------- 4. bad output paths
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """Fail the test if a run gets as far as loading its data (paths must be checked before)."""
+    from manlearn.train import trainer as trainer_module
+
+    def refuse(*a, **k):
+        raise AssertionError("the data was loaded before the output path was checked")
+
+    monkeypatch.setattr(trainer_module, "make_task_run", refuse)
+
+
+@pytest.mark.parametrize("out, cause", [
+    ("file", r"out_dir .*file cannot be used: .*file is a file, not a folder"),
+    ("file/sub", r"out_dir .*file/sub cannot be used: .*file is a file, not a folder"),
+    ("/proc/manlearn-x", r"out_dir /proc/manlearn-x is not writable: No such file or directory \(ENOENT\)"),
+])
+def test_bad_out_dir_is_one_line_before_any_data_is_loaded(tmp_path, capsys, no_data, out, cause):
+    from manlearn.cli import main
+
+    (tmp_path / "file").write_text("x")
+    out_dir = out if out.startswith("/") else str(tmp_path / out)
+    assert main(["train", *cli_args(out_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert re.search(cause, err), err
+
+
+def test_disk_full_during_a_save_is_one_line_and_the_previous_checkpoint_survives(tmp_path, monkeypatch):
+    import errno
+
+    from manlearn.errors import OutputError
+    from manlearn.train import checkpoint as checkpoint_module
+
+    real_save = torch.save
+    saves = []
+
+    def save(obj, f, *a, **k):
+        saves.append(obj["step"])
+        if len(saves) == 3:
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", save)
+    tr = Trainer(tiny(tmp_path, ckpt_every_steps=1))
+    with pytest.raises(OutputError) as e:
+        tr.fit()
+    ckpt = tmp_path / CKPT_NAME
+    assert str(e.value) == (f"cannot write the checkpoint {ckpt}: No space left on device (ENOSPC); "
+                            f"{ckpt} (step 2) is kept")
+    assert load_checkpoint(ckpt)["step"] == 2 and not list(tmp_path.glob(".last.pt.*"))
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["bench", "speed", "--iters", "0"], "--iters must be >= 1, got 0"),
+    (["bench", "speed", "--results", "/proc/manlearn-x/speed.jsonl"], "/proc/manlearn-x is not writable"),
+    (["bench", "memory", "--results", "{tmp}/file/memory.jsonl"], "file is a file, not a folder"),
+    (["bench", "accuracy", "--results", "{tmp}"], "is a folder; give the path of a .jsonl file"),
+    (["data", "make-mosaic", "--out", "/proc/manlearn-x"], "cannot create /proc/manlearn-x: No such file"),
+    (["data", "make-mosaic", "--out", "{tmp}/file"], "exists and is not a folder"),
+])
+def test_bench_and_mosaic_outputs_are_checked_at_once(tmp_path, capsys, monkeypatch, argv, needle):
+    import time
+
+    from manlearn.cli import main
+
+    (tmp_path / "file").write_text("x")
+    t = time.perf_counter()
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert time.perf_counter() - t < 2
