@@ -381,3 +381,19 @@ def test_bench_and_mosaic_outputs_are_checked_at_once(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
     assert time.perf_counter() - t < 2
+
+
+# ---------------------------------------------------------------------------- 5. eval of a folder
+
+
+def test_eval_of_a_run_folder_uses_its_checkpoint_and_an_empty_folder_says_so(tmp_path, capsys):
+    from manlearn.cli import main
+
+    Trainer(tiny(tmp_path / "run", epochs=1, max_steps=1)).fit()
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--device", "cpu"]) == 0
+    assert "step 1" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    assert main(["eval", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder, not a checkpoint file" in err and "last.pt" in err

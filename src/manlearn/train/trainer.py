@@ -754,11 +754,17 @@ class Trainer:
 
 def evaluate_checkpoint(path: str | Path, *, device: str = "auto", data_dir: str | None = None,
                         limit: int | None = None, batch_size: int | None = None) -> dict[str, Any]:
-    """``manlearn eval``: rebuild the learner of a checkpoint (any task) from its config and evaluate it on
+    """``manlearn eval``: rebuild the learner of a checkpoint (any task; a run's folder means its ``last.pt``) from its config and evaluate it on
     its test / validation split (``limit``: the first N images).
 
     Returns ``{"task", "metrics", "cfg", "step", "n_eval", "line"}`` (``line``: the one-line report).
     """
+    path = Path(path)
+    if path.is_dir():  # a run's folder: its checkpoint, when it has one
+        if not (path / CKPT_NAME).is_file():
+            raise CheckpointError(f"{path} is a folder, not a checkpoint file, and holds no {CKPT_NAME}: give the "
+                                  f"checkpoint file (e.g. {path / CKPT_NAME})")
+        path = path / CKPT_NAME
     ckpt = load_checkpoint(path)
     cfg = checkpoint_config(ckpt, path)
     cfg = validate(eval_config(cfg, device=device, data_dir=data_dir, limit_key="eval_limit", limit=limit,
