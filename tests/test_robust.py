@@ -397,3 +397,49 @@ def test_eval_of_a_run_folder_uses_its_checkpoint_and_an_empty_folder_says_so(tm
     assert main(["eval", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert "is a folder, not a checkpoint file" in err and "last.pt" in err
+
+
+# ---------------------------------------------------------------------------- 6. the Python API checks its input
+
+
+@pytest.fixture(scope="module")
+def learner():
+    import manlearn
+
+    return manlearn.LocalLearner("resnet20", method="dgl", K=2, num_classes=10)
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda x: (x, torch.tensor([0, 1, 10, 2])), r"class indices must lie in 0\.\.9 \(num_classes=10\), got labels 0\.\.10"),
+    (lambda x: (x, torch.tensor([0, -1, 3, 2])), r"must lie in 0\.\.9 .*got labels -1\.\.3"),
+    (lambda x: (x, torch.tensor([0, 1, 3, 2], dtype=torch.int32)), r"must be int64: y\.long\(\)"),
+    (lambda x: (x, torch.tensor([True, False, True, True])), r"integer class indices .* got torch\.bool"),
+    (lambda x: (x, torch.full((4, 10), math.nan)), "probabilities .* NaN or infinite"),
+    (lambda x: (x.index_fill(0, torch.tensor([1]), math.nan), torch.tensor([0, 1, 3, 2])), "NaN or infinite"),
+    (lambda x: (x.index_fill(0, torch.tensor([2]), math.inf), torch.tensor([0, 1, 3, 2])), "NaN or infinite"),
+    (lambda x: ((x * 255).to(torch.uint8), torch.tensor([0, 1, 3, 2])), r"float tensors, got torch\.uint8"),
+])
+def test_train_step_refuses_bad_targets_and_inputs_with_config_errors(learner, make, needle):
+    from manlearn.errors import ConfigError
+
+    x, y = make(torch.rand(4, 3, 32, 32))
+    with pytest.raises(ConfigError, match=needle):
+        learner.train_step(x, y)
+
+
+def test_a_custom_head_that_does_not_fit_the_last_unit_is_refused_at_construction():
+    import manlearn
+    from manlearn.errors import ConfigError
+
+    def net(head):
+        model = manlearn.create_model("resnet20", num_classes=10)
+        model.head = head
+        return model
+
+    with pytest.raises(ConfigError, match=r"does not fit the last unit, whose output is \[B, 64, 8, 8\]"):
+        manlearn.LocalLearner(net(torch.nn.Sequential(torch.nn.Flatten(1), torch.nn.Linear(64, 10))), K=2,
+                              method="dgl")
+    with pytest.raises(ConfigError, match=r"maps the last unit's output \[B, 64, 8, 8\] to \['B', 7\]; a classifier "
+                                          r"of 10 classes must give \[B, 10\]"):
+        manlearn.LocalLearner(net(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(1),
+                                                      torch.nn.Linear(64, 7))), K=2, method="dgl")
