@@ -593,7 +593,8 @@ class Trainer:
         self._record(rec)
         train_acc = f"  train_acc {rec['train_acc']:.4f}" if rec.get("train_acc") is not None else ""
         self._say(f"epoch {e + 1}/{total_epochs(cfg, self.steps_per_epoch)}  step {self.step}  "
-                  f"loss {'-' if rec['loss'] is None else format(rec['loss'], '.4f')}{train_acc}  {self.run.eval_text(m)}  lr {rec['lr']:.4g}  "
+                  f"loss {'-' if rec['loss'] is None else format(rec['loss'], '.4f')}{train_acc}  "
+                  f"{self.run.eval_text(m)}  lr {rec['lr']:.4g}  "
                   f"{(ips or 0):.0f} img/s")
         self.epoch += 1
         self.batch = 0
@@ -754,8 +755,8 @@ class Trainer:
 
 def evaluate_checkpoint(path: str | Path, *, device: str = "auto", data_dir: str | None = None,
                         limit: int | None = None, batch_size: int | None = None) -> dict[str, Any]:
-    """``manlearn eval``: rebuild the learner of a checkpoint (any task; a run's folder means its ``last.pt``) from its config and evaluate it on
-    its test / validation split (``limit``: the first N images).
+    """``manlearn eval``: rebuild the learner of a checkpoint (any task; a run's folder means its ``last.pt``)
+    from its config and evaluate it on its test / validation split (``limit``: the first N images).
 
     Returns ``{"task", "metrics", "cfg", "step", "n_eval", "line"}`` (``line``: the one-line report).
     """
