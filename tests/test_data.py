@@ -649,3 +649,35 @@ def test_loader_channels_last():
             memory_format=torch.channels_last
         )
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------ never mix two copies (issue 16)
+
+
+def test_a_copy_missing_one_split_is_refused_not_completed_from_another_copy(tmp_path, monkeypatch):
+    from manlearn.data import info
+
+    make_idx_dir(tmp_path / "system", seed=1)  # a complete copy where the defaults look
+    monkeypatch.setitem(info._DEFAULT_DIRS, "fashion-mnist", [str(tmp_path / "system")])
+    env_ref = make_idx_dir(tmp_path / "env" / "fashion-mnist", seed=2)
+    for f in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        os.remove(tmp_path / "env" / "fashion-mnist" / f)
+    monkeypatch.setenv("MANLEARN_DATA", str(tmp_path / "env"))
+    d = load_dataset("fashion-mnist", "train")
+    assert np.array_equal(d.images[:, 0].numpy(), env_ref["train"][0])
+    with pytest.raises(DatasetError) as e:
+        load_dataset("fashion-mnist", "test")
+    msg = str(e.value)
+    assert f"{tmp_path / 'env' / 'fashion-mnist'} holds the other split's files but lacks t10k-images" in msg
+    assert "not taken from another copy" in msg
+
+
+def test_imagefolder_empty_class_folder_is_refused(tmp_path):
+    _png(tmp_path / "train" / "cat" / "0.png", (255, 0, 0))
+    (tmp_path / "train" / "dog").mkdir()
+    with pytest.raises(DatasetError, match=r"class folder\(s\) with no image files in .*train: dog"):
+        load_dataset("imagefolder", data_dir=tmp_path)
+    _png(tmp_path / "train" / "dog" / "0.png", (0, 0, 255))
+    _png(tmp_path / "val" / "cat" / "0.png", (255, 0, 0))
+    with pytest.warns(UserWarning, match="no images of class"):
+        assert len(load_dataset("imagefolder", "test", data_dir=tmp_path)) == 1

@@ -3,7 +3,7 @@
 >>> import manlearn
 >>> learner = manlearn.LocalLearner(model="resnet32", method="manpp", base="infopro", K=16)
 """
-from .errors import CheckpointError, ConfigError, DatasetError, ManlearnError
+from .errors import CheckpointError, ConfigError, DatasetError, DivergenceError, ManlearnError, OutputError
 from .learner import LocalLearner, StepOutput
 from .models import Backbone, adapt_model, create_model, cut_model, list_models, register_model
 from .rules import Rule, create_rule, list_base_rules, list_rules, register_rule
@@ -14,4 +14,4 @@ __version__ = "0.1.0"
 
 __all__ = ["LocalLearner", "StepOutput", "Backbone", "adapt_model", "cut_model", "create_model", "list_models", "register_model",
            "list_rules", "Rule", "register_rule", "create_rule", "list_base_rules", "tasks", "PUBLISHED_SPLITS", "Split", "resolve_split", "ManlearnError", "ConfigError",
-           "DatasetError", "CheckpointError", "__version__"]
+           "DatasetError", "CheckpointError", "DivergenceError", "OutputError", "__version__"]

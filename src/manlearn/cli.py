@@ -2,7 +2,7 @@
 
 Every refusal that manlearn can explain (a :class:`~manlearn.errors.ManlearnError`: bad config
 key or value, missing dataset, foreign checkpoint...) is printed as ``error: <message>`` on
-stderr with exit status 2 — a user should never have to read a traceback to learn that a key
+stderr with exit status 2 (3 for a run that diverged: :class:`~manlearn.errors.DivergenceError`) — a user should never have to read a traceback to learn that a key
 was misspelt.  Anything else is a bug and keeps its traceback.
 """
 
@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Any, Sequence
 
-from manlearn.errors import ConfigError, ManlearnError
+from manlearn.errors import ConfigError, DivergenceError, ManlearnError
 from manlearn.plugins import import_user_code
 # Recipe lookup lives in manlearn.recipes; re-exported here for callers of the former cli functions.
 from manlearn.recipes import list_recipes, resolve_recipe
@@ -35,9 +35,8 @@ def _fit(trainer: Any) -> dict[str, Any] | None:
     """``trainer.fit()``; None after Ctrl-C, having said where the last checkpoint is."""
     try:
         return trainer.fit()
-    except KeyboardInterrupt:
-        print(f"\ninterrupted at step {trainer.step}; the last checkpoint is {trainer.ckpt_path} "
-              "(continue with --resume)", file=sys.stderr)
+    except KeyboardInterrupt as e:  # the trainer's TrainingInterrupted says what was saved and at which step
+        print(f"\n{e}" if str(e) else f"\ninterrupted at step {trainer.step}", file=sys.stderr)
         return None
 
 
@@ -232,6 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import_user_code(args.imports)
         return int(args.func(args))
+    except DivergenceError as e:  # the run itself failed (not the request): its own exit status
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except ManlearnError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

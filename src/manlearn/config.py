@@ -64,6 +64,7 @@ __all__ = [
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine-warmup", "cosine-iter", "constant", "step-warmup")
 AMP_MODES = ("off", "bf16", "fp16")
+NONFINITE_MODES = ("stop", "skip")
 INITS = ("copy", "random")
 LAMBDA_SCHEDULES = ("auto", "stage", "module", "linear")  # = manlearn.rules.infopro.LAMBDA_SCHEDULES (tested)
 INFOPRO_HEADS = ("auto", "cifar", "imagenet")
@@ -267,6 +268,7 @@ class TrainConfig:
     ckpt_every_steps: int = 0  # also write last.pt every N steps (always: at epoch ends and the end)
     log_every: int = 50  # write a step record to metrics.jsonl every N steps (0 = never)
     progress: bool = True  # tqdm progress bar (only shown on a terminal)
+    nonfinite: str = "stop"  # a non-finite loss or gradient: stop (DivergenceError) | skip (drop that step's update)
 
     def __post_init__(self) -> None:
         # Convenience for Python callers: TrainConfig(task="detection") or task={"name": ..., ...}.
@@ -877,6 +879,7 @@ def _validate_choices(p: list[str], cfg: TrainConfig) -> None:
     _one_of(p, "optimizer", cfg.optimizer, OPTIMIZERS)
     _one_of(p, "schedule", cfg.schedule, SCHEDULES)
     _one_of(p, "amp", cfg.amp, AMP_MODES)
+    _one_of(p, "nonfinite", cfg.nonfinite, NONFINITE_MODES)
     _one_of(p, "dist_backend", cfg.dist_backend, DIST_BACKENDS)
     if isinstance(cfg.split, str) and not cfg.split.strip():
         p.append("split must be a name (e.g. 'auto') or a list of [stage, unit] boundaries")

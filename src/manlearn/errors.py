@@ -15,3 +15,11 @@ class DatasetError(ManlearnError):
 
 class CheckpointError(ManlearnError):
     """A checkpoint that is unreadable or belongs to another configuration."""
+
+
+class DivergenceError(ManlearnError):
+    """Training diverged: a non-finite loss, gradient or weight (the message names the block and the step)."""
+
+
+class OutputError(ManlearnError):
+    """An output location that cannot be written (not a folder, no permission, no space)."""

@@ -24,6 +24,7 @@ from .rules.base import register_norm_buffers
 from .recompute import Segment, run_checkpointed, stage_segments
 from .split import Split, ends_from_stage_cuts, resolve_split, stage_ends
 from .tasks import ClassificationTask, check_task
+from .tasks.base import check_head_fits
 
 
 #: ``default``: the methods as intended; ``authors``: the authors' MAN++ code's exact computation (SPEC 2.3)
@@ -171,6 +172,7 @@ class LocalLearner(nn.Module):
 
         shapes = self._probe_shapes(backbone, in_channels, image_size)  # shapes[j] = output of unit j-1
         self._build_blocks(backbone, units, unit_ids, shapes, grad_checkpoint)
+        check_head_fits(self.task, self.head, shapes[-1])  # a custom head that cannot read the last unit
         self._build_auxes(backbone, units, unit_ids, shapes)
         register_norm_buffers(self, in_channels, norm_mean, norm_std)
         self.fidelity = fidelity
@@ -434,6 +436,11 @@ class LocalLearner(nn.Module):
                                   f"got x {list(x.shape)} (build it with the in_channels and image_size of your data)")
         elif x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ConfigError(f"images must be [B, {self.in_channels}, H, W] float tensors, got {list(x.shape)}")
+        if not x.is_floating_point():
+            raise ConfigError(f"images must be float tensors, got {x.dtype} (convert them, e.g. x.float() / 255)")
+        # values only where they cost no device sync (on CUDA a NaN input shows as a non-finite loss)
+        if x.device.type == "cpu" and not bool(torch.isfinite(x).all()):
+            raise ConfigError("the input images hold NaN or infinite values")
         check = getattr(self.task, "check_targets", None)
         if check is not None:
             check(x, targets)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import resource
 import sys
+import weakref
 from typing import Iterable
 
 import torch
@@ -16,17 +17,17 @@ from torch import nn
 
 
 class _Held:
-    """What autograd stores instead of the tensor while the tracker is active; frees its count on
-    deletion, i.e. when autograd releases the saved tensor."""
+    """What autograd stores instead of the tensor while the tracker is active.
 
-    __slots__ = ("tensor", "key", "tracker")
+    It has no ``__del__``: a Python ``__del__`` runs in the hot path (whenever autograd frees a saved
+    tensor), and a KeyboardInterrupt that lands in it is printed and swallowed by Python. Instead a weak
+    reference whose callback is a builtin (``list.append``, no Python frame, nothing to interrupt) queues
+    the release, which the tracker settles on its next pack or read."""
 
-    def __init__(self, tensor: torch.Tensor, key, tracker: "SavedTensorTracker") -> None:
-        self.tensor, self.key, self.tracker = tensor, key, tracker
+    __slots__ = ("tensor", "__weakref__")
 
-    def __del__(self) -> None:
-        if self.key is not None:
-            self.tracker._release(self.key)
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
 
 
 class SavedTensorTracker:
@@ -34,27 +35,43 @@ class SavedTensorTracker:
 
     def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
         self.exclude = {p.data_ptr() for p in exclude}
-        self.live = 0
+        self._live = 0
         self.peak = 0
         self.total = 0
         self._refs: dict[tuple, list[int]] = {}
+        self._dead: list[weakref.ref] = []  # weak references of released _Held objects (appended by C code)
+        self._keys: dict[int, tuple[weakref.ref, tuple]] = {}  # id(weak reference) -> (it, storage key)
         self._hooks = None
+
+    @property
+    def live(self) -> int:
+        self._drain()
+        return self._live
+
+    def _drain(self) -> None:
+        dead, keys = self._dead, self._keys
+        while dead:
+            self._release(keys.pop(id(dead.pop()))[1])
 
     def _pack(self, t: torch.Tensor):
         if isinstance(t, nn.Parameter) or t.data_ptr() in self.exclude or t.device.type == "meta":
-            return _Held(t, None, self)
+            return _Held(t)
+        self._drain()  # releases first: the live total at this instant, as a __del__ would have kept it
         storage = t.untyped_storage()
         key = (t.device.type, t.device.index, storage.data_ptr())
         ref = self._refs.get(key)
         if ref is None:
             size = storage.nbytes()
             self._refs[key] = [1, size]
-            self.live += size
+            self._live += size
             self.total += size
-            self.peak = max(self.peak, self.live)
+            self.peak = max(self.peak, self._live)
         else:
             ref[0] += 1
-        return _Held(t, key, self)
+        held = _Held(t)
+        wr = weakref.ref(held, self._dead.append)
+        self._keys[id(wr)] = (wr, key)
+        return held
 
     @staticmethod
     def _unpack(held: _Held) -> torch.Tensor:
@@ -66,11 +83,11 @@ class SavedTensorTracker:
             return
         ref[0] -= 1
         if ref[0] == 0:
-            self.live -= ref[1]
+            self._live -= ref[1]
             del self._refs[key]
 
     def reset_peak(self) -> None:
-        self.peak = self.live
+        self.peak = self.live  # (settles the queued releases)
 
     def __enter__(self) -> "SavedTensorTracker":
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)

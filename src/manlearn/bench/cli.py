@@ -16,9 +16,24 @@ def _positive(name: str, values) -> None:
             raise ConfigError(f"{name} must be >= 1, got {v}")
 
 
+def _check_results(path: str, flag: str = "--results") -> None:
+    """A results file goes into a folder that can be written (checked before any measuring)."""
+    from ..errors import OutputError
+    from ..train.outputs import check_writable_dir
+
+    p = Path(path)
+    if p.is_dir():
+        raise OutputError(f"{flag} {p} is a folder; give the path of a .jsonl file")
+    check_writable_dir(p.parent, f"the folder of {flag} {p}:")
+
+
 def cmd_accuracy(args: argparse.Namespace) -> int:
     from .accuracy import run_accuracy
 
+    _check_results(args.results)
+    from ..train.outputs import check_writable_dir
+
+    check_writable_dir(args.runs_dir, "--runs-dir")
     _positive("--K", args.K)
     _positive("--epochs", [args.epochs])
     _positive("--workers", [args.workers])
@@ -47,6 +62,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
 
     _positive("--K", args.K)
     _positive("--batch", args.batch)
+    _check_results(args.results)
     run_memory(args.model, args.methods, args.K, args.batch, args.results, device=args.device,
                rss=not args.no_rss, checkpointing=not args.no_checkpointing, split=args.split,
                fixed_malloc=not args.rss_default_malloc, stem_module=not args.no_stem_module)
@@ -58,6 +74,10 @@ def cmd_speed(args: argparse.Namespace) -> int:
 
     _positive("--K", [args.K])
     _positive("--batch", [args.batch])
+    _positive("--iters", [args.iters])
+    if args.warmup < 0:
+        raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
+    _check_results(args.results)
     run_speed(args.model, args.methods, args.K, args.batch, args.iters, args.warmup, args.results,
               device=args.device, channels_last=not args.no_channels_last, breakdown=not args.no_breakdown,
               compile=args.compile)
@@ -67,6 +87,9 @@ def cmd_speed(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
+    from ..train.outputs import check_writable_dir
+
+    check_writable_dir(args.plots_dir, "--plots-dir")
     write_report(args.results_dir, args.plots_dir)
     return 0
 

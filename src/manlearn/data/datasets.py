@@ -8,6 +8,7 @@ searched and how to get the data, because that is what a user needs to fix it.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import os
 from typing import Callable
 
@@ -75,8 +76,20 @@ def _locate(name: str, split: str, names: list[str], dirs: list[str], gz_ok: boo
             return found
         if found:  # a folder with some of the files is most likely a broken copy: say what it lacks
             partial.append(f"{d} lacks {', '.join(missing)}")
+        elif _holds_other_split(name, d):
+            # a copy with the other split only: never take this split from another copy (silent mixing)
+            raise _error(name, split, f"{d} holds the other split's files but lacks {', '.join(missing)}; this "
+                         "split is not taken from another copy (put the missing files there, or pass data_dir=)",
+                         dirs)
     problem = "files not found" + (f" ({'; '.join(partial)})" if partial else "")
     raise _error(name, split, problem, dirs)
+
+
+def _holds_other_split(name: str, folder: str) -> bool:
+    """Whether ``folder`` holds any file of ``name`` (either split): it is a copy of that dataset."""
+    files = [f[: -len("[.gz]")] if f.endswith("[.gz]") else f for f in dataset_files(name)]
+    found, _ = _find([os.path.basename(f) for f in files], folder, gz_ok=True)
+    return bool(found)
 
 
 def _limit(n: int, limit: int | None) -> int:
@@ -218,8 +231,17 @@ def _load_imagefolder(name: str, split: str, dirs: list[str], limit: int | None,
         if extra:
             raise _error(name, split, f"{split_dir} has classes absent from train/: {extra}", [root])
     samples: list[tuple[str, int]] = []
+    empty = []
     for label, cls in enumerate(classes):
-        samples.extend((p, label) for p in _list_images(os.path.join(split_dir, cls)))
+        images = _list_images(os.path.join(split_dir, cls))
+        if not images:
+            empty.append(cls)
+        samples.extend((p, label) for p in images)
+    if empty and split == "train" and samples:  # a class nothing can teach: refuse rather than train around it
+        raise _error(name, split, f"class folder(s) with no image files in {split_dir}: {', '.join(empty)} (remove "
+                     "them, or add images)", [root])
+    if empty and samples:
+        warnings.warn(f"imagefolder {split_dir}: no images of class(es) {', '.join(empty)}", stacklevel=2)
     if not samples:
         raise _error(name, split, f"no image files in the class folders of {split_dir}", [root])
     samples = samples[: _limit(len(samples), limit)]  # limit before decoding: smoke runs stay cheap

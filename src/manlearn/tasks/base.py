@@ -68,3 +68,31 @@ def check_task(task: Any) -> Any:
     return task
 
 
+@torch.no_grad()
+def check_head_fits(task: Any, head: nn.Module, last_shape: Sequence[int]) -> None:
+    """Run a head that reads the last unit (``task.reads == "last"``) once on that unit's probed output shape
+    (in eval mode, nothing changes); refuse a head that cannot take it, or a per-image classifier whose
+    output is not ``[B, num_classes]``, with a ConfigError naming the shapes."""
+    if getattr(task, "reads", None) != "last":
+        return
+    params = [p for p in head.parameters() if p.is_floating_point()]
+    x = torch.zeros(2, *last_shape, device=params[0].device if params else None,
+                    dtype=params[0].dtype if params else None)
+    shape = f"[B, {', '.join(str(int(d)) for d in last_shape)}]"
+    was = head.training
+    head.eval()
+    try:
+        out = head(x)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"the head ({type(head).__name__}) does not fit the last unit, whose output is {shape}: "
+                          f"{type(e).__name__}: {first}") from None
+    finally:
+        head.train(was)
+    c = getattr(task, "num_classes", None)
+    if getattr(task, "per_image_labels", False) and isinstance(c, int) and isinstance(out, torch.Tensor) \
+            and tuple(out.shape) != (2, c):
+        raise ConfigError(f"the head ({type(head).__name__}) maps the last unit's output {shape} to "
+                          f"{[('B' if i == 0 else int(d)) for i, d in enumerate(out.shape)]}; a classifier of "
+                          f"{c} classes must give [B, {c}]")
+

@@ -53,11 +53,25 @@ class ClassificationTask(Task):
         return outputs.argmax(dim=1)
 
     def check_targets(self, x: torch.Tensor, targets: Any) -> None:
+        """Shapes and dtypes always; values (label range 0..C-1, finite probabilities) where the targets are on
+        the CPU: on an accelerator those checks would make every step wait for the device (there a bad label
+        is the device's own assert)."""
         b, c = x.shape[0], self.num_classes
-        if isinstance(targets, torch.Tensor) and targets.shape == (b,) and not targets.is_floating_point():
+        hard = (isinstance(targets, torch.Tensor) and targets.shape == (b,) and not targets.is_floating_point()
+                and targets.dtype in (torch.int64, torch.uint8))
+        soft = isinstance(targets, torch.Tensor) and targets.shape == (b, c) and targets.is_floating_point()
+        if not (hard or soft):
+            shape = (f"{targets.dtype} {list(targets.shape)}" if isinstance(targets, torch.Tensor)
+                     else type(targets).__name__)
+            hint = (" (class indices must be int64: y.long())" if isinstance(targets, torch.Tensor)
+                    and targets.shape == (b,) and not targets.is_floating_point() else "")
+            raise ConfigError(f"classification targets (labels) must be [B] integer class indices or [B, {c}] class "
+                              f"probabilities for a batch of {b}, got {shape}{hint}")
+        if targets.device.type != "cpu" or not targets.numel():
             return
-        if isinstance(targets, torch.Tensor) and targets.shape == (b, c) and targets.is_floating_point():
-            return
-        shape = f"{targets.dtype} {list(targets.shape)}" if isinstance(targets, torch.Tensor) else type(targets).__name__
-        raise ConfigError(f"classification targets (labels) must be [B] integer class indices or [B, {c}] class "
-                          f"probabilities for a batch of {b}, got {shape}")
+        if hard:
+            lo, hi = int(targets.min()), int(targets.max())
+            if lo < 0 or hi >= c:
+                raise ConfigError(f"class indices must lie in 0..{c - 1} (num_classes={c}), got labels {lo}..{hi}")
+        elif not bool(torch.isfinite(targets).all()):
+            raise ConfigError("the class probabilities (soft targets) hold NaN or infinite values")

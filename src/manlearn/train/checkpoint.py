@@ -48,7 +48,7 @@ REQUIRED_KEYS = ("format", "version", "model", "optimizer", "step", "epoch", "ba
 RESUME_FREE_KEYS = frozenset({
     "out_dir", "progress", "log_every", "max_steps", "epochs", "iterations", "device", "data_dir",
     "data_workers", "eval_batch_size", "eval_every_epochs", "eval_every_steps", "ckpt_every_steps",
-    "eval_limit", "compile", "channels_last", "dist_backend", "dist_timeout_s", "pipeline_timeout_s",
+    "eval_limit", "compile", "channels_last", "nonfinite", "dist_backend", "dist_timeout_s", "pipeline_timeout_s",
     "blocks_in_flight",  # a schedule of the same computation: a run may change it when resumed
 })
 

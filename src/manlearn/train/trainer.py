@@ -22,7 +22,9 @@ Checkpoints are atomic (``last.pt`` is replaced, never truncated), written at ev
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -35,14 +37,17 @@ import manlearn
 from manlearn.config import TrainConfig, config_to_dict, config_to_yaml, validate
 from manlearn.distributed import GradReducer, average_buffers, broadcast_state
 from manlearn.distributed.dist import setup_from_env
-from manlearn.errors import CheckpointError, ConfigError
+from manlearn.errors import CheckpointError, ConfigError, DivergenceError
 from manlearn.memory import PeakMemory, peak_rss_bytes
 
 from .build import amp_dtype, build_learner, resolve_device, seed_everything
 from .data_parallel import ShardedLoader, sharded_evaluate
 from .checkpoint import (CKPT_FORMAT, CKPT_VERSION, capture_rng_state, check_resume_compatible, checkpoint_config,
                          eval_config, load_checkpoint, load_model_state, restore_rng_state, save_checkpoint)
+from .interrupt import DeferredInterrupt, TrainingInterrupted
 from .metrics import JsonlWriter, MetricLogger
+from .outputs import (check_writable_dir, drop_aside, move_aside, present_run_files, restore_aside, settle,
+                      write_failure)
 from .optim import build_optimizer, trainable_parameters
 from .schedule import lr_at, total_epochs, total_steps
 from .task_runs import evaluate, make_task_run
@@ -128,6 +133,7 @@ class Trainer:
             self.learner.compile_parts()  # blocks, auxiliary networks and head (LocalLearner.compile_parts)
         self.optimizer = build_optimizer(cfg, self.learner)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+        self._grad_params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def _reset_position(self) -> None:
         """Position and history of a fresh run (what _restore overwrites on resume)."""
@@ -143,6 +149,12 @@ class Trainer:
         self.train_time = 0.0
         self.steps_timed = 0
         self.peak_mem_saved: int | None = None
+        self.skipped = 0  # steps whose update was dropped for a non-finite loss / gradient (nonfinite=skip)
+        self._saved_step: int | None = None  # the step of the checkpoint on disk written or read by this run
+        self._intr: DeferredInterrupt | None = None  # Ctrl-C deferred to step boundaries (fit)
+        self._eval_pending = False  # an eval record interrupted by Ctrl-C: redone first on resume
+        self._in_eval_record = False
+        self._eval_interrupted = False
         self._win_time = 0.0
         self._win_images = 0
         self._pm: Any = None
@@ -189,16 +201,29 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.ckpt_path = self.out_dir / CKPT_NAME
         self.metrics_path = self.out_dir / METRICS_NAME
+        self._aside = False  # the earlier run's files are moved aside (an --overwrite run not yet checkpointed)
+        self._replace_earlier = False
+        if resume and overwrite:
+            raise ConfigError("--resume and --overwrite ask for opposite things (continue the run in out_dir / "
+                              "replace it): pass one of them")
+        if self._is_main():
+            for line in settle(self.out_dir):  # what a killed run left half-done
+                self._say(line)
+            check_writable_dir(self.out_dir, "out_dir")
         if resume and self.ckpt_path.exists():
             ckpt = load_checkpoint(self.ckpt_path)
             check_resume_compatible(ckpt, self.cfg, self.ckpt_path)
             return ckpt
         if resume:
             self._say(f"no checkpoint at {self.ckpt_path}; starting a new run")
-        elif self.ckpt_path.exists() and not overwrite:
-            raise CheckpointError(
-                f"{self.out_dir} already holds a checkpoint ({CKPT_NAME}) of an earlier run; pass --resume to "
-                "continue it, --overwrite to start over, or choose another out_dir")
+        else:
+            existing = present_run_files(self.out_dir)
+            if existing and not overwrite:
+                what = "a checkpoint (last.pt)" if CKPT_NAME in existing else f"{', '.join(existing)}"
+                raise CheckpointError(
+                    f"{self.out_dir} already holds {what} of an earlier run; pass --resume to continue it, "
+                    "--overwrite to start over, or choose another out_dir")
+            self._replace_earlier = bool(existing)
         return None
 
     # ------------------------------------------------------------------ output
@@ -216,7 +241,10 @@ class Trainer:
     def _record(self, rec: dict[str, Any]) -> None:
         self.records.append(rec)
         if self._is_main():
-            JsonlWriter(self.metrics_path).write(rec)
+            try:
+                JsonlWriter(self.metrics_path).write(rec)
+            except OSError as e:
+                raise write_failure(self.metrics_path, e, "write", self._kept()) from None
 
     @property
     def peak_mem_kind(self) -> str:
@@ -265,6 +293,8 @@ class Trainer:
             "train_time_s": self.train_time,
             "steps_timed": self.steps_timed,
             "peak_mem_bytes": self._peak(),
+            "nonfinite_skipped": self.skipped,
+            "eval_pending": self._eval_pending,
             **self.run.checkpoint_fields(),
         }
         if not self.cfg.is_dense:  # the names earlier versions (and their readers) use
@@ -278,9 +308,80 @@ class Trainer:
         statistics are averaged over the ranks, rank 0 writes)."""
         if self.dist.enabled:
             average_buffers(self.learner)
-            if not self.dist.is_main:
-                return self.ckpt_path
-        return save_checkpoint(self.ckpt_path, self.state())
+        self._check_finite_weights()  # never replace a finite checkpoint by a diverged one
+        if self.dist.enabled and not self.dist.is_main:
+            return self.ckpt_path
+        try:
+            path = save_checkpoint(self.ckpt_path, self.state())
+        except OSError as e:  # no space, permissions...: one line; the previous last.pt is untouched
+            raise write_failure(self.ckpt_path, e, "write the checkpoint", self._kept()) from None
+        self._saved_step = self.step
+        if self._aside:  # this run has a checkpoint now: the earlier run it replaces goes
+            drop_aside(self.out_dir)
+            self._aside = False
+        return path
+
+    # ------------------------------------------------------------------ divergence
+    def _kept(self) -> str:
+        """What is on disk: the checkpoint this run last wrote (or resumed from), and its step."""
+        if self._saved_step is not None:
+            return f"{self.ckpt_path} (step {self._saved_step}) is kept"
+        return "no checkpoint was written yet"
+
+    def _param_names(self) -> dict[int, str]:
+        return {id(p): n for n, p in self.learner.named_parameters()}
+
+    def _block_of(self, name: str) -> str:
+        m = re.match(r"(blocks|auxes)\.(\d+)\.", name)
+        if m:
+            return f"block {int(m.group(2))}"
+        return f"block {getattr(self.learner, 'K', 1) - 1}" if name.startswith("head.") else "the learner"
+
+    def _nonfinite_grad(self) -> str | None:
+        """None when every gradient is finite (one fused norm per tensor list, one host sync); else the name of
+        the first parameter whose gradient is not."""
+        grads = [p.grad for p in self._grad_params if p.grad is not None]
+        if not grads:
+            return None
+        norms = torch._foreach_norm(grads, math.inf)  # max |g|: NaN or inf exactly when a value is (no overflow)
+        if bool(torch.isfinite(torch.stack(norms)).all()):
+            return None
+        names = self._param_names()
+        for p in self._grad_params:
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                return names.get(id(p), "?")
+        return "?"  # pragma: no cover
+
+    def _check_finite_weights(self) -> None:
+        state = [v for v in self.learner.state_dict().values() if v.is_floating_point()]
+        if not state or bool(torch.isfinite(torch.stack(torch._foreach_norm(state, math.inf))).all()):
+            return
+        bad = next(n for n, v in self.learner.state_dict().items() if v.is_floating_point()
+                   and not bool(torch.isfinite(v).all()))
+        raise DivergenceError(f"training diverged before step {self.step}: the weight {bad} ({self._block_of(bad)}) is "
+                              f"not finite, so it is not saved; {self._kept()}. Lower lr or lengthen the warm-up")
+
+    def _nonfinite_step(self, losses: list[float], lr: float) -> bool:
+        """Whether this step's losses and gradients are finite; a non-finite one stops the run (``nonfinite=stop``,
+        :class:`DivergenceError`) or drops the step's update (``skip``, counted). fp16 with a gradient scaler
+        leaves overflowing gradients to the scaler, which skips those steps itself."""
+        if self.scaler is not None:
+            return False
+        bad = next((k for k, v in enumerate(losses) if not math.isfinite(v)), None)
+        if bad is not None:
+            what = f"the loss of block {bad} is {losses[bad]}"
+        else:
+            name = self._nonfinite_grad()
+            if name is None:
+                return False
+            what = f"the gradient of {name} ({self._block_of(name)}) is not finite"
+        if self.cfg.nonfinite == "skip":
+            self.skipped += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            self._say(f"step {self.step + 1}: {what} (lr {lr:.4g}); update skipped ({self.skipped} skipped so far)")
+            return True
+        raise DivergenceError(f"training diverged at step {self.step + 1}: {what} (lr {lr:.4g}); {self._kept()}. "
+                              "Lower lr or lengthen the warm-up (nonfinite=skip drops such steps instead)")
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         try:
@@ -309,6 +410,9 @@ class Trainer:
         self.train_time = float(ckpt.get("train_time_s", 0.0))
         self.steps_timed = int(ckpt.get("steps_timed", 0))
         self.peak_mem_saved = ckpt.get("peak_mem_bytes")
+        self.skipped = int(ckpt.get("nonfinite_skipped", 0))
+        self._eval_pending = bool(ckpt.get("eval_pending", False))
+        self._saved_step = step
         restore_rng_state(ckpt.get("rng", {}))
 
     # ------------------------------------------------------------------ evaluation
@@ -320,7 +424,12 @@ class Trainer:
             acc, correct, total = sharded_evaluate(self.learner, self.run.test_loader, self.dist, self.device)
             m: dict[str, Any] = {"acc": acc, "correct": correct, "total": total}
         else:
-            m = self.run.evaluate(self.learner)
+            try:
+                with self._intr.immediate() if self._intr is not None else contextlib.nullcontext():
+                    m = self.run.evaluate(self.learner)  # (Ctrl-C may stop an evaluation at once)
+            except KeyboardInterrupt:
+                self._eval_interrupted = True
+                raise
         self.last_metrics = m
         self.last_eval_step = self.step
         head = m.get(self.run.headline)
@@ -332,7 +441,9 @@ class Trainer:
     def _eval_record(self) -> dict[str, Any]:
         """Evaluate now and record an ``eval`` line (an evaluation that is not part of an epoch's record)."""
         t = time.perf_counter()
+        self._in_eval_record = True
         m = self.evaluate()
+        self._in_eval_record = False
         rec = {"type": "eval", "step": self.step, "epoch": self.epoch, "batch": self.batch,
                **self.run.record_fields(m, self.best), "eval_s": time.perf_counter() - t,
                "elapsed_s": self._elapsed()}
@@ -368,21 +479,19 @@ class Trainer:
         else:
             losses = [float(v) for v in out.losses]
             counts = [int(c.item()) if isinstance(c, torch.Tensor) else c for c in counts]  # syncs the device
-        if self.scaler is None and not all(math.isfinite(v) for v in losses):
-            raise ConfigError(f"the training loss is not finite at step {self.step} (block losses {losses}, lr "
-                              f"{lr:.4g}): lower lr or lengthen the warm-up; {self.ckpt_path} keeps the last "
-                              "saved state")
+        skipped = self._nonfinite_step(losses, lr)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
+        elif not skipped:
             self.optimizer.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t
         self.step += 1
         self.batch += 1
-        self.meters.update(n=n, **self.run.step_stats(counts), **{f"loss{k}": v for k, v in enumerate(losses)})
+        if not skipped:
+            self.meters.update(n=n, **self.run.step_stats(counts), **{f"loss{k}": v for k, v in enumerate(losses)})
         self.meters.update(time=dt, images=n)
         self.train_time += dt
         self.steps_timed += 1
@@ -400,6 +509,29 @@ class Trainer:
             self.save()
         for hook in self.hooks:
             hook(self)
+        if self._intr is not None and self._intr.requested:
+            self._stop_interrupted()
+
+    # ------------------------------------------------------------------ Ctrl-C
+    def _stop_interrupted(self) -> None:
+        """Ctrl-C was pressed during the step just completed: save that step (unless it is saved), stop."""
+        if self._saved_step != self.step:
+            self.save()
+        raise TrainingInterrupted(f"interrupted: saved {self.ckpt_path} at step {self.step} (epoch {self.epoch + 1}, "
+                                  f"batch {self.batch}); continue with --resume")
+
+    def _interrupted_elsewhere(self) -> TrainingInterrupted:
+        """A KeyboardInterrupt that did not come through the step-boundary check: an evaluation stopped at once
+        (the completed step is saved, that evaluation is redone on resume), or one raised where the state may
+        be half-updated (nothing saved)."""
+        if self._eval_interrupted:  # an evaluation changes nothing in the state until it returns
+            self._eval_pending = self._in_eval_record
+            self.save()
+            return TrainingInterrupted(f"interrupted during the evaluation at step {self.step}: saved "
+                                       f"{self.ckpt_path} at step {self.step} (epoch {self.epoch + 1}, batch "
+                                       f"{self.batch}); continue with --resume")
+        return TrainingInterrupted(f"interrupted at step {self.step}; {self._kept()}"
+                                   + (" (continue with --resume)" if self._saved_step is not None else ""))
 
     def _block_losses(self, window: bool) -> list[float]:
         """The per-block losses: over the recent steps (``window``) or the whole epoch."""
@@ -456,18 +588,21 @@ class Trainer:
             **self.run.window_fields(self.meters),
             **self.run.record_fields(m, self.best), "images_per_s": ips,
             "seconds_per_iter": t_ep / mt["time"].count if "time" in mt and mt["time"].count else None,
-            "peak_mem_bytes": self._peak(), "elapsed_s": self._elapsed(),
+            "peak_mem_bytes": self._peak(), "elapsed_s": self._elapsed(), "skipped_steps": self.skipped,
         }
         self._record(rec)
         train_acc = f"  train_acc {rec['train_acc']:.4f}" if rec.get("train_acc") is not None else ""
         self._say(f"epoch {e + 1}/{total_epochs(cfg, self.steps_per_epoch)}  step {self.step}  "
-                  f"loss {rec['loss']:.4f}{train_acc}  {self.run.eval_text(m)}  lr {rec['lr']:.4g}  "
+                  f"loss {'-' if rec['loss'] is None else format(rec['loss'], '.4f')}{train_acc}  "
+                  f"{self.run.eval_text(m)}  lr {rec['lr']:.4g}  "
                   f"{(ips or 0):.0f} img/s")
         self.epoch += 1
         self.batch = 0
         self.meters.reset()
         self._win_time, self._win_images = 0.0, 0
         self.save()
+        if self._intr is not None and self._intr.requested:
+            self._stop_interrupted()
 
     # ------------------------------------------------------------------ fit
     def _header(self) -> None:
@@ -511,9 +646,15 @@ class Trainer:
         """config.yaml, and metrics.jsonl rewritten from the records of the state we start from (drops lines
         written after the checkpoint by a killed run, and those of an overwritten run); clock, bar, header."""
         if self._is_main():
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
-            JsonlWriter(self.metrics_path).rewrite(self.records)
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                if self._replace_earlier:  # --overwrite: the earlier run stays aside until our first checkpoint
+                    self._aside = move_aside(self.out_dir)
+                    self._replace_earlier = False
+                (self.out_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
+                JsonlWriter(self.metrics_path).rewrite(self.records)
+            except OSError as e:
+                raise write_failure(self.out_dir, e, "write into") from None
         self._t0 = time.perf_counter()
         show = bool(self.cfg.progress) and sys.stderr.isatty() and self._is_main()
         self._bar = tqdm(total=stop_at, initial=min(self.step, stop_at), disable=not show, unit="it",
@@ -555,6 +696,7 @@ class Trainer:
             "peak_mem_kind": self.peak_mem_kind,
             "elapsed_s": self._elapsed(),
             "stopped_early": self.step < total,
+            "skipped_steps": self.skipped,
             "out_dir": str(self.out_dir),
             "checkpoint": str(self.ckpt_path),
         }
@@ -574,10 +716,33 @@ class Trainer:
         total = total_steps(self.cfg, self.steps_per_epoch)
         stop_at = min(total, self.cfg.max_steps) if self.cfg.max_steps else total
         self._stop_at = stop_at
+        # Ctrl-C is deferred to step boundaries (one process; data parallel ranks keep Python's default)
+        self._intr = None if self.dist.enabled else DeferredInterrupt(self._kept)
+        try:
+            try:
+                with self._intr if self._intr is not None else contextlib.nullcontext():
+                    self._fit_inner(stop_at)
+            except TrainingInterrupted:
+                raise
+            except KeyboardInterrupt:
+                raise self._interrupted_elsewhere() from None
+        except BaseException:
+            if self._aside and restore_aside(self.out_dir):  # failed before its first checkpoint: undo
+                self._aside = False
+                self._say(f"the earlier run's files in {self.out_dir} are restored")
+            raise
+        finally:
+            self._intr = None
+        return self._summary(total)
+
+    def _fit_inner(self, stop_at: int) -> None:
         self._begin_fit(stop_at)
         try:
             with self._memory_meter() as pm:
                 self._pm = pm
+                if self._eval_pending:  # the evaluation a Ctrl-C stopped before the checkpoint was written
+                    self._eval_record()
+                    self._eval_pending = False
                 self._train_until(stop_at)
                 peak = self._peak()
         finally:
@@ -589,16 +754,21 @@ class Trainer:
         if self.last_eval_step != self.step:
             self._eval_record()
         self.save()
-        return self._summary(total)
 
 
 def evaluate_checkpoint(path: str | Path, *, device: str = "auto", data_dir: str | None = None,
                         limit: int | None = None, batch_size: int | None = None) -> dict[str, Any]:
-    """``manlearn eval``: rebuild the learner of a checkpoint (any task) from its config and evaluate it on
-    its test / validation split (``limit``: the first N images).
+    """``manlearn eval``: rebuild the learner of a checkpoint (any task; a run's folder means its ``last.pt``)
+    from its config and evaluate it on its test / validation split (``limit``: the first N images).
 
     Returns ``{"task", "metrics", "cfg", "step", "n_eval", "line"}`` (``line``: the one-line report).
     """
+    path = Path(path)
+    if path.is_dir():  # a run's folder: its checkpoint, when it has one
+        if not (path / CKPT_NAME).is_file():
+            raise CheckpointError(f"{path} is a folder, not a checkpoint file, and holds no {CKPT_NAME}: give the "
+                                  f"checkpoint file (e.g. {path / CKPT_NAME})")
+        path = path / CKPT_NAME
     ckpt = load_checkpoint(path)
     cfg = checkpoint_config(ckpt, path)
     cfg = validate(eval_config(cfg, device=device, data_dir=data_dir, limit_key="eval_limit", limit=limit,

@@ -23,6 +23,7 @@ from manlearn.config import TrainConfig, config_to_dict, config_to_yaml, validat
 from manlearn.distributed.dist import free_port, gloo_available
 from manlearn.errors import CheckpointError, ConfigError
 
+from ..outputs import check_writable_dir, present_run_files
 from .errors import PipelineError
 from .planner import PipelinePlan, make_plan
 from .worker import worker_main
@@ -61,9 +62,12 @@ def _check_runnable(cfg: TrainConfig, overwrite: bool) -> None:
         raise ConfigError("the pipeline needs torch.distributed with the gloo backend")
     if cfg.amp != "off" or cfg.compile:
         raise ConfigError("the pipeline does not support amp or compile yet; use amp=off compile=false")
-    if (Path(cfg.out_dir) / "last.pt").exists() and not overwrite:
-        raise CheckpointError(f"{cfg.out_dir} already holds a checkpoint (last.pt); pass --overwrite to start "
+    existing = present_run_files(Path(cfg.out_dir))
+    if existing and not overwrite:
+        what = "a checkpoint (last.pt)" if "last.pt" in existing else ", ".join(existing)
+        raise CheckpointError(f"{cfg.out_dir} already holds {what} of an earlier run; pass --overwrite to start "
                               "over or choose another out_dir (pipeline runs cannot be resumed yet)")
+    check_writable_dir(cfg.out_dir, "out_dir")
 
 
 def _describe_plan(cfg: TrainConfig, plan: PipelinePlan, threads: int) -> str:
