@@ -23,7 +23,7 @@ from manlearn.train import CKPT_NAME, Trainer, load_checkpoint
 SPE = 4
 TINY = dict(dataset="digits", model="resnet20", method="manpp", base="infopro", K=4, train_limit=128,
             eval_limit=64, batch_size=32, eval_batch_size=64, epochs=2, lr=0.05, device="cpu", log_every=1,
-            progress=False, lambda_schedule="module")
+            progress=False, lambda_schedule="linear")
 
 
 def tiny(out_dir: Path, **kw) -> TrainConfig:
