@@ -340,12 +340,18 @@ def _coerce_union(value: Any, tp: Any) -> Any:
     raise _Mismatch
 
 
-def _coerce_sequence(value: Any, tp: Any) -> Any:
+def _from_text(value: Any) -> Any:
+    """A command-line string holding a list or mapping, read as YAML; anything else as it is."""
     if isinstance(value, str):
         try:
-            value = yaml.safe_load(value)
+            return yaml.safe_load(value)
         except yaml.YAMLError:
             raise _Mismatch from None
+    return value
+
+
+def _coerce_sequence(value: Any, tp: Any) -> Any:
+    value = _from_text(value)
     if not isinstance(value, (list, tuple)):
         raise _Mismatch
     args = typing.get_args(tp)
@@ -361,11 +367,7 @@ def _coerce_sequence(value: Any, tp: Any) -> Any:
 
 def _coerce_mapping(value: Any, tp: Any) -> dict:
     """A mapping: from YAML (``{depth: 2}`` on the command line) or already a dict; keys are strings."""
-    if isinstance(value, str):
-        try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise _Mismatch from None
+    value = _from_text(value)
     if value is None:
         return {}
     if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):

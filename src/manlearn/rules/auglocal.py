@@ -24,7 +24,6 @@ from torch import nn
 from ..errors import ConfigError
 from ..models.layers import GlobalAvgPool
 from .base import AuxContext, LocalBatch, Rule, loss_precision, register_rule
-from .vit_aux import is_token_shape
 
 
 def authors_k(K: int, depth: int) -> int:
@@ -139,9 +138,7 @@ class AugLocalRule(Rule):
 
     def build_aux(self, ctx: AuxContext, h_shape=None) -> nn.Module:
         shape = tuple(h_shape or ctx.h_shape)
-        if is_token_shape(shape) or len(shape) != 3:
-            raise ConfigError(f"auglocal builds residual units on feature maps (C, H, W); local block {ctx.index} "
-                              f"outputs {shape} (tokens?)")
+        ctx.require_feature_maps("auglocal", shape, "builds residual units on feature maps")
         ctx.require_labels(self.name)
         if not ctx.later_units or len(ctx.later_shapes) != len(ctx.later_units):
             raise ConfigError("auglocal needs the backbone's later units (AuxContext.later_units/later_shapes)")

@@ -100,6 +100,11 @@ class AuxContext:
         """Input pixels per feature-map pixel for a ``(C, H, W)`` shape (what a task's local head needs)."""
         return max(1, self.image_size // int(shape[-1]))
 
+    def require_feature_maps(self, rule: str, shape: tuple[int, ...], what: str) -> None:
+        """Refuse a rule whose auxiliary network needs ``(C, H, W)`` feature maps on tokens (a ViT block)."""
+        if len(shape) != 3:
+            raise ConfigError(f"{rule} {what} (C, H, W); local block {self.index} outputs {shape} (tokens?)")
+
     def require_labels(self, rule: str) -> None:
         """Refuse a rule whose heads classify whole images when the task's targets are not class labels."""
         if self.task is not None and not getattr(self.task, "per_image_labels", False):

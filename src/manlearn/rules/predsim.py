@@ -20,7 +20,6 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import AuxContext, LocalBatch, Rule, register_rule
-from .vit_aux import is_token_shape
 
 #: ``shared``: the ResNet adaptation of later papers, every parameter under the one optimiser of the run;
 #: ``per-block``: the original code's own Adam per block, stepped inside the forward pass.
@@ -178,9 +177,7 @@ class PredSimRule(Rule):
 
     def build_aux(self, ctx: AuxContext, h_shape=None) -> nn.Module:
         shape = tuple(h_shape or ctx.h_shape)
-        if is_token_shape(shape) or len(shape) != 3:
-            raise ConfigError(f"predsim needs feature maps (C, H, W); local block {ctx.index} outputs "
-                              f"{shape} (tokens?)")
+        ctx.require_feature_maps("predsim", shape, "needs feature maps")
         ctx.require_labels(self.name)
         if self.optimizer == "per-block":
             if len(ctx.blocks) != ctx.index + 1:
