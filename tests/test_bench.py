@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from manlearn import LocalLearner
 from manlearn.bench import parse_method, read_rows
 from manlearn.bench.accuracy import run_accuracy
 from manlearn.bench.memory import counted
@@ -19,9 +20,27 @@ def test_method_specs():
     assert parse_method("dgl+manpp") == {"method": "manpp", "base": "dgl"}
     assert parse_method("infopro") == {"method": "infopro"}
     assert parse_method("infopro+manpp+recompute")["ema_recompute"] is True
-    for bad in ("dgl+foo", "nope", "e2e+man", "dgl+recompute", "dgl+manpp+x"):
+    assert parse_method("dgl:head=mlp-sr") == {"method": "dgl", "rule_options": {"head": "mlp-sr"}}
+    assert parse_method("dgl+manpp:fidelity=authors") == {"method": "manpp", "base": "dgl", "fidelity": "authors"}
+    assert parse_method("e2e+ckpt") == {"method": "e2e", "grad_checkpoint": "stage"}
+    assert parse_method("e2e:grad_checkpoint=unit,authors_init=true") == {
+        "method": "e2e", "grad_checkpoint": "unit", "authors_init": True}
+    for bad in ("dgl+foo", "nope", "e2e+man", "dgl+recompute", "dgl+manpp+x", "dgl:head", "dgl:=x"):
         with pytest.raises(ConfigError):
             parse_method(bad)
+
+
+def test_spec_options_reach_the_run_config(tmp_path):
+    from manlearn.bench.accuracy import fm_r32_config
+    from manlearn.bench.common import spec_slug
+
+    cfg = fm_r32_config("dgl+manpp:fidelity=authors", 16, 1, 0, tmp_path)
+    assert (cfg.method, cfg.base, cfg.fidelity) == ("manpp", "dgl", "authors")
+    cfg = fm_r32_config("dgl:head=mlp-sr", 16, 1, 0, tmp_path)
+    assert (cfg.method, cfg.rule_options) == ("dgl", {"head": "mlp-sr"})
+    assert spec_slug("dgl+manpp:fidelity=authors") == "dgl-manpp-fidelity-authors"
+    with pytest.raises(ConfigError, match="no rule in use|unknown|not take|head"):
+        LocalLearner("resnet20", K=4, **parse_method("greedy:head=mlp-sr"))
 
 
 def test_counted_memory_static_parts_and_ordering():

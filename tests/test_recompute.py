@@ -20,10 +20,11 @@ def _step(method: str, K: int, ckpt: bool, **kw):
     return learner, out, tr.peak
 
 
-@pytest.mark.parametrize("method,K", [("e2e", 1), ("dgl", 3), ("manpp", 4)])
-def test_checkpointing_gives_the_same_gradients_and_statistics(method, K):
+@pytest.mark.parametrize("method,K,granularity", [("e2e", 1, True), ("dgl", 3, True), ("manpp", 4, True),
+                                                  ("e2e", 1, "unit"), ("e2e", 1, "sqrt"), ("dgl", 3, "unit")])
+def test_checkpointing_gives_the_same_gradients_and_statistics(method, K, granularity):
     plain, out0, peak0 = _step(method, K, False)
-    ckpt, out1, peak1 = _step(method, K, True)
+    ckpt, out1, peak1 = _step(method, K, granularity)
     assert out0.losses == out1.losses
     for (n, p), q in zip(plain.named_parameters(), ckpt.parameters()):
         assert (p.grad is None) == (q.grad is None), n
@@ -33,6 +34,32 @@ def test_checkpointing_gives_the_same_gradients_and_statistics(method, K):
         assert torch.equal(b, c), f"{n}: recomputation must not update BN statistics a second time"
     if method == "e2e":
         assert peak1 < 0.8 * peak0  # only stage inputs + one recomputed stage are alive
+
+
+def test_granularities_trade_memory_in_order():
+    """On resnet32 (3 stages of 5 units) per unit keeps the least alive, sqrt(15) ~ 4 units per segment
+    less than a whole stage per segment, and all three less than no checkpointing."""
+    def peak(granularity):
+        torch.manual_seed(0)
+        learner = LocalLearner("resnet32", method="e2e", num_classes=4, grad_checkpoint=granularity)
+        x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 4, (6,))
+        with SavedTensorTracker([*learner.parameters(), *learner.buffers()]) as tr:
+            learner.train_step(x, y)
+        return tr.peak, [len(s.modules) for s in learner._segments[0]] if learner._segments else None
+
+    (plain, _), (stage, seg_stage), (sqrt, seg_sqrt), (unit, seg_unit) = map(peak, (False, "stage", "sqrt", "unit"))
+    assert unit < sqrt < stage < plain
+    assert seg_stage == [6, 5, 5]  # the stem joins the first stage
+    assert seg_sqrt == [5, 4, 4, 3]  # round(sqrt(15)) = 4 units, stem with the first
+    assert seg_unit == [2] + [1] * 14
+
+
+@pytest.mark.parametrize("bad", ["layer", 2, "sqrtn"])
+def test_unknown_granularity_is_refused(bad):
+    from manlearn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="grad_checkpoint must be"):
+        LocalLearner("resnet20", method="e2e", grad_checkpoint=bad)
 
 
 def test_frozen_norm_stats_restores_momentum_and_counter():

@@ -151,3 +151,22 @@ def test_dgl_summary_names_its_heads():
 
     text = methods_table()
     assert "mlp-sr" in text and "manpp" in text
+
+
+def test_manpp_diagnostics_follow_s_and_the_drift_of_lb_from_ema():
+    """The step records carry each block's s and lb/ema distances: they start at s=1 and 0 (lb and ema
+    are copies of the next block) and move once a step has been taken."""
+    torch.manual_seed(0)
+    learner = LocalLearner("resnet20", method="manpp", base="dgl", K=3, num_classes=4)
+    d0 = learner.diagnostics()
+    assert set(d0) == {f"{k}/{i}" for k in ("s", "lb_vs_ema", "ema_vs_next") for i in range(2)}
+    assert d0["s/0"] == 1.0 and d0["lb_vs_ema/0"] == 0.0 and d0["ema_vs_next/1"] == 0.0
+    opt = torch.optim.SGD(learner.parameters(), lr=0.1)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
+    for _ in range(2):
+        learner.train_step(x, y)
+        opt.step()
+    d1 = learner.diagnostics()
+    assert d1["s/0"] != 1.0 and d1["lb_vs_ema/0"] > 0 and d1["ema_vs_next/0"] > 0
+    assert float(learner.auxes[0].scale.detach()) == d1["s/0"]
+    assert LocalLearner("resnet20", method="dgl", K=3, num_classes=4).diagnostics() == {}

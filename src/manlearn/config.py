@@ -37,6 +37,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 import yaml
 
 from manlearn.errors import ConfigError
+from manlearn.recompute import checkpoint_granularity
 
 __all__ = [
     "TrainConfig",
@@ -240,7 +241,7 @@ class TrainConfig:
     channels_last: bool = True  # faster on CPU (BENCHMARKS.md, `manlearn bench speed --no-channels-last`)
     compile: bool = False
     # Memory for compute (same gradients): MAN/MAN++ recompute the frozen ema unit in backward;
-    # grad_checkpoint recomputes every block stage by stage (the E2E baseline of the benchmarks).
+    # grad_checkpoint recomputes every block in segments: true/stage | unit | sqrt (E2E's memory baseline).
     ema_recompute: bool = False
     # > 1: overlap each block's local loss/backward with the next blocks' forwards (worker threads); same
     # results, up to this many blocks' activations alive at once (manlearn.concurrency)
@@ -248,7 +249,7 @@ class TrainConfig:
     # default (what the methods intend) | authors: the authors' MAN++ CIFAR computation exactly (SPEC 2.3)
     fidelity: str = "default"
     authors_init: bool = False  # the authors' conv/BN initialisation of the whole learner (one item of fidelity)
-    grad_checkpoint: bool = False
+    grad_checkpoint: Union[bool, str] = False
 
     # --- scaling out (issue #4; docs/scaling.md; classification) ------------------------------
     # Data parallelism is switched on by launching with torchrun; batch_size stays the global batch.
@@ -844,7 +845,7 @@ def _validate_dense(p: list[str], cfg: TrainConfig, registries: bool) -> None:
         if len(cuts) != cfg.K - 1 or cuts != sorted(set(cuts)) or any(not 1 <= c <= 3 for c in cuts):
             p.append(f"task.stage_cuts must be K-1={cfg.K - 1} increasing stage numbers in 1..3, got {cuts}")
     for key in ("compile", "ema_recompute", "grad_checkpoint", "sync_bn"):
-        if getattr(cfg, key):
+        if getattr(cfg, key) not in (False, None, "off", "none"):
             p.append(f"{key}=true is for classification runs; a {t.name} run does not support it")
     if cfg.pipeline_workers:
         p.append(f"pipeline_workers is for classification runs; a {t.name} run does not support it")
@@ -877,6 +878,10 @@ def _validate_choices(p: list[str], cfg: TrainConfig) -> None:
     _one_of(p, "init", cfg.init, INITS)
     _one_of(p, "lambda_schedule", cfg.lambda_schedule, LAMBDA_SCHEDULES)
     _one_of(p, "fidelity", cfg.fidelity, ("default", "authors"))
+    try:
+        checkpoint_granularity(cfg.grad_checkpoint)
+    except ConfigError as e:
+        p.append(str(e))
     _one_of(p, "infopro_heads", cfg.infopro_heads, INFOPRO_HEADS)
     _one_of(p, "optimizer", cfg.optimizer, OPTIMIZERS)
     _one_of(p, "schedule", cfg.schedule, SCHEDULES)

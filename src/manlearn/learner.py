@@ -8,7 +8,6 @@ No rule, task or model is named here: everything comes through their interfaces.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -21,7 +20,7 @@ from .models import adapt_model, create_model, follows_protocol, init_weights, m
 from .models.base import feature_info
 from .rules import AuxContext, LocalBatch, check_momentum, create_rule
 from .rules.base import register_norm_buffers
-from .recompute import Segment, run_checkpointed, stage_segments
+from .recompute import Segment, checkpoint_granularity, granularity_groups, run_checkpointed, stage_segments
 from .split import Split, ends_from_stage_cuts, resolve_split, stage_ends
 from .tasks import ClassificationTask, check_task
 from .tasks.base import check_head_fits
@@ -111,8 +110,9 @@ class LocalLearner(nn.Module):
         norm_mean, norm_std: the input normalisation, used to de-normalise InfoPro's target image.
         amp_dtype: run forwards under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``).
         channels_last: keep weights and activations in channels-last memory format.
-        grad_checkpoint: run every block stage by stage under gradient checkpointing (recompute in
-            backward); with ``method="e2e"`` this is the memory baseline of the benchmarks.
+        grad_checkpoint: run every block under gradient checkpointing (recompute in backward), in segments
+            of one stage (``True`` or ``"stage"``), one unit (``"unit"``) or about sqrt(n) units (``"sqrt"``);
+            with ``method="e2e"`` this is the memory baseline of the benchmarks.
         ema_recompute: MAN/MAN++ recompute the frozen ema unit in backward instead of keeping its
             activations (same gradients, one more ema forward per step, less memory).
         blocks_in_flight: 1 (default) runs a step's blocks in sequence; N > 1 overlaps each block's local
@@ -135,7 +135,7 @@ class LocalLearner(nn.Module):
                  rule_options: dict | None = None,
                  norm_mean: Sequence[float] | None = None, norm_std: Sequence[float] | None = None,
                  amp_dtype: torch.dtype | None = None, channels_last: bool = False,
-                 grad_checkpoint: bool = False, ema_recompute: bool = False, blocks_in_flight: int = 1,
+                 grad_checkpoint: bool | str = False, ema_recompute: bool = False, blocks_in_flight: int = 1,
                  model_kwargs: dict | None = None, fidelity: str = "default", authors_init: bool = False) -> None:
         super().__init__()
         for name, v in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
@@ -205,7 +205,7 @@ class LocalLearner(nn.Module):
             len(units), K, split, bool(stem_module), model if isinstance(model, str) else None, unit_ids,
             unit_costs=lambda: unit_activation_bytes(backbone.stem, units, self.in_channels, self.image_size))
 
-    def _build_blocks(self, backbone, units, unit_ids, shapes, grad_checkpoint: bool) -> None:
+    def _build_blocks(self, backbone, units, unit_ids, shapes, grad_checkpoint: bool | str) -> None:
         """Blocks (nn.Sequential of [stem] + units), the final head, and where the feature taps sit."""
         pieces = self.split.pieces()
         self.blocks = nn.ModuleList(
@@ -225,9 +225,10 @@ class LocalLearner(nn.Module):
             self.head = backbone.head
         else:
             self.head = self.task.final_head(self.tap_channels, self.tap_strides)
-        self.grad_checkpoint = bool(grad_checkpoint)
+        granularity = checkpoint_granularity(grad_checkpoint)
+        self.grad_checkpoint = granularity or False  # the granularity in use (truthy), or False
         self._segments: list[list[Segment]] | None = None
-        if grad_checkpoint:
+        if granularity:
             if self.task.reads != "last":
                 raise ConfigError("grad_checkpoint runs whole blocks; it is not available for tasks whose head "
                                   "reads every stage")
@@ -248,13 +249,11 @@ class LocalLearner(nn.Module):
         self.auxes = nn.ModuleList(auxes)
 
     def _block_segments(self, k: int, has_stem: bool, unit_range: range, unit_ids) -> list[Segment]:
-        """Checkpoint segments of block k: one per stage (the stem joins the first); without stage
-        ids, about sqrt(n) units per segment."""
+        """Checkpoint segments of block k at the learner's granularity (the stem joins the first)."""
         mods = list(self.blocks[k])
-        chunk = max(1, round(math.sqrt(len(unit_range)))) if len(unit_range) else 1
-        stages = ([None] if has_stem else []) + [
-            unit_ids[j][0] if unit_ids else (j - unit_range.start) // chunk for j in unit_range]
-        return stage_segments(mods, stages)
+        stage_of = [unit_ids[j][0] for j in unit_range] if unit_ids else None
+        groups = granularity_groups(len(unit_range), self.grad_checkpoint, stage_of)
+        return stage_segments(mods, ([None] if has_stem else []) + groups)
 
     @staticmethod
     @torch.no_grad()
@@ -513,6 +512,16 @@ class LocalLearner(nn.Module):
     def extra_repr(self) -> str:
         return (f"task={type(self.task).__name__}, method={self.method}, base={self.base}, K={self.K}, "
                 f"split={self.split.source}, stem_module={self.split.stem_module}, momentum={self._momentum}")
+
+    def diagnostics(self) -> dict[str, float]:
+        """Scalars the rule's auxiliary networks report about themselves, as ``name/block`` (MAN++:
+        ``s/3``, ``lb_vs_ema/3``, ``ema_vs_next/3``); empty for rules that report nothing."""
+        out: dict[str, float] = {}
+        for i, aux in enumerate(self.auxes):
+            report = getattr(aux, "diagnostics", None)
+            if callable(report):
+                out.update({f"{k}/{i}": float(v) for k, v in report().items()})
+        return out
 
     def keep_parts(self, blocks: Iterable[int], auxes: Iterable[int], head: bool) -> None:
         """Free, in place, every part that this process will not run (a pipeline worker keeps its blocks).

@@ -1,7 +1,9 @@
-"""Gradient checkpointing per stage: the memory baseline reviewers ask local learning to beat.
+"""Gradient checkpointing: the memory baseline reviewers ask local learning to beat.
 
-A block's modules are grouped into segments (one per backbone stage, the stem joining the first);
-each segment runs under ``torch.utils.checkpoint`` so only segment inputs stay alive and the inside is
+A block's modules are grouped into segments, at one of three granularities
+(:data:`GRANULARITIES`): one per backbone stage (``stage``, the stem joining the first), one per
+unit (``unit``: the least memory, every unit's input kept), or about sqrt(n) units each (``sqrt``,
+the classic sqrt(n) trade-off of Chen et al. 2016, ignoring stage boundaries); each segment runs under ``torch.utils.checkpoint`` so only segment inputs stay alive and the inside is
 recomputed during backward. Two details make it exact and measurable:
 
 - the *reentrant* variant is used: it stores the segment input with ``save_for_backward`` and
@@ -19,6 +21,32 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
+
+from .errors import ConfigError
+
+GRANULARITIES = ("stage", "unit", "sqrt")
+
+
+def checkpoint_granularity(value: bool | str | None) -> str | None:
+    """``grad_checkpoint`` as given (bool or a granularity) -> ``None`` (off) or one of :data:`GRANULARITIES`;
+    ``True`` means ``stage`` (what it meant before there were granularities)."""
+    if value is None or value is False or (isinstance(value, str) and value.lower() in ("off", "none", "false")):
+        return None
+    if value is True or (isinstance(value, str) and value.lower() == "true"):
+        return "stage"
+    if isinstance(value, str) and value.lower() in GRANULARITIES:
+        return value.lower()
+    raise ConfigError(f"grad_checkpoint must be off, true or a granularity ({', '.join(GRANULARITIES)}), got {value!r}")
+
+
+def granularity_groups(n_units: int, granularity: str, stage_of: Sequence[int] | None) -> list[int]:
+    """A group id per unit of a block: units of one group form one checkpoint segment."""
+    if granularity == "unit":
+        return list(range(n_units))
+    if granularity == "stage" and stage_of is not None:
+        return list(stage_of)
+    chunk = max(1, round(n_units ** 0.5))  # sqrt, or stage without stage ids
+    return [j // chunk for j in range(n_units)]
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import apply_overrides, load_config, validate
-from .common import append_rows, environment, parse_method, read_rows, run_key
+from .common import append_rows, environment, parse_method, read_rows, run_key, spec_overrides, spec_slug
 
 BASE_RECIPE = "fm-r32-infopro-manpp"  # carries every FM-R32 key; method/base/K are overridden
 
@@ -26,13 +26,8 @@ def fm_r32_config(spec: str, K: int, epochs: int, seed: int, out_dir: Path, extr
     """The FM-R32 TrainConfig of one run."""
     from ..recipes import resolve_recipe
 
-    m = parse_method(spec)
-    items = [f"method={m['method']}", f"K={K}", f"epochs={epochs}", f"seed={seed}",
+    items = [*spec_overrides(spec), f"K={K}", f"epochs={epochs}", f"seed={seed}",
              f"out_dir={out_dir}", "progress=false"]
-    if "base" in m:
-        items.append(f"base={m['base']}")
-    if m.get("ema_recompute"):
-        items.append("ema_recompute=true")
     cfg = load_config(resolve_recipe(BASE_RECIPE), check=False)
     return validate(apply_overrides(cfg, [*items, *extra], check=False))
 
@@ -78,14 +73,14 @@ def run_accuracy(methods: Sequence[str], Ks: Sequence[int], epochs: int, seeds: 
     for seed in seeds:
         for K in Ks:
             for spec in methods:
-                k_eff = 1 if spec == "e2e" else K
+                k_eff = 1 if parse_method(spec)["method"] == "e2e" else K
                 key = (spec, k_eff, epochs, seed, limit)
                 done = {run_key(r): r for r in read_rows(results)[ignore:]}  # re-read: other workers append
                 if key in done:
                     say(f"skip {spec} K={k_eff} epochs={epochs} seed={seed}: already in {results}")
                     out.append(done[key])
                     continue
-                name = f"{spec.replace('+', '-')}-K{k_eff}-e{epochs}-s{seed}"
+                name = f"{spec_slug(spec)}-K{k_eff}-e{epochs}-s{seed}"
                 claim = _claim(Path(runs_dir) / f"{name}.claim")
                 if claim is None:
                     say(f"skip {spec} K={k_eff} epochs={epochs} seed={seed}: another worker is running it")
@@ -101,12 +96,14 @@ def run_accuracy(methods: Sequence[str], Ks: Sequence[int], epochs: int, seeds: 
                     claim.unlink(missing_ok=True)
                     raise
                 history = [r.get("test_acc") for r in trainer.records if r.get("type") == "epoch"]
+                aux = [{"step": r["step"], **r["aux"]} for r in trainer.records if r.get("type") == "train" and r.get("aux")]
                 row = dict(method=spec, K=getattr(trainer.learner, "K", k_eff), epochs=epochs, seed=seed,
                            train_limit=limit, steps=summary["steps"], test_acc=summary["test_acc"],
                            test_acc_per_epoch=history, seconds_per_iter=summary["seconds_per_iter"],
                            peak_activation_MiB=(summary["peak_mem_bytes"] or 0) / 2**20,
                            wall_s=time.perf_counter() - t0, protocol="FM-R32", recipe=BASE_RECIPE,
-                           overrides=list(extra), **{**env, "device": str(trainer.device)})
+                           overrides=list(extra), **({"aux_trajectory": aux} if aux else {}),
+                           **{**env, "device": str(trainer.device)})
                 append_rows(results, [row])
                 claim.unlink(missing_ok=True)
                 say(f"  test acc {row['test_acc']:.4f}  ({row['steps']} steps, {row['wall_s'] / 60:.1f} min)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -22,15 +23,53 @@ from ..errors import ConfigError
 ALL_METHODS = ("e2e", "greedy", "dgl", "infopro", "dgl+man", "infopro+man", "dgl+manpp", "infopro+manpp")
 
 
+# Options a method spec may set on the learner itself (``dgl+manpp:fidelity=authors``); every other
+# option of a spec is a rule option (``dgl:head=mlp-sr``). These names are LocalLearner keywords and
+# TrainConfig keys alike, so a spec means the same in every benchmark.
+LEARNER_OPTIONS = ("fidelity", "authors_init", "lambda_schedule", "ema_recompute", "grad_checkpoint",
+                   "blocks_in_flight")
+# Shorthand specs of the memory and speed tables.
+ALIASES = {"e2e+ckpt": "e2e:grad_checkpoint=stage"}
+
+
+def _option_value(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def split_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"dgl+manpp:fidelity=authors,head=mlp-sr"`` -> ``("dgl+manpp", {"fidelity": "authors", "head": "mlp-sr"})``."""
+    spec = ALIASES.get(spec, spec)
+    name, _, opts = spec.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, opts.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"bad method spec {spec!r}: options are written key=value, separated by commas "
+                              f"(e.g. dgl+manpp:fidelity=authors or dgl:head=mlp-sr)")
+        options[key.strip()] = _option_value(value.strip())
+    return name, options
+
+
 def parse_method(spec: str) -> dict[str, Any]:
-    """``"dgl+manpp"`` -> ``{"method": "manpp", "base": "dgl"}``; ``"dgl"`` -> ``{"method": "dgl"}``;
-    a trailing ``+recompute`` on MAN/MAN++ adds ``ema_recompute=True``."""
+    """LocalLearner keywords of a method spec: ``"dgl+manpp"`` -> ``{"method": "manpp", "base": "dgl"}``;
+    ``"dgl"`` -> ``{"method": "dgl"}``; a trailing ``+recompute`` on MAN/MAN++ adds ``ema_recompute=True``;
+    options after a colon set learner keys (:data:`LEARNER_OPTIONS`) or, any other key, ``rule_options``
+    (``"dgl:head=mlp-sr"`` -> ``{"method": "dgl", "rule_options": {"head": "mlp-sr"}}``)."""
     from ..rules import get_rule_class, list_base_rules, list_rules
 
-    parts = spec.split("+")
-    extra: dict[str, Any] = {}
+    name, options = split_spec(spec)
+    parts = name.split("+")
+    extra: dict[str, Any] = {k: v for k, v in options.items() if k in LEARNER_OPTIONS}
+    rule_options = {k: v for k, v in options.items() if k not in LEARNER_OPTIONS}
+    if rule_options:
+        extra["rule_options"] = rule_options
     if len(parts) == 3 and parts[2] == "recompute":
-        parts, extra = parts[:2], {"ema_recompute": True}
+        parts, extra = parts[:2], {**extra, "ema_recompute": True}
     if len(parts) == 2:
         base, method = parts
         modifiers = [r for r in list_rules() if get_rule_class(r).modifier]
@@ -38,10 +77,32 @@ def parse_method(spec: str) -> dict[str, Any]:
             raise ConfigError(f"bad method spec {spec!r}: write <base>+<modifier> (optionally +recompute) with "
                               f"modifier in {', '.join(modifiers)} and base in {', '.join(list_base_rules())}")
         return {"method": method, "base": base, **extra}
-    if len(parts) != 1 or spec not in list_rules():
+    if len(parts) != 1 or name not in list_rules():
         raise ConfigError(f"unknown method {spec!r}; choose from {', '.join(ALL_METHODS)} "
-                          f"(or any of {', '.join(list_rules())})")
-    return {"method": spec}
+                          f"(or any of {', '.join(list_rules())}), optionally with options after a colon "
+                          f"(dgl:head=mlp-sr, dgl+manpp:fidelity=authors)")
+    return {"method": name, **extra}
+
+
+def spec_overrides(spec: str) -> list[str]:
+    """The ``key=value`` config overrides of a method spec (for runs through TrainConfig)."""
+    import yaml
+
+    m = parse_method(spec)
+    items = [f"method={m.pop('method')}"]
+    if "base" in m:
+        items.append(f"base={m.pop('base')}")
+    rule_options = m.pop("rule_options", None)
+    if rule_options:
+        items.append("rule_options=" + yaml.safe_dump(rule_options, default_flow_style=True).strip())
+    for key, value in m.items():
+        items.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
+    return items
+
+
+def spec_slug(spec: str) -> str:
+    """A file-name-safe form of a method spec (its run folder)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", spec.replace("+", "-")).strip("-")
 
 
 def cpu_name() -> str:

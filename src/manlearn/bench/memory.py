@@ -11,7 +11,8 @@
     The child runs with a fixed glibc mmap threshold (:data:`FIXED_MALLOC`) so that RSS follows
     live memory; ``--rss-default-malloc`` measures with the default allocator behaviour.
 
-E2E is measured with and without gradient checkpointing per stage (``grad_checkpoint=True``).
+E2E is measured with and without gradient checkpointing per stage (``e2e+ckpt``); other granularities are
+method specs too (``e2e:grad_checkpoint=unit``, ``e2e:grad_checkpoint=sqrt``).
 """
 from __future__ import annotations
 
@@ -32,11 +33,7 @@ CHECKPOINTED = "e2e+ckpt"
 
 
 def _learner(model: str, spec: str, K: int, split: str, device: str, stem_module: bool = True):
-    kw: dict[str, Any] = {}
-    if spec == CHECKPOINTED:
-        kw = dict(method="e2e", grad_checkpoint=True)
-    else:
-        kw = parse_method(spec)
+    kw = parse_method(spec)
     torch.manual_seed(0)
     return LocalLearner(model=model, K=K, split=split, stem_module=stem_module, **kw).to(device)
 
@@ -126,14 +123,13 @@ def run_memory(model: str, methods: Sequence[str], Ks: Sequence[int], batches: S
                fixed_malloc: bool = True, stem_module: bool = True, say=print) -> list[dict[str, Any]]:
     """Every (batch, K, method) once; E2E (and E2E + checkpointing) once per batch."""
     for spec in methods:
-        if spec != CHECKPOINTED:
-            parse_method(spec)
+        parse_method(spec)
     specs = list(methods) + ([CHECKPOINTED] if checkpointing and CHECKPOINTED not in methods else [])
     env = environment(device)
     rows: list[dict[str, Any]] = []
     for batch in batches:
         for spec in specs:
-            for K in ([Ks[0]] if spec in ("e2e", CHECKPOINTED) else Ks):  # E2E ignores K
+            for K in ([Ks[0]] if parse_method(spec)["method"] == "e2e" else Ks):  # E2E ignores K
                 row = counted(model, spec, K, batch, split, device, stem_module)
                 if rss and torch.device(device).type == "cpu":
                     row.update(measured_rss(model, spec, K, batch, split, fixed_malloc=fixed_malloc,

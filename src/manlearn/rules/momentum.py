@@ -80,6 +80,24 @@ class MomentumAux(nn.Module):
         ema, src = self.ema_pairs()
         ema_update_(ema, src, momentum)
 
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, float]:
+        """What to watch in a run (logged with the step records): MAN++'s ``s``, and how far lb has
+        drifted from ema and ema from the next block, as relative L2 distances over all parameters."""
+        ema, src = self.ema_pairs()
+        ema = [p.float() for p in ema]
+        lb = [p.float() for p in self.lb.parameters()]
+
+        def rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+            num = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(torch._foreach_sub(a, b))))
+            den = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(b)))
+            return float(num / den.clamp_min(1e-12))
+
+        out = {"lb_vs_ema": rel(lb, ema), "ema_vs_next": rel(ema, [p.float() for p in src])}
+        if self.scale is not None:
+            out["s"] = float(self.scale.detach())
+        return out
+
     def after_backward(self, momentum: float) -> None:
         """The learner's hook after this block's backward: the EMA update of SPEC 3.2."""
         self.update_ema(momentum)

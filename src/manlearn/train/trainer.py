@@ -558,6 +558,10 @@ class Trainer:
             "images_per_s": self._take_window_rate(), "seconds_per_iter": self.meters["time"].avg,
             "peak_mem_bytes": self._peak(), "elapsed_s": self._elapsed(),
         }
+        report = getattr(self.learner, "diagnostics", None)
+        aux = report() if callable(report) else None
+        if aux:
+            rec["aux"] = aux  # e.g. MAN++'s s of every block over the run
         self._record(rec)
         if self._plain_progress():
             eta = max(self._stop_at - self.step, 0) * self.train_time / max(self.steps_timed, 1)
