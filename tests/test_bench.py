@@ -184,3 +184,28 @@ def test_accuracy_workers_claim_runs(tmp_path):
     assert _claim(p) is None
     p.write_text("999999999")  # a dead one: taken over
     assert _claim(p) == p and p.read_text() == str(__import__("os").getpid())
+
+
+def test_checkpointed_e2e_is_drawn_at_e2e_accuracy():
+    """E2E with checkpointing has E2E's gradients: the plot puts it at E2E's accuracy of every budget and at
+    its own memory, one point per granularity measured."""
+    from manlearn.bench.report import _checkpoint_granularity, _checkpointed_points, base_of
+
+    assert [_checkpoint_granularity(m) for m in ("e2e+ckpt", "e2e:grad_checkpoint=unit", "e2e", "dgl", "nope")] == [
+        "stage", "unit", None, None, None]
+    assert (base_of("dgl+manpp:fidelity=authors"), base_of("infopro+hpff"), base_of("predsim")) == ("dgl", "infopro", None)
+    calls = []
+
+    class Ax:
+        def errorbar(self, xs, ys, yerr, **kw):
+            calls.append((xs[0], ys[0], yerr[0]))
+
+        def annotate(self, *a, **kw):
+            pass
+
+    mem = {("e2e", 1): {"activation_peak_MiB": 300.0}, ("e2e+ckpt", 1): {"activation_peak_MiB": 180.0},
+           ("e2e:grad_checkpoint=unit", 1): {"activation_peak_MiB": 75.0}, ("dgl", 16): {"activation_peak_MiB": 66.0}}
+    final = {(1, "e2e", 1): [0.87, 0.89], (2, "e2e", 1): [0.9], (1, "dgl", 16): [0.8]}
+    _checkpointed_points(Ax(), mem, mem[("e2e", 1)], final)
+    assert sorted(calls) == sorted([(25.0, 88.0, pytest.approx(1.4142, abs=1e-3)), (60.0, 88.0, pytest.approx(1.4142, abs=1e-3)),
+                                    (25.0, 90.0, 0.0), (60.0, 90.0, 0.0)])

@@ -11,9 +11,15 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .common import ALL_METHODS, read_rows, run_key
+from .common import ALL_METHODS, parse_method, read_rows, run_key
 
-BASE_OF = {"dgl+man": "dgl", "dgl+manpp": "dgl", "infopro+man": "infopro", "infopro+manpp": "infopro"}
+def base_of(spec: str) -> str | None:
+    """The base rule a modifier row is compared with: ``dgl+manpp`` and ``dgl+manpp:fidelity=authors``
+    -> ``dgl``, ``infopro+hpff`` -> ``infopro``; None for a rule without a base."""
+    try:
+        return parse_method(spec).get("base")
+    except Exception:  # a spec of a rule this installation does not have
+        return None
 
 
 def _order(method: str) -> tuple:
@@ -92,7 +98,7 @@ def accuracy_table(rows: list[dict[str, Any]]) -> str:
         rs = sorted(groups[key], key=lambda x: int(x["seed"]))
         accs = [x["test_acc"] for x in rs]
         acc = f"{statistics.mean(accs):.4f}" + (f" ± {statistics.stdev(accs):.4f}" if len(accs) > 1 else "")
-        base = BASE_OF.get(method)
+        base = base_of(method)
         base_key = (epochs, limit, K, base)
         vs_base = paired = ""
         if base and base_key in mean:
@@ -170,10 +176,35 @@ def plot_accuracy_vs_memory(acc_rows, mem_rows, path: Path, batch: int = 128) ->
                     linestyle="none", label=f"K={K}, {epochs} epoch{'s' if epochs > 1 else ''}")
         for x, y, name in zip(xs, ys, names):
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    _checkpointed_points(ax, mem, e2e, final)
     ax.set_xlabel(f"peak activation memory, % of E2E (ResNet-32, batch {batch})")
     ax.set_ylabel("FM-R32 test accuracy, % (mean over seeds, bar = std)")
     ax.legend(fontsize=8)
     return _save(fig, ax, "Accuracy vs training memory", path)
+
+
+def _checkpoint_granularity(method: str) -> str | None:
+    """The granularity of an E2E-with-checkpointing spec (``e2e+ckpt``, ``e2e:grad_checkpoint=unit``), else None."""
+    try:
+        m = parse_method(method)
+    except Exception:  # a spec of a rule this installation does not have
+        return None
+    g = m.get("grad_checkpoint")
+    return ("stage" if g is True else str(g)) if m["method"] == "e2e" and g not in (None, False, "off") else None
+
+
+def _checkpointed_points(ax, mem: dict[tuple, dict[str, Any]], e2e: dict[str, Any], final) -> None:
+    """E2E with gradient checkpointing: the same gradients as E2E, so it sits at E2E's accuracy (of every
+    budget measured) and at its own activation memory: what a user would pick instead of local learning."""
+    accs = {epochs: accs for (epochs, method, _), accs in final.items() if method == "e2e"}
+    pts = [(100 * r["activation_peak_MiB"] / e2e["activation_peak_MiB"], g)
+           for (method, _), r in mem.items() if (g := _checkpoint_granularity(method))]
+    for i, (epochs, a) in enumerate(sorted(accs.items())):
+        for x, g in sorted(pts):
+            y, err = _mean_std_pct(a)
+            ax.errorbar([x], [y], yerr=[err], fmt="x", color="0.35", ms=6, capsize=2,
+                        label="e2e + checkpointing (same accuracy as e2e)" if i == 0 and g == sorted(pts)[0][1] else None)
+            ax.annotate(f"e2e+ckpt/{g}", (x, y), textcoords="offset points", xytext=(4, -9), fontsize=7, color="0.35")
 
 
 def plot_accuracy_vs_epochs(acc_rows, path: Path) -> bool:
