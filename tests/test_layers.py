@@ -1,4 +1,5 @@
 """The layout-preserving layers: same function as torch's, gradients in the activation's layout."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -34,14 +35,15 @@ def test_global_avg_pool_backward_keeps_channels_last():
     assert g.is_contiguous(memory_format=torch.channels_last) or 0 in g.stride()[2:], g.stride()
 
 
-def test_factorized_infopro_decoder_hands_back_the_input_layout():
-    dec = InfoProDecoder(16, image_size=32, factorized=True).to(memory_format=torch.channels_last)
-    h = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_factorized_infopro_decoder_hands_back_the_input_layout(layout):
+    dec = InfoProDecoder(16, image_size=32, factorized=True).to(memory_format=layout)
+    h = torch.randn(2, 16, 8, 8).contiguous(memory_format=layout)
     seen = []
     orig = dec.bn.forward
     dec.bn.forward = lambda t: (seen.append(t), orig(t))[1]
     dec(h)
-    assert seen[0].is_contiguous(memory_format=torch.channels_last)
+    assert seen[0].is_contiguous(memory_format=layout)
 
 
 def test_heads_of_every_rule_use_the_layout_preserving_pool():
