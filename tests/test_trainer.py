@@ -411,3 +411,17 @@ def test_explicit_split_survives_checkpoint_and_resume(tmp_path):
     saved = load_checkpoint(tmp_path / CKPT_NAME)["config"]["split"]
     assert [tuple(b) for b in saved] == [(1, 2), (2, 2), (3, 2)]
     assert Trainer(dataclasses.replace(cfg, max_steps=2), resume=True).step == 1
+
+
+def test_header_names_the_head_fidelity_and_checkpointing_and_records_carry_s(tmp_path):
+    """A run's first line says what distinguishes it (every DGL result names its head), and a MAN++ run's
+    step records carry each block's s (the trajectory the spread study reads)."""
+    import io
+
+    out = io.StringIO()
+    tr = Trainer(tiny(tmp_path / "a", base="dgl", rule_options={"head": "mlp-sr"}, fidelity="authors",
+                      max_steps=1), out=out)
+    tr.fit()
+    assert "manpp/dgl head=mlp-sr fidelity=authors" in out.getvalue().splitlines()[0]
+    train = [r for r in tr.records if r.get("type") == "train"]
+    assert train and {"s/0", "lb_vs_ema/0", "ema_vs_next/2"} <= set(train[0]["aux"])

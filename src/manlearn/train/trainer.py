@@ -614,6 +614,12 @@ class Trainer:
         lr_ = self.learner
         n_params = sum(p.numel() for p in trainable_parameters(lr_))
         method = cfg.method + (f"/{lr_.base}" if getattr(lr_, "base", None) else "")
+        if cfg.rule_options:  # e.g. DGL's own head: every DGL result names its head
+            method += " " + ", ".join(f"{k}={v}" for k, v in cfg.rule_options.items())
+        if cfg.fidelity != "default":
+            method += f" fidelity={cfg.fidelity}"
+        if cfg.grad_checkpoint not in (False, None, "off", "none"):
+            method += f" grad_checkpoint={'stage' if cfg.grad_checkpoint is True else cfg.grad_checkpoint}"
         if cfg.is_dense:
             widths = f" widths {cfg.task.model_widths}" if cfg.task.model_widths else ""
             cut = f"{type(lr_.task).__name__}, cuts {getattr(lr_, 'stage_cuts', None)}"
