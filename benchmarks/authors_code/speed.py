@@ -1,0 +1,73 @@
+"""Step time of manlearn vs the authors' published MAN++ CIFAR models (JunhaoSu0/MAN_PlusPlus @7b2d8a9,
+networks/resnet{DGL,InfoPro}_MANPP.py, .cuda() made a no-op), ResNet-32 K=16 batch 128, random data,
+interleaved (one step of each per round), median over rounds. The authors' code is not part of this repository: MAN_PLUSPLUS_DIR points at a checkout of it.
+
+    MAN_PLUSPLUS_DIR=/path/to/MAN_PlusPlus python benchmarks/authors_code/speed.py ROUNDS WARMUP OUT.jsonl
+"""
+import json, os, statistics, sys, time, platform
+import torch, torch.nn as nn
+
+torch.Tensor.cuda = lambda self, *a, **k: self
+nn.Module.cuda = lambda self, *a, **k: self
+AUTHORS = os.environ.get("MAN_PLUSPLUS_DIR", "")  # a checkout of JunhaoSu0/MAN_PlusPlus, outside this repository
+if not os.path.isdir(os.path.join(AUTHORS, "Exp_on_CIFAR-SVHN-STL", "networks")):
+    sys.exit("set MAN_PLUSPLUS_DIR to a checkout of github.com/JunhaoSu0/MAN_PlusPlus (see benchmarks/authors_code/README.md)")
+sys.path.insert(0, os.path.join(AUTHORS, "Exp_on_CIFAR-SVHN-STL"))
+from networks import resnetDGL_MANPP, resnetInfoPro_MANPP  # noqa: E402
+from manlearn import LocalLearner  # noqa: E402
+
+rounds, warmup, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+torch.manual_seed(0)
+u = torch.rand(128, 3, 32, 32) * 0.98 + 0.01  # images in (0, 1), normalised as the authors' CIFAR code does
+mean = torch.tensor([125.3, 123.0, 113.9]).view(1, 3, 1, 1) / 255
+std = torch.tensor([63.0, 62.1, 66.7]).view(1, 3, 1, 1) / 255
+x = (u - mean) / std
+y = torch.randint(0, 10, (128,))
+kw = dict(local_module_num=16, batch_size=128, image_size=32, dataset="cifar10", class_num=10,
+          wide_list=(16, 16, 32, 64), dropout_rate=0, aux_net_widen=1, aux_net_feature_dim=128, momentum=0.995)
+theirs = {
+    "dgl+manpp": resnetDGL_MANPP.resnet32(aux_net_config="1c2f", local_loss_mode="cross_entropy", **kw),
+    "infopro+manpp": resnetInfoPro_MANPP.resnet32(aux_net_config="2c2f", local_loss_mode="cross_entropy", **kw),
+}
+lam = dict(ixx_1=5.0, ixy_1=0.5, ixx_2=0.0, ixy_2=0.0)
+
+
+def sgd(params):
+    return torch.optim.SGD([p for p in params if p.requires_grad], lr=0.01, momentum=0.9, nesterov=True,
+                           weight_decay=1e-4)
+
+
+steps = {}
+for name, model in theirs.items():
+    model.train()
+    opt = sgd(model.parameters())
+    def step(model=model, opt=opt):
+        opt.zero_grad()
+        model(img=x, target=y, **lam)
+        opt.step()
+    steps[f"authors {name}"] = step
+for name in ("dgl+manpp", "infopro+manpp"):
+    base, method = name.split("+")
+    learner = LocalLearner("resnet32", method=method, base=base, K=16, channels_last=True)
+    opt = sgd(learner.parameters())
+    xc = x.contiguous(memory_format=torch.channels_last)
+    def step(learner=learner, opt=opt, xc=xc):
+        learner.train_step(xc, y)  # zero_grad inside
+        opt.step()
+    steps[f"manlearn {name}"] = step
+times = {k: [] for k in steps}
+for r in range(warmup + rounds):
+    for k, fn in steps.items():
+        t = time.perf_counter()
+        fn()
+        if r >= warmup:
+            times[k].append(time.perf_counter() - t)
+row = {"what": "s/iter, ResNet-32 K=16 batch 128, interleaved", "rounds": rounds, "warmup": warmup,
+       "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+       "date": time.strftime("%Y-%m-%d %H:%M"), "median_s": {k: statistics.median(v) for k, v in times.items()},
+       "min_s": {k: min(v) for k, v in times.items()}}
+for name in ("dgl+manpp", "infopro+manpp"):
+    row[f"ratio {name}"] = row["median_s"][f"manlearn {name}"] / row["median_s"][f"authors {name}"]
+with open(out, "a") as f:
+    f.write(json.dumps(row) + "\n")
+print(json.dumps(row, indent=1))
