@@ -80,3 +80,39 @@ def test_workers_run_under_the_callers_saved_tensor_hooks():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         learner.train_step(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0]))
     assert "MainThread" in seen and any(name.startswith("manlearn-block") for name in seen), seen
+
+
+@pytest.mark.parametrize("blocks", [range(0, 3), range(2, 5), range(1, 4)])
+def test_a_range_of_blocks_overlapped_equals_the_same_blocks_in_sequence(blocks):
+    """A pipeline worker's share (train_blocks on a range of blocks) overlapped gives what its blocks' local
+    steps in sequence give: the range's output, losses, gradients, EMA units and BN statistics."""
+    from manlearn.rules import LocalBatch
+
+    torch.manual_seed(0)
+    seq = LocalLearner("resnet20", method="manpp", base="dgl", K=5, num_classes=3, image_size=16).double()
+    seq.momentum = 0.9
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 16, 16, generator=g).double()
+    y = torch.randint(0, 3, (4,), generator=g)
+    with torch.no_grad():
+        h = x
+        for k in range(blocks.start):
+            h = seq.blocks[k](h)
+    conc = copy.deepcopy(seq)  # after the earlier blocks' forward moved BN statistics: both start alike
+    conc.blocks_in_flight = 2
+    outs = []
+    for learner in (seq, conc):
+        batch = LocalBatch(x, y, learner.norm_mean, learner.norm_std)
+        outs.append(learner.train_blocks(blocks, h.clone(), batch))
+    (ha, la), (hb, lb) = outs
+    assert len(la) == len(lb) == len(blocks)
+    torch.testing.assert_close(hb, ha, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.stack(lb), torch.stack(la), rtol=1e-10, atol=1e-12)
+    (ga, sa), (gb, sb) = _state(seq), _state(conc)
+    assert ga.keys() == gb.keys() and ga
+    for name in ga:
+        torch.testing.assert_close(gb[name], ga[name], rtol=1e-9, atol=1e-12, msg=name)
+    for name in sa:
+        torch.testing.assert_close(sb[name], sa[name], rtol=1e-9, atol=1e-12, msg=name)
+    owned = {f"blocks.{k}." for k in blocks} | {f"auxes.{k}." for k in blocks} | ({"head."} if blocks.stop == 5 else set())
+    assert all(any(n.startswith(o) for o in owned) for n in ga)  # only the range's blocks learned

@@ -66,10 +66,12 @@ def test_param_version_staleness_is_as_documented():
 
 # ------------------------------------------------------------------ exactness without momentum units
 
-def test_pipeline_equals_single_process_without_momentum_units(tmp_path):
+@pytest.mark.parametrize("blocks_in_flight", [1, 2])
+def test_pipeline_equals_single_process_without_momentum_units(tmp_path, blocks_in_flight):
     """InfoPro (image travels with the activations) over 2 workers == the Trainer, bit for bit up to
-    float noise: each worker's step t sees activations made with the previous worker's step-t weights."""
-    s = run(cfg_(tmp_path / "pipe"))
+    float noise: each worker's step t sees activations made with the previous worker's step-t weights.
+    With 2 blocks in flight each worker overlaps its own blocks (LocalLearner.train_blocks): same result."""
+    s = run(cfg_(tmp_path / "pipe", blocks_in_flight=blocks_in_flight))
     ck = load_checkpoint(tmp_path / "pipe" / "last.pt")
     tr = Trainer(cfg_(tmp_path / "single", pipeline_workers=0), out=open(os.devnull, "w"))
     ref = tr.fit()

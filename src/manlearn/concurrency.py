@@ -6,7 +6,8 @@ for MAN's EMA), writes only block k's and aux_k's gradients and aux_k's EMA unit
 reads only h_k detached. So the overlapped step computes the sequential step's gradients, EMA units and
 BN statistics (tests/test_concurrency.py checks it for every registered rule). ``after_block(k)`` (data
 parallelism's all-reduce) is still called in block order, from the main thread, so every rank issues its
-collectives in the same order.
+collectives in the same order. The block pipeline reuses it for each worker's share of the blocks
+(``LocalLearner.train_blocks``), so ``blocks_in_flight`` means the same in all three ways of training.
 
 ``blocks_in_flight = N`` bounds how many blocks have a live graph at once (the memory price: N blocks'
 activations instead of one); N−1 worker threads do auxiliary work. On the CPU each thread gets its share
@@ -59,21 +60,30 @@ def _in_hooks(hooks: tuple[Any, Any] | None, fn: Callable, *args: Any) -> Any:
 
 
 def overlapped_step(learner: Any, x: torch.Tensor, batch: Any, grad_scale: torch.Tensor | None,
-                    after_block: Callable[[int], None] | None, blocks_in_flight: int) -> tuple[Any, list[torch.Tensor]]:
+                    after_block: Callable[[int], None] | None, blocks_in_flight: int,
+                    blocks: range | None = None) -> tuple[Any, list[torch.Tensor]]:
     """One training step of ``learner`` with up to ``blocks_in_flight`` blocks in flight; returns (the final
     head's detached outputs, one detached loss per block), as the sequential loop of ``train_step`` does.
+
+    ``blocks`` (default: all) runs only a consecutive range of blocks on ``x``, the input of its first block
+    (a pipeline worker's share); the first value returned is then the last block's detached output unless the
+    range ends with the final block, and the losses are those of the range's blocks.
 
     The main thread runs the forwards in order. After block k's forward its auxiliary work goes to a worker
     when one is free; when all ``blocks_in_flight - 1`` workers are busy the main thread does it itself
     instead of waiting (so no thread idles while work is ready), then goes on with block k+1.
     """
     K, n = learner.K, max(2, int(blocks_in_flight))
+    blocks = range(K) if blocks is None else blocks
+    if not len(blocks) or blocks.step != 1 or blocks.start < 0 or blocks.stop > K:
+        raise ValueError(f"blocks must be a consecutive range inside 0..{K - 1}, got {blocks}")
     total = torch.get_num_threads()
     share = max(1, total // n)
     pool = _pool(n - 1, share)
     pending: dict[int, Future] = {}
-    losses: list[torch.Tensor | None] = [None] * K
-    reported = 0
+    losses: dict[int, torch.Tensor] = {}
+    reported = blocks.start
+    aux_end = min(blocks.stop, K - 1)  # blocks whose auxiliary work may be overlapped
 
     def collect(block_until: int | None = None) -> None:
         """Take finished auxiliary work (waiting for block ``block_until`` and all before it); report blocks
@@ -82,7 +92,7 @@ def overlapped_step(learner: Any, x: torch.Tensor, batch: Any, grad_scale: torch
         for k in sorted(pending):
             if pending[k].done() or (block_until is not None and k <= block_until):
                 losses[k] = pending.pop(k).result()
-        while reported < K - 1 and losses[reported] is not None:
+        while reported < aux_end and reported in losses:
             if after_block is not None:
                 after_block(reported)
             reported += 1
@@ -91,7 +101,7 @@ def overlapped_step(learner: Any, x: torch.Tensor, batch: Any, grad_scale: torch
     torch.set_num_threads(share)
     try:
         h_in = x
-        for k in range(K - 1):
+        for k in range(blocks.start, aux_end):
             h = learner.forward_block(k, h_in, batch)
             collect()
             if len(pending) < n - 1:
@@ -99,8 +109,10 @@ def overlapped_step(learner: Any, x: torch.Tensor, batch: Any, grad_scale: torch
             else:  # every worker is busy: do this block's auxiliary work here rather than wait
                 losses[k] = learner.local_loss(k, h, batch, grad_scale)
             h_in = h.detach()
-        out, losses[K - 1] = learner.local_step(K - 1, h_in, batch, grad_scale)
-        collect(block_until=K - 2)
+        out = h_in
+        if blocks.stop == K:
+            out, losses[K - 1] = learner.local_step(K - 1, h_in, batch, grad_scale)
+        collect(block_until=aux_end - 1)
     finally:
         for fut in pending.values():  # an error above: let the workers finish before the graphs are dropped
             try:
@@ -108,6 +120,6 @@ def overlapped_step(learner: Any, x: torch.Tensor, batch: Any, grad_scale: torch
             except Exception:  # noqa: BLE001 - the first error is the one raised
                 pass
         torch.set_num_threads(total)
-    if after_block is not None:
+    if after_block is not None and blocks.stop == K:
         after_block(K - 1)
-    return out, losses
+    return out, [losses[k] for k in blocks]

@@ -478,6 +478,21 @@ class LocalLearner(nn.Module):
         wide = torch.float64 if any(v.dtype == torch.float64 for v in losses) else torch.float32
         return StepOutput(h, torch.stack([v.to(wide) for v in losses]))
 
+    def train_blocks(self, blocks: range, h: torch.Tensor, batch: LocalBatch,
+                     grad_scale: torch.Tensor | None = None) -> tuple[Any, list[torch.Tensor]]:
+        """Blocks ``blocks`` (a consecutive range) on ``h``, the input of the first: each block's local step,
+        overlapped as ``blocks_in_flight`` allows (a pipeline worker's share of :meth:`train_step`). Returns
+        (the last block's detached output — the final head's when the range ends with block K-1 —, the
+        detached loss of every block in the range)."""
+        blocks = range(blocks.start, blocks.stop) if isinstance(blocks, range) else range(min(blocks), max(blocks) + 1)
+        if self._blocks_in_flight > 1 and self.reaches_back == 0 and len(blocks) > 1:
+            return overlapped_step(self, h, batch, grad_scale, None, self._blocks_in_flight, blocks)
+        losses = []
+        for k in blocks:
+            h, loss = self.local_step(k, h, batch, grad_scale)
+            losses.append(loss)
+        return h, losses
+
     def _sequential_step(self, x: torch.Tensor, batch: LocalBatch, grad_scale: torch.Tensor | None,
                          after_block: Callable[[int], None] | None) -> tuple[Any, list[torch.Tensor]]:
         h, losses = x, []

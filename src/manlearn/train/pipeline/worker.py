@@ -237,8 +237,8 @@ class Worker:
             g["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         batch = LocalBatch(x if x is not None else h, y, L.norm_mean, L.norm_std)
-        for k in self.own:
-            h, loss = L.local_step(k, h, batch)
+        h, losses = L.train_blocks(self.own, h, batch)  # overlapped when blocks_in_flight > 1
+        for k, loss in zip(self.own, losses):
             stats.add_loss(k, loss)
         if outbox is None:  # the last worker: h is the logits
             stats.add_correct((h.argmax(dim=1) == y).sum(), int(y.numel()))
