@@ -360,3 +360,18 @@ def test_rule_options_from_the_command_line_reach_the_rule():
         build_learner(apply_overrides(TrainConfig(), ["method=auglocal", "K=4", "rule_options={dept: 3}"]), info)
     with pytest.raises(ConfigError, match="rule_options.*mapping"):
         apply_overrides(TrainConfig(), ["rule_options=[1, 2]"])
+
+
+@pytest.mark.parametrize("text,value", [("unit", "unit"), ("sqrt", "sqrt"), ("stage", "stage"), ("true", True),
+                                        ("off", False), ("false", False)])
+def test_grad_checkpoint_takes_a_granularity_or_a_bool(text, value):
+    from manlearn.config import TrainConfig, apply_overrides, validate
+
+    assert validate(apply_overrides(TrainConfig(), [f"grad_checkpoint={text}"])).grad_checkpoint == value
+
+
+def test_unknown_checkpoint_granularity_is_refused_by_the_config():
+    from manlearn.config import TrainConfig, apply_overrides, validate
+
+    with pytest.raises(ConfigError, match="grad_checkpoint must be off, true or a granularity"):
+        validate(apply_overrides(TrainConfig(), ["grad_checkpoint=layer"]))
