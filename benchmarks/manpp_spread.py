@@ -9,7 +9,7 @@ Reads the rows of
 - ``benchmarks/results/manpp_spread_authors.jsonl``: the authors' published DGL+MAN++ CIFAR model
   (JunhaoSu0/MAN_PlusPlus, ``networks/resnetDGL_MANPP.py``, fetched and run from a scratch folder outside
   this repository) trained on the same FM-R32 batches and schedule, one row per seed with its s trajectory;
-- ``benchmarks/results/accuracy.jsonl``: the DGL base rule and the fidelity=authors rows at the same budget,
+- ``benchmarks/results/accuracy.jsonl``: DGL, MAN without s (dgl+man) and the fidelity=authors rows at the same budget,
 
 prints one table (test accuracy per seed and code, mean ± std, the spread of s) and draws
 ``benchmarks/plots/manpp_s_trajectory.png`` (s of every block against the step, one panel per code and seed).
@@ -60,7 +60,7 @@ def groups() -> dict[str, list[dict]]:
             found["authors' code, DGL+MAN++"][int(r["seed"])] = r
     for r in read_rows(RESULTS / "accuracy.jsonl"):
         if int(r["K"]) == 16 and int(r["epochs"]) == 1 and not r.get("train_limit"):
-            if r["method"] in ("dgl", "dgl+manpp", "dgl+manpp:fidelity=authors"):
+            if r["method"] in ("dgl", "dgl+man", "dgl+manpp", "dgl+manpp:fidelity=authors"):
                 found[f"manlearn {r['method']} (accuracy sweep)"][int(r["seed"])] = r
     return {k: [v[s] for s in sorted(v)] for k, v in found.items()}
 
