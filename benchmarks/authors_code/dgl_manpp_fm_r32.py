@@ -4,15 +4,12 @@ to compare its seed spread with manlearn's dgl+manpp. The authors' code is not p
 
     MAN_PLUSPLUS_DIR=/path/to/MAN_PlusPlus python benchmarks/authors_code/dgl_manpp_fm_r32.py SEED OUT.jsonl [STEPS]
 """
-import json, os, sys, time, platform
-import torch, torch.nn as nn
+import json, sys, time, platform
+import torch
 
-torch.Tensor.cuda = lambda self, *a, **k: self
-nn.Module.cuda = lambda self, *a, **k: self
-AUTHORS = os.environ.get("MAN_PLUSPLUS_DIR", "")  # a checkout of JunhaoSu0/MAN_PlusPlus, outside this repository
-if not os.path.isdir(os.path.join(AUTHORS, "Exp_on_CIFAR-SVHN-STL", "networks")):
-    sys.exit("set MAN_PLUSPLUS_DIR to a checkout of github.com/JunhaoSu0/MAN_PlusPlus (see benchmarks/authors_code/README.md)")
-sys.path.insert(0, os.path.join(AUTHORS, "Exp_on_CIFAR-SVHN-STL"))
+from _authors import use_authors_code  # noqa: E402
+
+use_authors_code()
 from networks.resnetDGL_MANPP import resnet32  # noqa: E402
 
 from manlearn.bench.accuracy import fm_r32_config  # noqa: E402
