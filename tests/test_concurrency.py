@@ -83,7 +83,7 @@ def test_workers_run_under_the_callers_saved_tensor_hooks():
 
 
 @pytest.mark.parametrize("blocks", [range(0, 3), range(2, 5), range(1, 4)])
-def test_a_range_of_blocks_overlapped_equals_the_same_blocks_in_sequence(blocks):
+def test_a_range_of_blocks_overlapped_equals_the_same_blocks_in_sequence(blocks, monkeypatch):
     """A pipeline worker's share (train_blocks on a range of blocks) overlapped gives what its blocks' local
     steps in sequence give: the range's output, losses, gradients, EMA units and BN statistics."""
     from manlearn.rules import LocalBatch
@@ -100,10 +100,16 @@ def test_a_range_of_blocks_overlapped_equals_the_same_blocks_in_sequence(blocks)
             h = seq.blocks[k](h)
     conc = copy.deepcopy(seq)  # after the earlier blocks' forward moved BN statistics: both start alike
     conc.blocks_in_flight = 2
+    import manlearn.learner as learner_module
+
+    overlapped = []
+    real = learner_module.overlapped_step
+    monkeypatch.setattr(learner_module, "overlapped_step", lambda *a, **kw: overlapped.append(a[0]) or real(*a, **kw))
     outs = []
     for learner in (seq, conc):
         batch = LocalBatch(x, y, learner.norm_mean, learner.norm_std)
         outs.append(learner.train_blocks(blocks, h.clone(), batch))
+    assert overlapped == [conc]  # the overlapped path ran, for the learner with 2 blocks in flight only
     (ha, la), (hb, lb) = outs
     assert len(la) == len(lb) == len(blocks)
     torch.testing.assert_close(hb, ha, rtol=1e-10, atol=1e-12)

@@ -845,10 +845,21 @@ def _validate_dense(p: list[str], cfg: TrainConfig, registries: bool) -> None:
         if len(cuts) != cfg.K - 1 or cuts != sorted(set(cuts)) or any(not 1 <= c <= 3 for c in cuts):
             p.append(f"task.stage_cuts must be K-1={cfg.K - 1} increasing stage numbers in 1..3, got {cuts}")
     for key in ("compile", "ema_recompute", "grad_checkpoint", "sync_bn"):
-        if getattr(cfg, key) not in (False, None, "off", "none"):
+        if _switched_on(cfg, key):
             p.append(f"{key}=true is for classification runs; a {t.name} run does not support it")
     if cfg.pipeline_workers:
         p.append(f"pipeline_workers is for classification runs; a {t.name} run does not support it")
+
+
+def _switched_on(cfg: TrainConfig, key: str) -> bool:
+    """Whether a switch key is on; ``grad_checkpoint`` is on at any granularity (a bad value counts as on:
+    _validate_choices reports it)."""
+    if key != "grad_checkpoint":
+        return bool(getattr(cfg, key))
+    try:
+        return checkpoint_granularity(cfg.grad_checkpoint) is not None
+    except ConfigError:
+        return True
 
 
 def _validate_classification(p: list[str], cfg: TrainConfig, registries: bool) -> None:

@@ -484,7 +484,6 @@ class LocalLearner(nn.Module):
         overlapped as ``blocks_in_flight`` allows (a pipeline worker's share of :meth:`train_step`). Returns
         (the last block's detached output — the final head's when the range ends with block K-1 —, the
         detached loss of every block in the range)."""
-        blocks = range(blocks.start, blocks.stop) if isinstance(blocks, range) else range(min(blocks), max(blocks) + 1)
         if self._blocks_in_flight > 1 and self.reaches_back == 0 and len(blocks) > 1:
             return overlapped_step(self, h, batch, grad_scale, None, self._blocks_in_flight, blocks)
         losses = []

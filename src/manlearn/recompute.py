@@ -2,9 +2,10 @@
 
 A block's modules are grouped into segments, at one of three granularities
 (:data:`GRANULARITIES`): one per backbone stage (``stage``, the stem joining the first), one per
-unit (``unit``: the least memory, every unit's input kept), or about sqrt(n) units each (``sqrt``,
-the classic sqrt(n) trade-off of Chen et al. 2016, ignoring stage boundaries); each segment runs under ``torch.utils.checkpoint`` so only segment inputs stay alive and the inside is
-recomputed during backward. Two details make it exact and measurable:
+unit (``unit``: every unit's input kept, one unit's inside at a time), or about sqrt(n) units each
+(``sqrt``, the classic trade-off of Chen et al. 2016, ignoring stage boundaries). Each segment runs
+under ``torch.utils.checkpoint`` so only segment inputs stay alive and the inside is recomputed
+during backward. Two details make it exact and measurable:
 
 - the *reentrant* variant is used: it stores the segment input with ``save_for_backward`` and
   recomputes under the ambient saved-tensor hooks, so :class:`~manlearn.memory.SavedTensorTracker`

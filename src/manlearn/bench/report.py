@@ -11,6 +11,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
+from ..recompute import checkpoint_granularity
 from .common import ALL_METHODS, parse_method, read_rows, run_key
 
 def base_of(spec: str) -> str | None:
@@ -187,23 +189,22 @@ def _checkpoint_granularity(method: str) -> str | None:
     """The granularity of an E2E-with-checkpointing spec (``e2e+ckpt``, ``e2e:grad_checkpoint=unit``), else None."""
     try:
         m = parse_method(method)
-    except Exception:  # a spec of a rule this installation does not have
+        return checkpoint_granularity(m.get("grad_checkpoint")) if m["method"] == "e2e" else None
+    except ConfigError:  # a spec of a rule this installation does not have, or a bad granularity
         return None
-    g = m.get("grad_checkpoint")
-    return ("stage" if g is True else str(g)) if m["method"] == "e2e" and g not in (None, False, "off") else None
 
 
 def _checkpointed_points(ax, mem: dict[tuple, dict[str, Any]], e2e: dict[str, Any], final) -> None:
     """E2E with gradient checkpointing: the same gradients as E2E, so it sits at E2E's accuracy (of every
     budget measured) and at its own activation memory: what a user would pick instead of local learning."""
     accs = {epochs: accs for (epochs, method, _), accs in final.items() if method == "e2e"}
-    pts = [(100 * r["activation_peak_MiB"] / e2e["activation_peak_MiB"], g)
-           for (method, _), r in mem.items() if (g := _checkpoint_granularity(method))]
+    pts = sorted((100 * r["activation_peak_MiB"] / e2e["activation_peak_MiB"], g)
+                 for (method, _), r in mem.items() if (g := _checkpoint_granularity(method)))
     for i, (epochs, a) in enumerate(sorted(accs.items())):
-        for x, g in sorted(pts):
-            y, err = _mean_std_pct(a)
+        y, err = _mean_std_pct(a)
+        for j, (x, g) in enumerate(pts):
             ax.errorbar([x], [y], yerr=[err], fmt="x", color="0.35", ms=6, capsize=2,
-                        label="e2e + checkpointing (same accuracy as e2e)" if i == 0 and g == sorted(pts)[0][1] else None)
+                        label="e2e + checkpointing (same accuracy as e2e)" if i == j == 0 else None)
             ax.annotate(f"e2e+ckpt/{g}", (x, y), textcoords="offset points", xytext=(4, -9), fontsize=7, color="0.35")
 
 

@@ -39,6 +39,7 @@ from manlearn.distributed import GradReducer, average_buffers, broadcast_state
 from manlearn.distributed.dist import setup_from_env
 from manlearn.errors import CheckpointError, ConfigError, DivergenceError
 from manlearn.memory import PeakMemory, peak_rss_bytes
+from manlearn.recompute import checkpoint_granularity
 
 from .build import amp_dtype, build_learner, resolve_device, seed_everything
 from .data_parallel import ShardedLoader, sharded_evaluate
@@ -618,8 +619,9 @@ class Trainer:
             method += " " + ", ".join(f"{k}={v}" for k, v in cfg.rule_options.items())
         if cfg.fidelity != "default":
             method += f" fidelity={cfg.fidelity}"
-        if cfg.grad_checkpoint not in (False, None, "off", "none"):
-            method += f" grad_checkpoint={'stage' if cfg.grad_checkpoint is True else cfg.grad_checkpoint}"
+        granularity = checkpoint_granularity(cfg.grad_checkpoint)  # the config is validated: never raises
+        if granularity:
+            method += f" grad_checkpoint={granularity}"
         if cfg.is_dense:
             widths = f" widths {cfg.task.model_widths}" if cfg.task.model_widths else ""
             cut = f"{type(lr_.task).__name__}, cuts {getattr(lr_, 'stage_cuts', None)}"
