@@ -2,7 +2,11 @@
 step (manlearn.concurrency) with 2 and 3 blocks in flight, stepped interleaved in one run.
 
     .venv/bin/python benchmarks/blocks_in_flight.py [--methods dgl+manpp infopro+manpp] [--K 16]
-        [--batch 128] [--iters 8] [--warmup 2]
+        [--batch 128] [--iters 8] [--warmup 2] [--device cpu|cuda] [--amp off|bf16]
+
+On the CPU the overlapped step runs the blocks' auxiliary work in worker threads; on CUDA it issues block k
+on stream k mod N (manlearn.concurrency.stream_step) and the rows add torch.cuda.max_memory_allocated
+of one step (weights, gradients and optimiser state included).
 
 One iteration = train_step + SGD step (Nesterov, multi-tensor), ResNet-32, channels-last, random data;
 all learners are built first and stepped round-robin, so machine-speed drift hits them alike; median of
@@ -27,9 +31,10 @@ from manlearn.bench.common import append_rows, environment, parse_method  # noqa
 from manlearn.memory import PeakMemory  # noqa: E402
 
 
-def build(spec: str, K: int, n: int):
+def build(spec: str, K: int, n: int, device: str, amp: str):
     torch.manual_seed(0)
-    learner = LocalLearner("resnet32", K=K, channels_last=True, blocks_in_flight=n, **parse_method(spec))
+    learner = LocalLearner("resnet32", K=K, channels_last=True, blocks_in_flight=n,
+                           amp_dtype=torch.bfloat16 if amp == "bf16" else None, **parse_method(spec)).to(device)
     opt = torch.optim.SGD([p for p in learner.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
                           nesterov=True, weight_decay=1e-4, foreach=True)
     return learner, opt
@@ -43,34 +48,50 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--in-flight", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--amp", default="off", choices=["off", "bf16"])
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "blocks_in_flight.jsonl")
     args = ap.parse_args()
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 3, 32, 32, generator=g)
-    y = torch.randint(0, 10, (args.batch,), generator=g)
-    built = {(m, n): build(m, args.K, n) for m in args.methods for n in args.in_flight}
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("blocks_in_flight: --device cuda needs a CUDA device")
+    x = torch.randn(args.batch, 3, 32, 32, generator=g).to(dev)
+    y = torch.randint(0, 10, (args.batch,), generator=g).to(dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    built = {(m, n): build(m, args.K, n, args.device, args.amp) for m in args.methods for n in args.in_flight}
     times = {key: [] for key in built}
     for i in range(args.warmup + args.iters):
         for key, (learner, opt) in built.items():
+            sync()
             t0 = time.perf_counter()
             learner.train_step(x, y)
             opt.step()
+            sync()
             if i >= args.warmup:
                 times[key].append(time.perf_counter() - t0)
-    env = environment("cpu")
+    env = environment(dev)
     rows = []
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, K={args.K}")
+    where = torch.cuda.get_device_name() if dev.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, amp {args.amp}, batch {args.batch}, K={args.K}")
     for (m, n), (learner, opt) in built.items():
-        with PeakMemory("cpu", exclude=[*learner.parameters(), *learner.buffers()]) as pm:
+        if dev.type == "cuda":
+            sync()
+            torch.cuda.reset_peak_memory_stats()
+        with PeakMemory(dev, exclude=[*learner.parameters(), *learner.buffers()]) as pm:
             learner.train_step(x, y)
+        sync()
+        allocated = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None
         med = statistics.median(times[(m, n)])
         seq = statistics.median(times[(m, 1)]) if (m, 1) in times else med
         row = dict(model="resnet32", method=m, K=learner.K, batch=args.batch, blocks_in_flight=n,
                    median_s_per_it=med, min_s=min(times[(m, n)]), speedup_vs_sequential=seq / med,
-                   activation_peak_MiB=pm.peak_activation_bytes / 2**20, iters=args.iters, warmup=args.warmup, **env)
+                   activation_peak_MiB=pm.peak_activation_bytes / 2**20, iters=args.iters, warmup=args.warmup,
+                   amp=args.amp, **({"max_memory_allocated_MiB": allocated} if allocated is not None else {}), **env)
         rows.append(row)
         print(f"{m:>14} in flight {n}: {med:.3f} s/it  x{row['speedup_vs_sequential']:.2f} vs sequential  "
-              f"activations {row['activation_peak_MiB']:.1f} MiB", flush=True)
+              f"activations {row['activation_peak_MiB']:.1f} MiB"
+              + (f"  allocated {allocated:.0f} MiB" if allocated is not None else ""), flush=True)
     append_rows(args.results, rows)
 
 

@@ -122,3 +122,123 @@ def test_a_range_of_blocks_overlapped_equals_the_same_blocks_in_sequence(blocks,
         torch.testing.assert_close(sb[name], sa[name], rtol=1e-9, atol=1e-12, msg=name)
     owned = {f"blocks.{k}." for k in blocks} | {f"auxes.{k}." for k in blocks} | ({"head."} if blocks.stop == 5 else set())
     assert all(any(n.startswith(o) for o in owned) for n in ga)  # only the range's blocks learned
+
+
+class RecordingStreams:
+    """A stand-in for concurrency.CudaStreams where no GPU is present: it runs everything on the CPU at once
+    and logs every stream operation, so the order the GPU scheduler issues work in can be checked."""
+
+    def __init__(self, n, log):
+        self.n, self.log, self.current, self.events = n, log, None, 0
+
+    def __len__(self):
+        return self.n
+
+    def fork(self):
+        self.log.append(("fork",))
+
+    def use(self, i):
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            self.current = i
+            try:
+                yield
+            finally:
+                self.current = None
+        return ctx()
+
+    def mark(self, i):
+        self.events += 1
+        self.log.append(("mark", i, self.events))
+        return self.events
+
+    def wait(self, i, event):
+        self.log.append(("wait", i, event))
+
+    def keep(self, t, i):
+        self.log.append(("keep", i, t.data_ptr()))
+
+    def hand_back(self, t):
+        self.log.append(("hand_back", t.data_ptr()))
+
+    def join(self):
+        self.log.append(("join",))
+
+
+@pytest.mark.parametrize("spec", [("manpp", "dgl"), ("man", "infopro"), ("auglocal", None)], ids=str)
+@pytest.mark.parametrize("n", [2, 3])
+def test_stream_step_order_of_work_and_result(spec, n):
+    """The GPU scheduler (concurrency.stream_step), with a recording stand-in for the streams: block k runs
+    on stream k mod n, waits only for the event marked right after block k-1's forward (not for its
+    auxiliary work), marks its input as read on its own stream, and the caller's stream joins every stream
+    at the end; and it computes the sequential step's gradients, EMA units and BN statistics."""
+    from manlearn.concurrency import stream_step
+    from manlearn.rules import LocalBatch
+
+    method, base = spec
+    torch.manual_seed(0)
+    seq = LocalLearner("resnet20", method=method, base=base, K=5, num_classes=3, image_size=16).double()
+    seq.momentum = 0.9
+    conc = copy.deepcopy(seq)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 16, 16, generator=g).double()
+    y = torch.randint(0, 3, (4,), generator=g)
+    log = []
+    streams = RecordingStreams(n, log)
+    real_forward, real_loss = conc.forward_block, conc.local_loss
+    outputs = {}
+
+    def forward_block(k, inp, batch):
+        log.append(("forward", k, streams.current, inp.data_ptr()))
+        outputs[k] = real_forward(k, inp, batch)
+        return outputs[k]
+
+    def local_loss(k, h, batch, grad_scale=None):
+        log.append(("aux", k, streams.current))
+        return real_loss(k, h, batch, grad_scale)
+
+    conc.forward_block, conc.local_loss = forward_block, local_loss
+    after = []
+    a = seq.train_step(x, y)
+    conc.zero_grad(set_to_none=True)
+    batch = LocalBatch(conc.prepare_input(x), y, conc.norm_mean, conc.norm_std)
+    out, losses = stream_step(conc, batch.x, batch, None, after.append, streams)
+    assert after == list(range(5))
+    torch.testing.assert_close(torch.stack(losses), a.loss_values, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out, a.outputs, rtol=1e-10, atol=1e-12)
+    (ga, sa), (gb, sb) = _state(seq), _state(conc)
+    assert ga.keys() == gb.keys() and ga
+    for name in ga:
+        torch.testing.assert_close(gb[name], ga[name], rtol=1e-9, atol=1e-12, msg=name)
+    for name in sa:
+        torch.testing.assert_close(sb[name], sa[name], rtol=1e-9, atol=1e-12, msg=name)
+
+    assert log[0] == ("fork",) and ("join",) in log
+    joined = log.index(("join",))
+    assert all(entry[0] == "hand_back" for entry in log[joined + 1:]) and len(log) - joined - 1 >= 5
+    forwards = {e[1]: i for i, e in enumerate(log) if e[0] == "forward"}
+    auxes = {e[1]: i for i, e in enumerate(log) if e[0] == "aux"}
+    assert sorted(forwards) == list(range(4)) and sorted(auxes) == list(range(4))  # block 4 is the last
+    for k in range(4):
+        assert log[forwards[k]][2] == k % n and log[auxes[k]][2] == k % n  # all of block k on stream k mod n
+        mark = log[forwards[k] + 1]
+        assert mark[:2] == ("mark", k % n) and forwards[k] < log.index(mark) < auxes[k]
+        if k + 1 < 5:
+            waits = [i for i, e in enumerate(log) if e == ("wait", (k + 1) % n, mark[2])]
+            # block k+1 waits for block k's forward, and its wait is issued before its own work
+            assert len(waits) == 1 and waits[0] < forwards.get(k + 1, len(log))
+            ptr = outputs[k].data_ptr()
+            keeps = [i for i, e in enumerate(log) if e == ("keep", (k + 1) % n, ptr)]
+            assert len(keeps) == 1 and keeps[0] < forwards.get(k + 1, joined)
+    assert not any(e[0] == "keep" and e[2] == batch.x.data_ptr() for e in log)  # the input needs no mark
+
+
+def test_the_cpu_never_takes_the_stream_path(monkeypatch):
+    import manlearn.concurrency as concurrency
+
+    monkeypatch.setattr(concurrency, "stream_step", lambda *a, **kw: pytest.fail("stream_step on the CPU"))
+    torch.manual_seed(0)
+    learner = LocalLearner("resnet20", method="dgl", K=4, num_classes=3, image_size=16, blocks_in_flight=2)
+    learner.train_step(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0]))

@@ -63,3 +63,36 @@ def test_dense_detection_step_on_cuda():
                     labels=torch.tensor([1], device="cuda"))] * 2
     out = learner.train_step(torch.randn(2, 3, 96, 128, device="cuda"), targets)
     assert torch.isfinite(out.loss_values).all()
+
+
+@pytest.mark.parametrize("base", ["dgl", "infopro"])
+@pytest.mark.parametrize("n", [2, 3])
+def test_blocks_in_flight_on_streams_equals_the_sequential_step(base, n, monkeypatch):
+    """blocks_in_flight > 1 on CUDA runs concurrency.stream_step on n streams, and computes the sequential
+    step's losses, gradients, EMA units and BN statistics (float64, two steps)."""
+    import manlearn.concurrency as concurrency
+
+    torch.manual_seed(0)
+    seq = LocalLearner("resnet20", method="manpp", base=base, K=5, num_classes=10, image_size=32).double().cuda()
+    seq.momentum = 0.9
+    conc = copy.deepcopy(seq)
+    conc.blocks_in_flight = n
+    used = []
+    real = concurrency.stream_step
+    monkeypatch.setattr(concurrency, "stream_step", lambda *a, **kw: used.append(len(a[5])) or real(*a, **kw))
+    x = torch.randn(16, 3, 32, 32, device="cuda", dtype=torch.float64)
+    y = torch.randint(0, 10, (16,), device="cuda")
+    for _ in range(2):
+        a, b = seq.train_step(x, y), conc.train_step(x, y)
+        torch.testing.assert_close(b.loss_values, a.loss_values, rtol=1e-9, atol=1e-11)
+        for (name, pa), pb in zip(seq.named_parameters(), conc.parameters()):
+            if pa.grad is not None:
+                torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-8, atol=1e-10, msg=name)
+        for (name, va), vb in zip(seq.state_dict().items(), conc.state_dict().values()):
+            torch.testing.assert_close(vb, va, rtol=1e-8, atol=1e-10, msg=name)
+        with torch.no_grad():
+            for p, q in zip(seq.parameters(), conc.parameters()):
+                if p.grad is not None:
+                    p.sub_(0.01 * p.grad)
+                    q.sub_(0.01 * q.grad)
+    assert used == [n, n]

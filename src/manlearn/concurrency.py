@@ -12,9 +12,13 @@ collectives in the same order. The block pipeline reuses it for each worker's sh
 ``blocks_in_flight = N`` bounds how many blocks have a live graph at once (the memory price: N blocks'
 activations instead of one); N−1 worker threads do auxiliary work. On the CPU each thread gets its share
 of the intra-op threads (``torch.get_num_threads() // N``, at least 1), so the threads do not oversubscribe
-the cores. On CUDA the work is issued from several threads onto the current stream (correct, no overlap
-on the device yet). Blocks must not modify their input in place (the sequential step gives them a tensor
-nobody else reads; here block k's auxiliary network may still be reading it).
+the cores. Blocks must not modify their input in place (the sequential step gives them a tensor nobody
+else reads; here block k's auxiliary network may still be reading it).
+
+On CUDA the overlap is the device's, not the host's (:func:`stream_step`): one host thread issues the
+blocks in order, block k's whole local step on stream k mod N, and block k+1's forward waits (an event)
+only for block k's forward, not for its auxiliary work. Autograd runs each backward op on its forward op's
+stream, so block k's backward stays on its stream and overlaps block k+1's forward on the next one.
 """
 from __future__ import annotations
 
@@ -23,8 +27,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 import torch
+from torch.utils._pytree import tree_leaves
 
-__all__ = ["overlapped_step"]
+__all__ = ["overlapped_step", "stream_step", "CudaStreams"]
 
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 _LOCK = threading.Lock()
@@ -69,14 +74,15 @@ def overlapped_step(learner: Any, x: torch.Tensor, batch: Any, grad_scale: torch
     (a pipeline worker's share); the first value returned is then the last block's detached output unless the
     range ends with the final block, and the losses are those of the range's blocks.
 
-    The main thread runs the forwards in order. After block k's forward its auxiliary work goes to a worker
+    On CUDA this is :func:`stream_step` with ``blocks_in_flight`` streams. On the CPU the main thread runs
+    the forwards in order. After block k's forward its auxiliary work goes to a worker
     when one is free; when all ``blocks_in_flight - 1`` workers are busy the main thread does it itself
     instead of waiting (so no thread idles while work is ready), then goes on with block k+1.
     """
     K, n = learner.K, max(2, int(blocks_in_flight))
-    blocks = range(K) if blocks is None else blocks
-    if not len(blocks) or blocks.step != 1 or blocks.start < 0 or blocks.stop > K:
-        raise ValueError(f"blocks must be a consecutive range inside 0..{K - 1}, got {blocks}")
+    blocks = _check_range(blocks, K)
+    if x.device.type == "cuda":
+        return stream_step(learner, x, batch, grad_scale, after_block, CudaStreams.get(x.device, n), blocks)
     total = torch.get_num_threads()
     share = max(1, total // n)
     pool = _pool(n - 1, share)
@@ -123,3 +129,112 @@ def overlapped_step(learner: Any, x: torch.Tensor, batch: Any, grad_scale: torch
     if after_block is not None and blocks.stop == K:
         after_block(K - 1)
     return out, [losses[k] for k in blocks]
+
+
+def _check_range(blocks: range | None, K: int) -> range:
+    blocks = range(K) if blocks is None else blocks
+    if not len(blocks) or blocks.step != 1 or blocks.start < 0 or blocks.stop > K:
+        raise ValueError(f"blocks must be a consecutive range inside 0..{K - 1}, got {blocks}")
+    return blocks
+
+
+class CudaStreams:
+    """N CUDA streams for :func:`stream_step` (created once per device and N, then reused: creating streams
+    every step would cost more than it saves). The methods are the whole protocol the scheduler needs, so a
+    stand-in with the same methods can check the order of operations where no GPU is present."""
+
+    _cache: dict[tuple[str, int], "CudaStreams"] = {}
+
+    def __init__(self, device: torch.device, n: int) -> None:
+        self.device = device
+        self.streams = [torch.cuda.Stream(device=device) for _ in range(n)]
+
+    @classmethod
+    def get(cls, device: torch.device, n: int) -> "CudaStreams":
+        key = (str(device), n)
+        with _LOCK:
+            if key not in cls._cache:
+                cls._cache[key] = cls(device, n)
+            return cls._cache[key]
+
+    def __len__(self) -> int:
+        return len(self.streams)
+
+    def fork(self) -> None:
+        """Every stream waits for the work already queued on the caller's stream (the batch, zeroed grads)."""
+        here = torch.cuda.current_stream(self.device)
+        for s in self.streams:
+            s.wait_stream(here)
+
+    def use(self, i: int):
+        """A context in which stream i is the current stream."""
+        return torch.cuda.stream(self.streams[i])
+
+    def mark(self, i: int) -> torch.cuda.Event:
+        """An event recorded on stream i now."""
+        ev = torch.cuda.Event()
+        ev.record(self.streams[i])
+        return ev
+
+    def wait(self, i: int, event: torch.cuda.Event) -> None:
+        self.streams[i].wait_event(event)
+
+    def keep(self, t: torch.Tensor, i: int) -> None:
+        """``t`` (allocated on another stream) is read on stream i: its memory must not be reused before."""
+        t.record_stream(self.streams[i])
+
+    def hand_back(self, t: torch.Tensor) -> None:
+        """``t`` (made on a block stream) goes to the caller, who reads it on the caller's stream."""
+        t.record_stream(torch.cuda.current_stream(self.device))
+
+    def join(self) -> None:
+        """The caller's stream waits for every stream (the losses, gradients and EMA units are then final)."""
+        here = torch.cuda.current_stream(self.device)
+        for s in self.streams:
+            here.wait_stream(s)
+
+
+def stream_step(learner: Any, x: torch.Tensor, batch: Any, grad_scale: torch.Tensor | None,
+                after_block: Callable[[int], None] | None, streams: Any,
+                blocks: range | None = None) -> tuple[Any, list[torch.Tensor]]:
+    """:func:`overlapped_step` on a GPU: block k's local step (forward, auxiliary loss, backward, EMA
+    update) is issued on stream k mod N, in block order, from this thread.
+
+    Block k+1 waits for an event recorded right after block k's forward, so its forward overlaps block k's
+    auxiliary work on the device. Block k+N shares block k's stream and so waits for all of block k's work:
+    at most N blocks are in flight, and each stream's memory pool holds one block's graph (the memory
+    price). The batch's de-normalised image is made before the fork, so no stream reads it before another
+    has written it; a block's input, made on the stream before, is marked as read on its own stream
+    (``record_stream``) so its memory is not reused early. ``after_block(k)`` is called in block order with
+    block k's stream current, so a collective on block k's gradients is queued after them.
+    """
+    K, n = learner.K, len(streams)
+    blocks = _check_range(blocks, K)
+    if hasattr(batch, "image01"):
+        batch.image01  # noqa: B018 - made once, on the caller's stream, before any block stream reads it
+    streams.fork()
+    losses: list[torch.Tensor] = []
+    h_in, made_on, ready = x, None, None
+    try:
+        for k in blocks:
+            i = k % n
+            if ready is not None:
+                streams.wait(i, ready)
+            with streams.use(i):
+                if made_on is not None:
+                    streams.keep(h_in, i)
+                if k < K - 1:
+                    h = learner.forward_block(k, h_in, batch)
+                    ready = streams.mark(i)
+                    losses.append(learner.local_loss(k, h, batch, grad_scale))
+                    h_in, made_on = h.detach(), i
+                else:
+                    h_in, loss = learner.local_step(k, h_in, batch, grad_scale)
+                    losses.append(loss)
+                if after_block is not None:
+                    after_block(k)
+    finally:
+        streams.join()
+    for t in [*losses, *(v for v in tree_leaves(h_in) if isinstance(v, torch.Tensor))]:
+        streams.hand_back(t)  # made on a block stream, read by the caller on its own
+    return h_in, losses

@@ -116,7 +116,8 @@ class LocalLearner(nn.Module):
         ema_recompute: MAN/MAN++ recompute the frozen ema unit in backward instead of keeping its
             activations (same gradients, one more ema forward per step, less memory).
         blocks_in_flight: 1 (default) runs a step's blocks in sequence; N > 1 overlaps each block's local
-            loss and backward with the next blocks' forwards in worker threads (same results).
+            loss and backward with the next blocks' forwards in worker threads on the CPU, on N CUDA streams
+            on a GPU (same results).
         fidelity: ``default`` (what the methods intend) or ``authors``: the authors' MAN++ CIFAR computation
             exactly (SPEC 2.3): ``authors_init``, the InfoPro options ``authors_stem_head=True`` and
             ``supcon_anchors="all"``, and ``lambda_schedule="stage"`` unless one is given (the stem's own
