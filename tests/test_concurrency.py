@@ -23,6 +23,18 @@ def _state(learner):
     return grads, {k: v.clone() for k, v in learner.state_dict().items()}
 
 
+def assert_same_state(seq, conc, nonempty=True):
+    """Same gradients (same parameters having one) and same parameters and buffers, to float64 tolerance;
+    returns the gradients' names."""
+    (ga, sa), (gb, sb) = _state(seq), _state(conc)
+    assert ga.keys() == gb.keys() and (ga or not nonempty)
+    for name in ga:
+        torch.testing.assert_close(gb[name], ga[name], rtol=1e-9, atol=1e-12, msg=name)
+    for name in sa:
+        torch.testing.assert_close(sb[name], sa[name], rtol=1e-9, atol=1e-12, msg=name)
+    return set(ga)
+
+
 @pytest.mark.parametrize("task", ["classification", "detection"])
 @pytest.mark.parametrize("method,base", _trainable_specs(), ids=lambda v: str(v))
 @pytest.mark.parametrize("n", [2, 3])
@@ -40,12 +52,7 @@ def test_overlapped_step_equals_the_sequential_step(task, method, base, n):
     for _ in range(2):  # two steps: the second one reads EMA units the first one moved
         a, b = seq.train_step(x, y), conc.train_step(x, y)
         torch.testing.assert_close(b.loss_values, a.loss_values, rtol=1e-10, atol=1e-12)
-        (ga, sa), (gb, sb) = _state(seq), _state(conc)
-        assert ga.keys() == gb.keys()
-        for name in ga:
-            torch.testing.assert_close(gb[name], ga[name], rtol=1e-9, atol=1e-12, msg=name)
-        for name in sa:
-            torch.testing.assert_close(sb[name], sa[name], rtol=1e-9, atol=1e-12, msg=name)
+        assert_same_state(seq, conc, nonempty=False)
         with torch.no_grad():  # an optimiser-like update, so the next step sees moved sources
             for p, q in zip(seq.parameters(), conc.parameters()):
                 if p.grad is not None:
@@ -114,12 +121,7 @@ def test_a_range_of_blocks_overlapped_equals_the_same_blocks_in_sequence(blocks,
     assert len(la) == len(lb) == len(blocks)
     torch.testing.assert_close(hb, ha, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(torch.stack(lb), torch.stack(la), rtol=1e-10, atol=1e-12)
-    (ga, sa), (gb, sb) = _state(seq), _state(conc)
-    assert ga.keys() == gb.keys() and ga
-    for name in ga:
-        torch.testing.assert_close(gb[name], ga[name], rtol=1e-9, atol=1e-12, msg=name)
-    for name in sa:
-        torch.testing.assert_close(sb[name], sa[name], rtol=1e-9, atol=1e-12, msg=name)
+    ga = assert_same_state(seq, conc)
     owned = {f"blocks.{k}." for k in blocks} | {f"auxes.{k}." for k in blocks} | ({"head."} if blocks.stop == 5 else set())
     assert all(any(n.startswith(o) for o in owned) for n in ga)  # only the range's blocks learned
 
@@ -208,12 +210,7 @@ def test_stream_step_order_of_work_and_result(spec, n):
     assert after == list(range(5))
     torch.testing.assert_close(torch.stack(losses), a.loss_values, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(out, a.outputs, rtol=1e-10, atol=1e-12)
-    (ga, sa), (gb, sb) = _state(seq), _state(conc)
-    assert ga.keys() == gb.keys() and ga
-    for name in ga:
-        torch.testing.assert_close(gb[name], ga[name], rtol=1e-9, atol=1e-12, msg=name)
-    for name in sa:
-        torch.testing.assert_close(sb[name], sa[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert_same_state(seq, conc)
 
     assert log[0] == ("fork",) and ("join",) in log
     joined = log.index(("join",))
