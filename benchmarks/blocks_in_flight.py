@@ -75,13 +75,9 @@ def main() -> None:
     where = torch.cuda.get_device_name() if dev.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, amp {args.amp}, batch {args.batch}, K={args.K}")
     for (m, n), (learner, opt) in built.items():
-        if dev.type == "cuda":
-            sync()
-            torch.cuda.reset_peak_memory_stats()
-        with PeakMemory(dev, exclude=[*learner.parameters(), *learner.buffers()]) as pm:
+        with PeakMemory(dev, exclude=[*learner.parameters(), *learner.buffers()]) as pm:  # syncs, resets CUDA peak
             learner.train_step(x, y)
-        sync()
-        allocated = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None
+        allocated = pm.cuda_peak / 2**20 if pm.cuda_peak is not None else None
         med = statistics.median(times[(m, n)])
         seq = statistics.median(times[(m, 1)]) if (m, 1) in times else med
         row = dict(model="resnet32", method=m, K=learner.K, batch=args.batch, blocks_in_flight=n,

@@ -210,24 +210,23 @@ def stream_step(learner: Any, x: torch.Tensor, batch: Any, grad_scale: torch.Ten
     """
     K, n = learner.K, len(streams)
     blocks = _check_range(blocks, K)
-    if hasattr(batch, "image01"):
-        batch.image01  # noqa: B018 - made once, on the caller's stream, before any block stream reads it
+    batch.image01  # noqa: B018 - made once, on the caller's stream, before any block stream reads it
     streams.fork()
     losses: list[torch.Tensor] = []
-    h_in, made_on, ready = x, None, None
+    h_in, ready = x, None
     try:
         for k in blocks:
             i = k % n
-            if ready is not None:
+            if k > blocks.start:  # the input is the previous block's output, made on the previous stream
                 streams.wait(i, ready)
             with streams.use(i):
-                if made_on is not None:
+                if k > blocks.start:
                     streams.keep(h_in, i)
                 if k < K - 1:
                     h = learner.forward_block(k, h_in, batch)
                     ready = streams.mark(i)
                     losses.append(learner.local_loss(k, h, batch, grad_scale))
-                    h_in, made_on = h.detach(), i
+                    h_in = h.detach()
                 else:
                     h_in, loss = learner.local_step(k, h_in, batch, grad_scale)
                     losses.append(loss)
