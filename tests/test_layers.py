@@ -37,7 +37,7 @@ def test_global_avg_pool_backward_keeps_channels_last():
 
 @pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
 def test_factorized_infopro_decoder_hands_back_the_input_layout(layout):
-    dec = InfoProDecoder(16, image_size=32, factorized=True).to(memory_format=layout)
+    dec = InfoProDecoder(16, image_size=32, factorized=True, cpu_bn_nchw=False).to(memory_format=layout)
     h = torch.randn(2, 16, 8, 8).contiguous(memory_format=layout)
     seen = []
     orig = dec.bn.forward
@@ -51,3 +51,63 @@ def test_heads_of_every_rule_use_the_layout_preserving_pool():
     pools = [m for m in learner.modules() if isinstance(m, torch.nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1))]
     assert not pools
     assert any(isinstance(m, GlobalAvgPool) for m in learner.auxes.modules())
+
+
+def _decoder_run(dec, h):
+    h = h.clone().requires_grad_()
+    out = dec(h)
+    grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum(),
+                                [h, *dec.parameters()])
+    return out, grads, [b.clone() for b in dec.buffers()]
+
+
+@pytest.mark.parametrize("side", [8, 16, 32])  # factorised, upsample-then-conv, no upsampling
+def test_infopro_decoder_cpu_bn_nchw_is_the_same_function(side):
+    """The decoder's batch norm in NCHW on a channels-last input: same output, gradients (input and
+    every parameter) and running statistics as the channels-last batch norm, to float64 rounding."""
+    import copy
+
+    torch.manual_seed(0)
+    fast = InfoProDecoder(16, image_size=32).double().to(memory_format=torch.channels_last)
+    plain = copy.deepcopy(fast)
+    plain.cpu_bn_nchw = False
+    h = (torch.randn(3, 16, side, side, dtype=torch.float64) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    out, grads, buffers = _decoder_run(fast, h)
+    ref, ref_grads, ref_buffers = _decoder_run(plain, h)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+    for b, r in zip(buffers, ref_buffers):
+        torch.testing.assert_close(b, r, rtol=1e-12, atol=0)
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)  # the caller's layout comes back
+
+
+def test_infopro_decoder_cpu_bn_nchw_layouts_and_memory():
+    """The batch norm sees NCHW input *and* NCHW gradient (a mixed pair is torch's slow path), conv2 a
+    channels-last input, and the decoder keeps exactly as many bytes for backward as before."""
+    import copy
+
+    from manlearn.memory import SavedTensorTracker
+
+    torch.manual_seed(0)
+    fast = InfoProDecoder(16, image_size=32).to(memory_format=torch.channels_last)
+    plain = copy.deepcopy(fast)
+    plain.cpu_bn_nchw = False
+    h = torch.randn(4, 16, 32, 32).contiguous(memory_format=torch.channels_last).requires_grad_()
+    seen = {}
+
+    def watch_bn(module, args, out):
+        seen.setdefault("bn_in", args[0])
+        out.register_hook(lambda g: seen.setdefault("bn_grad", g))
+
+    fast.bn.register_forward_hook(watch_bn)
+    fast.conv2.register_forward_pre_hook(lambda m, args: seen.setdefault("conv2_in", args[0]))
+    kept = []
+    for dec in (fast, plain):
+        with SavedTensorTracker([*dec.parameters(), *dec.buffers(), h]) as tr:
+            out = dec(h)
+            kept.append(tr.live)
+        out.sum().backward()
+    assert seen["bn_in"].is_contiguous() and seen["bn_grad"].is_contiguous()
+    assert seen["conv2_in"].is_contiguous(memory_format=torch.channels_last) and not seen["conv2_in"].is_contiguous()
+    assert kept[0] == kept[1]
