@@ -14,7 +14,6 @@ and gradients on one batch (the compiled heads compute the same thing, to float 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import time
@@ -27,26 +26,21 @@ from manlearn.bench.speed import breakdown_step, build, flop_breakdown
 from manlearn.rules import MomentumAux
 
 
-def compile_heads(learner) -> int:
-    """Compile every auxiliary network's heads in place; return how many were compiled."""
-    n = 0
+def compile_heads(learner) -> None:
+    """Compile every auxiliary network's heads in place."""
     for aux in learner.auxes:
-        if aux is None:
-            continue
-        target = aux.heads if isinstance(aux, MomentumAux) else aux
-        target.compile(dynamic=False)
-        n += 1
-    return n
+        (aux.heads if isinstance(aux, MomentumAux) else aux).compile(dynamic=False)
 
 
 def max_grad_diff(a, b) -> float:
     """Largest gradient difference between the two copies, relative to the largest gradient of the
     learner (per-parameter relative differences are meaningless for parameters whose true gradient is
     zero, such as a bias right before a batch norm)."""
-    pairs = [(pa.grad, pb.grad) for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters())
-             if pa.grad is not None or pb.grad is not None]
-    for (na, _), (nb, _) in zip(a.named_parameters(), b.named_parameters()):
+    pairs = []
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert na.replace("_orig_mod.", "") == nb.replace("_orig_mod.", ""), (na, nb)
+        if pa.grad is not None or pb.grad is not None:
+            pairs.append((pa.grad, pb.grad))
     scale = max(ga.abs().max().item() for ga, _ in pairs)
     return max((ga - gb).abs().max().item() for ga, gb in pairs) / scale
 
@@ -70,10 +64,9 @@ def main() -> None:
     built = {}
     for spec in args.methods:
         eager, opt_e = build("resnet32", spec, args.K, "cpu", channels_last=True)
-        comp = copy.deepcopy(eager)
+        comp, opt_c = build("resnet32", spec, args.K, "cpu", channels_last=True)
+        comp.load_state_dict(eager.state_dict())  # the same weights, whatever the build's seeding
         compile_heads(comp)
-        opt_c = torch.optim.SGD([p for p in comp.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
-                                nesterov=True, weight_decay=1e-4, foreach=True)
         # same losses and gradients on one batch, before any optimiser step (compiles the heads too)
         t0 = time.perf_counter()
         le = eager.train_step(x, y)
