@@ -191,7 +191,33 @@ def _dp_trainer_worker(rank, world, port, out_dir, summaries):
         summary = tr.fit()
         assert tr.dist.world_size == world and tr.dist.rank == rank
         torch.save({"summary": summary, "model": tr.learner.state_dict()}, Path(summaries) / f"rank{rank}.pt")
-    cleanup()
+        del tr
+    cleanup()  # as `manlearn train` does: a barrier, then leave
+
+
+def _cleanup_worker(rank, world, port, out, sync):
+    import time
+
+    from manlearn.distributed import cleanup
+
+    _init(rank, world, port)
+    if rank == 0:
+        time.sleep(1.5)  # rank 0 still busy (writing the last checkpoint, say)
+    arrived = time.time()
+    cleanup(sync=sync)
+    Path(out, f"rank{rank}.txt").write_text(f"{arrived} {time.time()}")
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_cleanup_waits_for_every_rank_before_leaving_the_group(tmp_path, sync):
+    """A rank that is done must not tear down its connections while another still works."""
+    _spawn(_cleanup_worker, 2, str(tmp_path), sync)
+    arrived0, _ = map(float, (tmp_path / "rank0.txt").read_text().split())
+    _, left1 = map(float, (tmp_path / "rank1.txt").read_text().split())
+    if sync:
+        assert left1 >= arrived0, "rank 1 left the group before rank 0 reached cleanup"
+    else:  # the error path: no waiting for ranks that may never come
+        assert left1 < arrived0
 
 
 def test_trainer_data_parallel_matches_single_process_and_only_rank0_writes(tmp_path):

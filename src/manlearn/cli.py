@@ -79,13 +79,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.pipeline_workers:
         return _train_pipeline(cfg, args)
     trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+    summary = None
     try:
         summary = _fit(trainer)
     finally:
         if trainer.dist.enabled:  # data parallel under torchrun: leave the group cleanly
             from manlearn.distributed import cleanup
 
-            cleanup()
+            cleanup(sync=summary is not None)
     if summary is None:
         return 130
     if not trainer.dist.is_main:

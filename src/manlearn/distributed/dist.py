@@ -13,6 +13,7 @@ Loop-level pieces (sharding a loader, sharded evaluation) are in :mod:`manlearn.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 from dataclasses import dataclass
@@ -125,10 +126,28 @@ def setup_from_env(backend: str = "auto", device: str = "auto",
     return info, dev
 
 
-def cleanup() -> None:
-    """Leave the default process group if this process is in one."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def cleanup(sync: bool = True, timeout_s: float = 120.0) -> None:
+    """Leave the default process group if this process is in one.
+
+    With ``sync`` (a run that ended normally) every rank first waits at a barrier, so no rank tears
+    its connections down while another still uses them: rank 0 writes the last checkpoint after the
+    others are done, and a gloo rank that shut down early could abort at exit (seen once in CI, rank
+    1 killed by SIGABRT after its work was done).  On gloo the barrier is ``monitored_barrier`` with
+    ``timeout_s``, so a rank that has died makes this raise-and-continue rather than hang.  Pass
+    ``sync=False`` on an error path, where the other ranks may never arrive.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if sync and dist.get_world_size() > 1:
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+            else:
+                dist.barrier()
+        except RuntimeError:  # a rank is gone: leave anyway, its own error is what the user needs
+            pass
+    dist.destroy_process_group()
+    gc.collect()  # drop backend objects now, not during interpreter shutdown
 
 
 @torch.no_grad()
