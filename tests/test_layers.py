@@ -1,4 +1,6 @@
 """The layout-preserving layers: same function as torch's, gradients in the activation's layout."""
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -61,6 +63,19 @@ def _decoder_run(dec, h):
     return out, grads, [b.clone() for b in dec.buffers()]
 
 
+def _assert_same_function(fast, plain, h):
+    """Same output, gradients (input and every parameter) and running statistics, to float64 rounding;
+    returns ``fast``'s gradients."""
+    out, grads, buffers = _decoder_run(fast, h)
+    ref, ref_grads, ref_buffers = _decoder_run(plain, h)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+    for b, r in zip(buffers, ref_buffers):
+        torch.testing.assert_close(b, r, rtol=1e-12, atol=0)
+    return grads
+
+
 @pytest.mark.parametrize("side", [8, 16, 32])  # factorised, upsample-then-conv, no upsampling
 def test_infopro_decoder_cpu_bn_nchw_is_the_same_function(side):
     """The decoder's batch norm in NCHW on a channels-last input: same output, gradients (input and
@@ -72,13 +87,7 @@ def test_infopro_decoder_cpu_bn_nchw_is_the_same_function(side):
     plain = copy.deepcopy(fast)
     plain.cpu_bn_nchw = False
     h = (torch.randn(3, 16, side, side, dtype=torch.float64) * 2 + 1).contiguous(memory_format=torch.channels_last)
-    out, grads, buffers = _decoder_run(fast, h)
-    ref, ref_grads, ref_buffers = _decoder_run(plain, h)
-    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
-    for b, r in zip(buffers, ref_buffers):
-        torch.testing.assert_close(b, r, rtol=1e-12, atol=0)
+    grads = _assert_same_function(fast, plain, h)
     assert grads[0].is_contiguous(memory_format=torch.channels_last)  # the caller's layout comes back
 
 
@@ -95,19 +104,63 @@ def test_infopro_decoder_cpu_bn_nchw_layouts_and_memory():
     plain.cpu_bn_nchw = False
     h = torch.randn(4, 16, 32, 32).contiguous(memory_format=torch.channels_last).requires_grad_()
     seen = {}
+    batch_norm = torch.nn.functional.batch_norm
 
-    def watch_bn(module, args, out):
-        seen.setdefault("bn_in", args[0])
-        out.register_hook(lambda g: seen.setdefault("bn_grad", g))
+    def watch_bn(x, *args, **kwargs):  # the op itself, inside the module
+        out = batch_norm(x, *args, **kwargs)
+        if "bn_in" not in seen:
+            seen["bn_in"] = x
+            out.register_hook(lambda g: seen.setdefault("bn_grad", g))
+        return out
 
-    fast.bn.register_forward_hook(watch_bn)
     fast.conv2.register_forward_pre_hook(lambda m, args: seen.setdefault("conv2_in", args[0]))
     kept = []
     for dec in (fast, plain):
         with SavedTensorTracker([*dec.parameters(), *dec.buffers(), h]) as tr:
-            out = dec(h)
+            if dec is fast:
+                with mock.patch("torch.nn.functional.batch_norm", watch_bn):
+                    out = dec(h)
+            else:
+                out = dec(h)
             kept.append(tr.live)
         out.sum().backward()
     assert seen["bn_in"].is_contiguous() and seen["bn_grad"].is_contiguous()
     assert seen["conv2_in"].is_contiguous(memory_format=torch.channels_last) and not seen["conv2_in"].is_contiguous()
     assert kept[0] == kept[1]
+
+
+def test_imagenet_decoder_12_channel_bn_runs_nchw_on_cpu_same_function():
+    """The ImageNet decoder's narrow (12-channel) batch norm is the NCHW-on-CPU one; the wider ones are
+    plain; with it switched off the decoder computes the same outputs, gradients and statistics."""
+    import copy
+
+    from manlearn.models.layers import CpuNchwBatchNorm2d
+    from manlearn.rules.heads_imagenet import ImageNetInfoProDecoder
+
+    torch.manual_seed(0)
+    fast = ImageNetInfoProDecoder(64, feature_size=4, image_size=32).double().to(memory_format=torch.channels_last)
+    bns = [m for m in fast.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    narrow = [m for m in bns if isinstance(m, CpuNchwBatchNorm2d)]
+    assert narrow and all(m.num_features < 16 for m in narrow)
+    assert all(m.num_features >= 16 for m in bns if m not in narrow)
+    plain = copy.deepcopy(fast)
+    for m in plain.modules():
+        if isinstance(m, CpuNchwBatchNorm2d):
+            m.nchw_on_cpu = False
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    h = (torch.randn(3, 64, 4, 4, dtype=torch.float64) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    _assert_same_function(fast, plain, h)
+
+
+def test_cpu_nchw_batch_norm_keeps_the_callers_layout_and_is_batchnorm2d():
+    from manlearn.models.layers import CpuNchwBatchNorm2d
+
+    bn = CpuNchwBatchNorm2d(12)
+    ref = torch.nn.BatchNorm2d(12)
+    assert bn.state_dict().keys() == ref.state_dict().keys()
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        x = torch.randn(2, 12, 5, 5).contiguous(memory_format=fmt).requires_grad_()
+        y = bn(x)
+        assert y.is_contiguous(memory_format=fmt)
+        y.backward(torch.randn_like(y))
+        assert x.grad.is_contiguous(memory_format=fmt)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.layers import GlobalAvgPool
+from ..models.layers import CpuNchwBatchNorm2d, GlobalAvgPool
 
 
 def _conv_bn_relu(c_in: int, c_out: int, k: int, stride: int = 1) -> list[nn.Module]:
@@ -125,21 +125,6 @@ def upsample_conv3x3(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return out.permute(0, 3, 1, 2)  # B x C_out x H x W, channels-last in memory
 
 
-class _Relayout(torch.autograd.Function):
-    """``x`` in memory format ``fmt``, its gradient handed back in format ``back``. A plain
-    ``.contiguous(memory_format=fmt)`` hands the gradient back in ``fmt``, and torch's CPU kernels
-    take slow paths when an op's input and gradient differ in layout."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, fmt: torch.memory_format, back: torch.memory_format) -> torch.Tensor:
-        ctx.back = back
-        return x.contiguous(memory_format=fmt)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad.contiguous(memory_format=ctx.back), None, None
-
-
 class InfoProDecoder(nn.Module):
     """Bilinear upsample to the input size, 3x3 conv to 12 (bias), BN, ReLU, 3x3 conv to the image's
     channels. Returns *logits*; the sigmoid is folded into the BCE (same loss, numerically stabler).
@@ -151,10 +136,7 @@ class InfoProDecoder(nn.Module):
     the authors' order). Parameters and state_dict are the same either way.
 
     ``cpu_bn_nchw`` (default True): on the CPU, a channels-last input's batch norm runs in NCHW (the
-    convolutions stay channels-last). torch's channels-last CPU batch norm is slow at this decoder's
-    12 channels and slower with 2 threads than with 1 (``benchmarks/bn_channels_last.py``: 15.9 vs
-    2.4 ms forward + backward at 2 threads, 32x32, batch 128). Same function; the statistics are
-    summed in another order (float rounding).
+    convolutions stay channels-last): see :class:`~manlearn.models.layers.CpuNchwBatchNorm2d`.
     """
 
     def __init__(self, channels: int, image_size: int, out_channels: int = 3, width: int = 12,
@@ -162,9 +144,8 @@ class InfoProDecoder(nn.Module):
         super().__init__()
         self.image_size = image_size
         self.factorized = factorized
-        self.cpu_bn_nchw = cpu_bn_nchw
         self.conv1 = nn.Conv2d(channels, width, 3, padding=1, bias=True)
-        self.bn = nn.BatchNorm2d(width)
+        self.bn = CpuNchwBatchNorm2d(width, nchw_on_cpu=cpu_bn_nchw)
         self.conv2 = nn.Conv2d(width, out_channels, 3, padding=1, bias=True)
 
     def forward(self, h: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -181,14 +162,17 @@ class InfoProDecoder(nn.Module):
                 x = x.contiguous()
         else:
             x = self.conv1(F.interpolate(h, size=size, mode="bilinear", align_corners=True))
-        if self.cpu_bn_nchw and x.device.type == "cpu" and not x.is_contiguous() \
-                and x.is_contiguous(memory_format=torch.channels_last):
-            nchw, cl = torch.contiguous_format, torch.channels_last
-            # BN in NCHW, back to channels-last before the ReLU: the ReLU's output is then the one
-            # tensor that both it and conv2 keep for backward, as in the plain path
-            x = _Relayout.apply(self.bn(_Relayout.apply(x, nchw, cl)), cl, nchw)
-            return self.conv2(F.relu(x, inplace=True))
+        # the BN returns the caller's layout: the ReLU's output is then the one tensor that both it
+        # and conv2 keep for backward, whichever layout the BN ran in
         return self.conv2(F.relu(self.bn(x), inplace=True))
+
+    @property
+    def cpu_bn_nchw(self) -> bool:
+        return self.bn.nchw_on_cpu
+
+    @cpu_bn_nchw.setter
+    def cpu_bn_nchw(self, value: bool) -> None:
+        self.bn.nchw_on_cpu = value
 
 
 INFOPRO_CLASSIFIERS = ("2c2f", "1c2f")

@@ -22,15 +22,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.layers import GlobalAvgPool
+from ..models.layers import CpuNchwBatchNorm2d, GlobalAvgPool
 
 _DECODER_REDUCTION = {512: 128, 1024: 192, 2048: 256}
 _LADDER = (256, 128, 64, 32, 12)
 
 
+# Below this many channels the batch norm runs in NCHW on the CPU (CpuNchwBatchNorm2d): measured at 12
+# channels, 2 threads, batch 128, forward + backward: 242 -> 84 ms at 112x112 and 52 -> 9.5 ms at 56x56;
+# at 32 channels neither layout wins throughout, so those stay plain.
+_NCHW_BN_BELOW = 16
+
+
 def _cbr(c_in: int, c_out: int, k: int, stride: int = 1) -> nn.Sequential:
+    bn = CpuNchwBatchNorm2d(c_out) if c_out < _NCHW_BN_BELOW else nn.BatchNorm2d(c_out)
     return nn.Sequential(nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2, bias=False),
-                         nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+                         bn, nn.ReLU(inplace=True))
 
 
 class ImageNetInfoProDecoder(nn.Module):
