@@ -23,13 +23,13 @@ import torch
 
 from manlearn.bench.common import append_rows, environment
 from manlearn.bench.speed import breakdown_step, build, flop_breakdown
-from manlearn.rules import MomentumAux
+from manlearn.rules import heads_of
 
 
 def compile_heads(learner) -> None:
     """Compile every auxiliary network's heads in place."""
     for aux in learner.auxes:
-        (aux.heads if isinstance(aux, MomentumAux) else aux).compile(dynamic=False)
+        heads_of(aux).compile(dynamic=False)
 
 
 def max_grad_diff(a, b) -> float:

@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from manlearn.bench.speed import build
-from manlearn.rules import LocalBatch, MomentumAux
+from manlearn.rules import LocalBatch, MomentumAux, heads_of
 
 
 def conv_flops(name: str, shapes: list, out_hw: dict) -> float | None:
@@ -52,13 +52,9 @@ def main() -> None:
             aux = learner.auxes[k]
             inputs.append(aux.fuse(h) if isinstance(aux, MomentumAux) else h)
 
-    def heads(k: int):
-        aux = learner.auxes[k]
-        return aux.heads if isinstance(aux, MomentumAux) else aux
-
     def run() -> None:
         for k, f in enumerate(inputs):
-            heads(k)(f.detach().requires_grad_(True), batch).backward()
+            heads_of(learner.auxes[k])(f.detach().requires_grad_(True), batch).backward()
 
     run()
     run()

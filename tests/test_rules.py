@@ -170,3 +170,16 @@ def test_manpp_diagnostics_follow_s_and_the_drift_of_lb_from_ema():
     assert d1["s/0"] != 1.0 and d1["lb_vs_ema/0"] > 0 and d1["ema_vs_next/0"] > 0
     assert float(learner.auxes[0].scale.detach()) == d1["s/0"]
     assert LocalLearner("resnet20", method="dgl", K=3, num_classes=4).diagnostics() == {}
+
+
+def test_heads_of_is_the_part_that_sees_fused_features():
+    from manlearn import LocalLearner
+    from manlearn.models import create_model
+    from manlearn.rules import MomentumAux, heads_of
+
+    for method, momentum in (("manpp", True), ("dgl", False)):
+        learner = LocalLearner(create_model("resnet32", num_classes=10), method=method, K=4, num_classes=10,
+                               image_size=32)
+        aux = learner.auxes[0]
+        assert isinstance(aux, MomentumAux) is momentum
+        assert heads_of(aux) is (aux.heads if momentum else aux)

@@ -119,6 +119,12 @@ class MomentumAux(nn.Module):
         return self.heads(self.fuse(h), batch)
 
 
+def heads_of(aux: nn.Module) -> nn.Module:
+    """The part of an auxiliary network that computes the local loss from (fused) features: a
+    MAN/MAN++ network's ``heads``, any other rule's whole auxiliary network."""
+    return aux.heads if isinstance(aux, MomentumAux) else aux
+
+
 class ViTMomentumAux(MomentumAux):
     """MAN / MAN++ auxiliary network for a ViT group: ``ema`` + ``lb`` (= lb0) copies of the next
     group's first block, fused as MAN(++), then ``heads`` = lb1 + LayerNorm + CLS linear + CE.
