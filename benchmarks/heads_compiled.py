@@ -53,19 +53,28 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--results", default="benchmarks/results/heads_compiled.jsonl")
+    ap.add_argument("--check-only", action="store_true",
+                    help="compare losses and gradients on one batch and stop (no timing)")
+    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                    help="with --check-only: float64 tells rounding from a real difference")
     args = ap.parse_args()
+    if args.dtype != "float32" and not args.check_only:
+        ap.error("--dtype float64 is for --check-only (the timings are of float32)")
+    dtype = getattr(torch, args.dtype)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 3, 32, 32, generator=g)
+    x = torch.randn(args.batch, 3, 32, 32, generator=g, dtype=dtype)
     y = torch.randint(0, 10, (args.batch,), generator=g)
     built = {}
     for spec in args.methods:
         eager, opt_e = build("resnet32", spec, args.K, "cpu", channels_last=True)
         comp, opt_c = build("resnet32", spec, args.K, "cpu", channels_last=True)
         comp.load_state_dict(eager.state_dict())  # the same weights, whatever the build's seeding
+        eager.to(dtype)
+        comp.to(dtype)
         compile_heads(comp)
         # same losses and gradients on one batch, before any optimiser step (compiles the heads too)
         t0 = time.perf_counter()
@@ -74,10 +83,14 @@ def main() -> None:
         compile_s = time.perf_counter() - t0
         loss_diff = max(abs(a - b) for a, b in zip(le.losses, lc.losses))
         grad_diff = max_grad_diff(eager, comp)
-        print(f"{spec}: first step (compiling) {compile_s:.0f} s; max |loss diff| {loss_diff:.2e}, "
+        print(f"{spec} ({args.dtype}): first step (compiling) {compile_s:.0f} s; max |loss diff| {loss_diff:.2e}, "
               f"max relative grad diff {grad_diff:.2e}", flush=True)
+        if args.check_only:
+            continue
         built[spec] = dict(eager=(eager, opt_e), compiled=(comp, opt_c), loss_diff=loss_diff, grad_diff=grad_diff,
                            gflops={k: v / 1e9 for k, v in flop_breakdown(eager, opt_e, x, y).items()})
+    if args.check_only:
+        return
     parts: dict[tuple[str, str], list[dict[str, float]]] = {}
     for i in range(args.warmup + args.rounds):
         for spec in args.methods:
