@@ -22,6 +22,7 @@ from torch import nn
 
 import manlearn
 from manlearn.config import TrainConfig, config_from_dict, config_to_dict
+from manlearn.distributed import cleanup
 from manlearn.errors import ManlearnError
 from manlearn.rules import LocalBatch
 
@@ -356,7 +357,7 @@ def worker_main(rank: int, port: int, cfg_dict: dict, plan: PipelinePlan, thread
         out = Worker(cfg, rank, plan, threads).run()
         if rank == 0:
             resq.send(out)
-        dist.destroy_process_group()
+        cleanup()  # every worker leaves together (a worker leaving early can abort at exit)
     except BaseException as e:  # report, then exit non-zero: the launcher stops the others
         msg = str(e) if isinstance(e, ManlearnError) else traceback.format_exc()
         try:
