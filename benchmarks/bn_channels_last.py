@@ -6,10 +6,11 @@ training mode, forward and backward separately (median of 10 after 2), at the he
 backbone's shapes, in both layouts and at 1 and 2 intra-op threads, to show where torch's kernel
 is slow.
 
-    .venv/bin/python benchmarks/bn_channels_last.py
+    .venv/bin/python benchmarks/bn_channels_last.py [--shapes 12x112 12x56 ...]
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -37,10 +38,15 @@ def time_bn(c: int, hw: int, fmt: torch.memory_format, threads: int, reps: int =
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="+", metavar="CxHW",
+                    help="channels x side, e.g. 12x112 (default: the CIFAR heads' and backbone's shapes)")
+    args = ap.parse_args()
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
     print(f"# torch {torch.__version__}, batch 128, nn.BatchNorm2d training, ms (median of 10 after 2)")
     print("| channels, HxW | layout | 1 thread: fwd | bwd | 2 threads: fwd | bwd |")
     print("|---|---|---|---|---|---|")
-    for c, hw in SHAPES:
+    for c, hw in shapes:
         for name, fmt in (("channels_last", torch.channels_last), ("NCHW", torch.contiguous_format)):
             cells = []
             for threads in (1, 2):

@@ -195,7 +195,7 @@ def _dp_trainer_worker(rank, world, port, out_dir, summaries):
     cleanup()  # as `manlearn train` does: a barrier, then leave
 
 
-def _cleanup_worker(rank, world, port, out, sync):
+def _cleanup_worker(rank, world, port, out):
     import time
 
     from manlearn.distributed import cleanup
@@ -204,13 +204,13 @@ def _cleanup_worker(rank, world, port, out, sync):
     if rank == 0:
         time.sleep(1.5)  # rank 0 still busy (writing the last checkpoint, say)
     arrived = time.time()
-    cleanup(sync=sync)
+    cleanup()
     Path(out, f"rank{rank}.txt").write_text(f"{arrived} {time.time()}")
 
 
 def test_cleanup_waits_for_every_rank_before_leaving_the_group(tmp_path):
     """A rank that is done must not tear down its connections while another still works."""
-    _spawn(_cleanup_worker, 2, str(tmp_path), True)
+    _spawn(_cleanup_worker, 2, str(tmp_path))
     arrived0, _ = map(float, (tmp_path / "rank0.txt").read_text().split())
     _, left1 = map(float, (tmp_path / "rank1.txt").read_text().split())
     assert left1 >= arrived0, "rank 1 left the group before rank 0 reached cleanup"
