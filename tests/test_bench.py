@@ -58,9 +58,12 @@ def test_counted_memory_static_parts_and_ordering():
     assert manpp["grads_MiB"] < manpp["params_MiB"]
 
 
-def test_breakdown_step_gives_the_gradients_of_train_step():
-    a, opt_a = build("resnet20", "dgl+manpp", 4, "cpu", False)
-    b, opt_b = build("resnet20", "dgl+manpp", 4, "cpu", False)
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_breakdown_step_gives_the_gradients_of_train_step(amp):
+    """Also under bf16 autocast: each part's forwards run under the learner's autocast, as in train_step
+    (a part left in float32 would change the gradients far beyond this tolerance)."""
+    a, opt_a = build("resnet20", "dgl+manpp", 4, "cpu", False, amp=amp)
+    b, opt_b = build("resnet20", "dgl+manpp", 4, "cpu", False, amp=amp)
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     a.train_step(x, y)
     parts = breakdown_step(b, opt_b, x, y)  # also steps opt_b: compare grads, which it leaves
@@ -91,6 +94,14 @@ def test_speed_rows_are_interleaved_medians_with_e2e_reference(tmp_path):
     assert rows[0]["ratio_to_e2e"] == 1.0
     assert rows[1]["images_per_s"] == pytest.approx(2 / rows[1]["median_s_per_it"])
     assert read_rows(out) == json.loads(json.dumps(rows))
+
+
+def test_speed_times_each_method_in_each_autocast_mode(tmp_path):
+    rows = run_speed("resnet20", ["greedy"], K=3, batch=2, iters=1, warmup=0, results=tmp_path / "s.jsonl",
+                     breakdown=False, amps=("off", "bf16"), say=lambda *a, **k: None)
+    assert [(r["method"], r["amp"]) for r in rows] == [("e2e", "off"), ("greedy", "off"), ("e2e", "bf16"),
+                                                       ("greedy", "bf16")]
+    assert rows[0]["ratio_to_e2e"] == rows[2]["ratio_to_e2e"] == 1.0  # each mode against its own E2E
 
 
 @pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir(),

@@ -76,7 +76,7 @@ def test_recipe_names_resolve():
     (["train", "no-such-recipe"], "no config file or recipe"),
     (["train", "fm-r32-e2e", "oops"], "key=value"),
     (["train", "dataset=fashion-mnist", "data_dir=/nonexistent/bogus", "out_dir={tmp}/x"], "files not found"),
-    (["train", "dataset=digits", "amp=bf16", "device=cpu", "out_dir={tmp}/x"], "CUDA"),
+    (["train", "dataset=digits", "amp=fp16", "device=cpu", "out_dir={tmp}/x"], "CUDA"),
     (["eval", "{tmp}/missing.pt"], "checkpoint not found"),
     (["eval", "{tmp}/garbage.pt"], "cannot read checkpoint"),
 ])

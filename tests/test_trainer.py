@@ -357,9 +357,9 @@ def test_checkpoint_with_wrong_weights_is_refused(finished, tmp_path):
         Trainer(tiny(d, epochs=1), resume=True)
 
 
-def test_amp_on_cpu_is_refused(tmp_path):
+def test_fp16_amp_on_cpu_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="CUDA"):
-        Trainer(tiny(tmp_path, amp="bf16"))
+        Trainer(tiny(tmp_path, amp="fp16"))
 
 
 def test_batch_larger_than_dataset_is_refused(tmp_path):

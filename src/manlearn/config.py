@@ -237,7 +237,7 @@ class TrainConfig:
     # --- execution ----------------------------------------------------------------------------
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "off"  # off | bf16 | fp16 (CUDA only)
+    amp: str = "off"  # off | bf16 | fp16 (fp16 on CUDA only; bf16 on CUDA or a CPU)
     channels_last: bool = True  # faster on CPU (BENCHMARKS.md, `manlearn bench speed --no-channels-last`)
     compile: bool = False
     # Memory for compute (same gradients): MAN/MAN++ recompute the frozen ema unit in backward;

@@ -80,7 +80,7 @@ def cmd_speed(args: argparse.Namespace) -> int:
     _check_results(args.results)
     run_speed(args.model, args.methods, args.K, args.batch, args.iters, args.warmup, args.results,
               device=args.device, channels_last=not args.no_channels_last, breakdown=not args.no_breakdown,
-              compile=args.compile)
+              compile=args.compile, amps=args.amp)
     return 0
 
 
@@ -143,6 +143,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--no-channels-last", action="store_true")
     s.add_argument("--no-breakdown", action="store_true", help="skip the backbone/aux/EMA breakdown")
     s.add_argument("--compile", action="store_true", help="torch.compile blocks, auxes and head (no breakdown)")
+    s.add_argument("--amp", nargs="+", default=["off"], choices=["off", "bf16", "fp16"],
+                   help="autocast modes, each timed interleaved with the others (bf16 also on a CPU)")
     s.add_argument("--results", default=str(RESULTS / "speed.jsonl"))
     s.set_defaults(func=cmd_speed)
 

@@ -11,6 +11,9 @@ auxiliary heads, the EMA update and the optimiser step. The block output is deta
 auxiliary network and its gradient handed back afterwards, which gives the same gradients. One
 more step counts the FLOPs of each part (convolutions and matmuls, forward and backward), so time
 can be read against work.
+
+``amps`` times each method once per autocast mode (``off``, ``bf16``), interleaved in the same rounds;
+every part of the breakdown runs its forwards under the learner's autocast, as ``train_step`` does.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..learner import LocalLearner
 from ..rules import LocalBatch, MomentumAux
+from ..runtime import amp_dtype
 from .common import append_rows, environment, parse_method
 
 
@@ -32,9 +36,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build(model: str, spec: str, K: int, device: str, channels_last: bool, compile: bool = False):
+def build(model: str, spec: str, K: int, device: str, channels_last: bool, compile: bool = False,
+          amp: str = "off"):
     torch.manual_seed(0)
-    learner = LocalLearner(model=model, K=K, channels_last=channels_last, **parse_method(spec)).to(device)
+    learner = LocalLearner(model=model, K=K, channels_last=channels_last,
+                           amp_dtype=amp_dtype(amp, torch.device(device)), **parse_method(spec)).to(device)
     if compile:
         learner.compile_parts()
     opt = torch.optim.SGD([p for p in learner.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
@@ -51,25 +57,34 @@ def _parts_step(learner, opt, x: torch.Tensor, y: torch.Tensor, part) -> None:
     x = learner.prepare_input(x)
     batch = LocalBatch(x, y, learner.norm_mean, learner.norm_std)
     h_in = x
+    def amp():  # the learner's autocast (a no-op without AMP), a fresh context for each forward
+        return learner.autocast(x)
+
     for k in range(learner.K):
         with part("backbone"):
-            h = learner.run_block(k, h_in)
-            if k == learner.K - 1:
-                learner.task.loss(learner.head(h), y, batch.image_hw).backward()
+            with amp():
+                h = learner.run_block(k, h_in)
+                last_loss = learner.task.loss(learner.head(h), y, batch.image_hw) if k == learner.K - 1 else None
+            if last_loss is not None:
+                last_loss.backward()
                 break
         h_aux = h.detach().requires_grad_(True)
         aux = learner.auxes[k]
         if isinstance(aux, MomentumAux):
-            with part("aux_units"):
+            with part("aux_units"), amp():
                 fused = aux.fuse(h_aux)
             fused_d = fused.detach().requires_grad_(True)
             with part("aux_heads"):
-                aux.heads(fused_d, batch).backward()
+                with amp():
+                    loss = aux.heads(fused_d, batch)
+                loss.backward()
             with part("aux_units"):
                 fused.backward(fused_d.grad)
         else:
             with part("aux_heads"):
-                aux(h_aux, batch).backward()
+                with amp():
+                    loss = aux(h_aux, batch)
+                loss.backward()
         with part("backbone"):
             h.backward(h_aux.grad)
         if isinstance(aux, MomentumAux):
@@ -114,16 +129,19 @@ def flop_breakdown(learner, opt, x: torch.Tensor, y: torch.Tensor) -> dict[str, 
 
 def run_speed(model: str, methods: Sequence[str], K: int, batch: int, iters: int, warmup: int, results,
               device: str = "cpu", channels_last: bool = True, breakdown: bool = True,
-              breakdown_iters: int = 3, compile: bool = False, say=print) -> list[dict[str, Any]]:
-    """Interleaved timing of ``methods`` (E2E added if missing); one row per method."""
-    specs = list(methods) if "e2e" in methods else ["e2e", *methods]
+              breakdown_iters: int = 3, compile: bool = False, amps: Sequence[str] = ("off",),
+              say=print) -> list[dict[str, Any]]:
+    """Interleaved timing of ``methods`` (E2E added if missing) under each autocast mode of ``amps``;
+    one row per method and mode, its E2E ratio against E2E in the same mode."""
+    names = list(methods) if "e2e" in methods else ["e2e", *methods]
+    specs = [(s, a) for a in amps for s in names]
     dev = torch.device(device)
-    built = {s: build(model, s, K, device, channels_last, compile) for s in specs}
+    built = {(s, a): build(model, s, K, device, channels_last, compile, a) for s, a in specs}
     g = torch.Generator().manual_seed(0)
     learner0 = built[specs[0]][0]
     x = torch.randn(batch, learner0.in_channels, learner0.image_size, learner0.image_size, generator=g).to(dev)
     y = torch.randint(0, learner0.num_classes, (batch,), generator=g).to(dev)
-    times: dict[str, list[float]] = {s: [] for s in specs}
+    times: dict[tuple[str, str], list[float]] = {s: [] for s in specs}
     for i in range(warmup + iters):
         for s in specs:
             learner, opt = built[s]
@@ -135,13 +153,13 @@ def run_speed(model: str, methods: Sequence[str], K: int, batch: int, iters: int
             if i >= warmup:
                 times[s].append(time.perf_counter() - t0)
     env = environment(device)
-    e2e = statistics.median(times["e2e"])
     rows = []
     for s in specs:
         learner, opt = built[s]
         med = statistics.median(times[s])
-        row: dict[str, Any] = dict(model=model, method=s, K=learner.K, batch=batch, channels_last=channels_last,
-                                   compile=compile,
+        e2e = statistics.median(times[("e2e", s[1])])
+        row: dict[str, Any] = dict(model=model, method=s[0], K=learner.K, batch=batch, channels_last=channels_last,
+                                   compile=compile, amp=s[1],
                                    median_s_per_it=med, min_s=min(times[s]), max_s=max(times[s]), iters=iters,
                                    warmup=warmup, images_per_s=batch / med, ratio_to_e2e=med / e2e)
         if breakdown and not compile:  # the breakdown runs the eager parts
@@ -151,7 +169,8 @@ def run_speed(model: str, methods: Sequence[str], K: int, batch: int, iters: int
         row.update(env)
         rows.append(row)
         br = row.get("breakdown_s")
-        say(f"{s:>14} K={row['K']:<3} {med:.3f} s/it  {row['images_per_s']:.0f} img/s  {row['ratio_to_e2e']:.2f}x e2e"
+        label = s[0] if list(amps) == ["off"] else f"{s[0]} {s[1]}"
+        say(f"{label:>14} K={row['K']:<3} {med:.3f} s/it  {row['images_per_s']:.0f} img/s  {row['ratio_to_e2e']:.2f}x e2e"
             + ("   [" + ", ".join(f"{k} {v:.3f}" for k, v in br.items()) + "]" if br else ""), flush=True)
     append_rows(results, rows)
     return rows

@@ -105,7 +105,7 @@ class Trainer:
         if cfg.sync_bn and self.dist.enabled and self.device.type != "cuda":
             raise ConfigError("sync_bn=true needs CUDA devices (torch's SyncBatchNorm does not run on CPU); "
                               "on CPU each rank normalises over its own shard")
-        amp_dtype(cfg.amp, self.device)  # refuse amp on a CPU before loading anything
+        amp_dtype(cfg.amp, self.device)  # refuse amp=fp16 on a CPU before loading anything
 
     def _setup_data(self, cfg: TrainConfig) -> None:
         self.run = make_task_run(cfg, self.device)
