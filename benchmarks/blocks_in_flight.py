@@ -12,6 +12,15 @@ One iteration = train_step + SGD step (Nesterov, multi-tensor), ResNet-32, chann
 all learners are built first and stepped round-robin, so machine-speed drift hits them alike; median of
 the timed rounds. Memory: the activations kept for backward at the step's peak (the tracker of
 manlearn.memory), measured in one extra step per learner. Rows: benchmarks/results/blocks_in_flight.jsonl.
+
+On the CPU the sequential step is also timed on **one** intra-op thread, in the same rounds. That gives the
+ceiling of any split of the step into single-threaded streams of work on this machine's T threads: at best
+T of them run at once, each at the one-thread rate, so the overlapped step can be at most
+T x (1-thread rate) / (T-thread rate) = T x t(T threads) / t(1 thread) faster than the sequential one, even
+with perfect overlap (which block k+1's wait for block k's forward does not allow). Printed as "ceiling".
+Two single-threaded streams also share the caches and the memory bandwidth, so the same rounds time T
+independent sequential steps run at once, one thread each ("T at once"): T x t(T threads) / t(T at once) is
+the ceiling with that contention, what even a step with no dependencies between its streams would gain.
 """
 from __future__ import annotations
 
@@ -19,6 +28,7 @@ import argparse
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -60,16 +70,42 @@ def main() -> None:
     y = torch.randint(0, 10, (args.batch,), generator=g).to(dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     built = {(m, n): build(m, args.K, n, args.device, args.amp) for m in args.methods for n in args.in_flight}
+    threads = torch.get_num_threads()
+    one_thread = {m: build(m, args.K, 1, args.device, args.amp) for m in args.methods} \
+        if dev.type == "cpu" and threads > 1 else {}
+    # T independent learners per method, stepped at once from T threads of one intra-op thread each
+    at_once = {m: [build(m, args.K, 1, args.device, args.amp) for _ in range(threads)] for m in one_thread}
+    pool = ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) if at_once else None
     times = {key: [] for key in built}
+    times_1t = {m: [] for m in one_thread}
+    times_at_once = {m: [] for m in at_once}
+
+    def timed(learner, opt) -> float:
+        sync()
+        t0 = time.perf_counter()
+        learner.train_step(x, y)
+        opt.step()
+        sync()
+        return time.perf_counter() - t0
+
     for i in range(args.warmup + args.iters):
         for key, (learner, opt) in built.items():
-            sync()
-            t0 = time.perf_counter()
-            learner.train_step(x, y)
-            opt.step()
-            sync()
+            t = timed(learner, opt)
             if i >= args.warmup:
-                times[key].append(time.perf_counter() - t0)
+                times[key].append(t)
+        for m, (learner, opt) in one_thread.items():
+            torch.set_num_threads(1)
+            try:
+                t = timed(learner, opt)
+            finally:
+                torch.set_num_threads(threads)
+            if i >= args.warmup:
+                times_1t[m].append(t)
+            t0 = time.perf_counter()
+            for fut in [pool.submit(timed, *lo) for lo in at_once[m]]:
+                fut.result()
+            if i >= args.warmup:
+                times_at_once[m].append(time.perf_counter() - t0)
     env = environment(dev)
     rows = []
     where = torch.cuda.get_device_name() if dev.type == "cuda" else f"{torch.get_num_threads()} threads"
@@ -84,10 +120,24 @@ def main() -> None:
                    median_s_per_it=med, min_s=min(times[(m, n)]), speedup_vs_sequential=seq / med,
                    activation_peak_MiB=pm.peak_activation_bytes / 2**20, iters=args.iters, warmup=args.warmup,
                    amp=args.amp, **({"max_memory_allocated_MiB": allocated} if allocated is not None else {}), **env)
+        if m in times_1t:
+            t1 = statistics.median(times_1t[m])
+            t_once = statistics.median(times_at_once[m])
+            row.update(sequential_one_thread_s_per_it=t1, ceiling_vs_sequential=threads * seq / t1,
+                       independent_steps_at_once=threads, independent_steps_at_once_s=t_once,
+                       ceiling_with_contention_vs_sequential=threads * seq / t_once)
         rows.append(row)
         print(f"{m:>14} in flight {n}: {med:.3f} s/it  x{row['speedup_vs_sequential']:.2f} vs sequential  "
               f"activations {row['activation_peak_MiB']:.1f} MiB"
               + (f"  allocated {allocated:.0f} MiB" if allocated is not None else ""), flush=True)
+    for m in times_1t:
+        t1, seq = statistics.median(times_1t[m]), statistics.median(times[(m, 1)]) if (m, 1) in times else None
+        if seq is not None:
+            t_once = statistics.median(times_at_once[m])
+            print(f"{m:>14} sequential on 1 thread: {t1:.3f} s/it; ceiling of any split into single-threaded "
+                  f"streams on {threads} threads: {threads} x {seq:.3f} / {t1:.3f} = x{threads * seq / t1:.2f}; "
+                  f"{threads} independent steps at once: {t_once:.3f} s, ceiling with contention "
+                  f"x{threads * seq / t_once:.2f}")
     append_rows(args.results, rows)
 
 

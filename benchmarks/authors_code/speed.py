@@ -2,9 +2,13 @@
 networks/resnet{DGL,InfoPro}_MANPP.py, .cuda() made a no-op), ResNet-32 K=16 batch 128, random data,
 interleaved (one step of each per round), median over rounds. The authors' code is not part of this repository: MAN_PLUSPLUS_DIR points at a checkout of it.
 
-    MAN_PLUSPLUS_DIR=/path/to/MAN_PlusPlus python benchmarks/authors_code/speed.py ROUNDS WARMUP OUT.jsonl
+    MAN_PLUSPLUS_DIR=/path/to/MAN_PlusPlus python benchmarks/authors_code/speed.py ROUNDS WARMUP OUT.jsonl [AMP]
+
+AMP: ``off`` (default), ``bf16`` or ``both``. With bf16 the authors' step runs under
+``torch.autocast(<device>, bfloat16)`` (their code has no mixed precision of its own) and ours with
+``amp_dtype=torch.bfloat16``; ``both`` steps the float32 and bf16 variants of all four in the same rounds.
 """
-import json, statistics, sys, time, platform
+import contextlib, json, statistics, sys, time
 import torch
 
 from _authors import use_authors_code  # noqa: E402
@@ -12,8 +16,13 @@ from _authors import use_authors_code  # noqa: E402
 use_authors_code()
 from networks import resnetDGL_MANPP, resnetInfoPro_MANPP  # noqa: E402
 from manlearn import LocalLearner  # noqa: E402
+from manlearn.bench.common import environment  # noqa: E402
 
 rounds, warmup, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+amp_arg = sys.argv[4] if len(sys.argv) > 4 else "off"
+if amp_arg not in ("off", "bf16", "both"):
+    raise SystemExit(f"AMP must be off, bf16 or both, got {amp_arg!r}")
+amps = ["off", "bf16"] if amp_arg == "both" else [amp_arg]
 torch.manual_seed(0)
 u = torch.rand(128, 3, 32, 32) * 0.98 + 0.01  # images in (0, 1), normalised as the authors' CIFAR code does
 mean = torch.tensor([125.3, 123.0, 113.9]).view(1, 3, 1, 1) / 255
@@ -22,10 +31,13 @@ x = (u - mean) / std
 y = torch.randint(0, 10, (128,))
 kw = dict(local_module_num=16, batch_size=128, image_size=32, dataset="cifar10", class_num=10,
           wide_list=(16, 16, 32, 64), dropout_rate=0, aux_net_widen=1, aux_net_feature_dim=128, momentum=0.995)
-theirs = {
-    "dgl+manpp": resnetDGL_MANPP.resnet32(aux_net_config="1c2f", local_loss_mode="cross_entropy", **kw),
-    "infopro+manpp": resnetInfoPro_MANPP.resnet32(aux_net_config="2c2f", local_loss_mode="cross_entropy", **kw),
-}
+def build_theirs():
+    return {
+        "dgl+manpp": resnetDGL_MANPP.resnet32(aux_net_config="1c2f", local_loss_mode="cross_entropy", **kw),
+        "infopro+manpp": resnetInfoPro_MANPP.resnet32(aux_net_config="2c2f", local_loss_mode="cross_entropy", **kw),
+    }
+
+
 lam = dict(ixx_1=5.0, ixy_1=0.5, ixx_2=0.0, ixy_2=0.0)
 
 
@@ -35,23 +47,29 @@ def sgd(params):
 
 
 steps = {}
-for name, model in theirs.items():
-    model.train()
-    opt = sgd(model.parameters())
-    def step(model=model, opt=opt):
-        opt.zero_grad()
-        model(img=x, target=y, **lam)
-        opt.step()
-    steps[f"authors {name}"] = step
-for name in ("dgl+manpp", "infopro+manpp"):
-    base, method = name.split("+")
-    learner = LocalLearner("resnet32", method=method, base=base, K=16, channels_last=True)
-    opt = sgd(learner.parameters())
-    xc = x.contiguous(memory_format=torch.channels_last)
-    def step(learner=learner, opt=opt, xc=xc):
-        learner.train_step(xc, y)  # zero_grad inside
-        opt.step()
-    steps[f"manlearn {name}"] = step
+for amp in amps:
+    tag = "" if amp_arg == "off" else f" {amp}"
+    autocast = ((lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if amp == "bf16"
+                else contextlib.nullcontext)
+    for name, model in build_theirs().items():
+        model.train()
+        opt = sgd(model.parameters())
+        def step(model=model, opt=opt, autocast=autocast):
+            opt.zero_grad()
+            with autocast():  # their forward also runs the local backward passes; autocast leaves those alone
+                model(img=x, target=y, **lam)
+            opt.step()
+        steps[f"authors {name}{tag}"] = step
+    for name in ("dgl+manpp", "infopro+manpp"):
+        base, method = name.split("+")
+        learner = LocalLearner("resnet32", method=method, base=base, K=16, channels_last=True,
+                               amp_dtype=torch.bfloat16 if amp == "bf16" else None)
+        opt = sgd(learner.parameters())
+        xc = x.contiguous(memory_format=torch.channels_last)
+        def step(learner=learner, opt=opt, xc=xc):
+            learner.train_step(xc, y)  # zero_grad inside
+            opt.step()
+        steps[f"manlearn {name}{tag}"] = step
 times = {k: [] for k in steps}
 for r in range(warmup + rounds):
     for k, fn in steps.items():
@@ -60,11 +78,16 @@ for r in range(warmup + rounds):
         if r >= warmup:
             times[k].append(time.perf_counter() - t)
 row = {"what": "s/iter, ResNet-32 K=16 batch 128, interleaved", "rounds": rounds, "warmup": warmup,
-       "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-       "date": time.strftime("%Y-%m-%d %H:%M"), "median_s": {k: statistics.median(v) for k, v in times.items()},
-       "min_s": {k: min(v) for k, v in times.items()}}
-for name in ("dgl+manpp", "infopro+manpp"):
-    row[f"ratio {name}"] = row["median_s"][f"manlearn {name}"] / row["median_s"][f"authors {name}"]
+       "amp": amp_arg, **environment("cpu"), "date": time.strftime("%Y-%m-%d %H:%M"),
+       "median_s": {k: statistics.median(v) for k, v in times.items()}, "min_s": {k: min(v) for k, v in times.items()}}
+for amp in amps:
+    tag = "" if amp_arg == "off" else f" {amp}"
+    for name in ("dgl+manpp", "infopro+manpp"):
+        row[f"ratio {name}{tag}"] = row["median_s"][f"manlearn {name}{tag}"] / row["median_s"][f"authors {name}{tag}"]
+if amp_arg == "both":  # ours in bf16 against theirs as published (float32)
+    for name in ("dgl+manpp", "infopro+manpp"):
+        row[f"ratio {name} ours bf16 / theirs float32"] = (row["median_s"][f"manlearn {name} bf16"]
+                                                           / row["median_s"][f"authors {name} off"])
 with open(out, "a") as f:
     f.write(json.dumps(row) + "\n")
 print(json.dumps(row, indent=1))
