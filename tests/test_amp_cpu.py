@@ -7,6 +7,7 @@ the EMA stay float32. These tests run on any CPU: without native bf16 the arithm
 from __future__ import annotations
 
 import copy
+import io
 import warnings
 
 import pytest
@@ -137,8 +138,10 @@ def test_trainer_runs_bf16_on_cpu_and_resumes_exactly(tmp_path):
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        straight = Trainer(tiny(tmp_path / "a"))
+        out = io.StringIO()
+        straight = Trainer(tiny(tmp_path / "a"), out=out)
         summary = straight.fit()
+        assert "| device cpu amp bf16 |" in out.getvalue().splitlines()[0]  # the run says it is not float32
         assert 0.0 <= summary["test_acc"] <= 1.0 and summary["steps"] == 8
         assert load_checkpoint(tmp_path / "a" / CKPT_NAME)["config"]["amp"] == "bf16"
         assert Trainer(tiny(tmp_path / "b", max_steps=5)).fit()["stopped_early"]

@@ -9,6 +9,7 @@ import torch
 from manlearn import LocalLearner
 from manlearn.bench import parse_method, read_rows
 from manlearn.bench.accuracy import run_accuracy
+from manlearn.bench.common import run_key
 from manlearn.bench.memory import counted
 from manlearn.bench.report import write_report
 from manlearn.bench.speed import breakdown_step, build, run_speed
@@ -119,6 +120,31 @@ def test_accuracy_run_appends_once_and_skips_done_runs(tmp_path):
     assert len(read_rows(res)) == 1 and any(s.startswith("skip dgl") for s in said)
 
 
+@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="needs Fashion-MNIST (scripts/setup.sh installs it)")
+def test_a_sweep_with_other_overrides_is_other_runs(tmp_path):
+    """amp=bf16 (here lr=0.2, which is quicker to tell apart) is not the run already in the file: it runs,
+    in its own folder, and both rows stay."""
+    res, runs = tmp_path / "acc.jsonl", tmp_path / "runs"
+    extra = ["model=resnet20", "train_limit=128", "eval_limit=64", "eval_batch_size=64"]
+    run_accuracy(["greedy"], [2], 1, [0], res, runs, extra=extra, say=lambda *a: None)
+    run_accuracy(["greedy"], [2], 1, [0], res, runs, extra=[*extra, "lr=0.2"], say=lambda *a: None)
+    rows = read_rows(res)
+    assert [r["overrides"][-1] for r in rows] == ["eval_batch_size=64", "lr=0.2"]
+    assert run_key(rows[0]) != run_key(rows[1])
+    folders = sorted(p.name for p in runs.iterdir() if p.is_dir())
+    assert folders == ["greedy-K2-e1-s0-eval_batch_size-64-eval_limit-64-model-resnet20",
+                       "greedy-K2-e1-s0-o10153bf0af"]  # a long set of overrides: a hash of them
+
+
+def test_run_key_names_the_overrides_but_not_train_limit_twice():
+    row = dict(method="dgl", K=16, epochs=1, seed=0, train_limit=None, overrides=["amp=bf16", "lr=0.05"])
+    assert run_key(row) == ("dgl", 16, 1, 0, None, ("amp=bf16", "lr=0.05"))
+    assert run_key({**row, "overrides": ["lr=0.05", "amp=bf16"]}) == run_key(row)  # order does not matter
+    assert run_key({**row, "train_limit": 128, "overrides": ["train_limit=128"]})[4:] == (128, ())
+    assert run_key({k: v for k, v in row.items() if k != "overrides"})[5] == ()  # rows of older versions
+
+
 def test_accuracy_rerun_redoes_old_rows_once(tmp_path):
     res = tmp_path / "acc.jsonl"
     extra = ["model=resnet20", "train_limit=128", "eval_limit=64", "eval_batch_size=64"]
@@ -167,6 +193,23 @@ def test_report_tables_and_plots(tmp_path):
     write_report(tmp_path, tmp_path / "plots2", say=said.append)
     assert (tmp_path / "plots2" / "accuracy_vs_memory.png").exists()
     assert not (tmp_path / "plots2" / "accuracy_vs_epochs.png").exists() and "accuracy_vs_epochs" not in said[-1]
+
+
+def test_report_keeps_runs_of_other_overrides_and_precisions_apart(tmp_path):
+    env = {"date": "2026-12-06", "torch": "x", "device": "cpu"}
+    acc = [dict(method=m, K=16 if m != "e2e" else 1, epochs=1, seed=0, test_acc=a, test_acc_per_epoch=[a],
+                seconds_per_iter=1.0, overrides=o, **env)
+           for m, a, o in (("dgl", 0.80, []), ("dgl+manpp", 0.83, []), ("dgl+manpp", 0.79, ["amp=bf16"]))]
+    spd = [dict(model="resnet32", method=m, K=16, batch=128, channels_last=True, compile=False, amp=amp,
+                median_s_per_it=t, images_per_s=128 / t, ratio_to_e2e=1.0, **env)
+           for m, amp, t in (("dgl+manpp", "off", 1.0), ("dgl+manpp", "bf16", 0.6))]
+    for name, rows in (("accuracy", acc), ("speed", spd)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = write_report(tmp_path, tmp_path / "plots", say=lambda *a: None)
+    assert "| 1 | dgl+manpp | 16 | 0 | 0.8300 | +3.00 pt | 1/1 |" in text  # float32 against its float32 base
+    assert "| 1 | dgl+manpp [amp=bf16] | 16 | 0 | 0.7900 |  |  |" in text  # no bf16 base to compare with
+    assert "| resnet32 | dgl+manpp | 16 | 128 | 1.000 |" in text
+    assert "| resnet32 | dgl+manpp (bf16) | 16 | 128 | 0.600 |" in text
 
 
 def test_bench_cli_refuses_bad_input(capsys):

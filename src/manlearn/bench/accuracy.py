@@ -8,6 +8,8 @@ is the record the tables and plots are built from.
 """
 from __future__ import annotations
 
+import hashlib
+
 import os
 import subprocess
 import sys
@@ -17,7 +19,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import apply_overrides, load_config, validate
-from .common import append_rows, environment, parse_method, read_rows, run_key, spec_overrides, spec_slug
+from .common import (append_rows, environment, parse_method, read_rows, run_key, spec_overrides, spec_slug,
+                     sweep_overrides)
 
 BASE_RECIPE = "fm-r32-infopro-manpp"  # carries every FM-R32 key; method/base/K are overridden
 
@@ -69,18 +72,22 @@ def run_accuracy(methods: Sequence[str], Ks: Sequence[int], epochs: int, seeds: 
     # with rerun, rows already in the file are ignored, but not those this sweep (or a worker beside it)
     # appends: each run is still done once
     ignore = len(read_rows(results)) if rerun else 0
+    others = sweep_overrides(extra)
+    # runs with other overrides get other folders (and claims), so two sweeps can share a runs_dir
+    suffix = ("-" + spec_slug("-".join(others)) if len("-".join(others)) <= 48 else
+              "-o" + hashlib.sha1("\n".join(others).encode()).hexdigest()[:10]) if others else ""
     out: list[dict[str, Any]] = []
     for seed in seeds:
         for K in Ks:
             for spec in methods:
                 k_eff = 1 if parse_method(spec)["method"] == "e2e" else K
-                key = (spec, k_eff, epochs, seed, limit)
+                key = (spec, k_eff, epochs, seed, limit, others)
                 done = {run_key(r): r for r in read_rows(results)[ignore:]}  # re-read: other workers append
                 if key in done:
                     say(f"skip {spec} K={k_eff} epochs={epochs} seed={seed}: already in {results}")
                     out.append(done[key])
                     continue
-                name = f"{spec_slug(spec)}-K{k_eff}-e{epochs}-s{seed}"
+                name = f"{spec_slug(spec)}-K{k_eff}-e{epochs}-s{seed}{suffix}"
                 claim = _claim(Path(runs_dir) / f"{name}.claim")
                 if claim is None:
                     say(f"skip {spec} K={k_eff} epochs={epochs} seed={seed}: another worker is running it")

@@ -169,9 +169,17 @@ def append_rows(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
             f.flush()
 
 
+def sweep_overrides(overrides) -> tuple[str, ...]:
+    """The config overrides of an accuracy sweep that make its runs other runs (``amp=bf16``, ``lr=0.05``),
+    sorted; ``train_limit`` is left out: it has its own place in :func:`run_key`."""
+    return tuple(sorted(o for o in overrides if not o.startswith("train_limit=")))
+
+
 def run_key(row: dict[str, Any]) -> tuple:
-    """What identifies one accuracy run in a results file: (method, K, epochs, seed, train_limit)."""
-    return (row["method"], int(row["K"]), int(row["epochs"]), int(row["seed"]), row.get("train_limit"))
+    """What identifies one accuracy run in a results file: (method, K, epochs, seed, train_limit, the
+    sweep's other overrides). A run with ``amp=bf16`` is not the float32 run of the same seed."""
+    return (row["method"], int(row["K"]), int(row["epochs"]), int(row["seed"]), row.get("train_limit"),
+            sweep_overrides(row.get("overrides", ())))
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..recompute import checkpoint_granularity
-from .common import ALL_METHODS, parse_method, read_rows, run_key
+from .common import ALL_METHODS, parse_method, read_rows, run_key, sweep_overrides
 
 def base_of(spec: str) -> str | None:
     """The base rule a modifier row is compared with: ``dgl+manpp`` and ``dgl+manpp:fidelity=authors``
@@ -57,26 +57,32 @@ def memory_table(rows: list[dict[str, Any]]) -> str:
 
 
 def speed_table(rows: list[dict[str, Any]]) -> str:
+    """The latest row of each (method, layout, precision, ...): rows may come from different runs and
+    machines, so each says which; its ratio to E2E is from its own run."""
     rows = list(_latest(rows, lambda r: (r["model"], r["method"], r["K"], r["batch"], r.get("device"),
-                                         r.get("channels_last"), r.get("compile", False))).values())
+                                         r.get("channels_last"), r.get("compile", False),
+                                         r.get("amp", "off"))).values())
     lines = ["| model | method | K | batch | s/it (median) | images/s | vs E2E | GFLOP/step | vs E2E | backbone | "
-             "aux ema/lb units | aux heads | EMA | optimiser |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "aux ema/lb units | aux heads | EMA | optimiser | run (compare within one) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     e2e_flops = {(r["model"], r["batch"]): sum(r["gflops"].values()) for r in rows
                  if r["method"] == "e2e" and r.get("gflops")}
     for r in sorted(rows, key=lambda r: (r["model"], r.get("device", ""), bool(r.get("compile")),
-                                         not r.get("channels_last", True), r["batch"], _order(r["method"]))):
+                                         r.get("amp", "off") != "off", not r.get("channels_last", True),
+                                         r["batch"], _order(r["method"]))):
         b = r.get("breakdown_s") or {}
         parts = " | ".join(f"{b[k]:.3f}" if k in b else "" for k in
                            ("backbone", "aux_units", "aux_heads", "ema", "optimizer"))
         tags = [t for t, on in (("NCHW", r.get("channels_last") is False), ("compiled", r.get("compile")),
+                                (r.get("amp", "off"), r.get("amp", "off") != "off"),
                                 (r.get("device", "cpu"), r.get("device", "cpu") != "cpu")) if on]
         name = r["method"] + (f" ({', '.join(tags)})" if tags else "")
         gf = sum(r["gflops"].values()) if r.get("gflops") else None
         ref = e2e_flops.get((r["model"], r["batch"]))
         flops = f"{gf:.1f} | {gf / ref:.2f}x" if gf and ref else " | "
         lines.append(f"| {r['model']} | {name} | {r['K']} | {r['batch']} | {r['median_s_per_it']:.3f} | "
-                     f"{r['images_per_s']:.0f} | {r['ratio_to_e2e']:.2f}x | {flops} | {parts} |")
+                     f"{r['images_per_s']:.0f} | {r['ratio_to_e2e']:.2f}x | {flops} | {parts} | "
+                     f"{r.get('date', '')} {r.get('cpu', '')} {r.get('commit', '')} |")
     return "\n".join(lines)
 
 
@@ -90,18 +96,19 @@ def accuracy_table(rows: list[dict[str, Any]]) -> str:
     (a paired count: the seed fixes the initialisation and the data order)."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in _latest(rows, run_key).values():
-        groups[(r["epochs"], r.get("train_limit"), r["K"] if r["method"] != "e2e" else 0, r["method"])].append(r)
+        groups[(r["epochs"], r.get("train_limit"), r["K"] if r["method"] != "e2e" else 0, r["method"],
+                sweep_overrides(r.get("overrides", ())))].append(r)
     lines = ["| epochs | method | K | seeds | test accuracy | vs base rule | above base (paired seeds) | vs E2E | "
              "s/it (during the run) |",
              "|---|---|---|---|---|---|---|---|---|"]
     mean = {key: statistics.mean(x["test_acc"] for x in rs) for key, rs in groups.items()}
-    for key in sorted(groups, key=lambda k: (k[0], k[1] or 0, k[2], _order(k[3]))):
-        epochs, limit, K, method = key
+    for key in sorted(groups, key=lambda k: (k[0], k[1] or 0, k[4], k[2], _order(k[3]))):
+        epochs, limit, K, method, others = key
         rs = sorted(groups[key], key=lambda x: int(x["seed"]))
         accs = [x["test_acc"] for x in rs]
         acc = f"{statistics.mean(accs):.4f}" + (f" ± {statistics.stdev(accs):.4f}" if len(accs) > 1 else "")
         base = base_of(method)
-        base_key = (epochs, limit, K, base)
+        base_key = (epochs, limit, K, base, others)
         vs_base = paired = ""
         if base and base_key in mean:
             vs_base = f"{100 * (mean[key] - mean[base_key]):+.2f} pt"
@@ -109,10 +116,11 @@ def accuracy_table(rows: list[dict[str, Any]]) -> str:
             both = sorted(set(mine) & set(theirs))
             if both:
                 paired = f"{sum(mine[s] > theirs[s] for s in both)}/{len(both)}"
-        e2e_key = (epochs, limit, 0, "e2e")
+        e2e_key = (epochs, limit, 0, "e2e", others)
         vs_e2e = f"{100 * (mean[key] - mean[e2e_key]):+.2f} pt" if e2e_key in mean and method != "e2e" else ""
         spi = statistics.mean(x["seconds_per_iter"] for x in rs)
-        lines.append(f"| {epochs}{' (' + str(limit) + ' imgs)' if limit else ''} | {method} | {rs[0]['K']} | "
+        label = method + (f" [{' '.join(others)}]" if others else "")
+        lines.append(f"| {epochs}{' (' + str(limit) + ' imgs)' if limit else ''} | {label} | {rs[0]['K']} | "
                      f"{','.join(str(x['seed']) for x in rs)} | {acc} | {vs_base} | {paired} | {vs_e2e} | {spi:.3f} |")
     return "\n".join(lines)
 
@@ -142,10 +150,11 @@ def _mean_std_pct(accs: list[float]) -> tuple[float, float]:
 
 
 def _final_accuracy(acc_rows) -> dict[tuple, list[float]]:
-    """Final test accuracies of the full-data runs, keyed by (epochs, method, K); the latest row wins."""
+    """Final test accuracies of the full-data runs without other overrides, keyed by (epochs, method, K); the
+    latest row wins."""
     out: dict[tuple, list[float]] = defaultdict(list)
     for r in _latest(acc_rows, run_key).values():
-        if not r.get("train_limit"):
+        if not r.get("train_limit") and not sweep_overrides(r.get("overrides", ())):  # the protocol's runs only
             out[(r["epochs"], r["method"], r["K"])].append(r["test_acc"])
     return out
 

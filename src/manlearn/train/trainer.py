@@ -635,7 +635,8 @@ class Trainer:
         length = f"{cfg.iterations} iterations" if cfg.iterations else f"{cfg.epochs} epochs"
         self._say(f"manlearn {cfg.task.name}: {cfg.model}{widths} {method} K={getattr(lr_, 'K', cfg.K)} ({cut}) | "
                   f"{self.run.describe()} | {self.steps_per_epoch} steps/epoch, {total} steps ({length}) x batch "
-                  f"{cfg.batch_size} | device {self.device} | {n_params:,} trainable parameters | "
+                  f"{cfg.batch_size} | device {self.device}{'' if cfg.amp == 'off' else f' amp {cfg.amp}'} | "
+                  f"{n_params:,} trainable parameters | "
                   f"out_dir {self.out_dir}")
         if self.dist.enabled:
             self._say(f"data parallel: {self.dist.world_size} ranks ({self.dist.backend}), global batch "
