@@ -153,3 +153,18 @@ def test_trainer_runs_bf16_on_cpu_and_resumes_exactly(tmp_path):
     assert want.keys() == got.keys()
     for k in want:
         assert torch.equal(want[k], got[k]), k
+
+
+@pytest.mark.parametrize("method,base", [("manpp", "dgl"), ("manpp", "infopro")])
+def test_blocks_in_flight_under_bf16_equal_the_sequential_bf16_step(method, base, batch):
+    """Autocast is per thread: the overlapped step's workers enter the learner's autocast themselves, so
+    their auxiliary work runs in bf16 too and the step is the sequential bf16 step (to bf16 rounding of
+    the threads' different intra-op splits)."""
+    seq = make(method, base)
+    conc = copy.deepcopy(seq)
+    conc.blocks_in_flight = 2
+    a, b = seq.train_step(*batch), conc.train_step(*batch)
+    torch.testing.assert_close(b.loss_values, a.loss_values, rtol=1e-6, atol=1e-7)
+    for (name, p), q in zip(seq.named_parameters(), conc.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
