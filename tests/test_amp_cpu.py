@@ -168,3 +168,18 @@ def test_blocks_in_flight_under_bf16_equal_the_sequential_bf16_step(method, base
     for (name, p), q in zip(seq.named_parameters(), conc.parameters()):
         if p.grad is not None:
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_checkpoints_of_gpu_amp_runs_evaluate_on_a_cpu(tmp_path):
+    """A bf16 run's checkpoint evaluates in bf16 here; an fp16 run's (a GPU's) in float32, and the line says so."""
+    from manlearn.train import evaluate_checkpoint, save_checkpoint
+
+    Trainer(tiny(tmp_path, epochs=1, max_steps=1, amp="off")).fit()
+    ck = load_checkpoint(tmp_path / CKPT_NAME)
+    for amp in ("bf16", "fp16"):
+        ck["config"]["amp"] = amp
+        save_checkpoint(tmp_path / f"{amp}.pt", ck)
+        r = evaluate_checkpoint(tmp_path / f"{amp}.pt", device="cpu")
+        assert r["line"].startswith("test accuracy: ") and r["step"] == 1
+        assert r["cfg"].amp == ("bf16" if amp == "bf16" else "off")
+        assert ("evaluated in float32 on cpu" in r["line"]) == (amp == "fp16")

@@ -23,6 +23,7 @@ Checkpoints are atomic (``last.pt`` is replaced, never truncated), written at ev
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import re
 import sys
@@ -787,6 +788,9 @@ def evaluate_checkpoint(path: str | Path, *, device: str = "auto", data_dir: str
     cfg = validate(eval_config(cfg, device=device, data_dir=data_dir, limit_key="eval_limit", limit=limit,
                                batch_size=batch_size))
     dev = resolve_device(cfg.device)
+    note = ""
+    if cfg.amp == "fp16" and dev.type != "cuda":  # an fp16 run of a GPU, evaluated here: in float32
+        cfg, note = dataclasses.replace(cfg, amp="off"), f" (trained with amp=fp16; evaluated in float32 on {dev})"
     run = make_task_run(cfg, dev, train=False)
     run.adopt_checkpoint(ckpt)
     learner = build_learner(cfg, run.info, dev, load_pretrained=False)
@@ -794,4 +798,4 @@ def evaluate_checkpoint(path: str | Path, *, device: str = "auto", data_dir: str
     m = run.evaluate(learner)
     step = int(ckpt["step"])
     return {"task": cfg.task.name, "metrics": m, "cfg": cfg, "step": step, "n_eval": run.n_eval,
-            "line": run.eval_summary(m, step)}
+            "line": run.eval_summary(m, step) + note}
