@@ -212,11 +212,17 @@ def test_report_keeps_runs_of_other_overrides_and_precisions_apart(tmp_path):
     assert "| resnet32 | dgl+manpp (bf16) | 16 | 128 | 0.600 |" in text
 
 
-def test_bench_cli_refuses_bad_input(capsys):
+def test_bench_cli_refuses_bad_input(capsys, tmp_path):
     assert main(["bench", "memory", "--methods", "dgl+nope"]) == 2
     assert "bad method spec" in capsys.readouterr().err
     assert main(["bench", "speed", "--K", "0"]) == 2
     assert "--K must be >= 1" in capsys.readouterr().err
+    assert main(["bench", "speed", "--amp", "bf16", "bf16"]) == 2
+    assert "--amp lists a mode twice" in capsys.readouterr().err
+    assert main(["bench", "speed", "--methods", "greedy", "--amp", "fp16", "--iters", "1", "--warmup", "0",
+                 "--model", "resnet20", "--K", "2", "--batch", "2", "--no-breakdown",
+                 "--results", str(tmp_path / "s.jsonl")]) == 2
+    assert "amp=fp16 needs a CUDA device" in capsys.readouterr().err
 
 
 def test_fresh_process_rss_measures_the_steps():

@@ -9,7 +9,6 @@ is the record the tables and plots are built from.
 from __future__ import annotations
 
 import hashlib
-
 import os
 import subprocess
 import sys

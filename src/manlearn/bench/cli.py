@@ -77,6 +77,8 @@ def cmd_speed(args: argparse.Namespace) -> int:
     _positive("--iters", [args.iters])
     if args.warmup < 0:
         raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
+    if len(set(args.amp)) != len(args.amp):
+        raise ConfigError(f"--amp lists a mode twice: {' '.join(args.amp)}")
     _check_results(args.results)
     run_speed(args.model, args.methods, args.K, args.batch, args.iters, args.warmup, args.results,
               device=args.device, channels_last=not args.no_channels_last, breakdown=not args.no_breakdown,

@@ -56,10 +56,11 @@ def _parts_step(learner, opt, x: torch.Tensor, y: torch.Tensor, part) -> None:
     learner.zero_grad(set_to_none=True)
     x = learner.prepare_input(x)
     batch = LocalBatch(x, y, learner.norm_mean, learner.norm_std)
-    h_in = x
+
     def amp():  # the learner's autocast (a no-op without AMP), a fresh context for each forward
         return learner.autocast(x)
 
+    h_in = x
     for k in range(learner.K):
         with part("backbone"):
             with amp():
