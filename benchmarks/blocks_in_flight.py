@@ -21,12 +21,15 @@ with perfect overlap (which block k+1's wait for block k's forward does not allo
 Two single-threaded streams also share the caches and the memory bandwidth, so the same rounds time T
 independent sequential steps run at once, one thread each ("T at once"): T x t(T threads) / t(T at once) is
 the ceiling with that contention, what even a step with no dependencies between its streams would gain.
+One more step of each overlapped learner records how long each thread spends in block forwards and local
+losses ("busy"): what the threads idle is what the scheduling loses.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -48,6 +51,36 @@ def build(spec: str, K: int, n: int, device: str, amp: str):
     opt = torch.optim.SGD([p for p in learner.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
                           nesterov=True, weight_decay=1e-4, foreach=True)
     return learner, opt
+
+
+def busy_shares(learner, step) -> tuple[float, list[float]]:
+    """Run ``step()`` once with the learner's per-block pieces timed; return (its seconds, each thread's
+    busy share of it, the calling thread's first)."""
+    spans: dict[int, float] = {}
+    names = ("forward_block", "local_loss", "local_step")
+
+    def timed_piece(fn):
+        def piece(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                tid = threading.get_ident()
+                spans[tid] = spans.get(tid, 0.0) + time.perf_counter() - t0
+        return piece
+
+    for name in names:
+        setattr(learner, name, timed_piece(getattr(learner, name)))
+    try:
+        t0 = time.perf_counter()
+        step()
+        total = time.perf_counter() - t0
+    finally:
+        for name in names:
+            delattr(learner, name)  # back to the class's methods
+    main_id = threading.get_ident()
+    others = [v / total for k, v in spans.items() if k != main_id]
+    return total, [spans.get(main_id, 0.0) / total, *others]
 
 
 def main() -> None:
@@ -120,6 +153,12 @@ def main() -> None:
                    median_s_per_it=med, min_s=min(times[(m, n)]), speedup_vs_sequential=seq / med,
                    activation_peak_MiB=pm.peak_activation_bytes / 2**20, iters=args.iters, warmup=args.warmup,
                    amp=args.amp, **({"max_memory_allocated_MiB": allocated} if allocated is not None else {}), **env)
+        if dev.type == "cpu" and n > 1:
+            def step(learner=learner, opt=opt):
+                learner.train_step(x, y)
+                opt.step()
+            _, shares = busy_shares(learner, step)
+            row["busy_share_main_then_workers"] = shares
         if m in times_1t:
             t1 = statistics.median(times_1t[m])
             t_once = statistics.median(times_at_once[m])
@@ -129,7 +168,9 @@ def main() -> None:
         rows.append(row)
         print(f"{m:>14} in flight {n}: {med:.3f} s/it  x{row['speedup_vs_sequential']:.2f} vs sequential  "
               f"activations {row['activation_peak_MiB']:.1f} MiB"
-              + (f"  allocated {allocated:.0f} MiB" if allocated is not None else ""), flush=True)
+              + (f"  allocated {allocated:.0f} MiB" if allocated is not None else "")
+              + (f"  busy {', '.join(f'{100 * v:.0f}%' for v in row['busy_share_main_then_workers'])} (main, workers)"
+                 if "busy_share_main_then_workers" in row else ""), flush=True)
     for m in times_1t:
         t1, seq = statistics.median(times_1t[m]), statistics.median(times[(m, 1)]) if (m, 1) in times else None
         if seq is not None:
