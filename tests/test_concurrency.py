@@ -72,6 +72,60 @@ def test_after_block_is_called_in_block_order_and_threads_are_restored():
         learner.blocks_in_flight = 0
 
 
+@pytest.mark.parametrize("n", [2, 3])
+def test_at_most_n_blocks_live_forwards_in_order_and_every_thread_takes_blocks(n, monkeypatch):
+    """The N bound (a block is live from its forward to the end of its local loss), the forwards in block
+    order (the feature taps and BN statistics depend on it), and the caller's thread working too."""
+    import threading
+
+    torch.manual_seed(0)
+    learner = LocalLearner("resnet20", method="manpp", base="dgl", K=7, num_classes=3, image_size=16,
+                           blocks_in_flight=n)
+    lock, live, peak, forwards, workers = threading.Lock(), [0], [0], [], set()
+    real_forward, real_loss = learner.forward_block, learner.local_loss
+
+    def forward_block(k, *a, **kw):
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+            forwards.append(k)
+            workers.add(threading.current_thread().name)
+        return real_forward(k, *a, **kw)
+
+    def local_loss(k, *a, **kw):
+        try:
+            return real_loss(k, *a, **kw)
+        finally:
+            with lock:
+                live[0] -= 1
+
+    monkeypatch.setattr(learner, "forward_block", forward_block)
+    monkeypatch.setattr(learner, "local_loss", local_loss)
+    learner.train_step(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0]))
+    assert forwards == list(range(6)) and live[0] == 0
+    assert 2 <= peak[0] <= n, peak[0]
+    assert "MainThread" in workers and len(workers) >= 2, workers
+
+
+def test_an_error_in_any_thread_reaches_the_caller_and_nothing_hangs(monkeypatch):
+    torch.manual_seed(0)
+    learner = LocalLearner("resnet20", method="dgl", K=6, num_classes=3, image_size=16, blocks_in_flight=2)
+    real_loss = learner.local_loss
+    threads = torch.get_num_threads()
+
+    def local_loss(k, *a, **kw):
+        if k == 3:
+            raise RuntimeError("block 3 failed")
+        return real_loss(k, *a, **kw)
+
+    monkeypatch.setattr(learner, "local_loss", local_loss)
+    with pytest.raises(RuntimeError, match="block 3 failed"):
+        learner.train_step(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0]))
+    assert torch.get_num_threads() == threads
+    monkeypatch.setattr(learner, "local_loss", real_loss)  # and the next step works
+    assert len(learner.train_step(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])).losses) == 6
+
+
 def test_workers_run_under_the_callers_saved_tensor_hooks():
     """The activation tracker (saved_tensors_hooks, thread-local) also sees what the workers keep."""
     import threading

@@ -1,5 +1,5 @@
-"""A step scheduler that overlaps blocks: block k's local loss, backward and EMA update run in a worker
-thread while the main thread already runs block k+1's forward.
+"""A step scheduler that overlaps blocks: block k's local loss, backward and EMA update run in one thread
+while another already runs block k+1's forward.
 
 Why this is correct: block k's auxiliary work reads only h_k (and the next block's first unit, read-only,
 for MAN's EMA), writes only block k's and aux_k's gradients and aux_k's EMA unit; block k+1's forward
@@ -10,7 +10,8 @@ collectives in the same order. The block pipeline reuses it for each worker's sh
 (``LocalLearner.train_blocks``), so ``blocks_in_flight`` means the same in all three ways of training.
 
 ``blocks_in_flight = N`` bounds how many blocks have a live graph at once (the memory price: N blocks'
-activations instead of one); N−1 worker threads do auxiliary work. On the CPU each thread gets its share
+activations instead of one); on the CPU N threads (the caller's and N−1 workers) each take the next block,
+forward and local loss, in turn. Each thread gets its share
 of the intra-op threads (``torch.get_num_threads() // N``, at least 1), so the threads do not oversubscribe
 the cores. Blocks must not modify their input in place (the sequential step gives them a tensor nobody
 else reads; here block k's auxiliary network may still be reading it).
@@ -23,7 +24,7 @@ stream, so block k's backward stays on its stream and overlaps block k+1's forwa
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import torch
@@ -74,10 +75,12 @@ def overlapped_step(learner: Any, x: torch.Tensor, batch: Any, grad_scale: torch
     (a pipeline worker's share); the first value returned is then the last block's detached output unless the
     range ends with the final block, and the losses are those of the range's blocks.
 
-    On CUDA this is :func:`stream_step` with ``blocks_in_flight`` streams. On the CPU the main thread runs
-    the forwards in order. After block k's forward its auxiliary work goes to a worker
-    when one is free; when all ``blocks_in_flight - 1`` workers are busy the main thread does it itself
-    instead of waiting (so no thread idles while work is ready), then goes on with block k+1.
+    On CUDA this is :func:`stream_step` with ``blocks_in_flight`` streams. On the CPU, N = ``blocks_in_flight``
+    threads (this one and N-1 workers) each take the next block in order, wait until the block before has
+    finished its forward, run the forward, hand the detached output on, then run the block's local loss,
+    backward and EMA update, and take the next block. The forwards so run strictly in order (each thread
+    only ever waits for one), every thread holds at most one block's graph (the N bound), and no thread
+    idles while another block's work is ready.
     """
     K, n = learner.K, max(2, int(blocks_in_flight))
     blocks = _check_range(blocks, K)
@@ -86,19 +89,56 @@ def overlapped_step(learner: Any, x: torch.Tensor, batch: Any, grad_scale: torch
     total = torch.get_num_threads()
     share = max(1, total // n)
     pool = _pool(n - 1, share)
-    pending: dict[int, Future] = {}
+    aux_end = min(blocks.stop, K - 1)  # blocks reported to after_block as they finish; K-1 at the end
+    inputs: dict[int, torch.Tensor] = {blocks.start: x}  # block k's input, once block k-1's forward is done
+    forwarded = {k: threading.Event() for k in blocks}
+    finished = {k: threading.Event() for k in blocks}
     losses: dict[int, torch.Tensor] = {}
-    reported = blocks.start
-    aux_end = min(blocks.stop, K - 1)  # blocks whose auxiliary work may be overlapped
+    result: list[Any] = [None]
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    order = iter(blocks)
 
-    def collect(block_until: int | None = None) -> None:
-        """Take finished auxiliary work (waiting for block ``block_until`` and all before it); report blocks
-        to ``after_block`` in order, as far as they are all done."""
+    def take() -> int | None:
+        with lock:
+            return None if errors else next(order, None)
+
+    def fail(e: BaseException) -> None:
+        with lock:
+            errors.append(e)
+        for ev in (*forwarded.values(), *finished.values()):  # wake every waiting thread: they stop
+            ev.set()
+
+    def run_blocks(report: Callable[[], None] | None = None) -> None:
+        """Take blocks in order until none is left: this thread's share of the step."""
+        try:
+            while (k := take()) is not None:
+                if k > blocks.start:
+                    forwarded[k - 1].wait()
+                    if errors:
+                        return
+                h_in = inputs.pop(k)
+                if k == K - 1:  # the final block: forward, head, loss and backward in one
+                    result[0], losses[k] = learner.local_step(k, h_in, batch, grad_scale)
+                    forwarded[k].set()
+                else:
+                    h = learner.forward_block(k, h_in, batch)
+                    inputs[k + 1] = h.detach()  # a range ending before the final block returns the last one
+                    forwarded[k].set()
+                    losses[k] = learner.local_loss(k, h, batch, grad_scale)
+                    del h
+                finished[k].set()
+                if report is not None:
+                    report()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller after every thread has stopped
+            fail(e)
+
+    reported = blocks.start
+
+    def report() -> None:
+        """after_block for the finished blocks, in block order and from this (the caller's) thread."""
         nonlocal reported
-        for k in sorted(pending):
-            if pending[k].done() or (block_until is not None and k <= block_until):
-                losses[k] = pending.pop(k).result()
-        while reported < aux_end and reported in losses:
+        while reported < aux_end and finished[reported].is_set() and not errors:
             if after_block is not None:
                 after_block(reported)
             reported += 1
@@ -106,29 +146,18 @@ def overlapped_step(learner: Any, x: torch.Tensor, batch: Any, grad_scale: torch
     hooks = _current_saved_tensor_hooks()
     torch.set_num_threads(share)
     try:
-        h_in = x
-        for k in range(blocks.start, aux_end):
-            h = learner.forward_block(k, h_in, batch)
-            collect()
-            if len(pending) < n - 1:
-                pending[k] = pool.submit(_in_hooks, hooks, learner.local_loss, k, h, batch, grad_scale)
-            else:  # every worker is busy: do this block's auxiliary work here rather than wait
-                losses[k] = learner.local_loss(k, h, batch, grad_scale)
-            h_in = h.detach()
-        out = h_in
-        if blocks.stop == K:
-            out, losses[K - 1] = learner.local_step(K - 1, h_in, batch, grad_scale)
-        collect(block_until=aux_end - 1)
+        futures = [pool.submit(_in_hooks, hooks, run_blocks) for _ in range(n - 1)]
+        run_blocks(report)
+        for fut in futures:
+            fut.result()
+        if errors:
+            raise errors[0]
+        report()
     finally:
-        for fut in pending.values():  # an error above: let the workers finish before the graphs are dropped
-            try:
-                fut.result()
-            except Exception:  # noqa: BLE001 - the first error is the one raised
-                pass
         torch.set_num_threads(total)
     if after_block is not None and blocks.stop == K:
         after_block(K - 1)
-    return out, [losses[k] for k in blocks]
+    return (result[0] if blocks.stop == K else inputs[blocks.stop]), [losses[k] for k in blocks]
 
 
 def _check_range(blocks: range | None, K: int) -> range:
