@@ -13,16 +13,15 @@ all learners are built first and stepped round-robin, so machine-speed drift hit
 the timed rounds. Memory: the activations kept for backward at the step's peak (the tracker of
 manlearn.memory), measured in one extra step per learner. Rows: benchmarks/results/blocks_in_flight.jsonl.
 
-On the CPU the sequential step is also timed on **one** intra-op thread, in the same rounds. That gives the
-ceiling of any split of the step into single-threaded streams of work on this machine's T threads: at best
-T of them run at once, each at the one-thread rate, so the overlapped step can be at most
-T x (1-thread rate) / (T-thread rate) = T x t(T threads) / t(1 thread) faster than the sequential one, even
-with perfect overlap (which block k+1's wait for block k's forward does not allow). Printed as "ceiling".
-Two single-threaded streams also share the caches and the memory bandwidth, so the same rounds time T
-independent sequential steps run at once, one thread each ("T at once"): T x t(T threads) / t(T at once) is
-the ceiling with that contention, what even a step with no dependencies between its streams would gain.
-One more step of each overlapped learner records how long each thread spends in block forwards and local
-losses ("busy"): what the threads idle is what the scheduling loses.
+On the CPU the same rounds also time the sequential step on T/S intra-op threads (T the machine's, S =
+``--ceiling-streams``, default 2: one thread each on two cores) and S independent sequential steps run at
+once, T/S threads each. Any split of the step into S streams of work of T/S threads can be at most
+S x t(T threads) / t(T/S threads) faster than the sequential step, even with perfect overlap (which block
+k+1's wait for block k's forward does not allow): printed as "ceiling". S streams also share the caches
+and the memory bandwidth: S x t(T threads) / t(S at once) is the ceiling with that contention, what even
+a step with no dependencies between its streams would gain. One more step of each overlapped learner
+records how long each thread spends in block forwards and local losses ("busy"): what the threads idle
+is what the scheduling loses.
 """
 from __future__ import annotations
 
@@ -91,6 +90,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--in-flight", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--ceiling-streams", type=int, default=2,
+                    help="S for the CPU ceiling rows (S streams of T/S threads); 0 leaves them out")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--amp", default="off", choices=["off", "bf16"])
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "blocks_in_flight.jsonl")
@@ -104,11 +105,12 @@ def main() -> None:
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     built = {(m, n): build(m, args.K, n, args.device, args.amp) for m in args.methods for n in args.in_flight}
     threads = torch.get_num_threads()
-    one_thread = {m: build(m, args.K, 1, args.device, args.amp) for m in args.methods} \
-        if dev.type == "cpu" and threads > 1 else {}
-    # T independent learners per method, stepped at once from T threads of one intra-op thread each
-    at_once = {m: [build(m, args.K, 1, args.device, args.amp) for _ in range(threads)] for m in one_thread}
-    pool = ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) if at_once else None
+    streams = args.ceiling_streams if dev.type == "cpu" and threads > 1 else 0
+    share = max(1, threads // streams) if streams else threads
+    one_thread = {m: build(m, args.K, 1, args.device, args.amp) for m in args.methods} if streams else {}
+    # S independent learners per method, stepped at once from S threads of T/S intra-op threads each
+    at_once = {m: [build(m, args.K, 1, args.device, args.amp) for _ in range(streams)] for m in one_thread}
+    pool = ThreadPoolExecutor(streams, initializer=torch.set_num_threads, initargs=(share,)) if at_once else None
     times = {key: [] for key in built}
     times_1t = {m: [] for m in one_thread}
     times_at_once = {m: [] for m in at_once}
@@ -127,7 +129,7 @@ def main() -> None:
             if i >= args.warmup:
                 times[key].append(t)
         for m, (learner, opt) in one_thread.items():
-            torch.set_num_threads(1)
+            torch.set_num_threads(share)
             try:
                 t = timed(learner, opt)
             finally:
@@ -162,9 +164,9 @@ def main() -> None:
         if m in times_1t:
             t1 = statistics.median(times_1t[m])
             t_once = statistics.median(times_at_once[m])
-            row.update(sequential_one_thread_s_per_it=t1, ceiling_vs_sequential=threads * seq / t1,
-                       independent_steps_at_once=threads, independent_steps_at_once_s=t_once,
-                       ceiling_with_contention_vs_sequential=threads * seq / t_once)
+            row.update(ceiling_streams=streams, ceiling_stream_threads=share, sequential_at_stream_threads_s_per_it=t1,
+                       ceiling_vs_sequential=streams * seq / t1, independent_steps_at_once=streams,
+                       independent_steps_at_once_s=t_once, ceiling_with_contention_vs_sequential=streams * seq / t_once)
         rows.append(row)
         print(f"{m:>14} in flight {n}: {med:.3f} s/it  x{row['speedup_vs_sequential']:.2f} vs sequential  "
               f"activations {row['activation_peak_MiB']:.1f} MiB"
@@ -175,10 +177,10 @@ def main() -> None:
         t1, seq = statistics.median(times_1t[m]), statistics.median(times[(m, 1)]) if (m, 1) in times else None
         if seq is not None:
             t_once = statistics.median(times_at_once[m])
-            print(f"{m:>14} sequential on 1 thread: {t1:.3f} s/it; ceiling of any split into single-threaded "
-                  f"streams on {threads} threads: {threads} x {seq:.3f} / {t1:.3f} = x{threads * seq / t1:.2f}; "
-                  f"{threads} independent steps at once: {t_once:.3f} s, ceiling with contention "
-                  f"x{threads * seq / t_once:.2f}")
+            print(f"{m:>14} sequential on {share} thread(s): {t1:.3f} s/it; ceiling of any split into {streams} "
+                  f"streams of {share} thread(s): {streams} x {seq:.3f} / {t1:.3f} = x{streams * seq / t1:.2f}; "
+                  f"{streams} independent steps at once: {t_once:.3f} s, ceiling with contention "
+                  f"x{streams * seq / t_once:.2f}")
     append_rows(args.results, rows)
 
 
