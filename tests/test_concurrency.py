@@ -293,3 +293,34 @@ def test_the_cpu_never_takes_the_stream_path(monkeypatch):
     torch.manual_seed(0)
     learner = LocalLearner("resnet20", method="dgl", K=4, num_classes=3, image_size=16, blocks_in_flight=2)
     learner.train_step(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0]))
+
+
+def test_an_interrupt_while_waiting_stops_the_workers_before_returning(monkeypatch):
+    """Ctrl-C reaches the caller's thread while it waits for a worker: it propagates only once the worker
+    has stopped (no graph is dropped under a running backward)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    torch.manual_seed(0)
+    learner = LocalLearner("resnet20", method="dgl", K=6, num_classes=3, image_size=16, blocks_in_flight=2)
+    real_loss = learner.local_loss
+    running = [0]
+
+    def local_loss(k, *a, **kw):
+        if threading.current_thread() is threading.main_thread():
+            return real_loss(k, *a, **kw)
+        running[0] += 1
+        try:
+            time.sleep(0.5)  # the caller meanwhile runs every other block and waits for this one
+            os.kill(os.getpid(), signal.SIGINT)  # a real signal: it breaks the caller's wait
+            time.sleep(0.3)
+            return real_loss(k, *a, **kw)
+        finally:
+            running[0] -= 1
+
+    monkeypatch.setattr(learner, "local_loss", local_loss)
+    with pytest.raises(KeyboardInterrupt):
+        learner.train_step(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0]))
+    assert running[0] == 0

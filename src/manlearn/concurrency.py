@@ -145,6 +145,7 @@ def overlapped_step(learner: Any, x: torch.Tensor, batch: Any, grad_scale: torch
 
     hooks = _current_saved_tensor_hooks()
     torch.set_num_threads(share)
+    futures = []
     try:
         futures = [pool.submit(_in_hooks, hooks, run_blocks) for _ in range(n - 1)]
         run_blocks(report)
@@ -153,6 +154,11 @@ def overlapped_step(learner: Any, x: torch.Tensor, batch: Any, grad_scale: torch
         if errors:
             raise errors[0]
         report()
+    except BaseException as e:  # e.g. Ctrl-C while waiting: stop the workers taking blocks, let them finish
+        fail(e)
+        for fut in futures:
+            fut.exception()  # waits; run_blocks itself never raises
+        raise
     finally:
         torch.set_num_threads(total)
     if after_block is not None and blocks.stop == K:
