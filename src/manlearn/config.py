@@ -243,7 +243,7 @@ class TrainConfig:
     # Memory for compute (same gradients): MAN/MAN++ recompute the frozen ema unit in backward;
     # grad_checkpoint recomputes every block in segments: true/stage | unit | sqrt (E2E's memory baseline).
     ema_recompute: bool = False
-    # > 1: overlap each block's local loss/backward with the next blocks' forwards (worker threads); same
+    # > 1: overlap each block's local loss/backward with the next blocks' work (N threads on the CPU); same
     # results, up to this many blocks' activations alive at once (manlearn.concurrency)
     blocks_in_flight: int = 1
     # default (what the methods intend) | authors: the authors' MAN++ CIFAR computation exactly (SPEC 2.3)

@@ -116,7 +116,7 @@ class LocalLearner(nn.Module):
         ema_recompute: MAN/MAN++ recompute the frozen ema unit in backward instead of keeping its
             activations (same gradients, one more ema forward per step, less memory).
         blocks_in_flight: 1 (default) runs a step's blocks in sequence; N > 1 overlaps each block's local
-            loss and backward with the next blocks' forwards in worker threads on the CPU, on N CUDA streams
+            loss and backward with the next blocks' in N threads on the CPU (each takes the next block), on N CUDA streams
             on a GPU (same results).
         fidelity: ``default`` (what the methods intend) or ``authors``: the authors' MAN++ CIFAR computation
             exactly (SPEC 2.3): ``authors_init``, the InfoPro options ``authors_stem_head=True`` and
@@ -292,7 +292,7 @@ class LocalLearner(nn.Module):
     @property
     def blocks_in_flight(self) -> int:
         """How many blocks may have a live graph at once in ``train_step``: 1 runs the blocks strictly in
-        sequence; N > 1 overlaps block k's local loss, backward and EMA update (in worker threads) with the
+        sequence; N > 1 overlaps block k's local loss, backward and EMA update (N threads on the CPU) with the
         next blocks' forwards (:mod:`manlearn.concurrency`; same gradients, more activation memory)."""
         return self._blocks_in_flight
 
