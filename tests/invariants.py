@@ -24,6 +24,25 @@ def assert_block_grads_are_their_local_loss_grads(learner, x, y, rtol: float = 1
             ref.auxes[k].update_ema(ref.momentum)
 
 
+def assert_no_gradient_crosses_a_block_boundary(learner, x, y, k: int = 1) -> None:
+    """Blocks 0..k's and auxiliary networks 0..k's gradients do not change when every later block, auxiliary
+    network and the head change (and the later blocks' gradients do, so the comparison can detect it)."""
+    other = copy.deepcopy(learner)
+    with torch.no_grad():
+        for mod in [*other.blocks[k + 1:], *other.auxes[k + 1:], other.head]:
+            for p in mod.parameters():
+                p.add_(torch.randn_like(p))
+    learner.train_step(x, y)
+    other.train_step(x, y)
+    for j in range(k + 1):
+        for (name, pa), (_, pb) in zip(learner.blocks[j].named_parameters(), other.blocks[j].named_parameters()):
+            assert torch.equal(pa.grad, pb.grad), f"block {j} {name} depends on later blocks"
+        for (name, pa), (_, pb) in zip(learner.auxes[j].named_parameters(), other.auxes[j].named_parameters()):
+            if pa.requires_grad:
+                assert torch.equal(pa.grad, pb.grad), f"aux {j} {name} depends on later blocks"
+    assert not torch.equal(next(learner.blocks[-1].parameters()).grad, next(other.blocks[-1].parameters()).grad)
+
+
 def perturb_ema_and_snapshot(learner) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
     """Make every ema differ from its source (as after a few steps); return (ema, source) copies."""
     with torch.no_grad():
