@@ -52,9 +52,9 @@ def build(spec: str, K: int, n: int, device: str, amp: str):
     return learner, opt
 
 
-def busy_shares(learner, step) -> tuple[float, list[float]]:
-    """Run ``step()`` once with the learner's per-block pieces timed; return (its seconds, each thread's
-    busy share of it, the calling thread's first)."""
+def busy_shares(learner, step) -> list[float]:
+    """Run ``step()`` once with the learner's per-block pieces timed; return each thread's busy share of
+    it, the calling thread's first."""
     spans: dict[int, float] = {}
     names = ("forward_block", "local_loss", "local_step")
 
@@ -79,7 +79,7 @@ def busy_shares(learner, step) -> tuple[float, list[float]]:
             delattr(learner, name)  # back to the class's methods
     main_id = threading.get_ident()
     others = [v / total for k, v in spans.items() if k != main_id]
-    return total, [spans.get(main_id, 0.0) / total, *others]
+    return [spans.get(main_id, 0.0) / total, *others]
 
 
 def main() -> None:
@@ -107,13 +107,15 @@ def main() -> None:
     threads = torch.get_num_threads()
     streams = args.ceiling_streams if dev.type == "cpu" and threads > 1 else 0
     share = max(1, threads // streams) if streams else threads
-    one_thread = {m: build(m, args.K, 1, args.device, args.amp) for m in args.methods} if streams else {}
+    # the ceiling needs the sequential step at T threads (in flight 1) to compare with
+    ceiling_methods = [m for m in args.methods if (m, 1) in built] if streams else []
+    at_share = {m: build(m, args.K, 1, args.device, args.amp) for m in ceiling_methods}
     # S independent learners per method, stepped at once from S threads of T/S intra-op threads each
-    at_once = {m: [build(m, args.K, 1, args.device, args.amp) for _ in range(streams)] for m in one_thread}
+    at_once = {m: [build(m, args.K, 1, args.device, args.amp) for _ in range(streams)] for m in ceiling_methods}
     pool = ThreadPoolExecutor(streams, initializer=torch.set_num_threads, initargs=(share,)) if at_once else None
     times = {key: [] for key in built}
-    times_1t = {m: [] for m in one_thread}
-    times_at_once = {m: [] for m in at_once}
+    times_share = {m: [] for m in ceiling_methods}
+    times_at_once = {m: [] for m in ceiling_methods}
 
     def timed(learner, opt) -> float:
         sync()
@@ -128,19 +130,26 @@ def main() -> None:
             t = timed(learner, opt)
             if i >= args.warmup:
                 times[key].append(t)
-        for m, (learner, opt) in one_thread.items():
+        for m, (learner, opt) in at_share.items():
             torch.set_num_threads(share)
             try:
                 t = timed(learner, opt)
             finally:
                 torch.set_num_threads(threads)
             if i >= args.warmup:
-                times_1t[m].append(t)
+                times_share[m].append(t)
             t0 = time.perf_counter()
             for fut in [pool.submit(timed, *lo) for lo in at_once[m]]:
                 fut.result()
             if i >= args.warmup:
                 times_at_once[m].append(time.perf_counter() - t0)
+    ceilings = {}
+    for m in ceiling_methods:
+        seq, t_share, t_once = (statistics.median(v) for v in (times[(m, 1)], times_share[m], times_at_once[m]))
+        ceilings[m] = dict(ceiling_streams=streams, ceiling_stream_threads=share,
+                           sequential_at_stream_threads_s_per_it=t_share, ceiling_vs_sequential=streams * seq / t_share,
+                           independent_steps_at_once=streams, independent_steps_at_once_s=t_once,
+                           ceiling_with_contention_vs_sequential=streams * seq / t_once)
     env = environment(dev)
     rows = []
     where = torch.cuda.get_device_name() if dev.type == "cuda" else f"{torch.get_num_threads()} threads"
@@ -156,31 +165,19 @@ def main() -> None:
                    activation_peak_MiB=pm.peak_activation_bytes / 2**20, iters=args.iters, warmup=args.warmup,
                    amp=args.amp, **({"max_memory_allocated_MiB": allocated} if allocated is not None else {}), **env)
         if dev.type == "cpu" and n > 1:
-            def step(learner=learner, opt=opt):
-                learner.train_step(x, y)
-                opt.step()
-            _, shares = busy_shares(learner, step)
-            row["busy_share_main_then_workers"] = shares
-        if m in times_1t:
-            t1 = statistics.median(times_1t[m])
-            t_once = statistics.median(times_at_once[m])
-            row.update(ceiling_streams=streams, ceiling_stream_threads=share, sequential_at_stream_threads_s_per_it=t1,
-                       ceiling_vs_sequential=streams * seq / t1, independent_steps_at_once=streams,
-                       independent_steps_at_once_s=t_once, ceiling_with_contention_vs_sequential=streams * seq / t_once)
+            row["busy_share_main_then_workers"] = busy_shares(learner, lambda: timed(learner, opt))
+        row.update(ceilings.get(m, {}))
         rows.append(row)
         print(f"{m:>14} in flight {n}: {med:.3f} s/it  x{row['speedup_vs_sequential']:.2f} vs sequential  "
               f"activations {row['activation_peak_MiB']:.1f} MiB"
               + (f"  allocated {allocated:.0f} MiB" if allocated is not None else "")
               + (f"  busy {', '.join(f'{100 * v:.0f}%' for v in row['busy_share_main_then_workers'])} (main, workers)"
                  if "busy_share_main_then_workers" in row else ""), flush=True)
-    for m in times_1t:
-        t1, seq = statistics.median(times_1t[m]), statistics.median(times[(m, 1)]) if (m, 1) in times else None
-        if seq is not None:
-            t_once = statistics.median(times_at_once[m])
-            print(f"{m:>14} sequential on {share} thread(s): {t1:.3f} s/it; ceiling of any split into {streams} "
-                  f"streams of {share} thread(s): {streams} x {seq:.3f} / {t1:.3f} = x{streams * seq / t1:.2f}; "
-                  f"{streams} independent steps at once: {t_once:.3f} s, ceiling with contention "
-                  f"x{streams * seq / t_once:.2f}")
+    for m, c in ceilings.items():
+        print(f"{m:>14} sequential on {share} thread(s): {c['sequential_at_stream_threads_s_per_it']:.3f} s/it; "
+              f"ceiling of any split into {streams} streams of {share} thread(s): x{c['ceiling_vs_sequential']:.2f}; "
+              f"{streams} independent steps at once: {c['independent_steps_at_once_s']:.3f} s, ceiling with "
+              f"contention x{c['ceiling_with_contention_vs_sequential']:.2f}")
     append_rows(args.results, rows)
 
 

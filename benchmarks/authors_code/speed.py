@@ -46,9 +46,13 @@ def sgd(params):
                            weight_decay=1e-4)
 
 
+def tag(amp):
+    """The suffix of a step's name: none in a float32-only run, else its precision."""
+    return "" if amp_arg == "off" else f" {amp}"
+
+
 steps = {}
 for amp in amps:
-    tag = "" if amp_arg == "off" else f" {amp}"
     autocast = ((lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if amp == "bf16"
                 else contextlib.nullcontext)
     for name, model in build_theirs().items():
@@ -59,7 +63,7 @@ for amp in amps:
             with autocast():  # their forward also runs the local backward passes; autocast leaves those alone
                 model(img=x, target=y, **lam)
             opt.step()
-        steps[f"authors {name}{tag}"] = step
+        steps[f"authors {name}{tag(amp)}"] = step
     for name in ("dgl+manpp", "infopro+manpp"):
         base, method = name.split("+")
         learner = LocalLearner("resnet32", method=method, base=base, K=16, channels_last=True,
@@ -69,7 +73,7 @@ for amp in amps:
         def step(learner=learner, opt=opt, xc=xc):
             learner.train_step(xc, y)  # zero_grad inside
             opt.step()
-        steps[f"manlearn {name}{tag}"] = step
+        steps[f"manlearn {name}{tag(amp)}"] = step
 times = {k: [] for k in steps}
 for r in range(warmup + rounds):
     for k, fn in steps.items():
@@ -81,9 +85,9 @@ row = {"what": "s/iter, ResNet-32 K=16 batch 128, interleaved", "rounds": rounds
        "amp": amp_arg, **environment("cpu"), "date": time.strftime("%Y-%m-%d %H:%M"),
        "median_s": {k: statistics.median(v) for k, v in times.items()}, "min_s": {k: min(v) for k, v in times.items()}}
 for amp in amps:
-    tag = "" if amp_arg == "off" else f" {amp}"
     for name in ("dgl+manpp", "infopro+manpp"):
-        row[f"ratio {name}{tag}"] = row["median_s"][f"manlearn {name}{tag}"] / row["median_s"][f"authors {name}{tag}"]
+        t = tag(amp)
+        row[f"ratio {name}{t}"] = row["median_s"][f"manlearn {name}{t}"] / row["median_s"][f"authors {name}{t}"]
 if amp_arg == "both":  # ours in bf16 against theirs as published (float32)
     for name in ("dgl+manpp", "infopro+manpp"):
         row[f"ratio {name} ours bf16 / theirs float32"] = (row["median_s"][f"manlearn {name} bf16"]
