@@ -60,7 +60,7 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cpu" and amp == "bf16":
         if not cpu_has_native_bf16():
             warnings.warn("amp=bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), so autocast emulates it "
-                          "and is usually slower than amp=off", RuntimeWarning, stacklevel=2)
+                          "and is usually slower than amp=off", RuntimeWarning)  # one location: shown once per run
         return torch.bfloat16
     raise ConfigError(f"amp={amp} needs a CUDA device (device resolves to {device}); "
                       + ("on a CPU use amp=bf16 or amp=off" if device.type == "cpu" else "use amp=off"))
