@@ -122,6 +122,28 @@ def test_accuracy_run_appends_once_and_skips_done_runs(tmp_path):
 
 @pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir(),
                     reason="needs Fashion-MNIST (scripts/setup.sh installs it)")
+def test_an_interrupted_sweep_run_resumes_from_its_checkpoint(tmp_path):
+    """A run stopped part-way (its folder holds last.pt) is continued, not started over, and ends where an
+    uninterrupted run ends; the row names the command and that it was resumed."""
+    from manlearn.bench.accuracy import fm_r32_config
+    from manlearn.train import Trainer
+
+    extra = ["model=resnet20", "train_limit=384", "eval_limit=64", "eval_batch_size=64", "ckpt_every_steps=1"]
+    whole = run_accuracy(["greedy"], [2], 1, [0], tmp_path / "a.jsonl", tmp_path / "a", extra=extra,
+                         say=lambda *a: None)[0]
+    name = next(p.name for p in (tmp_path / "a").iterdir() if p.is_dir())  # the sweep's folder name
+    cut = fm_r32_config("greedy", 2, 1, 0, tmp_path / "b" / name, [*extra, "max_steps=2"])
+    Trainer(cut, overwrite=True).fit()  # the stopped run: 2 of 3 steps done, then lost
+    said: list[str] = []
+    row = run_accuracy(["greedy"], [2], 1, [0], tmp_path / "b.jsonl", tmp_path / "b", extra=extra,
+                       say=said.append)[0]
+    assert said[0].startswith("resume greedy") and row["resumed"] and not whole["resumed"]
+    assert row["steps"] == whole["steps"] == 3 and row["test_acc"] == whole["test_acc"]
+    assert row["command"].startswith("manlearn bench accuracy --methods greedy --K 2 --epochs 1 --seeds 0")
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="needs Fashion-MNIST (scripts/setup.sh installs it)")
 def test_a_sweep_with_other_overrides_is_other_runs(tmp_path):
     """amp=bf16 (here lr=0.2, which is quicker to tell apart) is not the run already in the file: it runs,
     in its own folder, and both rows stay."""

@@ -4,7 +4,8 @@ Each run is a normal :class:`~manlearn.train.Trainer` run of the FM-R32 recipe w
 ``base``, ``K``, ``epochs`` and ``seed`` overridden; its final test accuracy, its accuracy after every
 epoch and its timing are appended as one row to a results file. Runs already in the file are
 skipped, so a long sweep can be stopped and continued (or spread over several sessions) and the file
-is the record the tables and plots are built from.
+is the record the tables and plots are built from. A run stopped part-way (Ctrl-C, SIGTERM, a lost
+session) resumes exactly from its checkpoint in the runs folder the next time the sweep reaches it.
 """
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ def run_accuracy(methods: Sequence[str], Ks: Sequence[int], epochs: int, seeds: 
     for spec in methods:
         parse_method(spec)  # refuse bad specs before hours of training
     env = environment()  # the code that runs is the code at the start: record its commit now
+    command = " ".join(["manlearn", "bench", "accuracy", "--methods", *methods, "--K", *map(str, Ks),
+                        "--epochs", str(epochs), "--seeds", *map(str, seeds), *extra])
     limit = next((int(e.split("=", 1)[1]) for e in extra if e.startswith("train_limit=")), None)
     # with rerun, rows already in the file are ignored, but not those this sweep (or a worker beside it)
     # appends: each run is still done once
@@ -93,10 +96,11 @@ def run_accuracy(methods: Sequence[str], Ks: Sequence[int], epochs: int, seeds: 
                     continue
                 run_dir = Path(runs_dir) / name
                 cfg = fm_r32_config(spec, K, epochs, seed, run_dir, extra)
-                say(f"run {spec} K={k_eff} epochs={epochs} seed={seed} -> {run_dir}")
+                resume = not rerun and (run_dir / "last.pt").exists()
+                say(f"{'resume' if resume else 'run'} {spec} K={k_eff} epochs={epochs} seed={seed} -> {run_dir}")
                 t0 = time.perf_counter()
                 try:
-                    trainer = Trainer(cfg, overwrite=True)
+                    trainer = Trainer(cfg, resume=True) if resume else Trainer(cfg, overwrite=True)
                     summary = trainer.fit()
                 except BaseException:
                     claim.unlink(missing_ok=True)
@@ -107,8 +111,8 @@ def run_accuracy(methods: Sequence[str], Ks: Sequence[int], epochs: int, seeds: 
                            train_limit=limit, steps=summary["steps"], test_acc=summary["test_acc"],
                            test_acc_per_epoch=history, seconds_per_iter=summary["seconds_per_iter"],
                            peak_activation_MiB=(summary["peak_mem_bytes"] or 0) / 2**20,
-                           wall_s=time.perf_counter() - t0, protocol="FM-R32", recipe=BASE_RECIPE,
-                           overrides=list(extra), **({"aux_trajectory": aux} if aux else {}),
+                           wall_s=time.perf_counter() - t0, resumed=resume, protocol="FM-R32",
+                           recipe=BASE_RECIPE, overrides=list(extra), command=command, **({"aux_trajectory": aux} if aux else {}),
                            **{**env, "device": str(trainer.device)})
                 append_rows(results, [row])
                 claim.unlink(missing_ok=True)
