@@ -4,7 +4,8 @@
 >>> learner = manlearn.LocalLearner(model="resnet32", method="manpp", base="infopro", K=16)
 """
 from .errors import CheckpointError, ConfigError, DatasetError, DivergenceError, ManlearnError, OutputError
-from .learner import LocalLearner, StepOutput
+from .learner import LocalLearner, StepOutput, memory_plan
+from .planning import MemoryPlan, MemoryWarning
 from .models import Backbone, adapt_model, create_model, cut_model, list_models, register_model
 from .rules import Rule, create_rule, list_base_rules, list_rules, register_rule
 from . import tasks
@@ -12,6 +13,6 @@ from .split import PUBLISHED_SPLITS, Split, resolve_split
 
 __version__ = "0.1.0"
 
-__all__ = ["LocalLearner", "StepOutput", "Backbone", "adapt_model", "cut_model", "create_model", "list_models", "register_model",
+__all__ = ["LocalLearner", "StepOutput", "memory_plan", "MemoryPlan", "MemoryWarning", "Backbone", "adapt_model", "cut_model", "create_model", "list_models", "register_model",
            "list_rules", "Rule", "register_rule", "create_rule", "list_base_rules", "tasks", "PUBLISHED_SPLITS", "Split", "resolve_split", "ManlearnError", "ConfigError",
            "DatasetError", "CheckpointError", "DivergenceError", "OutputError", "__version__"]

@@ -1,4 +1,4 @@
-"""Command-line front end: ``manlearn train | eval | list | data | bench``.
+"""Command-line front end: ``manlearn train | eval | plan | list | data | bench``.
 
 Every refusal that manlearn can explain (a :class:`~manlearn.errors.ManlearnError`: bad config
 key or value, missing dataset, foreign checkpoint...) is printed as ``error: <message>`` on
@@ -140,6 +140,48 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """``manlearn plan [CONFIG] [key=value ...]``: the memory plan of a run's training step, without data."""
+    import dataclasses
+
+    from manlearn.config import TrainConfig, apply_overrides, load_config, validate
+    from manlearn.data import get_dataset_info
+    from manlearn.planning import plan_learner
+    from manlearn.train import build_learner
+
+    for name, v in (("--batch", args.batch), ("--image-size", args.image_size), ("--num-classes", args.num_classes)):
+        if v is not None and v < 1:
+            raise ConfigError(f"{name} must be >= 1, got {v}")
+    items = list(args.items)
+    config_path = resolve_recipe(items.pop(0)) if items and "=" not in items[0] else None
+    bad = [i for i in items if "=" not in i]
+    if bad:
+        raise ConfigError(f"expected key=value overrides after the config, got {', '.join(bad)}")
+    cfg = load_config(config_path, check=False) if config_path else TrainConfig()
+    cfg = apply_overrides(cfg, items, check=False)
+    cfg.imports = list(dict.fromkeys([*getattr(args, "imports", []), *cfg.imports]))
+    cfg = validate(cfg)
+    if cfg.is_dense:
+        raise ConfigError(f"memory plans cover classification runs; task {cfg.task.name!r} is not one")
+    info = get_dataset_info(cfg.dataset)
+    size = args.image_size or cfg.image_size
+    if size:
+        info = dataclasses.replace(info, image_size=size)
+    if info.num_classes < 1:  # imagefolder: the classes come from the folder, which a plan does not read
+        info = dataclasses.replace(info, num_classes=args.num_classes or 1000)
+    elif args.num_classes:
+        info = dataclasses.replace(info, num_classes=args.num_classes)
+    batch = args.batch or cfg.batch_size
+    from manlearn.planning import no_build_check
+
+    with no_build_check():
+        learner = build_learner(cfg, info, "cpu", load_pretrained=False)
+    optimizer = cfg.optimizer if cfg.optimizer != "sgd" or cfg.sgd_momentum else "sgd-nomomentum"
+    plan = plan_learner(learner, batch, optimizer=optimizer)
+    print(plan.to_json() if args.json else plan.table())
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     """``manlearn list [KIND]``: aligned tables of models, methods, datasets and recipes (manlearn.listing)."""
     from manlearn.listing import render
@@ -199,6 +241,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "plan", help="memory plan of a run's training step (per block, vs E2E and checkpointing)",
+        description="What one training step of a run keeps, per block and auxiliary-network part, beside "
+                    "E2E and E2E with gradient checkpointing (per stage, unit, sqrt), counted from real "
+                    "steps at small batches (no data is read). Classification runs.",
+        epilog="examples:  manlearn plan fm-r32-infopro-manpp\n"
+               "           manlearn plan model=resnet50 K=4 base=dgl --image-size 224 --batch 32\n"
+               "           manlearn --import my_net.py plan model=my-net K=4 split=memory --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]",
+                   help="a YAML file or recipe name, then key=value overrides (as for train)")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: the config's batch_size)")
+    p.add_argument("--image-size", type=int, default=None, help="input side in pixels (default: the dataset's)")
+    p.add_argument("--num-classes", type=int, default=None, help="classes (default: the dataset's)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("list", help="models, methods, datasets and recipes",
                        description="Tables of what can be trained: models, methods (rules), datasets and "

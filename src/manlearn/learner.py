@@ -8,6 +8,7 @@ No rule, task or model is named here: everything comes through their interfaces.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from .concurrency import overlapped_step
 from .errors import ConfigError
 from .memory import unit_activation_bytes
+from .planning import MemoryPlan, MemoryWarning, cut_costs, memory_check, no_build_check, plan_learner
 from .models import adapt_model, create_model, follows_protocol, init_weights, model_accepts
 from .models.base import feature_info
 from .rules import AuxContext, LocalBatch, check_momentum, create_rule
@@ -167,11 +169,15 @@ class LocalLearner(nn.Module):
         backbone = self._build_backbone(model, num_classes, in_channels, image_size, dict(model_kwargs or {}))
         units = list(backbone.units)
         unit_ids = getattr(backbone, "unit_ids", None)
+        self.unit_ids = list(unit_ids) if unit_ids else None
+        names = {id(m): n for n, m in (model if isinstance(model, nn.Module) else backbone).named_modules() if n}
+        #: each unit's module path in the network given (``units.<j>`` for a registered backbone)
+        self.unit_paths = [names.get(id(u), f"units.{j}") for j, u in enumerate(units)]
+        shapes = self._probe_shapes(backbone, in_channels, image_size)  # shapes[j] = output of unit j-1
         self.split: Split = self._resolve_split(backbone, units, unit_ids, model, 1 if rule.single_block else K,
-                                                split, stage_cuts, stem_module)
+                                                split, stage_cuts, stem_module, shapes)
         self.K = self.split.K
 
-        shapes = self._probe_shapes(backbone, in_channels, image_size)  # shapes[j] = output of unit j-1
         self._build_blocks(backbone, units, unit_ids, shapes, grad_checkpoint)
         check_head_fits(self.task, self.head, shapes[-1])  # a custom head that cannot read the last unit
         self._build_auxes(backbone, units, unit_ids, shapes)
@@ -181,6 +187,27 @@ class LocalLearner(nn.Module):
             init_weights(self)  # the authors' global re-init: every conv and norm layer, auxes included
         if channels_last:
             self.to(memory_format=torch.channels_last)
+        self._warn_memory()
+
+    def _warn_memory(self) -> None:
+        """One MemoryWarning when this configuration saves less than a tenth of E2E's activations."""
+        try:
+            line = memory_check(self)
+        except (ConfigError, RuntimeError, ValueError, TypeError):
+            return  # a network the counting step cannot run (on this device, say) is not refused here
+        if line:
+            warnings.warn(line, MemoryWarning, stacklevel=3)
+
+    def memory_plan(self, input_size: int | Sequence[int] | None = None, batch_size: int = 1, *,
+                    optimizer: str = "sgd") -> MemoryPlan:
+        """What one training step keeps at ``batch_size``, per block and part, beside E2E and E2E with
+        gradient checkpointing (:mod:`manlearn.planning`). ``input_size`` must be the learner's own."""
+        if input_size is not None:
+            size = _square_size(input_size, self.in_channels)
+            if size != self.image_size:
+                raise ConfigError(f"this learner was built for {self.in_channels}x{self.image_size}x{self.image_size} "
+                                  f"inputs; plan another size with manlearn.memory_plan(model, input_size=...)")
+        return plan_learner(self, batch_size, optimizer=optimizer)
 
     # ----------------------------------------------------------------- construction helpers
     @staticmethod
@@ -194,7 +221,7 @@ class LocalLearner(nn.Module):
             return model if follows_protocol(model) else adapt_model(model)
         raise ConfigError(f"model must be a registered name or an nn.Module, got {type(model).__name__}")
 
-    def _resolve_split(self, backbone, units, unit_ids, model, K, split, stage_cuts, stem_module) -> Split:
+    def _resolve_split(self, backbone, units, unit_ids, model, K, split, stage_cuts, stem_module, shapes) -> Split:
         stages_task = self.task.reads == "stages"
         if stem_module is None:
             stem_module = not stages_task
@@ -204,7 +231,11 @@ class LocalLearner(nn.Module):
             split = "stages"
         return resolve_split(
             len(units), K, split, bool(stem_module), model if isinstance(model, str) else None, unit_ids,
-            unit_costs=lambda: unit_activation_bytes(backbone.stem, units, self.in_channels, self.image_size))
+            unit_costs=lambda: unit_activation_bytes(backbone.stem, units, self.in_channels, self.image_size),
+            end_costs=lambda: cut_costs(self.rule, self.task, backbone.stem, units, shapes, unit_ids, K=K,
+                                        num_classes=self.num_classes, in_channels=self.in_channels,
+                                        image_size=self.image_size,
+                                        reinit=getattr(backbone, "init_weights", None) or init_weights))
 
     def _build_blocks(self, backbone, units, unit_ids, shapes, grad_checkpoint: bool | str) -> None:
         """Blocks (nn.Sequential of [stem] + units), the final head, and where the feature taps sit."""
@@ -556,3 +587,49 @@ class LocalLearner(nn.Module):
                 self.auxes[k] = nn.Identity()
         if not head:
             self.head = nn.Identity()
+
+
+def _square_size(input_size: int | Sequence[int], in_channels: int | None = None) -> int:
+    """The side of a square input given as S, (S, S) or (C, S, S)."""
+    if isinstance(input_size, bool):
+        raise ConfigError(f"input_size must be S, (H, W) or (C, H, W), got {input_size!r}")
+    if isinstance(input_size, int):
+        dims = [input_size]
+    else:
+        try:
+            dims = [int(d) for d in input_size]
+        except (TypeError, ValueError):
+            raise ConfigError(f"input_size must be S, (H, W) or (C, H, W), got {input_size!r}") from None
+        if len(dims) == 3:
+            if in_channels is not None and dims[0] != in_channels:
+                raise ConfigError(f"input_size {tuple(dims)} has {dims[0]} channels; the network takes {in_channels}")
+            dims = dims[1:]
+    if not 1 <= len(dims) <= 2 or any(d < 1 for d in dims) or len(set(dims)) != 1:
+        raise ConfigError(f"input_size must be a positive square size S, (S, S) or (C, S, S), got {input_size!r}")
+    return dims[0]
+
+
+def memory_plan(model: str | nn.Module, *, input_size: int | Sequence[int], batch_size: int, K: int,
+                method: str = "manpp", base: str | None = None, split: str | Sequence = "auto",
+                optimizer: str = "sgd", **learner_options: Any) -> MemoryPlan:
+    """The memory plan of training ``model`` with ``method`` at K pieces, on ``batch_size`` inputs of
+    ``input_size`` (S, (S, S) or (C, S, S)), beside E2E and E2E with checkpointing, without training it.
+
+    ``model`` is what :class:`LocalLearner` accepts (a registered name or your network; a network is not
+    changed: the plan works on a copy). ``learner_options`` are further :class:`LocalLearner` keywords."""
+    import copy
+
+    in_channels = learner_options.pop("in_channels", None)
+    if not isinstance(input_size, int) and not isinstance(input_size, bool):
+        try:
+            if len(input_size) == 3:  # type: ignore[arg-type]
+                in_channels = int(input_size[0])  # type: ignore[index]
+        except TypeError:
+            pass
+    size = _square_size(input_size, in_channels)
+    if isinstance(model, nn.Module):
+        model = copy.deepcopy(model)
+    with no_build_check():
+        learner = LocalLearner(model, method=method, base=base, K=K, split=split, image_size=size,
+                               in_channels=in_channels or 3, **learner_options)
+    return learner.memory_plan(batch_size=batch_size, optimizer=optimizer)

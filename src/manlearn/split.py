@@ -125,19 +125,25 @@ def uniform_ends(n_units: int, groups: int) -> tuple[int, ...]:
     return tuple(ends)
 
 
-def balanced_ends(costs: Sequence[float], groups: int, first_extra: float = 0.0) -> tuple[int, ...]:
-    """Contiguous partition of ``costs`` into ``groups`` minimising the largest group sum.
+def balanced_ends(costs: Sequence[float], groups: int, first_extra: float = 0.0,
+                  end_costs: Sequence[float] | None = None) -> tuple[int, ...]:
+    """Contiguous partition of ``costs`` into ``groups`` minimising the largest group cost.
 
-    ``first_extra`` is added to the first group (the stem's cost when it is not its own piece).
-    Ties are broken towards later boundaries being earlier (deterministic).
+    A group's cost is the sum of its units' costs, plus ``first_extra`` for the first group (the stem's
+    cost when it is not its own piece), plus ``end_costs[j]`` for a group ending after unit ``j - 1``
+    (what is kept at that cut, e.g. the auxiliary network placed there; ``end_costs[n]`` is the end of the
+    network). Ties are broken towards later boundaries being earlier (deterministic).
     """
     n = len(costs)
+    if end_costs is not None and len(end_costs) != n + 1:
+        raise ValueError(f"end_costs needs {n + 1} entries (one per cut position 0..n), got {len(end_costs)}")
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + float(c))
 
     def seg(i: int, j: int) -> float:  # cost of units i..j-1
-        return prefix[j] - prefix[i] + (first_extra if i == 0 else 0.0)
+        return (prefix[j] - prefix[i] + (first_extra if i == 0 else 0.0)
+                + (float(end_costs[j]) if end_costs is not None else 0.0))
 
     inf = float("inf")
     # best[g][j]: minimal max-cost of splitting units[0:j] into g groups
@@ -199,12 +205,15 @@ def _describe_tables(model_name: str | None, unit_ids, n_units: int) -> str:
 
 def resolve_split(n_units: int, K: int, split: str | Sequence = "auto", stem_module: bool = True,
                   model_name: str | None = None, unit_ids: list[tuple[int, int]] | None = None,
-                  unit_costs: Callable[[], tuple[float, list[float]]] | None = None) -> Split:
+                  unit_costs: Callable[[], tuple[float, list[float]]] | None = None,
+                  end_costs: Callable[[], list[float]] | None = None) -> Split:
     """Turn a split request into a :class:`Split` with exactly K pieces, or refuse clearly.
 
-    ``split`` is one of ``auto`` (a published table when one gives K pieces, else uniform),
-    ``paper`` / ``memory`` (published tables only), ``uniform``, ``balanced`` (needs ``unit_costs``,
-    returning (stem cost, per-unit costs)), ``stages`` (cuts at stage boundaries only), or an explicit list of boundaries: unit counts
+    ``split`` is one of ``auto`` (a published table when one gives K pieces, else ``memory``, else
+    uniform), ``paper`` (published tables only), ``memory`` (the published memory table, else the cuts
+    that make the largest block's peak smallest: needs ``unit_costs``, returning (stem cost, per-unit
+    costs), and ``end_costs``, the bytes kept at each cut position 0..n — the auxiliary network placed
+    there), ``uniform``, ``balanced`` (unit costs only), ``stages`` (cuts at stage boundaries only), or an explicit list of boundaries: unit counts
     (``[3, 8, 15]``) or ``(stage, index)`` pairs, the last one being the end of the network.
     """
     if isinstance(K, bool) or not isinstance(K, int) or K < 1:
@@ -235,40 +244,19 @@ def resolve_split(n_units: int, K: int, split: str | Sequence = "auto", stem_mod
             tables = published_tables(model_name, unit_ids, kind)
             if groups in tables:
                 return Split(tables[groups], stem_module, f"{kind} table")
-        if split != "auto":
+        if split == "paper":
             raise ConfigError(f"no published {split!r} split for {model_name or 'this backbone'} with K={K} "
                               f"and stem_module={stem_module}. " + _describe_tables(model_name, unit_ids, n_units))
-        split = "uniform"
+        if split == "auto" and (unit_costs is None or end_costs is None):
+            split = "uniform"
     if split == "uniform":
         return Split(uniform_ends(n_units, groups), stem_module, "uniform")
     if unit_costs is None:
-        raise ConfigError("split='balanced' needs per-unit memory measurements")
+        raise ConfigError(f"split={split!r} needs per-unit memory measurements")
     stem_cost, costs = unit_costs()
     extra = 0.0 if stem_module else stem_cost
-    return Split(balanced_ends(costs, groups, extra), stem_module, "balanced")
-
-
-def _explicit_ends(split: Sequence, n_units: int, unit_ids) -> tuple[int, ...]:
-    items = list(split)
-    if not items:
-        raise ConfigError("an explicit split needs at least one boundary (the end of the network)")
-    ends: list[int] = []
-    for b in items:
-        if isinstance(b, (tuple, list)) and len(b) == 2:
-            if unit_ids is None:
-                raise ConfigError("(stage, index) boundaries need a backbone with unit_ids; give unit counts")
-            index = {tuple(u): i for i, u in enumerate(unit_ids)}
-            if tuple(b) not in index:
-                raise ConfigError(f"boundary {tuple(b)} names no unit; units run from {unit_ids[0]} to "
-                                  f"{unit_ids[-1]}")
-            ends.append(index[tuple(b)] + 1)
-        elif isinstance(b, int) and not isinstance(b, bool):
-            ends.append(b)
-        else:
-            raise ConfigError(f"a split boundary must be a unit count or a (stage, index) pair, got {b!r}")
-    if any(b <= a for a, b in zip(ends, ends[1:])) or ends[0] < 1:
-        raise ConfigError(f"split boundaries must be strictly increasing unit counts >= 1, got {ends}")
-    if ends[-1] != n_units:
-        raise ConfigError(f"the last boundary must be the end of the network (unit count {n_units}), "
-                          f"got {ends[-1]}")
-    return tuple(ends)
+    if split == "balanced":
+        return Split(balanced_ends(costs, groups, extra), stem_module, "balanced")
+    if end_costs is None:
+        raise ConfigError("split='memory' needs the memory kept at each cut (its auxiliary networks)")
+    return Split(balanced_ends(costs, groups, extra, end_costs()), stem_module, "memory")

@@ -40,6 +40,7 @@ from manlearn.distributed import GradReducer, average_buffers, broadcast_state
 from manlearn.distributed.dist import setup_from_env
 from manlearn.errors import CheckpointError, ConfigError, DivergenceError
 from manlearn.memory import PeakMemory, peak_rss_bytes
+from manlearn.planning import check_plannable, plan_learner
 from manlearn.recompute import checkpoint_granularity
 
 from .build import amp_dtype, build_learner, resolve_device, seed_everything
@@ -639,6 +640,9 @@ class Trainer:
                   f"{cfg.batch_size} | device {self.device}{'' if cfg.amp == 'off' else f' amp {cfg.amp}'} | "
                   f"{n_params:,} trainable parameters | "
                   f"out_dir {self.out_dir}")
+        line = self._memory_line()
+        if line:
+            self._say(line)
         if self.dist.enabled:
             self._say(f"data parallel: {self.dist.world_size} ranks ({self.dist.backend}), global batch "
                       f"{cfg.batch_size} = {self.dist.world_size} x {cfg.batch_size // self.dist.world_size}"
@@ -646,6 +650,22 @@ class Trainer:
         if self.resumed:
             self._say(f"resuming from {self.ckpt_path} at step {self.step} "
                       f"(epoch {self.epoch + 1}, batch {self.batch})")
+
+    def _memory_line(self) -> str | None:
+        """This configuration's counted memory beside E2E and E2E with per-unit checkpointing, at the run's
+        (per-rank) batch (:mod:`manlearn.planning`); None for runs a plan does not cover."""
+        cfg = self.cfg
+        if not self._is_main() or getattr(self.learner, "K", 1) < 2:
+            return None
+        try:
+            check_plannable(self.learner)
+        except ConfigError:
+            return None
+        batch = max(1, cfg.batch_size // (self.dist.world_size if self.dist.enabled else 1))
+        optimizer = cfg.optimizer if cfg.optimizer != "sgd" or cfg.sgd_momentum else "sgd-nomomentum"
+        plan = plan_learner(self.learner, batch, optimizer=optimizer, baselines=("e2e", "e2e+ckpt:unit"),
+                            breakdown=False)
+        return plan.comparison_line()
 
     def _next_stop(self, stop_at: int) -> int:
         """The step at which the current chunk of batches ends: the epoch's end, the run's stop, or the
