@@ -83,8 +83,9 @@ def test_flop_breakdown_counts_each_part():
     man = flop_breakdown(*build("resnet20", "dgl+manpp", 4, "cpu", False), x, y)
     assert e2e["aux_units"] == e2e["aux_heads"] == 0 < e2e["backbone"]
     assert man["aux_units"] > 0 and man["aux_heads"] > 0 and man["ema"] == 0
-    # the same backbone work (forward + input/weight gradients), apart from the stem's input gradient
-    assert abs(man["backbone"] - e2e["backbone"]) < 0.05 * e2e["backbone"]
+    # the same backbone work (forward + input/weight gradients), apart from the input gradients at the block
+    # boundaries (the memory split cuts early, where they are largest)
+    assert abs(man["backbone"] - e2e["backbone"]) < 0.08 * e2e["backbone"]
 
 
 def test_speed_rows_are_interleaved_medians_with_e2e_reference(tmp_path):
@@ -291,3 +292,24 @@ def test_checkpointed_e2e_is_drawn_at_e2e_accuracy():
     _checkpointed_points(Ax(), mem, mem[("e2e", 1)], final)
     assert sorted(calls) == sorted([(25.0, 88.0, pytest.approx(1.4142, abs=1e-3)), (60.0, 88.0, pytest.approx(1.4142, abs=1e-3)),
                                     (25.0, 90.0, 0.0), (60.0, 90.0, 0.0)])
+
+
+def test_bench_memory_takes_any_size_and_user_models_through_import(tmp_path, capsys):
+    """--image-size and a model from --import reach the counted step and the fresh RSS process; each row
+    records its size, split and the plan's figures."""
+    net = tmp_path / "my_net.py"
+    net.write_text(
+        "from torch import nn\nimport manlearn\nfrom manlearn.models import Backbone\n\n"
+        "@manlearn.register_model\n"
+        "def bench_tiny_net(num_classes=10, in_channels=3, **kw):\n"
+        "    units = [nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()) for _ in range(4)]\n"
+        "    return Backbone(nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU()), units,\n"
+        "                    nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes)))\n")
+    res = tmp_path / "mem.jsonl"
+    assert main(["--import", str(net), "bench", "memory", "--model", "bench_tiny_net", "--methods", "dgl",
+                 "--K", "3", "--batch", "4", "--image-size", "20", "--plan", "--results", str(res)]) == 0
+    rows = read_rows(res)
+    assert [r["method"] for r in rows] == ["dgl", "e2e+ckpt"]
+    assert all(r["image_size"] == 20 and r["peak_rss_MiB"] > 0 for r in rows)
+    assert rows[0]["split"] and rows[0]["split_ends"][-1] == 4
+    assert rows[0]["plan_activation_MiB"] == pytest.approx(rows[0]["activation_peak_MiB"], rel=0.05)

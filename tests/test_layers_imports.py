@@ -19,6 +19,7 @@ LAYERS = [
     ["train"],
     ["config"],  # typed config; checks names against the rule/model/data registries below it
     ["learner"],
+    ["planning"],  # memory plans and the build-time check: runs the learner's parts, built by the learner
     ["rules", "tasks"],
     ["detection", "segmentation"],
     ["models", "split", "recompute", "memory", "distributed", "concurrency"],

@@ -110,3 +110,58 @@ def test_ema_recompute_same_gradients_less_memory(base):
     for (n, b), c in zip(plain.named_buffers(), rec.buffers()):
         assert torch.equal(b, c), n  # the ema units' BN statistics are updated once per step
     assert peak1 < peak0
+
+
+from test_contract import rule_specs  # noqa: E402
+
+
+@pytest.mark.parametrize("method,base", rule_specs(), ids=lambda v: str(v))
+def test_checkpointing_reaches_every_rules_auxiliary_networks_exactly(method, base):
+    """grad_checkpoint='unit' recomputes the auxiliary networks' parts too: the same gradients and the same
+    statistics (float64), and every part of every auxiliary network is under checkpointing."""
+    from manlearn.planning import aux_parts
+
+    def step(granularity):
+        torch.manual_seed(0)
+        learner = LocalLearner("resnet20", method=method, base=base, K=3, num_classes=4, image_size=16,
+                               grad_checkpoint=granularity).double()
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(6, 3, 16, 16, generator=g, dtype=torch.float64), torch.randint(0, 4, (6,), generator=g)
+        learner.train_step(x, y)
+        learner.train_step(x, y)  # the second step: MAN's EMA has moved, BN statistics twice updated
+        return learner
+
+    try:
+        plain = step(False)
+    except Exception as e:  # a combination the rule refuses, with a reason (the contract tests)
+        assert isinstance(e, __import__("manlearn").ConfigError)
+        return
+    ckpt = step("unit")
+    if ckpt.K > 1:
+        parts = [p for aux in ckpt.auxes for _, p in aux_parts(aux)]
+        assert parts and all(getattr(type(p), "_manlearn_checkpointed", False) for p in parts)
+    for (n, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        assert (p.grad is None) == (q.grad is None), n
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12, msg=n)
+        torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-12, msg=n)
+    for (n, b), c in zip(plain.named_buffers(), ckpt.buffers()):
+        torch.testing.assert_close(c, b, rtol=1e-9, atol=1e-12, msg=f"{n}: statistics updated once per step")
+    assert plain.state_dict().keys() == ckpt.state_dict().keys()  # checkpoints stay interchangeable
+
+
+def test_checkpointed_auxiliary_networks_keep_less():
+    def peak(granularity):
+        torch.manual_seed(0)
+        learner = LocalLearner("resnet32", method="manpp", base="infopro", K=4, num_classes=4,
+                               grad_checkpoint=granularity)
+        x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 4, (6,))
+        with SavedTensorTracker([*learner.parameters(), *learner.buffers()]) as tr:
+            learner.train_step(x, y)
+        return tr.peak
+
+    e2e_unit = LocalLearner("resnet32", method="e2e", num_classes=4, grad_checkpoint="unit")
+    with SavedTensorTracker([*e2e_unit.parameters(), *e2e_unit.buffers()]) as tr:
+        e2e_unit.train_step(torch.randn(6, 3, 32, 32), torch.randint(0, 4, (6,)))
+    assert peak("unit") < 0.6 * peak(False)
+    assert peak("unit") <= tr.peak  # local learning + checkpointing: the least memory of all

@@ -170,9 +170,12 @@ def test_vit_rules_and_refusals():
     for method in ("infopro", "infopro-contrast"):
         with pytest.raises(ConfigError, match="feature maps"):
             make("vit_tiny", method)
-    # K=4 with the patch embedding as its own piece: uniform groups of the 12 blocks
+    # K=4 with the patch embedding as its own piece: no published table, so `auto` balances the memory kept
+    # (the last group has no auxiliary network, so it takes more blocks); `uniform` cuts groups of 4
     stem = make("vit_tiny", "manpp", K=4, stem_module=True)
-    assert [len(b) for b in stem.blocks] == [1, 4, 4, 4]
+    assert stem.split.source == "memory" and [len(b) for b in stem.blocks] == [1, 3, 3, 6]
+    uniform = make("vit_tiny", "manpp", K=4, stem_module=True, split="uniform")
+    assert [len(b) for b in uniform.blocks] == [1, 4, 4, 4]
     # last group of a single block: lb1 would lie beyond the network, so the aux has none
     tail = make("vit_tiny", "manpp", K=2, split=[11, 12])
     assert isinstance(tail.auxes[0].lb1, nn.Identity)

@@ -17,12 +17,12 @@ from torch import nn
 from .concurrency import overlapped_step
 from .errors import ConfigError
 from .memory import unit_activation_bytes
-from .planning import MemoryPlan, MemoryWarning, cut_costs, memory_check, no_build_check, plan_learner
+from .planning import MemoryPlan, MemoryWarning, aux_parts, cut_costs, memory_check, no_build_check, plan_learner
 from .models import adapt_model, create_model, follows_protocol, init_weights, model_accepts
 from .models.base import feature_info
 from .rules import AuxContext, LocalBatch, check_momentum, create_rule
 from .rules.base import register_norm_buffers
-from .recompute import Segment, checkpoint_granularity, granularity_groups, run_checkpointed, stage_segments
+from .recompute import Segment, checkpoint_granularity, checkpoint_module, granularity_groups, run_checkpointed, stage_segments
 from .split import Split, ends_from_stage_cuts, resolve_split, stage_ends
 from .tasks import ClassificationTask, check_task
 from .tasks.base import check_head_fits
@@ -113,8 +113,10 @@ class LocalLearner(nn.Module):
         amp_dtype: run forwards under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``).
         channels_last: keep weights and activations in channels-last memory format.
         grad_checkpoint: run every block under gradient checkpointing (recompute in backward), in segments
-            of one stage (``True`` or ``"stage"``), one unit (``"unit"``) or about sqrt(n) units (``"sqrt"``);
-            with ``method="e2e"`` this is the memory baseline of the benchmarks.
+            of one stage (``True`` or ``"stage"``), one unit (``"unit"``) or about sqrt(n) units (``"sqrt"``),
+            and each part of every auxiliary network (ema, lb, decoder, classifier, ...) likewise: the same
+            gradients and statistics, less memory, more time. With ``method="e2e"`` this is the memory
+            baseline of the benchmarks.
         ema_recompute: MAN/MAN++ recompute the frozen ema unit in backward instead of keeping its
             activations (same gradients, one more ema forward per step, less memory).
         blocks_in_flight: 1 (default) runs a step's blocks in sequence; N > 1 overlaps each block's local
@@ -279,6 +281,12 @@ class LocalLearner(nn.Module):
                              blocks=list(self.blocks[:i + 1]))
             auxes.append(self.rule.build_aux(ctx))
         self.auxes = nn.ModuleList(auxes)
+        if self.grad_checkpoint:  # the auxiliary networks' parts are recomputed in backward too
+            shared = {id(m) for m in backbone.modules()}
+            for aux in auxes:
+                for name, part in aux_parts(aux):
+                    if id(part) not in shared and not (name == "ema" and getattr(aux, "recompute_ema", False)):
+                        checkpoint_module(part)
 
     def _block_segments(self, k: int, has_stem: bool, unit_range: range, unit_ids) -> list[Segment]:
         """Checkpoint segments of block k at the learner's granularity (the stem joins the first)."""

@@ -31,10 +31,17 @@ class _Held:
 
 
 class SavedTensorTracker:
-    """Context manager: live and peak bytes of tensors saved for backward."""
+    """Context manager: live and peak bytes of tensors saved for backward.
 
-    def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
+    ``forward_only=True`` is for passes that never run backward: on exit it lets go of the saved tensors
+    it holds. An op that saves its own output (ReLU, sigmoid, ...) hands the hook a tensor whose
+    ``grad_fn`` holds the saved value, a cycle through C++ that the garbage collector cannot see; only
+    backward (which frees the saved values) or this release breaks it. The graph cannot run backward
+    afterwards."""
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = (), forward_only: bool = False) -> None:
         self.exclude = {p.data_ptr() for p in exclude}
+        self.forward_only = forward_only
         self._live = 0
         self.peak = 0
         self.total = 0
@@ -96,6 +103,11 @@ class SavedTensorTracker:
 
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
+        if self.forward_only:
+            for wr, _key in list(self._keys.values()):
+                held = wr()
+                if held is not None:
+                    held.tensor = None
 
 
 def peak_rss_bytes() -> int:
@@ -199,7 +211,7 @@ def unit_activation_bytes(stem: nn.Module, units: Iterable[nn.Module], in_channe
         for m in modules:
             m.train()
             x = x.detach().requires_grad_(True)
-            with SavedTensorTracker(params) as tr:
+            with SavedTensorTracker(params, forward_only=True) as tr:
                 x = m(x)
             costs.append(float(tr.total))
             del tr

@@ -181,9 +181,10 @@ def _bytes(t: Any) -> int:
     return 0
 
 
-def _aux_parts(aux: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The parts of an auxiliary network the plan reports: its children, with the base rule's heads of a
-    momentum network (``heads``) and of a wrapper (``base``) opened one level."""
+def aux_parts(aux: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The parts of an auxiliary network (what the plan reports and ``grad_checkpoint`` recomputes): its
+    children, with the base rule's heads of a momentum network (``heads``) and of a wrapper (``base``)
+    opened one level."""
     out = []
     for name, child in aux.named_children():
         if name in ("heads", "base") and any(True for _ in child.children()):
@@ -228,7 +229,7 @@ def _excluded(learner) -> list[torch.Tensor]:
 def _breakdown(work, x: torch.Tensor, y: torch.Tensor) -> list[dict[str, Any]]:
     """One sequential step, block by block, recording what each block and part keeps."""
     rows: list[dict[str, Any]] = []
-    with SavedTensorTracker(_excluded(work)) as tr:
+    with SavedTensorTracker(_excluded(work), forward_only=True) as tr:
         x = work.prepare_input(x)
         batch = LocalBatch(x, y, work.norm_mean, work.norm_std)
         h: Any = x
@@ -237,7 +238,7 @@ def _breakdown(work, x: torch.Tensor, y: torch.Tensor) -> list[dict[str, Any]]:
             kept = tr.live + _bytes(h) + _bytes(batch.taps) + _bytes(batch.block_inputs)
             tr.reset_peak()
             start = tr.live
-            parts = _aux_parts(work.auxes[k]) if not last else [("final head", work.head)]
+            parts = aux_parts(work.auxes[k]) if not last else [("final head", work.head)]
             counter = _PartCounter(tr, parts)
             try:
                 if not last:
@@ -275,7 +276,7 @@ def _step_peak(work, x: torch.Tensor, y: torch.Tensor) -> int:
     """The activation peak of the learner's own ``train_step`` (its scheduler, blocks in flight included)."""
     work.zero_grad(set_to_none=True)
     with SavedTensorTracker(_excluded(work)) as tr:
-        work.train_step(x, y, local_only=True)
+        type(work).train_step(work, x, y, local_only=True)  # the class's step, not a wrapper set on the instance
     return tr.peak
 
 
@@ -413,10 +414,13 @@ def cut_costs(rule, task, stem: nn.Module, units: Sequence[nn.Module], shapes: S
                                  next_shape=tuple(shapes[j + 1]), next_stage=unit_ids[j][0] if unit_ids else None,
                                  num_classes=num_classes, in_channels=in_channels, image_size=image_size,
                                  reinit=reinit, following_unit=units[j + 1] if j + 1 < n else None, task=task,
-                                 later_units=list(units[j:]), later_shapes=list(shapes[j + 1:]), blocks=[])
+                                 later_units=list(units[j:]), later_shapes=list(shapes[j + 1:]),
+                                 # a stand-in for the learner's blocks so far (rules that hold their block, as
+                                 # PredSim's per-block optimiser, only keep a reference)
+                                 blocks=[nn.Sequential(units[j - 1])] * (min(j - 1, K - 2) + 1))
                 aux = rule.build_aux(ctx).train()
                 h = torch.randn(b, *shapes[j], generator=g).requires_grad_(True)
-                with SavedTensorTracker([*aux.parameters(), *aux.buffers()]) as tr:
+                with SavedTensorTracker([*aux.parameters(), *aux.buffers()], forward_only=True) as tr:
                     loss = aux(h, batch)
                     out[j] = float(tr.peak)
                     del loss
@@ -459,7 +463,7 @@ def _forward_estimate(learner, b: int = 2) -> tuple[int, int]:
             with learner.autocast(x):
                 h = x
                 for k in range(learner.K):
-                    with SavedTensorTracker(excluded) as tr:
+                    with SavedTensorTracker(excluded, forward_only=True) as tr:
                         out = learner.blocks[k](h)
                         loss = learner.auxes[k](out, batch) if k < learner.K - 1 else \
                             learner.task.loss(learner.head(out), y, hw)
@@ -467,7 +471,7 @@ def _forward_estimate(learner, b: int = 2) -> tuple[int, int]:
                         del loss
                     h = out.detach()
                     del out
-                with SavedTensorTracker(excluded) as tr:
+                with SavedTensorTracker(excluded, forward_only=True) as tr:
                     h = x
                     for block in learner.blocks:
                         h = block(h)

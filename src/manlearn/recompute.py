@@ -121,3 +121,42 @@ def run_checkpointed(segments: Sequence[Segment], x: torch.Tensor) -> torch.Tens
     for seg in segments:
         x = checkpoint(seg, x, use_reentrant=True)
     return x
+
+
+# ----------------------------------------------------------------------------- auxiliary networks
+_CHECKPOINTED: dict[type, type] = {}
+
+
+def _checkpointed_forward(base: type):
+    def run(module: nn.Module, *args):
+        if torch.is_grad_enabled():  # the recomputation in backward: statistics already updated once
+            with frozen_norm_stats([module]):
+                return base.forward(module, *args)
+        return base.forward(module, *args)
+
+    def forward(self, *args, **kwargs):
+        if kwargs or not torch.is_grad_enabled() or not any(
+                torch.is_tensor(a) and a.requires_grad for a in args):
+            return base.forward(self, *args, **kwargs)  # nothing to recompute for (or to reach)
+        return checkpoint(run, self, *args, use_reentrant=True)
+
+    return forward
+
+
+def checkpoint_module(module: nn.Module) -> nn.Module:
+    """Run ``module`` under reentrant gradient checkpointing from now on: only its inputs stay alive and its
+    inside is recomputed in backward, with normalisation statistics updated once, as in a segment.
+
+    The module keeps its identity, parameters and state_dict keys (its class becomes a subclass whose
+    ``forward`` checkpoints the original one), so references to it (MAN's EMA pairs), copies and
+    checkpoints are unaffected. Used for the parts of auxiliary networks under ``grad_checkpoint``."""
+    base = type(module)
+    if getattr(base, "_manlearn_checkpointed", False):
+        return module
+    cls = _CHECKPOINTED.get(base)
+    if cls is None:
+        cls = type(base.__name__, (base,), {"forward": _checkpointed_forward(base), "_manlearn_checkpointed": True,
+                                            "__module__": base.__module__, "__qualname__": base.__qualname__})
+        _CHECKPOINTED[base] = cls
+    module.__class__ = cls
+    return module

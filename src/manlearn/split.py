@@ -260,3 +260,29 @@ def resolve_split(n_units: int, K: int, split: str | Sequence = "auto", stem_mod
     if end_costs is None:
         raise ConfigError("split='memory' needs the memory kept at each cut (its auxiliary networks)")
     return Split(balanced_ends(costs, groups, extra, end_costs()), stem_module, "memory")
+
+
+def _explicit_ends(split: Sequence, n_units: int, unit_ids) -> tuple[int, ...]:
+    items = list(split)
+    if not items:
+        raise ConfigError("an explicit split needs at least one boundary (the end of the network)")
+    ends: list[int] = []
+    for b in items:
+        if isinstance(b, (tuple, list)) and len(b) == 2:
+            if unit_ids is None:
+                raise ConfigError("(stage, index) boundaries need a backbone with unit_ids; give unit counts")
+            index = {tuple(u): i for i, u in enumerate(unit_ids)}
+            if tuple(b) not in index:
+                raise ConfigError(f"boundary {tuple(b)} names no unit; units run from {unit_ids[0]} to "
+                                  f"{unit_ids[-1]}")
+            ends.append(index[tuple(b)] + 1)
+        elif isinstance(b, int) and not isinstance(b, bool):
+            ends.append(b)
+        else:
+            raise ConfigError(f"a split boundary must be a unit count or a (stage, index) pair, got {b!r}")
+    if any(b <= a for a, b in zip(ends, ends[1:])) or ends[0] < 1:
+        raise ConfigError(f"split boundaries must be strictly increasing unit counts >= 1, got {ends}")
+    if ends[-1] != n_units:
+        raise ConfigError(f"the last boundary must be the end of the network (unit count {n_units}), "
+                          f"got {ends[-1]}")
+    return tuple(ends)

@@ -63,9 +63,15 @@ def cmd_memory(args: argparse.Namespace) -> int:
     _positive("--K", args.K)
     _positive("--batch", args.batch)
     _check_results(args.results)
+    if args.image_size is not None:
+        _positive("--image-size", [args.image_size])
+    if args.num_classes is not None:
+        _positive("--num-classes", [args.num_classes])
     run_memory(args.model, args.methods, args.K, args.batch, args.results, device=args.device,
                rss=not args.no_rss, checkpointing=not args.no_checkpointing, split=args.split,
-               fixed_malloc=not args.rss_default_malloc, stem_module=not args.no_stem_module)
+               fixed_malloc=not args.rss_default_malloc, stem_module=not args.no_stem_module,
+               image_size=args.image_size, num_classes=args.num_classes, imports=getattr(args, "imports", []),
+               plan=args.plan)
     return 0
 
 
@@ -120,11 +126,15 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     a.set_defaults(func=cmd_accuracy)
 
     m = bsub.add_parser("memory", help="activation / total / process-peak memory per rule and K")
-    m.add_argument("--model", default="resnet32")
+    m.add_argument("--model", default="resnet32", help="a registered model, or one registered by --import FILE")
     m.add_argument("--methods", nargs="+", default=list(ALL_METHODS))
     m.add_argument("--K", nargs="+", type=int, default=[16])
     m.add_argument("--batch", nargs="+", type=int, default=[128, 1024])
     m.add_argument("--split", default="auto")
+    m.add_argument("--image-size", type=int, default=None,
+                   help="input side in pixels (default: the learner's default, 32; ImageNet models: give 224)")
+    m.add_argument("--num-classes", type=int, default=None, help="classes of the classifier (default 10)")
+    m.add_argument("--plan", action="store_true", help="also record the memory plan's figures beside each row")
     m.add_argument("--no-stem-module", action="store_true", help="the stem joins the first block (MAN/InfoPro tables)")
     m.add_argument("--device", default="cpu")
     m.add_argument("--no-rss", action="store_true", help="skip the fresh-process peak-RSS measurement")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 import gc
 import os
 import sys
@@ -26,16 +27,24 @@ from typing import Any, Sequence
 import torch
 
 from ..learner import LocalLearner
+from ..planning import check_plannable, no_build_check, plan_learner
 from ..memory import PeakMemory, current_rss_bytes, peak_rss_bytes, peak_rss_since_reset_bytes, reset_peak_rss
+from ..errors import ManlearnError
 from .common import append_rows, environment, parse_method
 
 CHECKPOINTED = "e2e+ckpt"
 
 
-def _learner(model: str, spec: str, K: int, split: str, device: str, stem_module: bool = True):
+def _learner(model: str, spec: str, K: int, split: str, device: str, stem_module: bool = True,
+             image_size: int | None = None, num_classes: int | None = None):
     kw = parse_method(spec)
+    if image_size is not None:
+        kw["image_size"] = image_size
+    if num_classes is not None:
+        kw["num_classes"] = num_classes
     torch.manual_seed(0)
-    return LocalLearner(model=model, K=K, split=split, stem_module=stem_module, **kw).to(device)
+    with no_build_check():  # the row itself says what is kept
+        return LocalLearner(model=model, K=K, split=split, stem_module=stem_module, **kw).to(device)
 
 
 def _step(learner, opt, x, y) -> None:
@@ -49,9 +58,18 @@ def _optimizer(learner):
 
 
 def counted(model: str, spec: str, K: int, batch: int, split: str = "auto", device: str = "cpu",
-            stem_module: bool = True) -> dict[str, Any]:
-    """(a): counted activation peak and static bytes of one training step; CUDA peak on a GPU."""
-    learner = _learner(model, spec, K, split, device, stem_module)
+            stem_module: bool = True, image_size: int | None = None, num_classes: int | None = None,
+            plan: bool = False) -> dict[str, Any]:
+    """(a): counted activation peak and static bytes of one training step; CUDA peak on a GPU. ``plan``:
+    also the memory plan's figures for the same step (:mod:`manlearn.planning`), to compare."""
+    learner = _learner(model, spec, K, split, device, stem_module, image_size, num_classes)
+    planned = None
+    if plan:
+        try:
+            check_plannable(learner)
+            planned = plan_learner(learner, batch, baselines=(), breakdown=False)
+        except ManlearnError:
+            planned = None
     opt = _optimizer(learner)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, learner.in_channels, learner.image_size, learner.image_size, generator=g).to(device)
@@ -67,7 +85,10 @@ def counted(model: str, spec: str, K: int, batch: int, split: str = "auto", devi
                     if torch.is_tensor(t))
     act = pm.peak_activation_bytes
     return dict(model=model, method=spec, K=getattr(learner, "K", 1), batch=batch, split=learner.split.source,
-                stem_module=learner.split.stem_module,
+                split_ends=list(learner.split.ends), stem_module=learner.split.stem_module,
+                image_size=learner.image_size, num_classes=learner.num_classes,
+                **({} if planned is None else dict(plan_activation_MiB=planned.peak_activation_bytes / 2**20,
+                                                   plan_total_MiB=planned.total_bytes / 2**20)),
                 activation_peak_MiB=act / 2**20, params_MiB=(param_bytes + buffer_bytes) / 2**20,
                 grads_MiB=grad_bytes / 2**20, optimizer_MiB=opt_bytes / 2**20,
                 total_counted_MiB=(act + param_bytes + buffer_bytes + grad_bytes + opt_bytes) / 2**20,
@@ -75,11 +96,15 @@ def counted(model: str, spec: str, K: int, batch: int, split: str = "auto", devi
 
 
 def rss_child(model: str, spec: str, K: int, batch: int, split: str, steps: int = 2,
-              stem_module: bool = True) -> dict[str, Any]:
+              stem_module: bool = True, image_size: int | None = None, num_classes: int | None = None,
+              imports: Sequence[str] = ()) -> dict[str, Any]:
     """Runs inside the fresh process of (b): RSS just before the first step, and the peak RSS
     reached during ``steps`` steps (the kernel's high-water mark is reset first, so the peak of
     importing libraries and building the model does not mask it)."""
-    learner = _learner(model, spec, K, split, "cpu", stem_module)
+    from ..plugins import import_user_code
+
+    import_user_code(list(imports))  # the parent's --import: user models and rules exist here too
+    learner = _learner(model, spec, K, split, "cpu", stem_module, image_size, num_classes)
     opt = _optimizer(learner)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, learner.in_channels, learner.image_size, learner.image_size, generator=g)
@@ -103,10 +128,12 @@ FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def measured_rss(model: str, spec: str, K: int, batch: int, split: str = "auto", steps: int = 2,
-                 fixed_malloc: bool = True, stem_module: bool = True) -> dict[str, Any]:
+                 fixed_malloc: bool = True, stem_module: bool = True, image_size: int | None = None,
+                 num_classes: int | None = None, imports: Sequence[str] = ()) -> dict[str, Any]:
     """(b) on the CPU: peak RSS of a fresh process doing ``steps`` training steps."""
     args = json.dumps(dict(model=model, spec=spec, K=K, batch=batch, split=split, steps=steps,
-                           stem_module=stem_module))
+                           stem_module=stem_module, image_size=image_size, num_classes=num_classes,
+                           imports=[str(Path(i).resolve()) if i.endswith(".py") else i for i in imports]))
     code = ("import json, sys; from manlearn.bench.memory import rss_child; "
             "a = json.loads(sys.argv[1]); print(json.dumps(rss_child(**a)))")
     env = {**os.environ, **(FIXED_MALLOC if fixed_malloc else {})}
@@ -120,7 +147,9 @@ def measured_rss(model: str, spec: str, K: int, batch: int, split: str = "auto",
 
 def run_memory(model: str, methods: Sequence[str], Ks: Sequence[int], batches: Sequence[int], results,
                device: str = "cpu", rss: bool = True, checkpointing: bool = True, split: str = "auto",
-               fixed_malloc: bool = True, stem_module: bool = True, say=print) -> list[dict[str, Any]]:
+               fixed_malloc: bool = True, stem_module: bool = True, image_size: int | None = None,
+               num_classes: int | None = None, imports: Sequence[str] = (), plan: bool = False,
+               say=print) -> list[dict[str, Any]]:
     """Every (batch, K, method) once; E2E (and E2E + checkpointing) once per batch."""
     for spec in methods:
         parse_method(spec)
@@ -130,15 +159,18 @@ def run_memory(model: str, methods: Sequence[str], Ks: Sequence[int], batches: S
     for batch in batches:
         for spec in specs:
             for K in ([Ks[0]] if parse_method(spec)["method"] == "e2e" else Ks):  # E2E ignores K
-                row = counted(model, spec, K, batch, split, device, stem_module)
+                row = counted(model, spec, K, batch, split, device, stem_module, image_size, num_classes, plan)
                 if rss and torch.device(device).type == "cpu":
                     row.update(measured_rss(model, spec, K, batch, split, fixed_malloc=fixed_malloc,
-                                            stem_module=stem_module))
+                                            stem_module=stem_module, image_size=image_size,
+                                            num_classes=num_classes, imports=imports))
                 row.update(env)
                 append_rows(results, [row])
                 rows.append(row)
-                say(f"{model} {spec:>14} K={row['K']:<3} batch {batch:<5} activations "
+                say(f"{model} {row['image_size']}px {spec:>14} K={row['K']:<3} batch {batch:<5} activations "
                     f"{row['activation_peak_MiB']:8.1f} MiB  total counted {row['total_counted_MiB']:8.1f} MiB"
+                    + (f"  (plan {row['plan_activation_MiB']:.1f} / {row['plan_total_MiB']:.1f})"
+                       if "plan_activation_MiB" in row else "")
                     + (f"  peak RSS {row['peak_rss_MiB']:.0f} MiB (+{row['rss_step_increase_MiB']:.0f} over the "
                        f"{row['rss_before_steps_MiB']:.0f} before the steps)"
                        if "peak_rss_MiB" in row else "")
