@@ -10,10 +10,13 @@ warm-up step). The plan must be within 5 %.
 
 ``--part targets``: ResNet-50 and ResNet-101 at 224 px, batch 32, K=4, InfoPro+MAN++ and DGL+MAN++ with the
 default split, with and without ``grad_checkpoint=unit``, beside E2E and E2E with checkpointing per stage,
-unit and sqrt(n): counted on real steps (and planned).
+unit and sqrt(n): counted on real steps (and planned). For ResNet-50 also what would move InfoPro+MAN++'s
+peak (its first block, the stem's auxiliary network): the stem in the first group (``stem_module=False``),
+the ema unit recomputed in backward (``+recompute``), both.
 
     OMP_NUM_THREADS=1 python benchmarks/memory_plan.py --part accuracy
     OMP_NUM_THREADS=1 python benchmarks/memory_plan.py --part targets --models resnet50 resnet101 --batch 32
+    python benchmarks/memory_plan.py --part report      # markdown tables + benchmarks/plots/memory_plan.png
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from manlearn.errors import ConfigError
 from manlearn.models import model_tags
 
 RESULTS = Path(__file__).resolve().parent / "results" / "memory_plan.jsonl"
+PLOT = Path(__file__).resolve().parent / "plots" / "memory_plan.png"
 METHODS = ("dgl+manpp", "infopro+manpp")
 
 
@@ -63,13 +67,77 @@ def run(part: str, model: str, spec: str, batch: int, size: int, results: Path, 
           f"{row['seconds']:.0f} s", flush=True)
 
 
+def report(results: Path, plot: Path) -> None:
+    """The BENCHMARKS.md tables (the latest row of each configuration) and the targets plot."""
+    rows: dict[tuple, dict] = {}
+    for r in read_rows(results):
+        rows[(r["part"], r["model"], r["method"], r["batch"], r["image_size"])] = r
+    acc = [r for k, r in rows.items() if k[0] == "accuracy"]
+    if acc:
+        print("| model | size | method | split (ends) | counted act. / total MiB | plan act. / total MiB | error |")
+        print("|---|---|---|---|---|---|---|")
+        for r in acc:
+            print(f"| {r['model']} | {r['image_size']} | {r['method']} | {r['split']} {r['split_ends']} | "
+                  f"{r['activation_peak_MiB']:.1f} / {r['total_counted_MiB']:.1f} | {r['plan_activation_MiB']:.1f} / "
+                  f"{r['plan_total_MiB']:.1f} | {100 * r['plan_error']:+.2f} % / {100 * r['plan_total_error']:+.2f} % |")
+        worst = max(acc, key=lambda r: max(abs(r["plan_error"]), abs(r["plan_total_error"])))
+        print(f"\nlargest plan error: {worst['model']} {worst['method']} "
+              f"{100 * max(abs(worst['plan_error']), abs(worst['plan_total_error'])):.2f} %\n")
+    tgt = [r for k, r in rows.items() if k[0] == "targets"]
+    models = sorted({r["model"] for r in tgt})
+    bars: dict[str, list[tuple[str, float, float]]] = {}
+    for model in models:
+        mine = [r for r in tgt if r["model"] == model]
+        e2e = next((r for r in mine if r["method"] == "e2e"), None)
+        if e2e is None:
+            continue
+        b, size = mine[0]["batch"], mine[0]["image_size"]
+        print(f"{model}, {size}², batch {b}, K=4 (counted; plan error in brackets)\n")
+        print("| configuration | split (ends) | activations MiB | × E2E | total MiB | × E2E |")
+        print("|---|---|---|---|---|---|")
+        for r in mine:
+            act, tot = r["activation_peak_MiB"], r["total_counted_MiB"]
+            split = f"{r['split']} {r['split_ends']}" + ("" if r.get("stem_module", True) else ", stem in block 1")
+            print(f"| {r['method']} | {split if r.get('K', 1) > 1 else '-'} | {act:.0f} ({100 * r.get('plan_error', 0):+.1f} %) | "
+                  f"{act / e2e['activation_peak_MiB']:.2f} | {tot:.0f} | {tot / e2e['total_counted_MiB']:.2f} |")
+            bars.setdefault(model, []).append((r["method"], act / e2e["activation_peak_MiB"],
+                                               tot / e2e["total_counted_MiB"]))
+        print()
+    if bars:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(bars), figsize=(7 * len(bars), 5), squeeze=False)
+        for ax, (model, items) in zip(axes[0], bars.items()):
+            names = [n.replace(":grad_checkpoint=", " ckpt:") for n, _, _ in items]
+            ys = range(len(items))
+            ax.barh([y + 0.2 for y in ys], [a for _, a, _ in items], 0.4, label="activations")
+            ax.barh([y - 0.2 for y in ys], [t for _, _, t in items], 0.4, label="total (static included)")
+            ax.set_yticks(list(ys), names, fontsize=8)
+            ax.invert_yaxis()
+            ax.axvline(1.0, color="k", lw=0.8)
+            ax.set_xlabel("× E2E (counted, one step)")
+            ax.set_title(f"{model}, 224², batch {tgt[0]['batch']}, K=4")
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(plot, dpi=110)
+        print(f"plot: {plot}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["accuracy", "targets"], required=True)
+    ap.add_argument("--part", choices=["accuracy", "targets", "report"], required=True)
     ap.add_argument("--models", nargs="+", default=None)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--plot", type=Path, default=PLOT)
     args = ap.parse_args()
+    if args.part == "report":
+        report(args.results, args.plot)
+        return
     skip = done(args.results, args.part)
     if args.part == "accuracy":
         batch = args.batch or 8
@@ -81,7 +149,9 @@ def main() -> None:
         specs = ["e2e", "e2e:grad_checkpoint=stage", "e2e:grad_checkpoint=unit", "e2e:grad_checkpoint=sqrt",
                  *METHODS, *(f"{m}:grad_checkpoint=unit" for m in METHODS)]
         for model in args.models or ["resnet50", "resnet101"]:
-            for spec in specs:
+            extra = ["infopro+manpp:stem_module=false", "infopro+manpp+recompute",
+                     "infopro+manpp+recompute:stem_module=false"] if model == "resnet50" else []
+            for spec in [*specs, *extra]:
                 run("targets", model, spec, batch, 224, args.results, skip)
 
 

@@ -24,6 +24,8 @@ def test_method_specs():
     assert parse_method("dgl:head=mlp-sr") == {"method": "dgl", "rule_options": {"head": "mlp-sr"}}
     assert parse_method("dgl+manpp:fidelity=authors") == {"method": "manpp", "base": "dgl", "fidelity": "authors"}
     assert parse_method("e2e+ckpt") == {"method": "e2e", "grad_checkpoint": "stage"}
+    assert parse_method("infopro+manpp+recompute:stem_module=false,split=uniform") == {
+        "method": "manpp", "base": "infopro", "ema_recompute": True, "stem_module": False, "split": "uniform"}
     assert parse_method("e2e:grad_checkpoint=unit,authors_init=true") == {
         "method": "e2e", "grad_checkpoint": "unit", "authors_init": True}
     for bad in ("dgl+foo", "nope", "e2e+man", "dgl+recompute", "dgl+manpp+x", "dgl:head", "dgl:=x"):

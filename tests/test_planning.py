@@ -107,6 +107,7 @@ def test_the_plan_reports_blocks_parts_and_serialises():
     d = json.loads(plan.to_json())
     assert d["peak_activation_bytes"] == plan.peak_activation_bytes and set(d["baselines"]) == set(plan.baselines)
     text = plan.table()
+    assert str(plan) == text
     peak = plan.peak_activation_bytes / 2**20
     assert "e2e+ckpt:unit" in text and "ema" in text and (f"{peak:.1f} MiB" in text or f"{peak:.2f} MiB" in text)
 

@@ -125,6 +125,9 @@ class MemoryPlan:
                          f"{self.ratio(name):.2f}x / {self.ratio(name, total=True):.2f}x)")
         return line
 
+    def __str__(self) -> str:
+        return self.table()
+
     def table(self) -> str:
         """A readable table: the blocks, the step's peak, the static state and the baselines."""
         peak_k = self.peak_block().index

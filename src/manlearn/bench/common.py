@@ -27,7 +27,7 @@ ALL_METHODS = ("e2e", "greedy", "dgl", "infopro", "dgl+man", "infopro+man", "dgl
 # option of a spec is a rule option (``dgl:head=mlp-sr``). These names are LocalLearner keywords and
 # TrainConfig keys alike, so a spec means the same in every benchmark.
 LEARNER_OPTIONS = ("fidelity", "authors_init", "lambda_schedule", "ema_recompute", "grad_checkpoint",
-                   "blocks_in_flight")
+                   "blocks_in_flight", "split", "stem_module")
 # Shorthand specs of the memory and speed tables.
 ALIASES = {"e2e+ckpt": "e2e:grad_checkpoint=stage"}
 

@@ -37,14 +37,14 @@ CHECKPOINTED = "e2e+ckpt"
 
 def _learner(model: str, spec: str, K: int, split: str, device: str, stem_module: bool = True,
              image_size: int | None = None, num_classes: int | None = None):
-    kw = parse_method(spec)
+    kw = {"split": split, "stem_module": stem_module, **parse_method(spec)}  # the spec's own split wins
     if image_size is not None:
         kw["image_size"] = image_size
     if num_classes is not None:
         kw["num_classes"] = num_classes
     torch.manual_seed(0)
     with no_build_check():  # the row itself says what is kept
-        return LocalLearner(model=model, K=K, split=split, stem_module=stem_module, **kw).to(device)
+        return LocalLearner(model=model, K=K, **kw).to(device)
 
 
 def _step(learner, opt, x, y) -> None:
