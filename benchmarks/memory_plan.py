@@ -41,22 +41,26 @@ def native_size(model: str) -> int:
 
 
 def done(results: Path, part: str) -> set[tuple]:
-    return {(r["part"], r["model"], r["method"], r["batch"], r["image_size"]) for r in read_rows(results)
-            if r.get("part") == part}
+    return {(r["part"], r["model"], r["method"], r["batch"], r["image_size"], r.get("device", "cpu"))
+            for r in read_rows(results) if r.get("part") == part}
 
 
-def run(part: str, model: str, spec: str, batch: int, size: int, results: Path, skip: set[tuple]) -> None:
-    key = (part, model, spec, batch, size)
+def run(part: str, model: str, spec: str, batch: int, size: int, results: Path, skip: set[tuple],
+        device: str = "cpu") -> None:
+    key = (part, model, spec, batch, size, device)
     if key in skip:
         print(f"skip {key}: already in {results}", flush=True)
         return
     t0 = time.perf_counter()
     try:
-        row = counted(model, spec, 4, batch, image_size=size, num_classes=1000 if size == 224 else 10, plan=True)
+        row = counted(model, spec, 4, batch, device=device, image_size=size, num_classes=1000 if size == 224 else 10,
+                      plan=True)
     except ConfigError as e:  # e.g. InfoPro's decoder on ViT tokens: refused with a reason
         print(f"{model} {spec}: refused: {e}", flush=True)
         return
-    row.update(part=part, seconds=time.perf_counter() - t0, **environment())
+    row.update(part=part, seconds=time.perf_counter() - t0, **environment(device))
+    if row.get("cuda_peak_MiB") is not None and "plan_total_MiB" in row:
+        row["plan_vs_cuda_peak"] = row["plan_total_MiB"] / row["cuda_peak_MiB"] - 1
     if "plan_activation_MiB" in row:
         row["plan_error"] = row["plan_activation_MiB"] / row["activation_peak_MiB"] - 1
         row["plan_total_error"] = row["plan_total_MiB"] / row["total_counted_MiB"] - 1
@@ -71,7 +75,8 @@ def report(results: Path, plot: Path) -> None:
     """The BENCHMARKS.md tables (the latest row of each configuration) and the targets plot."""
     rows: dict[tuple, dict] = {}
     for r in read_rows(results):
-        rows[(r["part"], r["model"], r["method"], r["batch"], r["image_size"])] = r
+        if r.get("device", "cpu") == "cpu":  # CUDA rows: the allocator peak beside the plan (gpu_check.sh)
+            rows[(r["part"], r["model"], r["method"], r["batch"], r["image_size"])] = r
     acc = [r for k, r in rows.items() if k[0] == "accuracy"]
     if acc:
         print("| model | size | method | split (ends) | counted act. / total MiB | plan act. / total MiB | error |")
@@ -134,6 +139,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--plot", type=Path, default=PLOT)
+    ap.add_argument("--device", default="cpu", help="cuda: rows also hold torch.cuda.max_memory_allocated")
     args = ap.parse_args()
     if args.part == "report":
         report(args.results, args.plot)
@@ -143,7 +149,7 @@ def main() -> None:
         batch = args.batch or 8
         for model in args.models or manlearn.list_models():
             for spec in METHODS:
-                run("accuracy", model, spec, batch, native_size(model), args.results, skip)
+                run("accuracy", model, spec, batch, native_size(model), args.results, skip, args.device)
     else:
         batch = args.batch or 32
         specs = ["e2e", "e2e:grad_checkpoint=stage", "e2e:grad_checkpoint=unit", "e2e:grad_checkpoint=sqrt",
@@ -152,7 +158,7 @@ def main() -> None:
             extra = ["infopro+manpp:stem_module=false", "infopro+manpp+recompute",
                      "infopro+manpp+recompute:stem_module=false"] if model == "resnet50" else []
             for spec in [*specs, *extra]:
-                run("targets", model, spec, batch, 224, args.results, skip)
+                run("targets", model, spec, batch, 224, args.results, skip, args.device)
 
 
 if __name__ == "__main__":

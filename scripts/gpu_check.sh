@@ -3,7 +3,8 @@
 # MAN++ s/iter and torch.cuda.max_memory_allocated for ResNet-32 K=16 b1024, ResNet-101 K=4 b64 at 224²
 # and ViT-B K=4 b64, bf16 (benchmarks/gpu_check.py); blocks in flight 1/2/3 (issue #17) on CUDA streams
 # (ResNet-32 K=16, fp32 b128 and bf16 b1024) and the thread version on the machine's CPU cores
-# (benchmarks/blocks_in_flight.py). Uses the machine's python3 with a CUDA torch; the
+# (benchmarks/blocks_in_flight.py); ResNet-50 224² b32 memory plans beside torch.cuda.max_memory_allocated
+# (benchmarks/memory_plan.py). Uses the machine's python3 with a CUDA torch; the
 # package is taken from src/ (no install). Output rows: benchmarks/results/gpu_check.jsonl (or $OUT).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,5 +19,7 @@ timeout 150 "$PY" benchmarks/blocks_in_flight.py --device cuda --batch 128 --ite
     ${OUT:+--results "$OUT/blocks_in_flight_cuda.jsonl"}
 timeout 150 "$PY" benchmarks/blocks_in_flight.py --device cuda --amp bf16 --batch 1024 --iters 20 --warmup 5 \
     ${OUT:+--results "$OUT/blocks_in_flight_cuda.jsonl"}
+timeout 200 "$PY" benchmarks/memory_plan.py --part targets --device cuda --models resnet50 \
+    --results "${OUT:-benchmarks/results}/memory_plan_cuda.jsonl"   # the CUDA allocator peak beside the plan (#24)
 timeout 240 "$PY" benchmarks/blocks_in_flight.py --device cpu --batch 128 --iters 6 --warmup 2 \
     ${OUT:+--results "$OUT/blocks_in_flight_cpu.jsonl"}
