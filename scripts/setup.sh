@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch first and pinned: an unpinned torch would pull several GB of CUDA wheels.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,all]"
 FM=/usr/share/datasets/fashion-mnist
 if [ ! -f "$FM/train-images-idx3-ubyte.gz" ] && [ -z "${MANLEARN_DATA:-}" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

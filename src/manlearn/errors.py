@@ -23,3 +23,20 @@ class DivergenceError(ManlearnError):
 
 class OutputError(ManlearnError):
     """An output location that cannot be written (not a folder, no permission, no space)."""
+
+
+class MissingExtraError(ManlearnError):
+    """An optional dependency that is not installed; the message names the extra that brings it."""
+
+
+def optional_import(module: str, extra: str, purpose: str):
+    """Import an optional dependency, or refuse in one line naming ``pip install 'manlearn[extra]'``.
+
+    Plots, COCO evaluation and two dataset readers need libraries that a plain install leaves out."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtraError(f"{purpose} needs {module.split('.')[0]}, which is not installed: "
+                                f"pip install 'manlearn[{extra}]'") from None

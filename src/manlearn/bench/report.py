@@ -11,7 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, optional_import
 from ..recompute import checkpoint_granularity
 from .common import ALL_METHODS, parse_method, read_rows, run_key, sweep_overrides
 
@@ -126,8 +126,7 @@ def accuracy_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _pyplot():
-    import matplotlib
-
+    matplotlib = optional_import("matplotlib", "plots", "the report's plots")
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 

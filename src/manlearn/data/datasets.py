@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from manlearn.errors import ConfigError, DatasetError
+from manlearn.errors import ConfigError, DatasetError, optional_import
 
 from . import formats
 from .formats import FormatProblem
@@ -188,9 +188,8 @@ _DIGITS_SEED = 0
 
 def _load_digits(name: str, split: str, dirs: list[str], limit: int | None, size: int | None) -> ImageData:
     """sklearn's 8x8 digits with a fixed-seed permutation split, so train/test never overlap or change."""
+    load_digits = optional_import("sklearn.datasets", "data", "the digits dataset").load_digits
     try:
-        from sklearn.datasets import load_digits
-
         bunch = load_digits()
     except Exception as e:  # ImportError or a broken install
         raise _error(name, split, f"scikit-learn could not load it ({type(e).__name__}: {e})", None) from None

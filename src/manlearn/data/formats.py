@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import optional_import
+
 __all__ = [
     "FormatProblem",
     "read_idx",
@@ -159,10 +161,9 @@ def read_svhn_mat(path: str) -> tuple[np.ndarray, np.ndarray]:
     The file stores X as 32x32x3xN and y as Nx1 with the digit 0 labelled 10.
     """
     name = os.path.basename(path)
+    loadmat = optional_import("scipy.io", "data", "reading SVHN's .mat files").loadmat
     try:
-        import scipy.io
-
-        mat = scipy.io.loadmat(path)
+        mat = loadmat(path)
     except Exception as e:  # MatReadError, ValueError, OSError, NotImplementedError (v7.3/HDF5)
         raise FormatProblem(f"{name}: not a readable MATLAB file ({type(e).__name__}: {e})") from e
     if "X" not in mat or "y" not in mat:

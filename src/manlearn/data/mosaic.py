@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from manlearn.errors import ConfigError, DatasetError
+from manlearn.errors import ConfigError, DatasetError, optional_import
 
 __all__ = ["make_mosaic", "MOSAIC_SOURCES", "FASHION_MNIST_CLASSES"]
 
@@ -148,7 +148,7 @@ def _render_split(
 
 def _encode_items(owner: np.ndarray, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Visible mask, tight box, area and COCO RLE of each item of one canvas."""
-    from pycocotools import mask as mask_utils
+    mask_utils = optional_import("pycocotools.mask", "detection", "the mosaic dataset's COCO masks")
 
     if not items:
         return []

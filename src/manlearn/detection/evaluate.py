@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, optional_import
 from .coco import CocoAnnotations, CocoDetection, load_coco_annotations
 
 __all__ = ["coco_map", "COCO_METRICS", "predictions_to_coco"]
@@ -72,8 +72,8 @@ def coco_map(dataset_or_ann_file: CocoDetection | CocoAnnotations | str | os.Pat
     in this size range" is kept). No detections at all give 0 everywhere instead of pycocotools'
     crash. pycocotools' prints are captured.
     """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+    COCO = optional_import("pycocotools.coco", "detection", "COCO box mAP").COCO
+    COCOeval = optional_import("pycocotools.cocoeval", "detection", "COCO box mAP").COCOeval
 
     scales: dict[int, tuple[float, float]] | None = None
     sizes: dict[int, tuple[int, int]] | None = None
