@@ -21,7 +21,7 @@ import os
 import torch
 
 from manlearn.bench.common import append_rows, environment
-from manlearn.dense import DenseLocalLearner
+from manlearn import LocalLearner
 from manlearn.detection import RetinaNetTask
 from manlearn.memory import PeakMemory
 from manlearn.rules import LocalBatch
@@ -65,8 +65,9 @@ def _bytes(ts) -> int:
 def measure(case: str, task_name: str, method: str, K: int, device: str) -> dict:
     spec = CASES[case]
     torch.manual_seed(0)
-    learner = DenseLocalLearner(_task(task_name, spec["head"]), "resnet50", method, K,
-                                model_kwargs=spec["model_kwargs"]).to(device)
+    learner = LocalLearner("resnet50", task=_task(task_name, spec["head"]), method=method,
+                           base="greedy" if method in ("man", "manpp") else None, K=K, stem_module=False,
+                           image_size=64, model_kwargs=spec["model_kwargs"]).to(device)
     x = torch.randn(spec["batch"], 3, spec["size"], spec["size"], device=device)
     y = _targets(task_name, spec["batch"], spec["size"], device)
     learner.train_step(x, y)  # warm-up (BN statistics, allocator, anchor caches)

@@ -17,7 +17,7 @@ import time
 import torch
 
 from manlearn.bench.common import append_rows, environment
-from manlearn.dense import DenseLocalLearner
+from manlearn import LocalLearner
 from manlearn.detection import CocoDetection, RetinaNetTask
 from manlearn.segmentation import DeepLabV3Task, load_mask_folder
 
@@ -43,7 +43,8 @@ def main() -> None:
             torch.manual_seed(0)
             head = (RetinaNetTask(10, fpn_channels=64, head_convs=2, norm=True) if task == "retinanet"
                     else DeepLabV3Task(11, aspp_channels=64))
-            learner = DenseLocalLearner(head, "resnet50", method, K, model_kwargs=WIDTHS)
+            learner = LocalLearner("resnet50", task=head, method=method, base="greedy" if method == "manpp" else None,
+                                   K=K, stem_module=False, image_size=64, model_kwargs=WIDTHS)
             opt = torch.optim.SGD([p for p in learner.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
             runs[(task, method)] = (learner, opt, [])
     for r in range(args.warmup + args.rounds):

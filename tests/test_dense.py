@@ -9,10 +9,10 @@ import torch
 
 from invariants import (assert_block_grads_are_their_local_loss_grads, assert_ema_is_m_old_plus_one_minus_m_source,
                         perturb_ema_and_snapshot)
-from manlearn.dense import DENSE_METHODS, DenseLocalLearner, LocalTaskLoss
+from manlearn import LocalLearner
 from manlearn.detection import RetinaNetTask
 from manlearn.errors import ConfigError
-from manlearn.rules import MomentumAux
+from manlearn.rules import MomentumAux, TaskLoss
 
 WIDTHS = dict(widths=[8, 16, 32, 64], stem_width=8)
 TASKS = {
@@ -34,12 +34,20 @@ def _batch(task: str, b: int = 2, size: int = 64):
     return x, y
 
 
-def _learner(task: str, method: str, K: int = 4, model: str = "resnet50", **kw) -> DenseLocalLearner:
+#: The dense recipes' methods: the task's local head alone (greedy), and MAN / MAN++ in front of it.
+METHODS = {"greedy": dict(method="greedy"), "man": dict(method="man", base="greedy"),
+           "manpp": dict(method="manpp", base="greedy"), "e2e": dict(method="e2e")}
+LOCAL = ["greedy", "man", "manpp"]
+
+
+def dense(task, model="resnet50", method="manpp", K=4, **kw) -> LocalLearner:
+    """A dense learner as the recipes build it: cut at stage boundaries with the stem in the first block."""
+    return LocalLearner(model, task=task, K=K, stem_module=False, image_size=64, **METHODS[method], **kw)
+
+
+def _learner(task: str, method: str, K: int = 4, model: str = "resnet50", **kw) -> LocalLearner:
     torch.manual_seed(0)
-    return DenseLocalLearner(TASKS[task](), model, method, K, model_kwargs=WIDTHS, **kw).double()
-
-
-LOCAL = [m for m in DENSE_METHODS if m != "e2e"]
+    return dense(TASKS[task](), model, method, K, model_kwargs=WIDTHS, **kw).double()
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
@@ -115,7 +123,7 @@ def test_manpp_aux_is_built_from_the_next_stage_first_unit_and_fuses_with_s(task
     h = x.double()
     for k, aux in enumerate(learner.auxes):
         h = learner.blocks[k](h)
-        assert isinstance(aux, MomentumAux) and isinstance(aux.heads, LocalTaskLoss)
+        assert isinstance(aux, MomentumAux) and isinstance(aux.heads, TaskLoss)
         assert aux.source is learner.blocks[k + 1][0]  # first unit of the next block (its first stage)
         with torch.no_grad():
             aux.scale.fill_(0.3)
@@ -128,16 +136,16 @@ def test_stage_cuts_follow_spec_and_bad_k_is_refused():
     assert [len(b) for b in learner.blocks] == [1 + 3, 4, 6, 3]  # stem + layer1 | layer2 | layer3 | layer4
     with pytest.raises(ConfigError, match="K must be 1..4"):
         _learner("detection", "manpp", K=5)
-    with pytest.raises(ConfigError, match="use method=e2e"):
-        _learner("detection", "manpp", K=1)
+    assert _learner("detection", "manpp", K=1).K == 1  # K=1 is plain backprop, as for every task
     with pytest.raises(ConfigError, match="stage_cuts"):
         _learner("detection", "manpp", K=3, stage_cuts=(2, 2))
-    with pytest.raises(ConfigError, match="unknown dense method"):
-        _learner("detection", "dgl")
+    with pytest.raises(ConfigError, match="use 'greedy'"):  # a rule that needs per-image class labels
+        LocalLearner("resnet50", task=TASKS["detection"](), method="dgl", K=4, stem_module=False, image_size=64,
+                     model_kwargs=WIDTHS)
     with pytest.raises(ConfigError, match="stage"):
-        DenseLocalLearner(TASKS["detection"](), "resnet32", "manpp", 4)
+        dense(TASKS["detection"](), "resnet32", "manpp", 4)
     with pytest.raises(ConfigError, match="lacks"):
-        DenseLocalLearner(object(), "resnet50", "manpp", 4, model_kwargs=WIDTHS)
+        dense(object(), "resnet50", "manpp", 4, model_kwargs=WIDTHS)
 
 
 @pytest.mark.parametrize("model", ["resnet50", "resnet101", "resnet152"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from manlearn.dense import DenseLocalLearner
+from manlearn import LocalLearner
 from manlearn.errors import DatasetError
 
 WIDTHS = dict(widths=[8, 16, 32, 64], stem_width=8)
@@ -43,8 +43,8 @@ def test_manpp_k4_detection_learns_on_the_mosaic(mosaic):
     train = CocoDetection.from_root(mosaic, "train", min_size=None, max_size=None)
     subset = list(range(16))  # a fixed small set: what a short run can fit
     torch.manual_seed(0)
-    learner = DenseLocalLearner(RetinaNetTask(10, fpn_channels=16, head_convs=2, local_channels=16), "resnet50",
-                                "manpp", 4, model_kwargs=WIDTHS)
+    learner = LocalLearner("resnet50", task=RetinaNetTask(10, fpn_channels=16, head_convs=2, local_channels=16),
+                           method="manpp", base="greedy", K=4, stem_module=False, image_size=64, model_kwargs=WIDTHS)
 
     def ap50() -> float:
         learner.eval()
@@ -70,8 +70,8 @@ def test_manpp_k4_segmentation_learns_on_the_mosaic(mosaic):
 
     train, val = load_mask_folder(mosaic, "train"), load_mask_folder(mosaic, "val")
     torch.manual_seed(0)
-    learner = DenseLocalLearner(DeepLabV3Task(train.num_classes, aspp_channels=16), "resnet50", "manpp", 4,
-                                model_kwargs=WIDTHS)
+    learner = LocalLearner("resnet50", task=DeepLabV3Task(train.num_classes, aspp_channels=16), method="manpp",
+                           base="greedy", K=4, stem_module=False, image_size=64, model_kwargs=WIDTHS)
 
     def miou() -> tuple[float, float]:
         learner.eval()

@@ -295,10 +295,3 @@ def test_decoding_workers_give_the_same_training_as_the_in_memory_set(mosaic, tm
     pa, pb = _params(cached), _params(streamed)
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
 
-
-def test_dense_trainer_is_a_deprecated_alias_of_trainer():
-    from manlearn.dense import DenseTrainer
-
-    assert issubclass(DenseTrainer, Trainer)
-    with pytest.warns(DeprecationWarning, match="manlearn.train.Trainer"), pytest.raises(ConfigError, match="out_dir"):
-        DenseTrainer(TrainConfig(out_dir=" "))

@@ -15,7 +15,6 @@ LAYERS = [
     ["__main__"],
     ["cli"],
     ["bench", "listing"],
-    ["dense"],
     ["train"],
     ["config"],  # typed config; checks names against the rule/model/data registries below it
     ["learner"],

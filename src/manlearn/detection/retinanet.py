@@ -1,7 +1,7 @@
 """RetinaNet (Lin et al. 2017) pieces, and :class:`RetinaNetTask`, the object the dense-task engine asks
 for heads, losses and predictions.
 
-The task protocol (used by :mod:`manlearn.dense`):
+The task protocol (used by :class:`manlearn.LocalLearner`):
 
 * ``task.final_head(channels, strides)`` -> module whose ``forward(features)`` takes *all* backbone stage
   outputs (e.g. C2..C5 of a ResNet with strides 4/8/16/32), picks C3, C4, C5 (strides 8/16/32), runs an

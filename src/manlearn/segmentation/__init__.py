@@ -1,7 +1,7 @@
 """Semantic segmentation for manlearn: DeepLabV3(+) task heads, datasets (mask folders such as the
 Fashion-MNIST mosaic, Cityscapes), batched augmentation and confusion-matrix metrics.
 
-The training loop lives in the dense engine (``manlearn.dense``); this package supplies what is specific
+The engine is :class:`manlearn.LocalLearner` and the loop :class:`manlearn.train.Trainer`; this package supplies what is specific
 to segmentation.
 
 Public API::

@@ -1,6 +1,6 @@
 """DeepLabV3 / DeepLabV3+ as a *task object* for the dense local-learning engine.
 
-The engine (``manlearn.dense``) owns the backbone, the split into blocks and the training step; it asks a
+The engine (:class:`manlearn.LocalLearner`) owns the backbone, the split into blocks and the training step; it asks a
 task for three things only, so that detection and segmentation share one engine:
 
 * ``final_head(channels, strides)`` -> a module whose ``forward(features)`` takes **all** backbone stage
