@@ -263,7 +263,7 @@ def test_stream_step_order_of_work_and_result(spec, n):
     out, losses = stream_step(conc, batch.x, batch, None, after.append, streams)
     assert after == list(range(5))
     torch.testing.assert_close(torch.stack(losses), a.loss_values, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(out, a.outputs, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out, a.logits, rtol=1e-10, atol=1e-12)
     assert_same_state(seq, conc)
 
     assert log[0] == ("fork",) and ("join",) in log

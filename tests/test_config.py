@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from manlearn.config import (DetectionTask, SegmentationTask, TrainConfig, apply_overrides, config_from_dict,
-                             config_keys, config_to_dict, load_config, task_keys, upgrade_config_dict, validate)
+                             config_keys, config_to_dict, load_config, task_keys, validate)
 from manlearn.errors import ConfigError
 from manlearn.recipes import packaged_recipes_dir, resolve_recipe
 
@@ -277,7 +277,7 @@ def test_task_section_from_yaml_and_overrides(tmp_path):
     (["task.name=segmentation", *DET, "task.data_format=coco"], "task.data_format='coco'"),
     (["task.name=detection", *DET, "pipeline_workers=2"], "pipeline_workers is for classification"),
     (["schedule=step-warmup", "lr_steps=[500, 100]"], "lr_steps must be strictly increasing"),
-    (["eval_every=3"], "is now 'eval_every_epochs (or eval_every_steps)'"),
+    (["eval_every=3"], "unknown config key 'eval_every' in command line (did you mean 'eval_every_"),
 ])
 def test_task_section_errors(items, needle):
     with pytest.raises(ConfigError) as e:
@@ -296,9 +296,12 @@ def test_a_rule_that_cannot_train_the_task_is_refused_when_the_learner_is_built(
         build_learner(cfg, type("Info", (), {"num_classes": 3})())
 
 
-def test_keys_of_earlier_versions_still_work_under_their_new_names():
-    cfg = apply_overrides(TrainConfig(), ["test_limit=3", "ckpt_every=7"])
-    assert (cfg.eval_limit, cfg.ckpt_every_steps) == (3, 7)
+def test_keys_of_earlier_versions_are_unknown_keys_with_a_hint():
+    """0.x keeps no aliases: a key of an earlier version is an unknown key, with did-you-mean."""
+    with pytest.raises(ConfigError, match=r"unknown config key 'ckpt_every' in command line \(did you mean 'ckpt_every_steps'"):
+        apply_overrides(TrainConfig(), ["ckpt_every=7"])
+    with pytest.raises(ConfigError, match="unknown config key 'test_limit'"):
+        apply_overrides(TrainConfig(), ["test_limit=3"])
 
 
 def test_task_section_errors_in_yaml(tmp_path):
@@ -310,22 +313,6 @@ def test_task_section_errors_in_yaml(tmp_path):
     p.write_text("task: [detection]\n")
     with pytest.raises(ConfigError, match="task section"):
         load_config(p)
-
-
-def test_configs_of_earlier_versions_are_upgraded():
-    """Checkpoints keep their config: an earlier flat dense config (or renamed keys) still loads."""
-    old_dense = {"task": "segmentation", "data_dir": "d", "aspp_channels": 32, "eval_every": 50,
-                 "ckpt_every": 100, "model_widths": [8, 8, 8, 8], "data_format": "auto", "lr": 0.02}
-    cfg = config_from_dict(upgrade_config_dict(old_dense))
-    assert isinstance(cfg.task, SegmentationTask) and cfg.task.aspp_channels == 32
-    assert cfg.task.data_format == "mask-folder" and cfg.task.model_widths == [8, 8, 8, 8]
-    assert (cfg.eval_every_steps, cfg.eval_every_epochs, cfg.ckpt_every_steps) == (50, 0, 100)
-    assert (cfg.schedule, cfg.iterations, cfg.lr_steps, cfg.lr, cfg.nesterov) == ("step-warmup", 90000,
-                                                                                 [60000, 80000], 0.02, False)
-    old_cls = {"test_limit": 7, "eval_every": 2, "lr": 0.3}
-    cfg = config_from_dict(upgrade_config_dict(old_cls))
-    assert (cfg.eval_limit, cfg.eval_every_epochs, cfg.lr, cfg.task.name) == (7, 2, 0.3, "classification")
-    assert upgrade_config_dict(config_to_dict(cfg)) == config_to_dict(cfg)  # today's shape: unchanged
 
 
 def test_lambda_schedules_are_the_rules_own():

@@ -115,7 +115,7 @@ def test_quickstart_trains_and_evaluates_from_the_wheel(installed):
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist or set $MANLEARN_DATA)")
     env, cwd, manlearn = installed["env"], installed["cwd"], str(installed["venv"] / "bin" / "manlearn")
     out_dir = installed["tmp"] / "quickstart"
-    out = _run([manlearn, "train", "quickstart", "max_steps=2", "train_limit=256", "test_limit=64",
+    out = _run([manlearn, "train", "quickstart", "max_steps=2", "train_limit=256", "eval_limit=64",
                 f"out_dir={out_dir}", "progress=false"], cwd=cwd, env=env, timeout=300)
     assert "test accuracy:" in out and "steps: 2" in out
     assert (out_dir / "last.pt").is_file()

@@ -35,12 +35,6 @@ OLD_TO_NEW = {
     "mosaic_deeplab_r50_manpp_k4": "mosaic-deeplab-r50-k4-manpp",
     "mosaic_retinanet_r50_e2e": "mosaic-retinanet-r50-e2e",
     "mosaic_retinanet_r50_manpp_k4": "mosaic-retinanet-r50-k4-manpp",
-    "vit-base-e2e": "imagenet-vit-base-e2e",
-    "vit-base-k4-manpp": "imagenet-vit-base-k4-manpp",
-    "vit-small-e2e": "imagenet-vit-small-e2e",
-    "vit-small-k4-manpp": "imagenet-vit-small-k4-manpp",
-    "vit-tiny-e2e": "imagenet-vit-tiny-e2e",
-    "vit-tiny-k4-manpp": "imagenet-vit-tiny-k4-manpp",
 }
 DATA_WORDS = {"fm", "cifar10", "svhn", "stl10", "imagenet", "coco", "mosaic"}
 

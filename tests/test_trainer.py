@@ -24,6 +24,7 @@ from manlearn.errors import CheckpointError, ConfigError
 from manlearn.train import (CKPT_NAME, Trainer, build_optimizer, load_checkpoint, lr_at,
                             read_jsonl, save_checkpoint)
 from manlearn.train.checkpoint import capture_rng_state, restore_rng_state
+from manlearn.cli import main
 
 SPE = 4  # steps per epoch of tiny()
 
@@ -331,20 +332,21 @@ def test_corrupt_checkpoints_are_refused(finished, tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
-def test_checkpoint_of_an_earlier_version_resumes(finished, tmp_path):
-    """A checkpoint whose config has the earlier flat shape (test_limit, eval_every, no task section, no
-    step-decay keys) is upgraded: the run resumes, and a real difference is still refused."""
+def test_checkpoint_of_an_earlier_version_is_refused_in_one_line(finished, tmp_path, capsys):
+    """0.x keeps no upgraders: a checkpoint whose config has an earlier shape (test_limit, eval_every) is
+    refused, for resume and for eval, in one line that names the keys this version does not know."""
     ck = load_checkpoint(finished / CKPT_NAME)
     c = ck["config"]
     c["test_limit"], c["eval_every"] = c.pop("eval_limit"), c.pop("eval_every_epochs")
-    for key in ("task", "iterations", "eval_every_steps", "lr_steps", "lr_gamma", "warmup_iters", "warmup_factor"):
-        c.pop(key)
     d = tmp_path / "old"
     d.mkdir()
     torch.save(ck, d / CKPT_NAME)
-    assert Trainer(tiny(d, epochs=1), resume=True).step == 2
-    with pytest.raises(CheckpointError, match="lr: checkpoint"):
-        Trainer(tiny(d, epochs=1, lr=0.3), resume=True)
+    with pytest.raises(CheckpointError, match="keys unknown to this version: eval_every, test_limit") as got:
+        Trainer(tiny(d, epochs=1), resume=True)
+    assert "\n" not in str(got.value)
+    assert main(["eval", str(d / CKPT_NAME)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "earlier version" in err and "test_limit" in err and len(err.splitlines()) == 1, err
 
 
 def test_checkpoint_with_wrong_weights_is_refused(finished, tmp_path):

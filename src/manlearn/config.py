@@ -51,7 +51,6 @@ __all__ = [
     "config_to_dict",
     "config_to_yaml",
     "flat_config_dict",
-    "upgrade_config_dict",
     "validate",
     "config_keys",
     "task_keys",
@@ -451,17 +450,9 @@ def task_keys(name: str | None = None) -> list[str]:
     return out
 
 
-#: Keys of earlier versions whose meaning did not change: still accepted, under their new name.
-KEY_ALIASES = {"test_limit": "eval_limit", "ckpt_every": "ckpt_every_steps"}
-#: Keys of earlier versions whose meaning depended on the run (epochs or steps): what to write instead.
-RENAMED_KEYS = {"eval_every": "eval_every_epochs (or eval_every_steps)"}
-
-
 def _unknown_key_error(key: str, where: str = "", cls: type = TrainConfig, prefix: str = "") -> ConfigError:
     keys = [prefix + k for k in config_keys(cls)]
     src = f" in {where}" if where else ""
-    if not prefix and key in RENAMED_KEYS:
-        return ConfigError(f"config key '{key}'{src} is now '{RENAMED_KEYS[key]}'")
     # a task-only key written at the top level: point to task.<key>
     candidates = keys + (task_keys() if cls is TrainConfig else [])
     close = difflib.get_close_matches(prefix + key, candidates, n=1, cutoff=0.6)
@@ -474,8 +465,6 @@ def _unknown_key_error(key: str, where: str = "", cls: type = TrainConfig, prefi
 def _set(values: dict[str, Any], key: str, raw: Any, where: str = "", cls: type = TrainConfig,
          prefix: str = "") -> None:
     types_ = _field_types(cls)
-    if not prefix and cls is TrainConfig:
-        key = KEY_ALIASES.get(key, key)
     if key not in types_:
         raise _unknown_key_error(key, where, cls, prefix)
     tp = types_[key]
@@ -570,55 +559,6 @@ def flat_config_dict(data: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[k] = v
     return out
-
-
-#: Keys of the flat dense config of earlier versions that now live in the task section.
-_LEGACY_DENSE_TASK_KEYS = ("data_format", "train_split", "val_split", "num_classes", "min_size", "max_size",
-                           "seg_size", "seg_crop", "seg_scale", "hflip", "normalize", "model_widths",
-                           "stem_width", "stage_cuts", "fpn_channels", "head_convs", "local_channels",
-                           "box_loss", "head_norm", "aspp_channels", "decoder")
-#: Defaults of that flat dense config where they differ from today's shared defaults.
-_LEGACY_DENSE_DEFAULTS = {"data_dir": "data/coco", "data_workers": 4, "iterations": 90000,
-                          "lr": 0.01, "lr_steps": [60000, 80000], "warmup_iters": 500, "warmup_factor": 0.001,
-                          "batch_size": 16, "eval_batch_size": 8, "channels_last": False, "log_every": 20,
-                          "ckpt_every": 1000, "eval_every": 0, "out_dir": "runs/dense", "model": "resnet50",
-                          "K": 4, "nesterov": False, "schedule": "step-warmup"}
-
-
-def upgrade_config_dict(data: Mapping[str, Any]) -> dict[str, Any]:
-    """A config mapping of an earlier manlearn (a checkpoint's) in today's shape.
-
-    Renamed keys (``test_limit``, ``ckpt_every``, ``eval_every``) get their new names, and a flat dense
-    config (``task: detection`` beside ``fpn_channels: ...``) gets its task section and its old defaults
-    spelt out.  A mapping already in today's shape is returned unchanged (a copy).
-    """
-    d = dict(data)
-    dense = isinstance(d.get("task"), str) and d["task"] in ("detection", "segmentation")
-    if dense:
-        d = {**_LEGACY_DENSE_DEFAULTS, **d}
-        section: dict[str, Any] = {"name": d.pop("task")}
-        fmt = d.get("data_format", "auto")
-        if fmt == "auto":
-            d["data_format"] = "coco" if section["name"] == "detection" else "mask-folder"
-        allowed = set(config_keys(TASKS[section["name"]]))
-        for k in _LEGACY_DENSE_TASK_KEYS:
-            if k in d:
-                v = d.pop(k)
-                if k in allowed:
-                    section[k] = v
-        d["task"] = section
-    if "test_limit" in d:
-        d.setdefault("eval_limit", d.pop("test_limit"))
-    if "ckpt_every" in d:
-        d.setdefault("ckpt_every_steps", d.pop("ckpt_every"))
-    if "eval_every" in d:
-        every = d.pop("eval_every")
-        if dense:
-            d.setdefault("eval_every_steps", every)
-            d.setdefault("eval_every_epochs", 0)
-        else:
-            d.setdefault("eval_every_epochs", every)
-    return d
 
 
 def _lists(v: Any) -> Any:

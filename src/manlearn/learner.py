@@ -46,10 +46,6 @@ class StepOutput:
         self._losses: list[float] | None = None
 
     @property
-    def outputs(self) -> Any:
-        return self.logits
-
-    @property
     def losses(self) -> list[float]:
         """One local loss per block as floats; the last is the task loss."""
         if self._losses is None:
@@ -485,8 +481,8 @@ class LocalLearner(nn.Module):
             check(x, targets)
 
     def train_step(self, x: torch.Tensor, y: Any, *, zero_grad: bool = True,
-                   scaler: Any = None, grad_scale: torch.Tensor | None = None,
-                   after_block: Callable[[int], None] | None = None, local_only: bool = False) -> StepOutput:
+                   scaler: Any = None, after_block: Callable[[int], None] | None = None,
+                   local_only: bool = False) -> StepOutput:
         """Forward of every block, every local backward, the EMA updates (SPEC §1).
 
         ``y`` are the task's targets (class indices or per-class probabilities for classification;
@@ -494,8 +490,7 @@ class LocalLearner(nn.Module):
         trainable parameter and does not step an optimiser.
 
         ``scaler``: a ``torch.amp.GradScaler``; every loss is backpropagated as ``scaler.scale(loss)``, so
-        the usual ``scaler.step(opt); scaler.update()`` follows. (``grad_scale``, a scale tensor, is the
-        older form.) ``after_block(k)`` is called once block k's gradients (block, auxiliary network) are
+        the usual ``scaler.step(opt); scaler.update()`` follows. ``after_block(k)`` is called once block k's gradients (block, auxiliary network) are
         final — data parallelism (:class:`manlearn.distributed.GradReducer`) starts block k's gradient
         all-reduce there. Under an initialised process group of several ranks the step refuses to run
         without it, since nothing else would average the gradients (``local_only=True`` trains each rank
@@ -504,8 +499,7 @@ class LocalLearner(nn.Module):
         self.check_batch(x, y)
         if after_block is None and not local_only:
             _refuse_unsynced()
-        if scaler is not None:
-            grad_scale = scaler.scale(torch.ones((), device=x.device))
+        grad_scale = scaler.scale(torch.ones((), device=x.device)) if scaler is not None else None
         if zero_grad:
             self.zero_grad(set_to_none=True)
         x = self.prepare_input(x)

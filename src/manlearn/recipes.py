@@ -6,9 +6,8 @@ installed wheel works from any directory (no path relative to a source checkout)
 wins over the packaged one; an explicit YAML path always wins.
 
 Names follow ``<data>-<model>[-k<K>]-<method>`` with hyphens (``mosaic-retinanet-r50-k4-manpp``,
-``cifar10-resnet32-k16-infopro-manpp``).  Older spellings keep resolving: ``_`` is read as ``-``, the
-same words in another order match (``mosaic_retinanet_r50_manpp_k4``), and :data:`RENAMED` maps the
-names that changed by more than that.
+``cifar10-resnet32-k16-infopro-manpp``).  Other spellings resolve too: ``_`` is read as ``-``, and the
+same words in another order match (``mosaic_retinanet_r50_manpp_k4``).
 
 :func:`recipe_info` reads a recipe generically (any mapping; ``task:`` as a string or as a mapping
 with a ``name``) for ``manlearn list``; it never raises, a broken file becomes an ``error`` note.
@@ -26,18 +25,11 @@ from typing import Any
 
 from manlearn.errors import ConfigError
 
-__all__ = ["PACKAGE_SOURCE", "RENAMED", "RecipeInfo", "all_recipe_info", "list_recipes", "packaged_recipes_dir",
+__all__ = ["PACKAGE_SOURCE", "RecipeInfo", "all_recipe_info", "list_recipes", "packaged_recipes_dir",
            "recipe_info", "recipes_dirs", "resolve_recipe", "user_recipes_dir"]
 
 #: ``RecipeInfo.source`` of a recipe shipped in the package.
 PACKAGE_SOURCE = "package"
-
-#: Old recipe names whose words changed (not only ``_``/``-`` or word order) -> current name.
-RENAMED: dict[str, str] = {
-    f"vit-{size}-{method}": f"imagenet-vit-{size}-{method}"
-    for size in ("tiny", "small", "base") for method in ("e2e", "k4-manpp")
-}
-
 
 @functools.lru_cache(maxsize=None)
 def packaged_recipes_dir() -> Path:
@@ -104,8 +96,6 @@ def resolve_recipe(name: str | Path) -> Path:
         key = stem.lower().replace("_", "-")
         if key in recipes:
             return recipes[key]
-        if RENAMED.get(key) in recipes:
-            return recipes[RENAMED[key]]
         # Same words in another order (fm-r32-manpp-infopro, mosaic_retinanet_r50_manpp_k4).
         same = [r for r in recipes if _words(r) == _words(stem)]
         if len(same) == 1:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from manlearn.config import (TrainConfig, config_from_dict, config_keys, config_to_dict, flat_config_dict,
-                             task_keys, upgrade_config_dict)
+                             task_keys)
 from manlearn.errors import CheckpointError, ConfigError
 
 __all__ = [
@@ -125,7 +125,7 @@ def config_differences(saved: Mapping[str, Any], cfg: TrainConfig,
     """``{key: (saved value, current value)}`` for every key that differs and is not ignored; task keys
     are compared one by one as ``task.<key>``; ``saved`` may be a config of an earlier version."""
     current = flat_config_dict(config_to_dict(cfg))
-    upgraded = upgrade_config_dict(saved)
+    upgraded = dict(saved)
     try:  # keys a checkpoint of an earlier version lacks had today's defaults (they did not exist yet)
         upgraded = config_to_dict(config_from_dict(upgraded, check=False))
     except ConfigError:  # keys unknown to this version: compare as stored (check_resume_compatible names them)
@@ -147,7 +147,7 @@ def check_resume_compatible(ckpt: Mapping[str, Any], cfg: TrainConfig, path: str
     if diffs:
         items = "; ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diffs.items())
         known = set(config_keys()) | set(task_keys())
-        unknown = sorted(set(flat_config_dict(upgrade_config_dict(ckpt["config"]))) - known)
+        unknown = sorted(set(flat_config_dict(ckpt["config"])) - known)
         extra = f" (keys unknown to this version: {', '.join(unknown)})" if unknown else ""
         raise CheckpointError(
             f"checkpoint {path} belongs to another configuration; differing keys: {items}{extra}. "
@@ -189,12 +189,13 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 # ``manlearn eval`` of a checkpoint (classification and dense): its config, adjusted, and its weights.
 
 def checkpoint_config(ckpt: Mapping[str, Any], path: str | Path, cls: type | None = None) -> TrainConfig:
-    """The config stored in ``ckpt`` (validated; one of an earlier version is upgraded); a config this
-    version cannot use is a CheckpointError."""
+    """The config stored in ``ckpt`` (validated); a config this version cannot use (keys of an earlier
+    version: 0.x keeps no upgraders) is a CheckpointError."""
     try:
-        return config_from_dict(upgrade_config_dict(ckpt["config"]), where=f"checkpoint {path}")
+        return config_from_dict(ckpt["config"], where=f"checkpoint {path}")
     except ConfigError as e:
-        raise CheckpointError(f"checkpoint {path} holds a config this manlearn cannot use: {e}") from None
+        raise CheckpointError(f"checkpoint {path} holds a config this manlearn cannot use (written by an "
+                              f"earlier version? retrain, or use that version): {e}") from None
 
 
 def eval_config(cfg: Any, *, device: str, data_dir: str | None, limit_key: str, limit: int | None,
