@@ -684,12 +684,12 @@ def dense_model_names() -> list[str]:
 
 def _dense_methods() -> list[str] | None:
     """Rules a dense run may name: every registered rule (those that cannot train the task refuse when the
-    learner is built) and ``local``, the dense recipes' name of ``greedy``; None if they cannot be imported."""
+    learner is built); None if they cannot be imported."""
     try:
         from manlearn.rules import list_rules
     except ImportError:  # pragma: no cover
         return None
-    return sorted(set(list_rules()) | {"local"})
+    return sorted(list_rules())
 
 
 def _one_of(problems: list[str], key: str, value: Any, allowed: Iterable[str]) -> None:

@@ -79,14 +79,13 @@ def build_learner(cfg: TrainConfig, info: Any, device: torch.device | str = "cpu
 
     Shapes and normalisation come from the dataset (``info``: a :class:`~manlearn.data.DatasetInfo`;
     dense tasks: ``info.num_classes``), never from the config, so a recipe cannot disagree with its data.
-    The dense recipes' ``local`` method is the ``greedy`` rule (the task's local head); a modifier
-    (``man``/``manpp``) left on the classification default ``base=infopro`` takes the task's default
-    base on a task without per-image labels (``greedy``).
+    A modifier (``man``/``manpp``) left on the classification default ``base=infopro`` takes the task's
+    default base on a task without per-image labels (``greedy``).
     """
     dev = torch.device(device)
     import_user_code(cfg.imports)
     task = build_task(cfg, info.num_classes)
-    method = "greedy" if cfg.method == "local" else cfg.method
+    method = cfg.method
     base = cfg.base if (task.per_image_labels or cfg.base != "infopro") else None
     kwargs: dict[str, Any] = {}
     model_kwargs: dict[str, Any] = {}
