@@ -38,7 +38,7 @@ class CpuNchwBatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` that, on the CPU, runs a channels-last input in NCHW and returns channels-last.
 
     torch's channels-last CPU batch norm is slow at a few channels, and slower with 2 threads than with
-    1 (``benchmarks/bn_channels_last.py``; at 12 channels, 32x32, batch 128, 2 threads: 15.9 ms forward
+    1 (``benchmarks/archive/bn_channels_last.py``; at 12 channels, 32x32, batch 128, 2 threads: 15.9 ms forward
     + backward against 2.4 in NCHW). The InfoPro decoders' 12-channel layers hit it. Output and
     gradient go back in the caller's layout, and the op sees input and gradient in one layout (a mixed
     pair is torch's slow path). Same function (statistics summed in another order), same parameters

@@ -30,7 +30,7 @@ _LADDER = (256, 128, 64, 32, 12)
 
 # Below this many channels the batch norm runs in NCHW on the CPU (CpuNchwBatchNorm2d). At 12 channels,
 # 2 threads, batch 128, forward + backward: 230 -> 80 ms at 112x112 and 51 -> 7.6 ms at 56x56; at 32
-# channels channels-last is as fast or faster (benchmarks/bn_channels_last.py --shapes 12x112 12x56 32x56
+# channels channels-last is as fast or faster (benchmarks/archive/bn_channels_last.py --shapes 12x112 12x56 32x56
 # 32x112), so those stay plain.
 _NCHW_BN_BELOW = 16
 
