@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import torch
 
-from manlearn.bench.common import append_rows, environment
+from manlearn.bench.common import append_rows, environment, interleaved
 from manlearn import LocalLearner
 from manlearn.detection import CocoDetection, RetinaNetTask
 from manlearn.segmentation import DeepLabV3Task, load_mask_folder
@@ -46,20 +45,18 @@ def main() -> None:
             learner = LocalLearner("resnet50", task=head, method=method, base="greedy" if method == "manpp" else None,
                                    K=K, stem_module=False, image_size=64, model_kwargs=WIDTHS)
             opt = torch.optim.SGD([p for p in learner.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-            runs[(task, method)] = (learner, opt, [])
-    for r in range(args.warmup + args.rounds):
-        for (task, _), (learner, opt, times) in runs.items():
-            x, y = inputs[task]
-            t0 = time.perf_counter()
-            learner.train_step(x, y)
-            opt.step()
-            if r >= args.warmup:
-                times.append(time.perf_counter() - t0)
+            runs[(task, method)] = (learner, opt)
+
+    def step(task: str, learner, opt):
+        x, y = inputs[task]
+        return lambda: (learner.train_step(x, y), opt.step())
+
+    times = interleaved({key: step(key[0], *run) for key, run in runs.items()}, args.rounds, args.warmup)
     env = environment()
     print("| task | method | K | s/it (median) | vs E2E |\n|---|---|---|---|---|")
-    for (task, method), (learner, _, times) in runs.items():
-        med = statistics.median(times)
-        base = statistics.median(runs[(task, "e2e")][2])
+    for (task, method), (learner, _) in runs.items():
+        med = statistics.median(times[(task, method)])
+        base = statistics.median(times[(task, "e2e")])
         row = dict(task=task, method=method, K=learner.K, batch=16, size=128, s_per_it=med, ratio_to_e2e=med / base,
                    **env)
         append_rows(args.results, [row])

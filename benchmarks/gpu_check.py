@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from manlearn import LocalLearner  # noqa: E402
-from manlearn.bench.common import append_rows, environment  # noqa: E402
+from manlearn.bench.common import append_rows, environment, interleaved  # noqa: E402
 
 CONFIGS = [
     dict(name="resnet32-k16-b1024", model="resnet32", K=16, batch=1024, size=32, num_classes=10,
@@ -54,15 +53,8 @@ def run(c: dict, steps: int, warmup: int) -> list[dict]:
     built = {m: build(c, m) for m in ("e2e", "manpp")}
     x = torch.randn(c["batch"], 3, c["size"], c["size"], device="cuda")
     y = torch.randint(0, c["num_classes"], (c["batch"],), device="cuda")
-    times = {m: [] for m in built}
-    for i in range(warmup + steps):
-        for m, (learner, opt) in built.items():
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            step(learner, opt, x, y)
-            torch.cuda.synchronize()
-            if i >= warmup:
-                times[m].append(time.perf_counter() - t0)
+    calls = {m: (lambda learner=learner, opt=opt: step(learner, opt, x, y)) for m, (learner, opt) in built.items()}
+    times = interleaved(calls, steps, warmup, sync=torch.cuda.synchronize)
     rows = []
     for m, (learner, opt) in built.items():
         torch.cuda.synchronize()

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import manlearn
-from manlearn.bench.common import median_ms
+from manlearn.bench.common import interleaved, median_ms
 from manlearn.models.layers import GlobalAvgPool
 
 
@@ -50,15 +49,10 @@ def main() -> None:
             learner = manlearn.LocalLearner("resnet32", method=method, base=base, K=16, channels_last=True)
             if old:
                 _swap_back(learner)
-            learners[(method if method == "e2e" else f"{base}+{method}", old)] = (learner, [])
+            learners[(method if method == "e2e" else f"{base}+{method}", old)] = learner
     x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
-    for r in range(2 + args.rounds):
-        for learner, times in learners.values():
-            t0 = time.perf_counter()
-            learner.train_step(x, y)
-            if r >= 2:
-                times.append(time.perf_counter() - t0)
-    for (name, old), (_, times) in learners.items():
+    steps = {key: (lambda learner=learner: learner.train_step(x, y)) for key, learner in learners.items()}
+    for (name, old), times in interleaved(steps, args.rounds, warmup=2).items():
         pool = "AdaptiveAvgPool2d(1)" if old else "GlobalAvgPool"
         print(f"{name:15s} {pool:21s} {statistics.median(times):.3f} s/it (train_step, median of {args.rounds})")
 

@@ -315,3 +315,15 @@ def test_bench_memory_takes_any_size_and_user_models_through_import(tmp_path, ca
     assert all(r["image_size"] == 20 and r["peak_rss_MiB"] > 0 for r in rows)
     assert rows[0]["split"] and rows[0]["split_ends"][-1] == 4
     assert rows[0]["plan_activation_MiB"] == pytest.approx(rows[0]["activation_peak_MiB"], rel=0.05)
+
+
+def test_interleaved_timing_calls_every_step_once_per_round_in_order():
+    """The one timing helper of every benchmark: rounds interleave the steps, warm-up rounds are not
+    recorded, and the sync runs before and after each timed call."""
+    from manlearn.bench.common import interleaved
+
+    calls: list[str] = []
+    steps = {k: (lambda k=k: calls.append(k)) for k in ("a", "b", "c")}
+    times = interleaved(steps, rounds=3, warmup=2, sync=lambda: calls.append("|"))
+    assert calls == ["|", "a", "|", "|", "b", "|", "|", "c", "|"] * 5
+    assert list(times) == ["a", "b", "c"] and all(len(t) == 3 and min(t) >= 0 for t in times.values())

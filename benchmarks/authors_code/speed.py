@@ -16,7 +16,7 @@ from _authors import use_authors_code  # noqa: E402
 use_authors_code()
 from networks import resnetDGL_MANPP, resnetInfoPro_MANPP  # noqa: E402
 from manlearn import LocalLearner  # noqa: E402
-from manlearn.bench.common import environment  # noqa: E402
+from manlearn.bench.common import environment, interleaved  # noqa: E402
 
 rounds, warmup, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 amp_arg = sys.argv[4] if len(sys.argv) > 4 else "off"
@@ -74,13 +74,7 @@ for amp in amps:
             learner.train_step(xc, y)  # zero_grad inside
             opt.step()
         steps[f"manlearn {name}{tag(amp)}"] = step
-times = {k: [] for k in steps}
-for r in range(warmup + rounds):
-    for k, fn in steps.items():
-        t = time.perf_counter()
-        fn()
-        if r >= warmup:
-            times[k].append(time.perf_counter() - t)
+times = interleaved(steps, rounds, warmup)
 row = {"what": "s/iter, ResNet-32 K=16 batch 128, interleaved", "rounds": rounds, "warmup": warmup,
        "amp": amp_arg, **environment("cpu"), "date": time.strftime("%Y-%m-%d %H:%M"),
        "median_s": {k: statistics.median(v) for k, v in times.items()}, "min_s": {k: min(v) for k, v in times.items()}}

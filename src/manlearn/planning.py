@@ -18,7 +18,6 @@ import copy
 import json
 import math
 import warnings
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 

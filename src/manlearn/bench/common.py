@@ -13,7 +13,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 import torch
 
@@ -147,16 +147,32 @@ def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
     return env
 
 
-def median_ms(fn, n: int = 20, warmup: int = 5) -> float:
+K = TypeVar("K")
+
+
+def interleaved(steps: Mapping[K, Callable[[], Any]], rounds: int, warmup: int = 0,
+                sync: Callable[[], Any] | None = None) -> dict[K, list[float]]:
+    """Wall seconds of each step, timed in interleaved rounds: every round calls every step once, in order,
+    so that a machine getting slower or faster mid-run shifts all of them alike (the only fair comparison
+    on a shared machine). The first ``warmup`` rounds are not recorded; ``sync`` (e.g.
+    ``torch.cuda.synchronize``) runs before and after each timed call."""
+    times: dict[K, list[float]] = {k: [] for k in steps}
+    for r in range(warmup + rounds):
+        for k, step in steps.items():
+            if sync is not None:
+                sync()
+            t0 = time.perf_counter()
+            step()
+            if sync is not None:
+                sync()
+            if r >= warmup:
+                times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def median_ms(fn: Callable[[], Any], n: int = 20, warmup: int = 5) -> float:
     """Median wall time of ``fn()`` in milliseconds over ``n`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+    return 1000 * statistics.median(interleaved({0: fn}, n, warmup)[0])
 
 
 def append_rows(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:

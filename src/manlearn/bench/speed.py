@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..learner import LocalLearner
 from ..rules import LocalBatch, MomentumAux
 from ..runtime import amp_dtype
-from .common import append_rows, environment, parse_method
+from .common import append_rows, environment, interleaved, parse_method
 
 
 def _sync(device: torch.device) -> None:
@@ -142,17 +142,11 @@ def run_speed(model: str, methods: Sequence[str], K: int, batch: int, iters: int
     learner0 = built[specs[0]][0]
     x = torch.randn(batch, learner0.in_channels, learner0.image_size, learner0.image_size, generator=g).to(dev)
     y = torch.randint(0, learner0.num_classes, (batch,), generator=g).to(dev)
-    times: dict[tuple[str, str], list[float]] = {s: [] for s in specs}
-    for i in range(warmup + iters):
-        for s in specs:
-            learner, opt = built[s]
-            _sync(dev)
-            t0 = time.perf_counter()
-            learner.train_step(x, y)
-            opt.step()
-            _sync(dev)
-            if i >= warmup:
-                times[s].append(time.perf_counter() - t0)
+
+    def step(learner, opt) -> Callable[[], None]:
+        return lambda: (learner.train_step(x, y), opt.step())
+
+    times = interleaved({s: step(*built[s]) for s in specs}, iters, warmup, sync=lambda: _sync(dev))
     env = environment(device)
     rows = []
     for s in specs:
