@@ -315,11 +315,24 @@ def test_task_section_errors_in_yaml(tmp_path):
         load_config(p)
 
 
-def test_lambda_schedules_are_the_rules_own():
-    from manlearn.config import LAMBDA_SCHEDULES
-    from manlearn.rules.infopro import LAMBDA_SCHEDULES as RULES
+@pytest.mark.parametrize("key,owner,name", [
+    ("lambda_schedule", "manlearn.rules.infopro", "LAMBDA_SCHEDULES"),
+    ("infopro_heads", "manlearn.rules.infopro", "INFOPRO_HEADS"),
+    ("init", "manlearn.rules.momentum", "INITS"),
+    ("fidelity", "manlearn.learner", "FIDELITIES"),
+])
+def test_a_rules_choices_are_written_once_beside_the_rule(key, owner, name):
+    """Config keeps no copy of a rule's choice list: it validates by asking the rule's module."""
+    import importlib
 
-    assert LAMBDA_SCHEDULES == RULES
+    import manlearn.config as config
+
+    assert not hasattr(config, name)
+    choices = getattr(importlib.import_module(owner), name)
+    for good in choices:
+        apply_overrides(TrainConfig(), [f"{key}={good}"])
+    with pytest.raises(ConfigError, match=f"{key}='bogus'.*{choices[-1]}"):
+        apply_overrides(TrainConfig(), [f"{key}=bogus"])
 
 
 def test_fidelity_and_authors_init_reach_the_learner():

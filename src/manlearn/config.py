@@ -65,14 +65,10 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine-warmup", "cosine-iter", "constant", "step-warmup")
 AMP_MODES = ("off", "bf16", "fp16")
 NONFINITE_MODES = ("stop", "skip")
-INITS = ("copy", "random")
-LAMBDA_SCHEDULES = ("auto", "stage", "module", "linear")  # = manlearn.rules.infopro.LAMBDA_SCHEDULES (tested)
-INFOPRO_HEADS = ("auto", "cifar", "imagenet")
 DIST_BACKENDS = ("auto", "gloo", "nccl")
 DETECTION_FORMATS = ("coco",)
 SEGMENTATION_FORMATS = ("mask-folder", "cityscapes")
 NORMALIZATIONS = ("imagenet", "half")
-BOX_LOSSES = ("smooth_l1", "l1", "giou")
 
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
@@ -756,6 +752,8 @@ def _validate_dense(p: list[str], cfg: TrainConfig, registries: bool) -> None:
             p.append(f"need 1 <= task.min_size <= task.max_size, got min_size={t.min_size}, max_size={t.max_size}")
         _at_least(p, t, ("fpn_channels",), 1, prefix="task.")
         _at_least(p, t, ("head_convs",), 0, prefix="task.")
+        from .detection.losses import BOX_LOSSES  # the choice list lives beside the loss
+
         _one_of(p, "task.box_loss", t.box_loss, BOX_LOSSES)
     else:
         if t.num_classes is not None and t.num_classes < 2:
@@ -822,13 +820,17 @@ def _validate_classification(p: list[str], cfg: TrainConfig, registries: bool) -
 
 
 def _validate_choices(p: list[str], cfg: TrainConfig) -> None:
-    """Names chosen from fixed lists or the registries."""
+    """Names chosen from fixed lists or the registries; a rule's own choices are asked of the rule."""
+    from .learner import FIDELITIES
+    from .rules.infopro import INFOPRO_HEADS, LAMBDA_SCHEDULES
+    from .rules.momentum import INITS
+
     bases = _man_bases()
     if bases is not None:
         _one_of(p, "base", cfg.base, bases)
     _one_of(p, "init", cfg.init, INITS)
     _one_of(p, "lambda_schedule", cfg.lambda_schedule, LAMBDA_SCHEDULES)
-    _one_of(p, "fidelity", cfg.fidelity, ("default", "authors"))
+    _one_of(p, "fidelity", cfg.fidelity, FIDELITIES)
     try:
         checkpoint_granularity(cfg.grad_checkpoint)
     except ConfigError as e:
