@@ -276,3 +276,20 @@ def test_building_and_planning_leave_nothing_behind():
         refs = build_and_drop(split="memory") + build_and_drop(split="balanced")
     gc.collect()
     assert refs and all(r() is None for r in refs), f"{sum(r() is not None for r in refs)} tensors still alive"
+
+
+def test_the_warning_names_the_block_that_holds_the_peak_and_only_choices_that_move_it():
+    """A larger K cannot shrink a block of one piece (ResNet-18 at 64 px: the stem alone, with InfoPro+MAN++'s
+    auxiliary network, keeps more than E2E at any K), so the line offers it only when the peak block can be
+    cut further; recomputing the ema unit is offered where there is one to recompute."""
+    def warning(**kw) -> str:
+        with pytest.warns(MemoryWarning) as got:
+            torch.manual_seed(0)
+            LocalLearner(method="manpp", base="infopro", num_classes=10, **kw)
+        return str(next(w.message for w in got if issubclass(w.category, MemoryWarning)))
+
+    stem = warning(model="resnet18", K=8, image_size=64)
+    assert "block 0 (its one piece and its auxiliary network) holds the peak" in stem
+    assert "a larger K" not in stem and "ema_recompute=True" in stem
+    tail = warning(model="resnet20", K=2, image_size=32)
+    assert "block 1 (9 pieces) holds the peak" in tail and "a larger K than 2" in tail

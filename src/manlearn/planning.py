@@ -446,8 +446,8 @@ def no_build_check() -> Iterator[None]:
         _CHECK_ON_BUILD.reset(token)
 
 
-def _forward_estimate(learner, b: int = 2) -> tuple[int, int]:
-    """(local peak, E2E peak) of saved activations from forward passes only, on the learner itself: a
+def _forward_estimate(learner, b: int = 2) -> tuple[int, int, int]:
+    """(local peak, E2E peak, the block holding the local peak) of saved activations from forward passes only, on the learner itself: a
     cheap estimate for the build-time check (no copy, no backward; buffers and random streams are put
     back). Each block's peak is its forward plus its auxiliary network's; E2E keeps every block's."""
     x, y = _sample(learner, b)
@@ -461,7 +461,7 @@ def _forward_estimate(learner, b: int = 2) -> tuple[int, int]:
             x = learner.prepare_input(x)
             batch = LocalBatch(x, y, learner.norm_mean, learner.norm_std)
             hw = (int(x.shape[-2]), int(x.shape[-1]))
-            local = 0
+            local, peak_block = 0, 0
             with learner.autocast(x):
                 h = x
                 for k in range(learner.K):
@@ -469,7 +469,8 @@ def _forward_estimate(learner, b: int = 2) -> tuple[int, int]:
                         out = learner.blocks[k](h)
                         loss = learner.auxes[k](out, batch) if k < learner.K - 1 else \
                             learner.task.loss(learner.head(out), y, hw)
-                        local = max(local, tr.peak)
+                        if tr.peak > local:
+                            local, peak_block = tr.peak, k
                         del loss
                     h = out.detach()
                     del out
@@ -485,7 +486,7 @@ def _forward_estimate(learner, b: int = 2) -> tuple[int, int]:
             for t, saved in zip(learner.buffers(), buffers):
                 t.copy_(saved)
         learner.train(was_training)
-    return local, e2e
+    return local, e2e, peak_block
 
 
 def memory_check(learner) -> str | None:
@@ -500,14 +501,22 @@ def memory_check(learner) -> str | None:
         check_plannable(learner)
     except ConfigError:
         return None
-    local, e2e = _forward_estimate(learner)
+    local, e2e, peak_block = _forward_estimate(learner)
     ratio = local / e2e if e2e else 0.0
     if ratio <= WARN_RATIO:
         return None
     better = ["split='memory'"] if learner.split.source not in ("balanced", "memory", "explicit") else []
-    if learner.K < len(learner.unit_paths):
+    # a larger K shrinks the peak only if the block holding it can be cut further
+    single = len(learner.blocks[peak_block]) == 1
+    if learner.K < len(learner.unit_paths) and not single:
         better.append(f"a larger K than {learner.K}")
-    better.append("gradient checkpointing (E2E with grad_checkpoint='unit')")
+    aux = learner.auxes[peak_block] if peak_block < learner.K - 1 else None
+    if aux is not None and hasattr(aux, "ema") and not getattr(aux, "recompute_ema", False):
+        better.append("ema_recompute=True")
+    better.append("gradient checkpointing (grad_checkpoint='unit', here or with E2E)")
+    where = (f"block {peak_block} ({'its one piece' if single else f'{len(learner.blocks[peak_block])} pieces'}"
+             f"{' and its auxiliary network' if aux is not None else ''}) holds the peak")
     return (f"{_method_name(learner)} at K={learner.K} (split {learner.split.source}) keeps about {ratio:.2f}x "
-            f"the activations of end-to-end backprop ({_mib(local)} vs {_mib(e2e)} at batch 2): it saves less "
-            f"than a tenth. Consider {', or '.join(better)}; LocalLearner.memory_plan() shows where the memory goes")
+            f"the activations of end-to-end backprop ({_mib(local)} vs {_mib(e2e)} at batch 2; {where}): it saves "
+            f"less than a tenth. Consider {', or '.join(better)}; LocalLearner.memory_plan() shows where the "
+            "memory goes")
