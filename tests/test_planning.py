@@ -293,3 +293,18 @@ def test_the_warning_names_the_block_that_holds_the_peak_and_only_choices_that_m
     assert "a larger K" not in stem and "ema_recompute=True" in stem
     tail = warning(model="resnet20", K=2, image_size=32)
     assert "block 1 (9 pieces) holds the peak" in tail and "a larger K than 2" in tail
+
+
+def test_the_readme_memory_example_runs():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    m = re.search(r"<!-- tests/test_planning.py runs this block -->\n```python\n(.*?)```", text, re.S)
+    assert m, "README lost its memory-plan example"
+    ns: dict = {}
+    exec(compile(m.group(1), "README.md", "exec"), ns)
+    plan, same = ns["plan"], ns["same"]
+    assert plan.peak_activation_bytes == same.peak_activation_bytes
+    assert round(plan.peak_activation_bytes / 2**20, 1) == 143.1  # the figure the README shows
+    assert "stem" in ns["first"].units and "ema" in ns["first"].aux_bytes
