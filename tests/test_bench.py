@@ -212,12 +212,19 @@ def test_report_tables_and_plots(tmp_path):
     assert "| resnet32 | dgl | 16 | 128 | 66.0 | 22% |" in text
     assert (tmp_path / "plots" / "accuracy_vs_memory.png").stat().st_size > 1000
     assert (tmp_path / "plots" / "accuracy_vs_epochs.png").stat().st_size > 1000
+    assert not (tmp_path / "plots" / "learning_curves.png").exists()  # no run of 5 epochs or more yet
     # one budget only: no curve to draw, and no stale plot is claimed
     (tmp_path / "accuracy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in acc if r["epochs"] == 1))
     said: list[str] = []
     write_report(tmp_path, tmp_path / "plots2", say=said.append)
     assert (tmp_path / "plots2" / "accuracy_vs_memory.png").exists()
     assert not (tmp_path / "plots2" / "accuracy_vs_epochs.png").exists() and "accuracy_vs_epochs" not in said[-1]
+    # runs of 10 epochs: their per-epoch records become learning curves
+    long = [dict(r, epochs=10, test_acc_per_epoch=[r["test_acc"] - 0.01 * (10 - i) for i in range(1, 11)])
+            for r in acc if r["epochs"] == 2]
+    (tmp_path / "accuracy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in acc + long))
+    write_report(tmp_path, tmp_path / "plots3", say=said.append)
+    assert (tmp_path / "plots3" / "learning_curves.png").stat().st_size > 1000 and "learning_curves" in said[-1]
 
 
 def test_report_keeps_runs_of_other_overrides_and_precisions_apart(tmp_path):

@@ -2,7 +2,8 @@
 
 Reads ``accuracy.jsonl``, ``memory.jsonl`` and ``speed.jsonl`` from the results folder; the latest
 row wins when a measurement was repeated. Writes ``tables.md`` beside them and the plots
-``accuracy_vs_memory.png`` and ``accuracy_vs_epochs.png`` into the plots folder.
+``accuracy_vs_memory.png``, ``accuracy_vs_epochs.png`` and ``learning_curves.png`` (per-epoch test
+accuracy of runs of 5 epochs or more) into the plots folder.
 """
 from __future__ import annotations
 
@@ -241,6 +242,31 @@ def plot_accuracy_vs_epochs(acc_rows, path: Path) -> bool:
     return _save(fig, ax, "Accuracy vs training budget", path)
 
 
+def plot_learning_curves(acc_rows, path: Path, min_epochs: int = 5) -> bool:
+    """Test accuracy after every epoch of the runs of at least ``min_epochs`` epochs (their records'
+    ``test_acc_per_epoch``), one line per rule, budget, K and overrides, mean over the seeds; drawn once such
+    runs exist."""
+    curves: dict[tuple, list[list[float]]] = defaultdict(list)
+    for r in _latest(acc_rows, run_key).values():
+        per_epoch = r.get("test_acc_per_epoch") or []
+        if r["epochs"] >= min_epochs and len(per_epoch) == r["epochs"] and not r.get("train_limit"):
+            extra = " ".join(sweep_overrides(r.get("overrides", ())))
+            curves[(r["epochs"], r["method"], r["K"], extra)].append(per_epoch)
+    if not curves:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for (epochs, method, K, extra), runs in sorted(curves.items(), key=lambda kv: (kv[0][0], _order(kv[0][1]))):
+        mean = [100 * statistics.mean(v) for v in zip(*runs)]
+        label = (method if method == "e2e" else f"{method} K={K}") + f", {epochs} ep" + (f" [{extra}]" if extra else "")
+        ax.plot(range(1, epochs + 1), mean, marker="o", ms=3, label=f"{label} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+    ax.set_xlabel("epoch (one run; its cosine schedule spans all its epochs)")
+    ax.set_ylabel("FM-R32 test accuracy after the epoch, % (mean over seeds)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=7)
+    return _save(fig, ax, "Learning curves", path)
+
+
 def write_report(results_dir: str | Path = "benchmarks/results", plots_dir: str | Path = "benchmarks/plots",
                  say=print) -> str:
     results_dir, plots_dir = Path(results_dir), Path(plots_dir)
@@ -262,6 +288,8 @@ def write_report(results_dir: str | Path = "benchmarks/results", plots_dir: str 
         made.append(plots_dir / "accuracy_vs_memory.png")
     if plot_accuracy_vs_epochs(acc, plots_dir / "accuracy_vs_epochs.png"):
         made.append(plots_dir / "accuracy_vs_epochs.png")
+    if plot_learning_curves(acc, plots_dir / "learning_curves.png"):
+        made.append(plots_dir / "learning_curves.png")
     say(text)
     say(f"wrote {results_dir / 'tables.md'}" + "".join(f", {p}" for p in made))
     return text
