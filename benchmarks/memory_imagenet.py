@@ -34,9 +34,9 @@ CASES = {
 
 def measure(model: str, method: str, base: str | None, K: int, args) -> dict:
     torch.manual_seed(0)
-    learner = manlearn.LocalLearner(model=model, method=method, base=base or "infopro", K=K,
-                                    split="paper" if K > 1 else "auto", stem_module=False, num_classes=1000,
-                                    image_size=224, infopro_heads="imagenet").to(args.device)
+    options = {} if base is None else {"base": base, **({"heads": "imagenet"} if base == "infopro" else {})}
+    learner = manlearn.LocalLearner(model=model, method=method, K=K, split="paper" if K > 1 else "auto",
+                                    stem_module=False, num_classes=1000, image_size=224, **options).to(args.device)
     x = torch.randn(args.batch, 3, 224, 224, device=args.device)
     y = torch.randint(0, 1000, (args.batch,), device=args.device)
     if args.device != "cpu":

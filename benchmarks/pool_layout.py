@@ -44,7 +44,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     learners = {}
-    for method, base in (("e2e", "infopro"), ("manpp", "dgl"), ("manpp", "infopro")):
+    for method, base in (("e2e", None), ("manpp", "dgl"), ("manpp", "infopro")):
         for old in (False, True):
             learner = manlearn.LocalLearner("resnet32", method=method, base=base, K=16, channels_last=True)
             if old:

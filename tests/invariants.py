@@ -5,7 +5,15 @@ import copy
 
 import torch
 
-from manlearn.rules import LocalBatch, MomentumAux
+from manlearn.rules import LocalBatch, MomentumAux, create_rule
+
+
+def rule_kw(method: str, base: str | None = None, **options) -> dict:
+    """The options among ``base`` and ``options`` that ``method`` (with that base) takes: test helpers build
+    every method from one list of defaults, as the CLI's recipes do."""
+    chain = {"base": base} if base else {}
+    accepted = create_rule(method, chain).accepted_options()
+    return {k: v for k, v in {**chain, **options}.items() if k in accepted}
 
 
 def assert_block_grads_are_their_local_loss_grads(learner, x, y, rtol: float = 1e-5, atol: float = 1e-7) -> None:

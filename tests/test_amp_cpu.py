@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import manlearn.runtime as runtime
+from invariants import rule_kw
 from manlearn import ConfigError, LocalLearner
 from manlearn.config import TrainConfig
 from manlearn.rules import MomentumAux
@@ -29,7 +30,7 @@ IDS = [m if b is None else f"{b}+{m}" for m, b in METHODS]
 
 def make(method="manpp", base="infopro", amp=torch.bfloat16, seed=0, **kw) -> LocalLearner:
     torch.manual_seed(seed)
-    return LocalLearner(model="resnet20", method=method, base=base or "infopro", K=4, num_classes=3,
+    return LocalLearner(model="resnet20", method=method, **rule_kw(method, base or "infopro"), K=4, num_classes=3,
                         image_size=16, amp_dtype=amp, **kw)
 
 

@@ -21,7 +21,7 @@ def test_method_specs():
     assert parse_method("dgl+manpp") == {"method": "manpp", "base": "dgl"}
     assert parse_method("infopro") == {"method": "infopro"}
     assert parse_method("infopro+manpp+recompute")["ema_recompute"] is True
-    assert parse_method("dgl:head=mlp-sr") == {"method": "dgl", "rule_options": {"head": "mlp-sr"}}
+    assert parse_method("dgl:head=mlp-sr") == {"method": "dgl", "head": "mlp-sr"}
     assert parse_method("dgl+manpp:fidelity=authors") == {"method": "manpp", "base": "dgl", "fidelity": "authors"}
     assert parse_method("e2e+ckpt") == {"method": "e2e", "grad_checkpoint": "stage"}
     assert parse_method("infopro+manpp+recompute:stem_module=false,split=uniform") == {

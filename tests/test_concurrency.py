@@ -43,7 +43,8 @@ def test_overlapped_step_equals_the_sequential_step(task, method, base, n):
         seq = build(task, method, base, K=4)
     except ConfigError:
         pytest.skip("the rule refuses this task (tests/test_contract.py checks the refusal)")
-    seq.momentum = 0.9
+    if seq.momentum is not None:
+        seq.momentum = 0.9
     conc = copy.deepcopy(seq)
     conc.blocks_in_flight = n
     size = TASKS[task][3]
@@ -151,7 +152,8 @@ def test_a_range_of_blocks_overlapped_equals_the_same_blocks_in_sequence(blocks,
 
     torch.manual_seed(0)
     seq = LocalLearner("resnet20", method="manpp", base="dgl", K=5, num_classes=3, image_size=16).double()
-    seq.momentum = 0.9
+    if seq.momentum is not None:
+        seq.momentum = 0.9
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, 3, 16, 16, generator=g).double()
     y = torch.randint(0, 3, (4,), generator=g)
@@ -236,7 +238,8 @@ def test_stream_step_order_of_work_and_result(spec, n):
     method, base = spec
     torch.manual_seed(0)
     seq = LocalLearner("resnet20", method=method, base=base, K=5, num_classes=3, image_size=16).double()
-    seq.momentum = 0.9
+    if seq.momentum is not None:
+        seq.momentum = 0.9
     conc = copy.deepcopy(seq)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, 3, 16, 16, generator=g).double()

@@ -319,7 +319,7 @@ def test_task_section_errors_in_yaml(tmp_path):
     ("lambda_schedule", "manlearn.rules.infopro", "LAMBDA_SCHEDULES"),
     ("infopro_heads", "manlearn.rules.infopro", "INFOPRO_HEADS"),
     ("init", "manlearn.rules.momentum", "INITS"),
-    ("fidelity", "manlearn.learner", "FIDELITIES"),
+    ("fidelity", "manlearn.rules.momentum", "FIDELITIES"),
 ])
 def test_a_rules_choices_are_written_once_beside_the_rule(key, owner, name):
     """Config keeps no copy of a rule's choice list: it validates by asking the rule's module."""

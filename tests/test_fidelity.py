@@ -54,16 +54,16 @@ def test_each_authors_item_is_its_own_option():
     alone = LocalLearner("resnet20", method="manpp", base="infopro", K=10, image_size=16, authors_init=True)
     assert not alone.auxes[0].heads.contrast
     head = LocalLearner("resnet20", method="manpp", base="infopro", K=10, image_size=16,
-                        rule_options={"authors_stem_head": True})
+                        **{"authors_stem_head": True})
     assert head.auxes[0].heads.contrast and not head.auxes[1].heads.contrast
     assert head.auxes[0].heads.supcon_anchors == "positive"
     anchors = LocalLearner("resnet20", method="infopro-contrast", K=10, image_size=16,
-                           rule_options={"supcon_anchors": "all"})
+                           **{"supcon_anchors": "all"})
     assert all(a.supcon_anchors == "all" for a in anchors.auxes)
     with pytest.raises(ConfigError, match="fidelity"):
         LocalLearner("resnet20", method="manpp", K=10, image_size=16, fidelity="exact")
     with pytest.raises(ConfigError, match="supcon_anchors"):
-        LocalLearner("resnet20", method="infopro-contrast", K=10, image_size=16, rule_options={"supcon_anchors": "x"})
+        LocalLearner("resnet20", method="infopro-contrast", K=10, image_size=16, **{"supcon_anchors": "x"})
 
 
 @pytest.mark.parametrize("method,base", [("infopro", None), ("infopro-contrast", None), ("dgl", None),

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import manlearn
+from invariants import rule_kw
 from manlearn import ConfigError, LocalLearner
 from manlearn.models.resnet import BasicBlock, Bottleneck
 from manlearn.rules import MomentumAux
@@ -38,8 +39,8 @@ def make(model="resnet50", method="manpp", base="infopro", K=4, seed=0, full=Fal
     torch.manual_seed(seed)
     kw.setdefault("image_size", S)
     kw.setdefault("stem_module", False)
-    kw.setdefault("infopro_heads", "imagenet")
-    return LocalLearner(model=model, method=method, base=base or "infopro", K=K, num_classes=5,
+    heads = kw.pop("infopro_heads", "imagenet")
+    return LocalLearner(model=model, method=method, **rule_kw(method, base or "infopro", heads=heads), K=K, num_classes=5,
                         model_kwargs=None if full else narrow(model), **kw)
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import manlearn
+from invariants import rule_kw
 from manlearn import ConfigError, LocalLearner
 from manlearn.rules import LocalBatch
 
@@ -24,7 +25,7 @@ IDS = [m if b is None else f"{b}+{m}" for m, b in METHODS]
 def make(method="manpp", base="infopro", model="resnet20", K=4, seed=0, **kw) -> LocalLearner:
     torch.manual_seed(seed)
     kw.setdefault("image_size", 16)
-    return LocalLearner(model=model, method=method, base=base or "infopro", K=K, num_classes=3, **kw)
+    return LocalLearner(model=model, method=method, K=K, num_classes=3, **rule_kw(method, base or "infopro"), **kw)
 
 
 def grads_of(module: nn.Module) -> dict[str, torch.Tensor | None]:
@@ -58,7 +59,7 @@ def test_block_gradients_equal_those_of_its_own_local_loss(method, base, batch):
 def test_infopro_loss_is_lambda_weighted_bce_plus_ce(batch):
     """The InfoPro local loss is exactly λ1·BCE(decoder, image in [0,1]) + λ2·CE(classifier, y)."""
     x, y = batch
-    learner = make("infopro", K=4, norm_mean=(0.4, 0.5, 0.6), norm_std=(0.2, 0.25, 0.3))
+    learner = make("infopro", K=4, normalization=((0.4, 0.5, 0.6), (0.2, 0.25, 0.3)))
     aux = learner.auxes[0]
     h = learner.blocks[0](x)
     img = (x * learner.norm_std + learner.norm_mean).clamp(0, 1)
@@ -282,8 +283,7 @@ class TinyNet(nn.Module):
 
 def test_custom_backbone(batch):
     net = TinyNet()
-    learner = LocalLearner(model=net, method="manpp", base="dgl", K=3, num_classes=3, image_size=16,
-                           lambda_schedule="module")
+    learner = LocalLearner(model=net, method="manpp", base="dgl", K=3, num_classes=3, image_size=16)
     assert learner.blocks[1][0] is net.units[0]
     out = learner.train_step(*batch)
     assert len(out.losses) == 3

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from invariants import rule_kw
 from manlearn import LocalLearner
 from manlearn.memory import PeakMemory, SavedTensorTracker
 
@@ -20,7 +21,7 @@ def test_tracker_counts_saved_activations_and_their_release():
 
 def _peak(method: str, K: int) -> int:
     torch.manual_seed(0)
-    learner = LocalLearner(model="resnet20", method=method, base="dgl", K=K, num_classes=3, image_size=32)
+    learner = LocalLearner(model="resnet20", method=method, **rule_kw(method, "dgl"), K=K, num_classes=3, image_size=32)
     with PeakMemory("cpu", exclude=learner.parameters()) as pm:
         learner.train_step(torch.randn(8, 3, 32, 32), torch.arange(8) % 3)
     assert pm.tracker.live == 0  # every graph was freed by its backward

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from invariants import rule_kw
 from manlearn import LocalLearner
 from manlearn.memory import SavedTensorTracker
 from manlearn.recompute import frozen_norm_stats, stage_segments
@@ -12,7 +13,7 @@ from manlearn.recompute import frozen_norm_stats, stage_segments
 
 def _step(method: str, K: int, ckpt: bool, **kw):
     torch.manual_seed(0)
-    learner = LocalLearner("resnet20", method=method, base="dgl", K=K, num_classes=4, grad_checkpoint=ckpt, **kw)
+    learner = LocalLearner("resnet20", method=method, **rule_kw(method, "dgl"), K=K, num_classes=4, grad_checkpoint=ckpt, **kw)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(6, 3, 32, 32, generator=g), torch.randint(0, 4, (6,), generator=g)
     with SavedTensorTracker([*learner.parameters(), *learner.buffers()]) as tr:

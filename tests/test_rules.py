@@ -139,11 +139,11 @@ def test_dgl_mlp_sr_head_is_dgls_own():
     assert sum(isinstance(m, nn.BatchNorm1d) for m in head.modules()) == 3
     assert head(torch.randn(3, 16, 32, 32)).shape == (3, 10)
     assert head(torch.randn(3, 16, 3, 3)).shape == (3, 10)  # ceil(3/4) = 1, then 2x2
-    learner = LocalLearner("resnet20", method="dgl", K=3, image_size=16, rule_options={"head": "mlp-sr"})
+    learner = LocalLearner("resnet20", method="dgl", K=3, image_size=16, **{"head": "mlp-sr"})
     assert isinstance(learner.auxes[0].head, DGLMLPSRHead)
     assert isinstance(LocalLearner("resnet20", method="dgl", K=3, image_size=16).auxes[0].head, DGLHead)
     with pytest.raises(manlearn.ConfigError, match="mlp-sr"):
-        LocalLearner("resnet20", method="dgl", K=3, image_size=16, rule_options={"head": "mlp"})
+        LocalLearner("resnet20", method="dgl", K=3, image_size=16, **{"head": "mlp"})
 
 
 def test_dgl_summary_names_its_heads():

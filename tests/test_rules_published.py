@@ -54,7 +54,7 @@ def test_predsim_trains_and_refuses_what_it_cannot_do():
     out = learner.train_step(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]))
     assert len(out.losses) == 3
     with pytest.raises(ConfigError, match="per-block"):
-        LocalLearner("resnet20", method="predsim", K=3, image_size=16, rule_options={"optimizer": "adam"})
+        LocalLearner("resnet20", method="predsim", K=3, image_size=16, **{"optimizer": "adam"})
     from manlearn.listing import methods_table
 
     assert "PredSim" in methods_table()
@@ -105,7 +105,7 @@ def test_auglocal_aux_is_fresh_units_following_the_later_widths():
             assert not any(p.shape == v.shape and torch.equal(p, v) for v in values)
     last_local = learner.auxes[-1]  # unit 12: every later unit (13, 14, 15) since d=2 < 3 -> round
     assert len(last_local.units) == 2
-    d1 = LocalLearner("resnet20", method="auglocal", K=3, image_size=16, rule_options={"depth": 1})
+    d1 = LocalLearner("resnet20", method="auglocal", K=3, image_size=16, **{"depth": 1})
     assert all(isinstance(a.norm, nn.BatchNorm1d) and len(a.units) == 1 for a in d1.auxes)
 
 
@@ -114,11 +114,11 @@ def test_auglocal_pyramid_depth_falls_to_about_half():
 
     assert [pyramid_depth(4, p, 16) for p in (0, 7, 14)] == [4, 3, 2]  # 4 -> (4+1)/2 = 2.5 -> 2
     learner = LocalLearner("resnet20", method="auglocal", K=10, image_size=8,
-                           rule_options={"depth": 4, "pyramid": True})
+                           **{"depth": 4, "pyramid": True})
     depths = [len(a.units) for a in learner.auxes]
     assert depths[0] == 4 and depths == sorted(depths, reverse=True) and depths[-1] <= 2
     with pytest.raises(ConfigError, match="depth"):
-        LocalLearner("resnet20", method="auglocal", K=3, image_size=8, rule_options={"depth": 0})
+        LocalLearner("resnet20", method="auglocal", K=3, image_size=8, **{"depth": 0})
 
 
 # ----------------------------------------------------------------------------------------- HPFF
@@ -132,7 +132,7 @@ def test_hpff_block_loss_reaches_the_block_before_and_never_further(base):
     """The invariant of HPFF's window, exactly: local block i's loss sends gradient to block i and block
     i-1, to no block before i-1; the final block's loss only to itself. (Non-zero final InfoPro weights,
     so that the last local block's window loss is not zero by its λ.)"""
-    learner = _hpff(base, K=5, lambdas=(5.0, 0.5, 1.0, 0.1))
+    learner = _hpff(base, K=5, **({"lambdas": (5.0, 0.5, 1.0, 0.1)} if base == "infopro" else {}))
     x = torch.randn(4, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([0, 1, 2, 0])
     batch, inp = LocalBatch(x, y, learner.norm_mean, learner.norm_std), x
@@ -210,7 +210,7 @@ def test_hpff_reports_a_block_done_only_when_no_later_loss_reaches_it():
 def _per_block(**options) -> LocalLearner:
     torch.manual_seed(0)
     return LocalLearner("resnet20", method="predsim", K=3, image_size=16, num_classes=3,
-                        rule_options={"optimizer": "per-block", **options}).double()
+                        optimizer="per-block", **options).double()
 
 
 def test_predsim_per_block_adam_steps_inside_the_step_and_leaves_the_rest_to_the_run():
@@ -267,7 +267,7 @@ def test_predsim_vgg_backbones_follow_the_original_configs():
         assert [(l.in_features, l.out_features) for l in linears] == [(512 * 2 * 2, 1024), (1024, 10)]
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     learner = LocalLearner("vgg8b", method="predsim", K=6, num_classes=10, image_size=32,
-                           rule_options={"feature_budget": 2048})
+                           **{"feature_budget": 2048})
     assert learner.auxes[0].pred.in_features <= 2048
     with pytest.raises(ConfigError, match="image_size"):
         manlearn.create_model("vgg8b", image_size=8)

@@ -39,12 +39,12 @@ def test_readme_user_rule_runs_as_method_and_as_base(clean_registry, capsys):
     assert "probe-l2" in manlearn.list_rules() and "probe-l2" in manlearn.list_base_rules()
     printed = capsys.readouterr().out
     assert printed.count("[") == 2  # both loss lists printed
-    mine = manlearn.LocalLearner("resnet20", method="probe-l2", K=4, rule_options={"weight": 0.5})
+    mine = manlearn.LocalLearner("resnet20", method="probe-l2", K=4, **{"weight": 0.5})
     assert all(aux.weight == 0.5 for aux in mine.auxes)
     ours = manlearn.LocalLearner("resnet20", method="manpp", base="probe-l2", K=4)
     assert ours.base == "probe-l2" and type(ours.auxes[0].heads).__name__ == "ProbeL2"
     with pytest.raises(ConfigError, match="takes no option 'wieght'"):
-        manlearn.LocalLearner("resnet20", method="probe-l2", K=4, rule_options={"wieght": 0.5})
+        manlearn.LocalLearner("resnet20", method="probe-l2", K=4, **{"wieght": 0.5})
 
 
 def test_import_user_code_from_a_file(tmp_path, clean_registry):

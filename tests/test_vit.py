@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import manlearn
+from invariants import rule_kw
 from manlearn import ConfigError, LocalLearner
 from manlearn.models.vit import TransformerBlock
 from manlearn.rules import LocalBatch, MomentumAux
@@ -29,7 +30,7 @@ def make(model="vit_tiny", method="manpp", base="dgl", K=4, seed=0, small=True, 
     torch.manual_seed(seed)
     kw.setdefault("image_size", 32 if model == "vit_cifar" else S)
     kw.setdefault("stem_module", False)
-    return LocalLearner(model=model, method=method, base=base, K=K, num_classes=4,
+    return LocalLearner(model=model, method=method, **rule_kw(method, base), K=K, num_classes=4,
                         model_kwargs=dict(SMALL) if small else None, **kw)
 
 

@@ -8,13 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from invariants import rule_kw
 from manlearn import ConfigError, LocalLearner
 from manlearn.tasks import ClassificationTask
 
 
 def make(method="manpp", base="infopro", **kw):
     torch.manual_seed(0)
-    return LocalLearner("resnet20", method=method, base=base, K=4, num_classes=5, image_size=32, **kw)
+    return LocalLearner("resnet20", method=method, **rule_kw(method, base), K=4, num_classes=5, image_size=32, **kw)
 
 
 @pytest.mark.parametrize("method,base", [("manpp", "infopro"), ("dgl", None), ("infopro-contrast", None)])

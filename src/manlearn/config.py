@@ -821,7 +821,7 @@ def _validate_classification(p: list[str], cfg: TrainConfig, registries: bool) -
 
 def _validate_choices(p: list[str], cfg: TrainConfig) -> None:
     """Names chosen from fixed lists or the registries; a rule's own choices are asked of the rule."""
-    from .learner import FIDELITIES
+    from .rules.momentum import FIDELITIES
     from .rules.infopro import INFOPRO_HEADS, LAMBDA_SCHEDULES
     from .rules.momentum import INITS
 

@@ -8,6 +8,7 @@ No rule, task or model is named here: everything comes through their interfaces.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from typing import Any, Callable, Iterable, Sequence
 
@@ -23,13 +24,11 @@ from .models.base import feature_info
 from .rules import AuxContext, LocalBatch, check_momentum, create_rule
 from .rules.base import register_norm_buffers
 from .recompute import Segment, checkpoint_granularity, checkpoint_module, granularity_groups, run_checkpointed, stage_segments
-from .split import Split, ends_from_stage_cuts, resolve_split, stage_ends
+from .split import Split, resolve_split, stage_ends
 from .tasks import ClassificationTask, check_task
 from .tasks.base import check_head_fits
 
 
-#: ``default``: the methods as intended; ``authors``: the authors' MAN++ code's exact computation (SPEC 2.3)
-FIDELITIES = ("default", "authors")
 
 
 class StepOutput:
@@ -90,22 +89,16 @@ class LocalLearner(nn.Module):
             factory that takes ``image_size`` (ViT) is built for this learner's ``image_size``.
         method: a registered rule (``manlearn.list_rules()``): ``e2e``, ``greedy``, ``dgl``, ``infopro``,
             ``infopro-contrast``, ``man``, ``manpp`` or one of your own (``manlearn.register_rule``).
-        base: the base rule of a modifier (``man``/``manpp``): any registered rule; default ``infopro``
-            for classification, ``greedy`` (the task's local head) for dense tasks.
         K: real number of gradient-isolated pieces (ignored by ``e2e``; K=1 is plain backprop).
         num_classes, in_channels, image_size: the classification task's classes, and the input the
             shapes are probed with (dense tasks accept any size at training time).
         task: ``manlearn.tasks.ClassificationTask(num_classes)`` by default; ``RetinaNetTask``,
             ``DeepLabV3Task`` or any object following :class:`manlearn.tasks.Task`.
-        split: ``auto`` | ``paper`` | ``memory`` | ``uniform`` | ``balanced`` | ``stages`` | list of
-            boundaries. ``auto`` cuts at stage boundaries for tasks that read every stage.
-        stage_cuts: cut after these stages (1-based), e.g. ``(1, 2, 3)``; implies a stage split.
+        split: ``auto`` | ``paper`` | ``memory`` | ``uniform`` | ``balanced`` | ``stages`` |
+            ``stages:1,2,3`` (cuts after those stages, 1-based) | list of boundaries. ``auto`` cuts at stage
+            boundaries for tasks that read every stage.
         stem_module: the stem is its own piece (MAN++ code); default True, False for stage-reading tasks.
-        momentum: EMA momentum of MAN/MAN++ in [0, 1].
-        init, lambda_schedule, infopro_classifier, lambdas, infopro_heads: options of the rules that take
-            them (see each rule); ignored by the others. ``rule_options``: further options, refused when
-            no rule in use takes them.
-        norm_mean, norm_std: the input normalisation, used to de-normalise InfoPro's target image.
+        normalization: the input's (mean, std) per channel, used to de-normalise InfoPro's target image.
         amp_dtype: run forwards under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``).
         channels_last: keep weights and activations in channels-last memory format.
         grad_checkpoint: run every block under gradient checkpointing (recompute in backward), in segments
@@ -113,52 +106,36 @@ class LocalLearner(nn.Module):
             and each part of every auxiliary network (ema, lb, decoder, classifier, ...) likewise: the same
             gradients and statistics, less memory, more time. With ``method="e2e"`` this is the memory
             baseline of the benchmarks.
-        ema_recompute: MAN/MAN++ recompute the frozen ema unit in backward instead of keeping its
-            activations (same gradients, one more ema forward per step, less memory).
         blocks_in_flight: 1 (default) runs a step's blocks in sequence; N > 1 overlaps each block's local
             loss and backward with the next blocks' in N threads on the CPU (each takes the next block), on N CUDA streams
             on a GPU (same results).
-        fidelity: ``default`` (what the methods intend) or ``authors``: the authors' MAN++ CIFAR computation
-            exactly (SPEC 2.3): ``authors_init``, the InfoPro options ``authors_stem_head=True`` and
-            ``supcon_anchors="all"``, and ``lambda_schedule="stage"`` unless one is given (the stem's own
-            λ = (5, 0.5) holds under every schedule). Each item is also its own option.
-        authors_init: after building, re-initialise every Conv2d of the whole learner (backbone, ema/lb
-            units, auxiliary heads and decoders) with N(0, sqrt(2/(k·k·C_out))) and every norm layer with
-            weight 1 / bias 0, as the authors' code does (so ema and lb start random, not as copies).
+        model_kwargs: passed to the model factory when ``model`` is a registered name.
+        **rule_options: the options of ``method`` and of its base (each rule's constructor keywords), e.g.
+            ``base="infopro"``, ``momentum=0.99``, ``fidelity="authors"`` (MAN/MAN++), ``lambda_schedule=``
+            (InfoPro), ``head=`` (DGL), ``depth=`` (AugLocal). A key that no rule in use takes is refused,
+            with the nearest option or learner keyword named.
     """
 
-    def __init__(self, model: str | nn.Module = "resnet32", method: str = "manpp", base: str | None = None,
-                 K: int = 16, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, *,
-                 task: Any = None, split: str | Sequence = "auto", stage_cuts: Sequence[int] | None = None,
-                 stem_module: bool | None = None, momentum: float = 0.995,
-                 init: str = "copy", lambda_schedule: str = "auto", infopro_classifier: str = "2c2f",
-                 lambdas: tuple[float, float, float, float] | None = None, infopro_heads: str = "auto",
-                 rule_options: dict | None = None,
-                 norm_mean: Sequence[float] | None = None, norm_std: Sequence[float] | None = None,
+    def __init__(self, model: str | nn.Module = "resnet32", method: str = "manpp", K: int = 16,
+                 num_classes: int = 10, in_channels: int = 3, image_size: int = 32, *, task: Any = None,
+                 split: str | Sequence = "auto", stem_module: bool | None = None,
+                 normalization: tuple[Sequence[float], Sequence[float]] | None = None,
                  amp_dtype: torch.dtype | None = None, channels_last: bool = False,
-                 grad_checkpoint: bool | str = False, ema_recompute: bool = False, blocks_in_flight: int = 1,
-                 model_kwargs: dict | None = None, fidelity: str = "default", authors_init: bool = False) -> None:
+                 grad_checkpoint: bool | str = False, blocks_in_flight: int = 1,
+                 model_kwargs: dict | None = None, **rule_options: Any) -> None:
         super().__init__()
         for name, v in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         self.task = check_task(task if task is not None else ClassificationTask(num_classes))
         num_classes = int(getattr(self.task, "num_classes", num_classes))
-        if fidelity not in FIDELITIES:
-            raise ConfigError(f"unknown fidelity {fidelity!r}; choose from {FIDELITIES}")
-        authors = fidelity == "authors"
-        if authors and lambda_schedule == "auto":
-            lambda_schedule = "stage"
-        options = dict(base=base, init=init, lambda_schedule=lambda_schedule, classifier=infopro_classifier,
-                       lambdas=lambdas, heads=infopro_heads, recompute_ema=ema_recompute)
-        if authors:  # rules that do not take these ignore them
-            options.update(authors_stem_head=True, supcon_anchors="all")
-        rule = create_rule(method, options, strict=rule_options, task=self.task)
+        if rule_options.get("base", "") is None:
+            del rule_options["base"]  # the modifier's default base for this task
+        rule = create_rule(method, strict=rule_options, task=self.task, also_known=_ENGINE_OPTIONS)
         self.rule, self.method = rule, method
         # blocks before its own that a block's loss reaches (0: gradient-isolated; HPFF's window: 1)
         self.reaches_back = int(getattr(rule, "reaches_back", 0))
         self.base = getattr(rule, "base_name", None)
-        self.momentum = momentum  # validated by the property setter
         self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
         self.amp_dtype = amp_dtype
         self.channels_last = channels_last
@@ -173,16 +150,15 @@ class LocalLearner(nn.Module):
         self.unit_paths = [names.get(id(u), f"units.{j}") for j, u in enumerate(units)]
         shapes = self._probe_shapes(backbone, in_channels, image_size)  # shapes[j] = output of unit j-1
         self.split: Split = self._resolve_split(backbone, units, unit_ids, model, 1 if rule.single_block else K,
-                                                split, stage_cuts, stem_module, shapes)
+                                                split, stem_module, shapes)
         self.K = self.split.K
 
         self._build_blocks(backbone, units, unit_ids, shapes, grad_checkpoint)
         check_head_fits(self.task, self.head, shapes[-1])  # a custom head that cannot read the last unit
         self._build_auxes(backbone, units, unit_ids, shapes)
-        register_norm_buffers(self, in_channels, norm_mean, norm_std)
-        self.fidelity = fidelity
-        if authors_init or authors:
-            init_weights(self)  # the authors' global re-init: every conv and norm layer, auxes included
+        mean, std = normalization if normalization is not None else (None, None)
+        register_norm_buffers(self, in_channels, mean, std)
+        rule.after_build(self)  # e.g. the authors' preset re-initialises every layer
         if channels_last:
             self.to(memory_format=torch.channels_last)
         self._warn_memory()
@@ -219,13 +195,11 @@ class LocalLearner(nn.Module):
             return model if follows_protocol(model) else adapt_model(model)
         raise ConfigError(f"model must be a registered name or an nn.Module, got {type(model).__name__}")
 
-    def _resolve_split(self, backbone, units, unit_ids, model, K, split, stage_cuts, stem_module, shapes) -> Split:
+    def _resolve_split(self, backbone, units, unit_ids, model, K, split, stem_module, shapes) -> Split:
         stages_task = self.task.reads == "stages"
         if stem_module is None:
             stem_module = not stages_task
-        if stage_cuts is not None and K > 1:
-            split = list(ends_from_stage_cuts(stage_cuts, unit_ids))
-        elif stages_task and split == "auto":
+        if stages_task and split == "auto":
             split = "stages"
         return resolve_split(
             len(units), K, split, bool(stem_module), model if isinstance(model, str) else None, unit_ids,
@@ -317,12 +291,18 @@ class LocalLearner(nn.Module):
 
     # ----------------------------------------------------------------- properties
     @property
-    def momentum(self) -> float:
-        return self._momentum
+    def momentum(self) -> float | None:
+        """The EMA momentum of a rule that has one (MAN/MAN++), else None; settable during training."""
+        return getattr(self.rule, "momentum", None)
 
     @momentum.setter
     def momentum(self, m: float) -> None:
-        self._momentum = check_momentum(m)
+        if not hasattr(self.rule, "momentum"):
+            raise ConfigError(f"method {self.method!r} has no EMA momentum")
+        self.rule.momentum = check_momentum(m)
+        for aux in self.auxes:
+            if hasattr(aux, "momentum"):
+                aux.momentum = self.rule.momentum
 
     @property
     def blocks_in_flight(self) -> int:
@@ -440,7 +420,7 @@ class LocalLearner(nn.Module):
         (loss * grad_scale if grad_scale is not None else loss).backward()
         hook = getattr(self.auxes[k], "after_backward", None)
         if hook is not None:
-            hook(self._momentum)
+            hook()
         return loss.detach()
 
     def local_step(self, k: int, inp: torch.Tensor, batch: LocalBatch,
@@ -559,7 +539,8 @@ class LocalLearner(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"task={type(self.task).__name__}, method={self.method}, base={self.base}, K={self.K}, "
-                f"split={self.split.source}, stem_module={self.split.stem_module}, momentum={self._momentum}")
+                f"split={self.split.source}, stem_module={self.split.stem_module}"
+                + (f", momentum={self.momentum}" if self.momentum is not None else ""))
 
     def diagnostics(self) -> dict[str, float]:
         """Scalars the rule's auxiliary networks report about themselves, as ``name/block`` (MAN++:
@@ -589,6 +570,10 @@ class LocalLearner(nn.Module):
                 self.auxes[k] = nn.Identity()
         if not head:
             self.head = nn.Identity()
+
+
+#: the learner's own keywords: a misspelt one is named in the refusal of an unknown rule option
+_ENGINE_OPTIONS = tuple(n for n in inspect.signature(LocalLearner.__init__).parameters if n not in ("self", "rule_options"))
 
 
 def _square_size(input_size: int | Sequence[int], in_channels: int | None = None) -> int:

@@ -213,7 +213,7 @@ def resolve_split(n_units: int, K: int, split: str | Sequence = "auto", stem_mod
     uniform), ``paper`` (published tables only), ``memory`` (the published memory table, else the cuts
     that make the largest block's peak smallest: needs ``unit_costs``, returning (stem cost, per-unit
     costs), and ``end_costs``, the bytes kept at each cut position 0..n — the auxiliary network placed
-    there), ``uniform``, ``balanced`` (unit costs only), ``stages`` (cuts at stage boundaries only), or an explicit list of boundaries: unit counts
+    there), ``uniform``, ``balanced`` (unit costs only), ``stages`` (cuts at stage boundaries only), ``stages:1,2,3`` (cuts after those stages), or an explicit list of boundaries: unit counts
     (``[3, 8, 15]``) or ``(stage, index)`` pairs, the last one being the end of the network.
     """
     if isinstance(K, bool) or not isinstance(K, int) or K < 1:
@@ -221,6 +221,12 @@ def resolve_split(n_units: int, K: int, split: str | Sequence = "auto", stem_mod
     if K == 1:
         return Split((n_units,), False, "single")
     max_k = n_units + int(stem_module)
+    if isinstance(split, str) and split.startswith("stages:"):
+        try:
+            cuts = [int(c) for c in split[len("stages:"):].split(",")]
+        except ValueError:
+            raise ConfigError(f"split {split!r}: give the stages to cut after as stages:1,2,3") from None
+        split = list(ends_from_stage_cuts(cuts, unit_ids))
     if not isinstance(split, str):
         ends = _explicit_ends(split, n_units, unit_ids)
         got = Split(ends, stem_module, "explicit")

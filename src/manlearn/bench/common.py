@@ -23,11 +23,11 @@ from ..errors import ConfigError
 ALL_METHODS = ("e2e", "greedy", "dgl", "infopro", "dgl+man", "infopro+man", "dgl+manpp", "infopro+manpp")
 
 
-# Options a method spec may set on the learner itself (``dgl+manpp:fidelity=authors``); every other
-# option of a spec is a rule option (``dgl:head=mlp-sr``). These names are LocalLearner keywords and
-# TrainConfig keys alike, so a spec means the same in every benchmark.
-LEARNER_OPTIONS = ("fidelity", "authors_init", "lambda_schedule", "ema_recompute", "grad_checkpoint",
-                   "blocks_in_flight", "split", "stem_module")
+# Options of a method spec (``dgl+manpp:fidelity=authors``) that are TrainConfig keys of their own; every
+# other option goes to the config's ``rule_options`` (``dgl:head=mlp-sr``). All are LocalLearner keywords,
+# so a spec means the same in every benchmark.
+CONFIG_KEYS = ("fidelity", "authors_init", "lambda_schedule", "ema_recompute", "grad_checkpoint",
+               "blocks_in_flight", "split", "stem_module")
 # Shorthand specs of the memory and speed tables.
 ALIASES = {"e2e+ckpt": "e2e:grad_checkpoint=stage"}
 
@@ -58,16 +58,12 @@ def split_spec(spec: str) -> tuple[str, dict[str, Any]]:
 def parse_method(spec: str) -> dict[str, Any]:
     """LocalLearner keywords of a method spec: ``"dgl+manpp"`` -> ``{"method": "manpp", "base": "dgl"}``;
     ``"dgl"`` -> ``{"method": "dgl"}``; a trailing ``+recompute`` on MAN/MAN++ adds ``ema_recompute=True``;
-    options after a colon set learner keys (:data:`LEARNER_OPTIONS`) or, any other key, ``rule_options``
-    (``"dgl:head=mlp-sr"`` -> ``{"method": "dgl", "rule_options": {"head": "mlp-sr"}}``)."""
+    options after a colon are further keywords (``"dgl:head=mlp-sr"`` -> ``{"method": "dgl", "head": "mlp-sr"}``)."""
     from ..rules import get_rule_class, list_base_rules, list_rules
 
     name, options = split_spec(spec)
     parts = name.split("+")
-    extra: dict[str, Any] = {k: v for k, v in options.items() if k in LEARNER_OPTIONS}
-    rule_options = {k: v for k, v in options.items() if k not in LEARNER_OPTIONS}
-    if rule_options:
-        extra["rule_options"] = rule_options
+    extra: dict[str, Any] = dict(options)
     if len(parts) == 3 and parts[2] == "recompute":
         parts, extra = parts[:2], {**extra, "ema_recompute": True}
     if len(parts) == 2:
@@ -92,7 +88,7 @@ def spec_overrides(spec: str) -> list[str]:
     items = [f"method={m.pop('method')}"]
     if "base" in m:
         items.append(f"base={m.pop('base')}")
-    rule_options = m.pop("rule_options", None)
+    rule_options = {k: m.pop(k) for k in list(m) if k not in CONFIG_KEYS}
     if rule_options:
         items.append("rule_options=" + yaml.safe_dump(rule_options, default_flow_style=True).strip())
     for key, value in m.items():

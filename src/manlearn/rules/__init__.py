@@ -3,8 +3,8 @@ from .base import (AuxContext, LocalBatch, Rule, create_rule, get_rule_class, li
                    register_rule)
 from . import auglocal, e2e, greedy, hpff, infopro, momentum, predsim  # noqa: F401  (register the rules)
 from .greedy import TaskLoss
-from .momentum import MomentumAux, ViTMomentumAux, check_momentum, ema_update_, heads_of
+from .momentum import FIDELITIES, MomentumAux, ViTMomentumAux, check_momentum, ema_update_, heads_of
 
 __all__ = ["AuxContext", "LocalBatch", "Rule", "get_rule_class", "list_rules", "register_rule", "create_rule", "list_base_rules",
-           "MomentumAux", "ViTMomentumAux", "TaskLoss", "check_momentum", "ema_update_",
+           "FIDELITIES", "MomentumAux", "ViTMomentumAux", "TaskLoss", "check_momentum", "ema_update_",
            "heads_of"]

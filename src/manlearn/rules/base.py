@@ -9,10 +9,11 @@ registered rule given as ``base``. A rule written in user code and registered wi
 """
 from __future__ import annotations
 
+import difflib
 import inspect
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -118,7 +119,7 @@ class Rule:
 
     ``h_shape`` is the shape of the tensor the heads see (the block output, or for MAN the output of
     the ema/lb units), which is why it is passed apart from ``ctx``. The rule's options are its
-    constructor's keyword arguments. An auxiliary network may define ``after_backward(momentum)``,
+    constructor's keyword arguments. An auxiliary network may define ``after_backward()``,
     which the learner calls once that block's backward is done (MAN/MAN++ update their EMA there).
 
     Class attributes: ``name`` (the method name), ``modifier`` (wraps a ``base`` rule, like MAN),
@@ -140,6 +141,9 @@ class Rule:
 
     def bind(self, task: Any) -> None:
         """Called once with the learner's task before any auxiliary network is built."""
+
+    def after_build(self, learner: nn.Module) -> None:
+        """Called once the learner is built, before it is moved or used (a preset may re-initialise it)."""
 
     @classmethod
     def option_names(cls) -> set[str]:
@@ -192,18 +196,22 @@ def get_rule_class(name: str) -> type[Rule]:
 
 
 def create_rule(name: str, options: Mapping[str, Any] | None = None, *,
-                strict: Mapping[str, Any] | None = None, task: Any = None) -> Rule:
+                strict: Mapping[str, Any] | None = None, task: Any = None, also_known: Iterable[str] = ()) -> Rule:
     """The rule ``name`` built from ``options`` (keys other rules take are ignored) and ``strict``
     (keys no rule in the chain takes are refused: what a user asked for explicitly), bound to ``task``
-    when one is given."""
+    when one is given. ``also_known``: other names a misspelt key may have meant (the learner's own)."""
     cls = get_rule_class(name)
     opts = {**dict(options or {}), **dict(strict or {})}
     rule = cls.from_options(opts)
     if task is not None:
         rule.bind(task)
-    unknown = sorted(set(strict or {}) - rule.accepted_options())
+    accepted = rule.accepted_options()
+    unknown = sorted(set(strict or {}) - accepted)
     if unknown:
-        raise ConfigError(f"rule {name!r} takes no option {', '.join(map(repr, unknown))}; its options: "
-                          f"{', '.join(sorted(rule.accepted_options())) or '(none)'}")
+        candidates = sorted(accepted | set(also_known))
+        hints = [f"{k!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, candidates, n=1))
+                 else repr(k) for k in unknown]
+        raise ConfigError(f"rule {name!r} takes no option {', '.join(hints)}; its options: "
+                          f"{', '.join(sorted(accepted)) or '(none)'}")
     return rule
 

@@ -13,11 +13,14 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..models import init_weights
 from ..recompute import Segment, checkpoint
 from .base import AuxContext, LocalBatch, Rule, create_rule, list_base_rules, register_rule
 from .vit_aux import TokenCEAux, TokenClassifier, is_token_shape
 
 INITS = ("copy", "random")
+#: ``default``: the methods as intended; ``authors``: the authors' MAN++ code's exact computation (SPEC 2.3)
+FIDELITIES = ("default", "authors")
 
 
 def check_momentum(m: float) -> float:
@@ -59,6 +62,7 @@ class MomentumAux(nn.Module):
         # Recompute the frozen ema unit in backward instead of keeping its activations (only its
         # output stays alive: MAN++'s s needs it). Same gradients; one more ema forward per step.
         self.recompute_ema = False
+        self.momentum = 0.995  # the rule's EMA momentum, set by the rule (and by ``LocalLearner.momentum``)
 
     @property
     def source(self) -> nn.Module:
@@ -98,9 +102,9 @@ class MomentumAux(nn.Module):
             out["s"] = float(self.scale.detach())
         return out
 
-    def after_backward(self, momentum: float) -> None:
+    def after_backward(self) -> None:
         """The learner's hook after this block's backward: the EMA update of SPEC 3.2."""
-        self.update_ema(momentum)
+        self.update_ema(self.momentum)
 
     def ema_forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.recompute_ema and torch.is_grad_enabled() and h.requires_grad:
@@ -162,23 +166,42 @@ def _check_trackable(ctx: AuxContext) -> None:
 class ManRule(Rule):
     """``man``: MAN in front of the heads of any ``base`` rule (default: ``infopro`` when the task's
     targets are class labels, else ``greedy``, the task's own local head). Other options are passed to
-    the base rule. On tokens (ViT) it builds MAN++'s ViT auxiliary network (CE on the CLS token)."""
+    the base rule. On tokens (ViT) it builds MAN++'s ViT auxiliary network (CE on the CLS token).
+
+    Options: ``momentum`` of the EMA (SPEC 3.2); ``init`` of ema/lb (``copy`` of the next unit, or
+    ``random``); ``ema_recompute``: recompute the frozen ema unit in backward instead of keeping its
+    activations (same gradients, one more ema forward per step, less memory); ``fidelity``: ``default``
+    (what the methods intend) or the preset ``authors``: the authors' MAN++ CIFAR computation exactly
+    (SPEC 2.3): ``authors_init``, the InfoPro options ``authors_stem_head=True`` and
+    ``supcon_anchors="all"``, and ``lambda_schedule="stage"`` unless one is given. ``authors_init``: once
+    the learner is built, re-initialise every conv and norm layer of it (backbone, ema/lb units, heads,
+    decoders) as the authors' code does, so ema and lb start random rather than as copies.
+    """
 
     name = "man"
     modifier = True
     scaled = False
     summary = "Momentum Auxiliary Network: ema + lb copies of the next unit before a base rule's heads"
 
-    def __init__(self, base: str | None = None, init: str = "copy", recompute_ema: bool = False,
+    def __init__(self, base: str | None = None, momentum: float = 0.995, init: str = "copy",
+                 ema_recompute: bool = False, fidelity: str = "default", authors_init: bool = False,
                  **base_options) -> None:
         if base is not None and base not in list_base_rules():
             raise ConfigError(f"unknown base {base!r} for {self.name}; choose from {', '.join(list_base_rules())}")
         if init not in INITS:
             raise ConfigError(f"init must be one of {INITS}, got {init!r}")
+        if fidelity not in FIDELITIES:
+            raise ConfigError(f"unknown fidelity {fidelity!r}; choose from {FIDELITIES}")
+        if fidelity == "authors":  # the preset; options given explicitly win (rules that do not take them ignore them)
+            base_options = {"lambda_schedule": "stage", "authors_stem_head": True, "supcon_anchors": "all",
+                            **base_options}
         self.base_name = base
         self.base_options = base_options
+        self.momentum = check_momentum(momentum)
         self.init = init
-        self.recompute_ema = bool(recompute_ema)
+        self.recompute_ema = bool(ema_recompute)
+        self.fidelity = fidelity
+        self.authors_init = bool(authors_init) or fidelity == "authors"
         self.base: Rule | None = None if base is None else create_rule(base, base_options)
 
     @classmethod
@@ -190,6 +213,10 @@ class ManRule(Rule):
     def accepted_options(self) -> set[str]:
         own = type(self).option_names() - {"base_options"}
         return own | (self.base.accepted_options() if self.base is not None else set())
+
+    def after_build(self, learner: nn.Module) -> None:
+        if self.authors_init:
+            init_weights(learner)  # the authors' global re-init: every conv and norm layer, auxes included
 
     def bind(self, task) -> None:
         if self.base is None:
@@ -208,6 +235,7 @@ class ManRule(Rule):
             heads = self.base.build_aux(ctx, ctx.next_shape)
             aux = MomentumAux(ctx.next_unit, heads, self.scaled, self.init, ctx.reinit)
         aux.recompute_ema = self.recompute_ema
+        aux.momentum = self.momentum
         return aux
 
 

@@ -125,7 +125,7 @@ class PerBlockPredSimAux(PredSimAux):
             self._optimizer = torch.optim.Adam(self.trained_parameters(), lr=self.lr)
         return self._optimizer
 
-    def after_backward(self, momentum: float) -> None:
+    def after_backward(self) -> None:
         """Step the block's own Adam, then clear the gradients it consumed."""
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

@@ -11,10 +11,12 @@ from typing import Any
 import torch
 
 from manlearn.config import TrainConfig
+from manlearn.errors import ConfigError
 from manlearn.data import (STREAMING_DATASETS, BatchLoader, FolderIndex, StreamingLoader, index_image_folder,
                            load_dataset)
 from manlearn.learner import LocalLearner
 from manlearn.plugins import import_user_code
+from manlearn.rules import create_rule
 from manlearn.tasks import ClassificationTask, DeepLabV3Task, RetinaNetTask
 from manlearn.runtime import amp_dtype, resolve_device, seed_everything
 
@@ -87,7 +89,6 @@ def build_learner(cfg: TrainConfig, info: Any, device: torch.device | str = "cpu
     task = build_task(cfg, info.num_classes)
     method = cfg.method
     base = cfg.base if (task.per_image_labels or cfg.base != "infopro") else None
-    kwargs: dict[str, Any] = {}
     model_kwargs: dict[str, Any] = {}
     if cfg.pretrained and load_pretrained:
         model_kwargs.update(pretrained=cfg.pretrained, pretrained_head=cfg.pretrained_head and not cfg.is_dense)
@@ -97,20 +98,37 @@ def build_learner(cfg: TrainConfig, info: Any, device: torch.device | str = "cpu
             model_kwargs["widths"] = tuple(t.model_widths)
         if t.stem_width is not None:
             model_kwargs["stem_width"] = t.stem_width
-        mean, std = normalization(cfg)
-        kwargs = dict(in_channels=3, image_size=DENSE_PROBE_SIZE, norm_mean=mean, norm_std=std,
-                      stage_cuts=list(t.stage_cuts) if t.stage_cuts is not None else None, model_kwargs=model_kwargs)
+        split: Any = "stages:" + ",".join(map(str, t.stage_cuts)) if t.stage_cuts is not None else "auto"
+        kwargs: dict[str, Any] = dict(in_channels=3, image_size=DENSE_PROBE_SIZE, normalization=normalization(cfg),
+                                      split=split)
     else:
-        split: Any = cfg.split
+        split = cfg.split
         if not isinstance(split, str):
             split = [tuple(b) if isinstance(b, (list, tuple)) else b for b in split]
-        kwargs = dict(in_channels=info.in_channels, image_size=info.image_size, norm_mean=tuple(info.mean),
-                      norm_std=tuple(info.std), split=split, stem_module=cfg.stem_module,
-                      grad_checkpoint=cfg.grad_checkpoint, model_kwargs=model_kwargs)
+        kwargs = dict(in_channels=info.in_channels, image_size=info.image_size,
+                      normalization=(tuple(info.mean), tuple(info.std)), split=split, stem_module=cfg.stem_module,
+                      grad_checkpoint=cfg.grad_checkpoint)
     learner = LocalLearner(
-        model=cfg.model, method=method, base=base, K=cfg.K, task=task, momentum=cfg.momentum, init=cfg.init,
-        lambda_schedule=cfg.lambda_schedule, infopro_heads=cfg.infopro_heads, amp_dtype=amp_dtype(cfg.amp, dev),
-        channels_last=cfg.channels_last, ema_recompute=cfg.ema_recompute, blocks_in_flight=cfg.blocks_in_flight,
-        fidelity=cfg.fidelity, authors_init=cfg.authors_init, rule_options=dict(cfg.rule_options) or None,
-        **kwargs)
+        model=cfg.model, method=method, K=cfg.K, task=task, amp_dtype=amp_dtype(cfg.amp, dev),
+        channels_last=cfg.channels_last, blocks_in_flight=cfg.blocks_in_flight, model_kwargs=model_kwargs,
+        **kwargs, **rule_options(cfg, method, base, task))
     return learner.to(dev)
+
+
+#: config keys that are options of some rules (config key -> rule option), passed to the rules that take them
+RULE_KEYS = {"base": "base", "momentum": "momentum", "init": "init", "lambda_schedule": "lambda_schedule",
+             "infopro_heads": "heads", "ema_recompute": "ema_recompute", "fidelity": "fidelity",
+             "authors_init": "authors_init"}
+
+
+def rule_options(cfg: TrainConfig, method: str, base: str | None, task: Any) -> dict[str, Any]:
+    """The rule options of ``cfg``: its rule keys that the rule in use (and its base) take, as recipes set
+    them for every method, then ``cfg.rule_options``, refused by the learner when no rule in use takes them."""
+    accepted = create_rule(method, {"base": base} if base else {}, task=task).accepted_options()
+    for key in ("fidelity", "authors_init"):  # set for this run, not by every recipe: refused where meaningless
+        if getattr(cfg, key) not in ("default", False) and RULE_KEYS[key] not in accepted:
+            raise ConfigError(f"{key}={getattr(cfg, key)} is an option of man/manpp; method {method!r} does not take it")
+    opts = {opt: getattr(cfg, key) for key, opt in RULE_KEYS.items() if opt in accepted}
+    if base is None:
+        opts.pop("base", None)
+    return {**opts, **dict(cfg.rule_options)}
