@@ -29,7 +29,7 @@ def main() -> None:
     env = environment()
     for name in args.recipes:
         cfg = apply_overrides(load_config(resolve_recipe(name)), args.overrides)
-        summary = Trainer(cfg, overwrite=True).fit()
+        summary = Trainer.from_config(cfg, overwrite=True).fit()
         row = dict(recipe=name, task=cfg.task.name, model=cfg.model, widths=cfg.task.model_widths, method=cfg.method,
                    K=1 if cfg.method == "e2e" else cfg.K, iterations=summary["steps"], batch=cfg.batch_size,
                    metrics=summary["metrics"], seconds_per_iter=summary["seconds_per_iter"],

@@ -128,13 +128,13 @@ def test_trainer_runs_bf16_on_cpu_and_resumes_exactly(tmp_path):
     torch.set_num_threads(1)
     try:
         out = io.StringIO()
-        straight = Trainer(tiny(tmp_path / "a"), out=out)
+        straight = Trainer.from_config(tiny(tmp_path / "a"), out=out)
         summary = straight.fit()
         assert "| device cpu amp bf16 |" in out.getvalue().splitlines()[0]  # the run says it is not float32
         assert 0.0 <= summary["test_acc"] <= 1.0 and summary["steps"] == 8
         assert load_checkpoint(tmp_path / "a" / CKPT_NAME)["config"]["amp"] == "bf16"
-        assert Trainer(tiny(tmp_path / "b", max_steps=5)).fit()["stopped_early"]
-        resumed = Trainer(tiny(tmp_path / "b"), resume=True)
+        assert Trainer.from_config(tiny(tmp_path / "b", max_steps=5)).fit()["stopped_early"]
+        resumed = Trainer.from_config(tiny(tmp_path / "b"), resume=True)
         resumed.fit()
     finally:
         torch.set_num_threads(old)
@@ -163,7 +163,7 @@ def test_checkpoints_of_gpu_amp_runs_evaluate_on_a_cpu(tmp_path):
     """A bf16 run's checkpoint evaluates in bf16 here; an fp16 run's (a GPU's) in float32, and the line says so."""
     from manlearn.train import evaluate_checkpoint, save_checkpoint
 
-    Trainer(tiny(tmp_path, epochs=1, max_steps=1, amp="off")).fit()
+    Trainer.from_config(tiny(tmp_path, epochs=1, max_steps=1, amp="off")).fit()
     ck = load_checkpoint(tmp_path / CKPT_NAME)
     for amp in ("bf16", "fp16"):
         ck["config"]["amp"] = amp

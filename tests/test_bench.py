@@ -136,7 +136,7 @@ def test_an_interrupted_sweep_run_resumes_from_its_checkpoint(tmp_path):
                          say=lambda *a: None)[0]
     name = next(p.name for p in (tmp_path / "a").iterdir() if p.is_dir())  # the sweep's folder name
     cut = fm_r32_config("greedy", 2, 1, 0, tmp_path / "b" / name, [*extra, "max_steps=2"])
-    Trainer(cut, overwrite=True).fit()  # the stopped run: 2 of 3 steps done, then lost
+    Trainer.from_config(cut, overwrite=True).fit()  # the stopped run: 2 of 3 steps done, then lost
     said: list[str] = []
     row = run_accuracy(["greedy"], [2], 1, [0], tmp_path / "b.jsonl", tmp_path / "b", extra=extra,
                        say=said.append)[0]

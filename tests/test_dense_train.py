@@ -202,11 +202,11 @@ def test_resume_is_exact(mosaic, tmp_path, task, extra):
     """3 steps, stop, resume for 3 more (across an epoch end: 4 steps/epoch) == 6 steps straight."""
     sink = io.StringIO()
     a = tmp_path / "a"
-    Trainer(tiny_cfg(mosaic, a, task, "max_steps=3", *extra), out=sink).fit()
-    resumed = Trainer(tiny_cfg(mosaic, a, task, *extra), resume=True, out=sink)
+    Trainer.from_config(tiny_cfg(mosaic, a, task, "max_steps=3", *extra), out=sink).fit()
+    resumed = Trainer.from_config(tiny_cfg(mosaic, a, task, *extra), resume=True, out=sink)
     assert resumed.step == 3
     resumed.fit()
-    straight = Trainer(tiny_cfg(mosaic, tmp_path / "b", task, *extra), out=sink)
+    straight = Trainer.from_config(tiny_cfg(mosaic, tmp_path / "b", task, *extra), out=sink)
     straight.fit()
     pa, pb = _params(resumed), _params(straight)
     assert pa.keys() == pb.keys()
@@ -221,9 +221,9 @@ def test_resume_is_exact(mosaic, tmp_path, task, extra):
 def test_evaluation_and_checkpoint_periods_are_in_steps(mosaic, tmp_path):
     """eval_every_steps / ckpt_every_steps count optimiser steps whatever the task; the end always evaluates."""
     saved: list[int] = []
-    t = Trainer(tiny_cfg(mosaic, tmp_path, "segmentation", "eval_every_steps=2", "ckpt_every_steps=3",
+    t = Trainer.from_config(tiny_cfg(mosaic, tmp_path, "segmentation", "eval_every_steps=2", "ckpt_every_steps=3",
                          "max_steps=5"), out=io.StringIO(),
-                hooks=[lambda tr: saved.append(torch.load(tr.ckpt_path, weights_only=True)["step"])
+                callbacks=[lambda tr: saved.append(torch.load(tr.ckpt_path, weights_only=True)["step"])
                        if tr.ckpt_path.exists() else None])
     summary = t.fit()
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -235,11 +235,11 @@ def test_evaluation_and_checkpoint_periods_are_in_steps(mosaic, tmp_path):
 
 def test_resume_with_another_config_is_refused(mosaic, tmp_path, capsys):
     a = tmp_path / "a"
-    Trainer(tiny_cfg(mosaic, a, "detection", "max_steps=1"), out=io.StringIO()).fit()
+    Trainer.from_config(tiny_cfg(mosaic, a, "detection", "max_steps=1"), out=io.StringIO()).fit()
     with pytest.raises(CheckpointError, match=r"another configuration; differing keys: lr: checkpoint 0\.01"):
-        Trainer(tiny_cfg(mosaic, a, "detection", "lr=0.02"), resume=True)
+        Trainer.from_config(tiny_cfg(mosaic, a, "detection", "lr=0.02"), resume=True)
     # free keys (length, evaluation, logging) may change
-    t = Trainer(tiny_cfg(mosaic, a, "detection", "iterations=9", "eval_limit=2", "log_every=3",
+    t = Trainer.from_config(tiny_cfg(mosaic, a, "detection", "iterations=9", "eval_limit=2", "log_every=3",
                          "eval_every_steps=2"), resume=True, out=io.StringIO())
     assert t.step == 1
     rc, _, err = run_cli(capsys, "train", *tiny_items("detection"), f"data_dir={mosaic}", f"out_dir={a}",
@@ -250,7 +250,7 @@ def test_resume_with_another_config_is_refused(mosaic, tmp_path, capsys):
 def test_missing_data_says_how_to_get_it(tmp_path, capsys):
     missing = tmp_path / "nowhere"
     with pytest.raises(DatasetError, match=f"manlearn data make-mosaic --out {missing}"):
-        Trainer(apply_overrides(TrainConfig(), [*tiny_items("detection"), f"data_dir={missing}",
+        Trainer.from_config(apply_overrides(TrainConfig(), [*tiny_items("detection"), f"data_dir={missing}",
                                                 f"out_dir={tmp_path / 'r'}"]))
     rc, _, err = run_cli(capsys, "train", *tiny_items("segmentation"), f"data_dir={missing}",
                          f"out_dir={tmp_path / 's'}")
@@ -261,7 +261,7 @@ def test_missing_data_says_how_to_get_it(tmp_path, capsys):
 def test_wrong_split_name_lists_the_splits_there(mosaic, tmp_path):
     cfg = tiny_cfg(mosaic, tmp_path, "detection", "task.train_split=train2017")  # (COCO's name)
     with pytest.raises(DatasetError, match="has the splits train, val"):
-        Trainer(cfg)
+        Trainer.from_config(cfg)
 
 
 def test_standard_coco_layout_is_read(mosaic, tmp_path):
@@ -275,7 +275,7 @@ def test_standard_coco_layout_is_read(mosaic, tmp_path):
         shutil.copy(mosaic / "annotations" / f"instances_{split}.json", root / "annotations" / f"instances_{coco}.json")
     cfg = tiny_cfg(mosaic, tmp_path / "r", "detection", f"data_dir={root}", "task.train_split=train2017",
                    "task.val_split=val2017", "max_steps=1")
-    t = Trainer(cfg, out=io.StringIO())
+    t = Trainer.from_config(cfg, out=io.StringIO())
     assert t.data.n_train == 16 and t.data.num_classes == 10
     assert t.fit()["steps"] == 1
 
@@ -283,13 +283,13 @@ def test_standard_coco_layout_is_read(mosaic, tmp_path):
 def test_decoding_workers_give_the_same_training_as_the_in_memory_set(mosaic, tmp_path, monkeypatch):
     """A set too large to cache is decoded by DataLoader workers; the batches (and so the run) are the same."""
     sink = io.StringIO()
-    cached = Trainer(tiny_cfg(mosaic, tmp_path / "a", "detection", "max_steps=2"), out=sink)
+    cached = Trainer.from_config(tiny_cfg(mosaic, tmp_path / "a", "detection", "max_steps=2"), out=sink)
     assert cached.data.train._cache is not None
     cached.fit()
     import manlearn.detection.coco as coco_mod
 
     monkeypatch.setattr(coco_mod, "_AUTO_CACHE_BYTES", 0)
-    streamed = Trainer(tiny_cfg(mosaic, tmp_path / "b", "detection", "max_steps=2", "data_workers=2"), out=sink)
+    streamed = Trainer.from_config(tiny_cfg(mosaic, tmp_path / "b", "detection", "max_steps=2", "data_workers=2"), out=sink)
     assert streamed.data.train._cache is None
     streamed.fit()
     pa, pb = _params(cached), _params(streamed)

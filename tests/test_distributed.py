@@ -187,7 +187,7 @@ def _dp_trainer_worker(rank, world, port, out_dir, summaries):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     with registered_gn_net():
-        tr = Trainer(tiny_cfg(out_dir))
+        tr = Trainer.from_config(tiny_cfg(out_dir))
         summary = tr.fit()
         assert tr.dist.world_size == world and tr.dist.rank == rank
         torch.save({"summary": summary, "model": tr.learner.state_dict()}, Path(summaries) / f"rank{rank}.pt")
@@ -255,7 +255,7 @@ def test_trainer_data_parallel_matches_single_process_and_only_rank0_writes(tmp_
     sums.mkdir()
     _spawn(_dp_trainer_worker, 2, str(dp_dir), str(sums))
     with registered_gn_net():
-        single = Trainer(tiny_cfg(sp_dir), out=open(os.devnull, "w"))
+        single = Trainer.from_config(tiny_cfg(sp_dir), out=open(os.devnull, "w"))
         s_sum = single.fit()
     r0, r1 = torch.load(sums / "rank0.pt"), torch.load(sums / "rank1.pt")
     want = single.learner.state_dict()

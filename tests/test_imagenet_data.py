@@ -130,7 +130,7 @@ def test_trainer_runs_on_a_streamed_folder(folder, tmp_path):
     cfg = TrainConfig(dataset="imagenet", data_dir=str(folder), image_size=32, model="resnet20", method="manpp",
                       base="infopro", K=3, batch_size=4, eval_batch_size=8, epochs=1, max_steps=2, lr=0.01,
                       device="cpu", out_dir=str(tmp_path / "run"), data_workers=0, progress=False, log_every=1)
-    trainer = Trainer(cfg)
+    trainer = Trainer.from_config(cfg)
     assert trainer.info.num_classes == 3 and trainer.learner.image_size == 32
     result = trainer.fit()
     assert trainer.step == 2 and isinstance(result, dict)

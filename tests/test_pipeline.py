@@ -73,7 +73,7 @@ def test_pipeline_equals_single_process_without_momentum_units(tmp_path, blocks_
     With 2 blocks in flight each worker overlaps its own blocks (LocalLearner.train_blocks): same result."""
     s = run(cfg_(tmp_path / "pipe", blocks_in_flight=blocks_in_flight))
     ck = load_checkpoint(tmp_path / "pipe" / "last.pt")
-    tr = Trainer(cfg_(tmp_path / "single", pipeline_workers=0), out=open(os.devnull, "w"))
+    tr = Trainer.from_config(cfg_(tmp_path / "single", pipeline_workers=0), out=open(os.devnull, "w"))
     ref = tr.fit()
     want = tr.learner.state_dict()
     assert ck["model"].keys() == want.keys()
@@ -181,4 +181,4 @@ def test_cli_refusals_for_the_pipeline(tmp_path, capsys):
     assert main(["train", "dataset=digits", f"out_dir={tmp_path}", "pipeline_workers=2", "--resume"]) == 2
     assert "cannot be resumed" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="run_pipeline"):
-        Trainer(cfg_(tmp_path))
+        Trainer.from_config(cfg_(tmp_path))

@@ -48,7 +48,7 @@ def poison_grad_at(trainer: Trainer, step: int, name: str = "blocks.1") -> None:
 
 
 def test_nonfinite_gradient_stops_the_run_and_keeps_the_finite_checkpoint(tmp_path):
-    tr = Trainer(tiny(tmp_path, ckpt_every_steps=1))
+    tr = Trainer.from_config(tiny(tmp_path, ckpt_every_steps=1))
     poison_grad_at(tr, 2)  # the losses stay finite: only the gradient check can see it
     with pytest.raises(DivergenceError, match=r"at step 3: the gradient of blocks\.1\.\S+ \(block 1\) is not finite"):
         tr.fit()
@@ -57,7 +57,7 @@ def test_nonfinite_gradient_stops_the_run_and_keeps_the_finite_checkpoint(tmp_pa
 
 
 def test_nonfinite_skip_drops_the_update_and_counts_it(tmp_path):
-    tr = Trainer(tiny(tmp_path, nonfinite="skip", epochs=1))
+    tr = Trainer.from_config(tiny(tmp_path, nonfinite="skip", epochs=1))
     poison_grad_at(tr, 1)
     summary = tr.fit()
     assert summary["skipped_steps"] == 1 and summary["steps"] == SPE
@@ -66,7 +66,7 @@ def test_nonfinite_skip_drops_the_update_and_counts_it(tmp_path):
 
 
 def test_non_finite_weights_are_never_saved(tmp_path):
-    tr = Trainer(tiny(tmp_path, epochs=1, max_steps=1))
+    tr = Trainer.from_config(tiny(tmp_path, epochs=1, max_steps=1))
     tr.fit()
     before = (tmp_path / CKPT_NAME).read_bytes()
     with torch.no_grad():
@@ -152,7 +152,7 @@ def records(path: Path) -> list[tuple]:
 @pytest.fixture(scope="module")
 def ctrl_c_reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("ctrl_c_ref")
-    tr = Trainer(tiny(out, **CTRL_C))
+    tr = Trainer.from_config(tiny(out, **CTRL_C))
     tr.fit()
     return {"model": {k: v.clone() for k, v in tr.learner.state_dict().items()},
             "records": records(out / "metrics.jsonl")}
@@ -205,7 +205,7 @@ def test_ctrl_c_saves_the_completed_step_exits_130_and_resumes_exactly(tmp_path,
     assert r.returncode == 130, r.stderr
     assert line.format(ckpt=ckpt) in r.stderr and "Traceback" not in r.stderr
     assert load_checkpoint(ckpt)["step"] == step
-    tr = Trainer(tiny(tmp_path / "run", **CTRL_C), resume=True)
+    tr = Trainer.from_config(tiny(tmp_path / "run", **CTRL_C), resume=True)
     tr.fit()
     ref = ctrl_c_reference["model"]
     assert all(torch.equal(ref[k], v) for k, v in tr.learner.state_dict().items())
@@ -220,7 +220,7 @@ def test_second_ctrl_c_exits_at_once_keeping_the_last_checkpoint(tmp_path):
     assert load_checkpoint(ckpt)["step"] == 1
     leftovers = list(ckpt.parent.glob(".last.pt.*.tmp"))  # the write the process was killed in
     assert leftovers
-    tr = Trainer(tiny(ckpt.parent, **CTRL_C), resume=True)  # the next start cleans it up
+    tr = Trainer.from_config(tiny(ckpt.parent, **CTRL_C), resume=True)  # the next start cleans it up
     assert tr.step == 1 and not any(p.exists() for p in leftovers)
 
 
@@ -247,7 +247,7 @@ def test_the_guard_covers_every_file_a_run_writes(tmp_path, name):
 
     (tmp_path / name).write_text("an earlier run's")
     with pytest.raises(CheckpointError, match=f"already holds .*{name}.* of an earlier run"):
-        Trainer(tiny(tmp_path))
+        Trainer.from_config(tiny(tmp_path))
     assert (tmp_path / name).read_text() == "an earlier run's"
 
 
@@ -255,7 +255,7 @@ def test_resume_and_overwrite_together_are_refused(tmp_path, capsys):
     from manlearn.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--resume and --overwrite"):
-        Trainer(tiny(tmp_path), resume=True, overwrite=True)
+        Trainer.from_config(tiny(tmp_path), resume=True, overwrite=True)
     from manlearn.cli import main
 
     assert main(["train", *cli_args(tmp_path), "--resume", "--overwrite"]) == 2
@@ -265,7 +265,7 @@ def test_resume_and_overwrite_together_are_refused(tmp_path, capsys):
 @pytest.fixture
 def earlier_run(tmp_path):
     """An out_dir holding a finished run's files (1 step), and their bytes."""
-    Trainer(tiny(tmp_path, epochs=1, max_steps=1)).fit()
+    Trainer.from_config(tiny(tmp_path, epochs=1, max_steps=1)).fit()
     return {n: (tmp_path / n).read_bytes() for n in ("last.pt", "metrics.jsonl", "config.yaml")}
 
 
@@ -274,7 +274,7 @@ def test_overwrite_run_failing_before_its_first_checkpoint_restores_the_earlier_
         assert not (tmp_path / CKPT_NAME).exists()  # the earlier run's files are aside meanwhile
         raise RuntimeError("simulated crash")
 
-    tr = Trainer(tiny(tmp_path, lr=0.01), overwrite=True, hooks=[crash])
+    tr = Trainer.from_config(tiny(tmp_path, lr=0.01), overwrite=True, callbacks=[crash])
     with pytest.raises(RuntimeError, match="simulated crash"):
         tr.fit()
     assert {n: (tmp_path / n).read_bytes() for n in earlier_run} == earlier_run
@@ -283,8 +283,8 @@ def test_overwrite_run_failing_before_its_first_checkpoint_restores_the_earlier_
 
 def test_overwrite_run_replaces_the_earlier_run_at_its_first_checkpoint(tmp_path, earlier_run):
     seen = []
-    tr = Trainer(tiny(tmp_path, lr=0.01, ckpt_every_steps=1, max_steps=2), overwrite=True,
-                 hooks=[lambda t: seen.append(sorted(p.name for p in tmp_path.iterdir()))])
+    tr = Trainer.from_config(tiny(tmp_path, lr=0.01, ckpt_every_steps=1, max_steps=2), overwrite=True,
+                 callbacks=[lambda t: seen.append(sorted(p.name for p in tmp_path.iterdir()))])
     tr.fit()
     assert seen[0] == ["config.yaml", "last.pt", "metrics.jsonl"]  # nothing of the earlier run left
     assert load_checkpoint(tmp_path / CKPT_NAME)["config"]["lr"] == 0.01
@@ -299,7 +299,7 @@ def test_a_killed_overwrite_run_and_a_killed_save_are_settled_by_the_next_start(
     (tmp_path / "config.yaml").write_text("the killed run's")
     (tmp_path / ".last.pt.k2j4.tmp").write_bytes(b"half a checkpoint")
     with pytest.raises(CheckpointError, match="already holds a checkpoint"):
-        Trainer(tiny(tmp_path))
+        Trainer.from_config(tiny(tmp_path))
     assert {n: (tmp_path / n).read_bytes() for n in earlier_run} == earlier_run
     assert not (tmp_path / ASIDE).exists() and not list(tmp_path.glob(".last.pt.*"))
 
@@ -351,7 +351,7 @@ def test_disk_full_during_a_save_is_one_line_and_the_previous_checkpoint_survive
         return real_save(obj, f, *a, **k)
 
     monkeypatch.setattr(checkpoint_module.torch, "save", save)
-    tr = Trainer(tiny(tmp_path, ckpt_every_steps=1))
+    tr = Trainer.from_config(tiny(tmp_path, ckpt_every_steps=1))
     with pytest.raises(OutputError) as e:
         tr.fit()
     ckpt = tmp_path / CKPT_NAME
@@ -387,7 +387,7 @@ def test_bench_and_mosaic_outputs_are_checked_at_once(tmp_path, capsys, monkeypa
 def test_eval_of_a_run_folder_uses_its_checkpoint_and_an_empty_folder_says_so(tmp_path, capsys):
     from manlearn.cli import main
 
-    Trainer(tiny(tmp_path / "run", epochs=1, max_steps=1)).fit()
+    Trainer.from_config(tiny(tmp_path / "run", epochs=1, max_steps=1)).fit()
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "run"), "--device", "cpu"]) == 0
     assert "step 1" in capsys.readouterr().out

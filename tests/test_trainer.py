@@ -90,7 +90,7 @@ def reference(tmp_path_factory):
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("ref")
     try:
-        tr = Trainer(tiny(out))
+        tr = Trainer.from_config(tiny(out))
         summary = tr.fit()
     finally:
         torch.set_num_threads(old)
@@ -185,7 +185,7 @@ def test_fit_writes_metrics_checkpoint_and_summary(reference):
 
 
 def test_runs_are_repeatable(tmp_path, reference, one_thread):
-    tr = Trainer(tiny(tmp_path, max_steps=SPE))  # max_steps stops the run, the lr curve is unchanged
+    tr = Trainer.from_config(tiny(tmp_path, max_steps=SPE))  # max_steps stops the run, the lr curve is unchanged
     tr.fit()
     # same seed: the first epoch of the reference ran through identical weights
     ref_first = [r for r in reference["records"] if r[0] == "train" and r[1] <= SPE]
@@ -204,10 +204,10 @@ def test_resume_after_crash_is_bit_identical(tmp_path, reference, one_thread, ck
                                              resume_step, resume_batch):
     cfg = tiny(tmp_path, ckpt_every_steps=ckpt_every)
     with pytest.raises(Crash):
-        Trainer(cfg, hooks=[crash_at(crash_step)]).fit()
+        Trainer.from_config(cfg, callbacks=[crash_at(crash_step)]).fit()
     saved = load_checkpoint(tmp_path / CKPT_NAME)
     assert (saved["step"], saved["batch"]) == (resume_step, resume_batch)
-    resumed = Trainer(cfg, resume=True)
+    resumed = Trainer.from_config(cfg, resume=True)
     assert resumed.step == saved["step"]
     resumed.fit()
     assert resumed.step == 2 * SPE
@@ -218,11 +218,11 @@ def test_resume_after_crash_is_bit_identical(tmp_path, reference, one_thread, ck
 
 
 def test_stop_at_max_steps_then_resume_is_bit_identical(tmp_path, reference, one_thread):
-    first = Trainer(tiny(tmp_path, max_steps=6)).fit()
+    first = Trainer.from_config(tiny(tmp_path, max_steps=6)).fit()
     assert first["stopped_early"] and first["steps"] == 6
     ck = load_checkpoint(tmp_path / CKPT_NAME)
     assert (ck["step"], ck["epoch"], ck["batch"]) == (6, 1, 2)
-    tr = Trainer(tiny(tmp_path), resume=True)  # max_steps may change on resume
+    tr = Trainer.from_config(tiny(tmp_path), resume=True)  # max_steps may change on resume
     tr.fit()
     assert_same_state(reference["model"], tr.learner.state_dict())
     assert_same_optimizer(reference["optimizer"], tr.optimizer.state_dict())
@@ -237,7 +237,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, reference, one_thread):
     code = ("import sys, time; from manlearn.config import TrainConfig, apply_overrides; "
             "from manlearn.train import Trainer; "
             "cfg = apply_overrides(TrainConfig(), sys.argv[1:]); "
-            "Trainer(cfg, hooks=[lambda t: time.sleep(0.3)]).fit()")
+            "Trainer.from_config(cfg, callbacks=[lambda t: time.sleep(0.3)]).fit()")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-c", code, *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -254,15 +254,15 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, reference, one_thread):
         proc.wait(timeout=60)
     killed_at = load_checkpoint(ckpt)["step"]
     assert 3 <= killed_at < 2 * SPE
-    tr = Trainer(cfg, resume=True)
+    tr = Trainer.from_config(cfg, resume=True)
     tr.fit()
     assert_same_state(reference["model"], tr.learner.state_dict())
     assert training_records(read_jsonl(tmp_path / "metrics.jsonl")) == reference["records"]
 
 
 def test_epochs_may_be_extended_on_resume(tmp_path):
-    Trainer(tiny(tmp_path, epochs=1)).fit()
-    tr = Trainer(tiny(tmp_path, epochs=2), resume=True)
+    Trainer.from_config(tiny(tmp_path, epochs=1)).fit()
+    tr = Trainer.from_config(tiny(tmp_path, epochs=2), resume=True)
     assert tr.step == SPE
     assert tr.fit()["steps"] == 2 * SPE
 
@@ -273,7 +273,7 @@ def test_epochs_may_be_extended_on_resume(tmp_path):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("finished")
-    Trainer(tiny(out, epochs=1, max_steps=2)).fit()
+    Trainer.from_config(tiny(out, epochs=1, max_steps=2)).fit()
     return out
 
 
@@ -285,23 +285,23 @@ def finished(tmp_path_factory):
 def test_checkpoint_from_another_config_is_refused(finished, change, keys):
     cfg = dataclasses.replace(tiny(finished, epochs=1), **change)
     with pytest.raises(CheckpointError) as e:
-        Trainer(cfg, resume=True)
+        Trainer.from_config(cfg, resume=True)
     assert set(re.findall(r"(\w+): checkpoint ", str(e.value))) == set(keys)
 
 
 def test_fresh_run_will_not_clobber_a_checkpoint(finished, tmp_path):
     with pytest.raises(CheckpointError, match="--resume"):
-        Trainer(tiny(finished, epochs=1))
+        Trainer.from_config(tiny(finished, epochs=1))
     # overwrite=True starts again from step 0 (in a copy, to keep the shared fixture intact)
     import shutil
 
     shutil.copytree(finished, tmp_path / "copy")
-    tr = Trainer(tiny(tmp_path / "copy", epochs=1, max_steps=1), overwrite=True)
+    tr = Trainer.from_config(tiny(tmp_path / "copy", epochs=1, max_steps=1), overwrite=True)
     assert tr.step == 0
 
 
 def test_resume_without_checkpoint_starts_fresh(tmp_path):
-    tr = Trainer(tiny(tmp_path), resume=True)
+    tr = Trainer.from_config(tiny(tmp_path), resume=True)
     assert tr.step == 0 and not tr.resumed
 
 
@@ -317,7 +317,7 @@ def test_corrupt_checkpoints_are_refused(finished, tmp_path):
         d.mkdir()
         (d / CKPT_NAME).write_bytes(data)
         with pytest.raises(CheckpointError, match="cannot read checkpoint"):
-            Trainer(tiny(d, epochs=1), resume=True)
+            Trainer.from_config(tiny(d, epochs=1), resume=True)
     # a readable file that is not a manlearn checkpoint
     torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
     with pytest.raises(CheckpointError, match="not a manlearn checkpoint"):
@@ -342,7 +342,7 @@ def test_checkpoint_of_an_earlier_version_is_refused_in_one_line(finished, tmp_p
     d.mkdir()
     torch.save(ck, d / CKPT_NAME)
     with pytest.raises(CheckpointError, match="keys unknown to this version: eval_every, test_limit") as got:
-        Trainer(tiny(d, epochs=1), resume=True)
+        Trainer.from_config(tiny(d, epochs=1), resume=True)
     assert "\n" not in str(got.value)
     assert main(["eval", str(d / CKPT_NAME)]) != 0
     err = capsys.readouterr().err.strip()
@@ -356,17 +356,17 @@ def test_checkpoint_with_wrong_weights_is_refused(finished, tmp_path):
     d.mkdir()
     torch.save(ck, d / CKPT_NAME)
     with pytest.raises(CheckpointError, match="does not fit"):
-        Trainer(tiny(d, epochs=1), resume=True)
+        Trainer.from_config(tiny(d, epochs=1), resume=True)
 
 
 def test_fp16_amp_on_cpu_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="CUDA"):
-        Trainer(tiny(tmp_path, amp="fp16"))
+        Trainer.from_config(tiny(tmp_path, amp="fp16"))
 
 
 def test_batch_larger_than_dataset_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="nothing to train"):
-        Trainer(tiny(tmp_path, batch_size=256))
+        Trainer.from_config(tiny(tmp_path, batch_size=256))
 
 
 # ---------------------------------------------------------------------------- atomic writes
@@ -407,12 +407,12 @@ def test_rng_state_round_trip():
 
 def test_explicit_split_survives_checkpoint_and_resume(tmp_path):
     cfg = apply_overrides(tiny(tmp_path, max_steps=1), ["split=[[1,2],[2,2],[3,2]]"])
-    tr = Trainer(cfg)
+    tr = Trainer.from_config(cfg)
     assert tr.learner.K == 4
     tr.fit()
     saved = load_checkpoint(tmp_path / CKPT_NAME)["config"]["split"]
     assert [tuple(b) for b in saved] == [(1, 2), (2, 2), (3, 2)]
-    assert Trainer(dataclasses.replace(cfg, max_steps=2), resume=True).step == 1
+    assert Trainer.from_config(dataclasses.replace(cfg, max_steps=2), resume=True).step == 1
 
 
 def test_header_names_the_head_fidelity_and_checkpointing_and_records_carry_s(tmp_path):
@@ -421,7 +421,7 @@ def test_header_names_the_head_fidelity_and_checkpointing_and_records_carry_s(tm
     import io
 
     out = io.StringIO()
-    tr = Trainer(tiny(tmp_path / "a", base="dgl", rule_options={"head": "mlp-sr"}, fidelity="authors",
+    tr = Trainer.from_config(tiny(tmp_path / "a", base="dgl", rule_options={"head": "mlp-sr"}, fidelity="authors",
                       max_steps=1), out=out)
     tr.fit()
     assert "manpp/dgl head=mlp-sr fidelity=authors" in out.getvalue().splitlines()[0]

@@ -146,14 +146,14 @@ def test_trainer_with_mixup_cutmix_and_label_smoothing_resumes_exactly(tmp_path)
     base = ["dataset=digits", "model=resnet20", "method=dgl", "K=2", "epochs=1", "batch_size=32",
             "eval_limit=64", "progress=false", "device=cpu", "task.mixup_alpha=0.4", "task.cutmix_alpha=1.0",
             "task.label_smoothing=0.1", "log_every=0"]
-    full = Trainer(apply_overrides(TrainConfig(), [*base, f"out_dir={tmp_path / 'a'}", "max_steps=4"]))
+    full = Trainer.from_config(apply_overrides(TrainConfig(), [*base, f"out_dir={tmp_path / 'a'}", "max_steps=4"]))
     seen = []
     real = full.learner.train_step
     full.learner.train_step = lambda x, y, **kw: (seen.append(y), real(x, y, **kw))[1]
     full.fit()
     assert all(t.is_floating_point() and t.shape[1] == 10 for t in seen)
-    Trainer(apply_overrides(TrainConfig(), [*base, f"out_dir={tmp_path / 'b'}", "max_steps=2"])).fit()
-    resumed = Trainer(apply_overrides(TrainConfig(), [*base, f"out_dir={tmp_path / 'b'}", "max_steps=4"]), resume=True)
+    Trainer.from_config(apply_overrides(TrainConfig(), [*base, f"out_dir={tmp_path / 'b'}", "max_steps=2"])).fit()
+    resumed = Trainer.from_config(apply_overrides(TrainConfig(), [*base, f"out_dir={tmp_path / 'b'}", "max_steps=4"]), resume=True)
     resumed.fit()
     for pa, pb in zip(full.learner.state_dict().values(), resumed.learner.state_dict().values()):
         assert torch.equal(pa, pb)

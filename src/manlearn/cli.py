@@ -78,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = validate(cfg)
     if cfg.pipeline_workers:
         return _train_pipeline(cfg, args)
-    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+    trainer = Trainer.from_config(cfg, resume=args.resume, overwrite=args.overwrite)
     summary = None
     try:
         summary = _fit(trainer)

@@ -100,7 +100,7 @@ def run_accuracy(methods: Sequence[str], Ks: Sequence[int], epochs: int, seeds: 
                 say(f"{'resume' if resume else 'run'} {spec} K={k_eff} epochs={epochs} seed={seed} -> {run_dir}")
                 t0 = time.perf_counter()
                 try:
-                    trainer = Trainer(cfg, resume=True) if resume else Trainer(cfg, overwrite=True)
+                    trainer = Trainer.from_config(cfg, resume=True) if resume else Trainer.from_config(cfg, overwrite=True)
                     summary = trainer.fit()
                 except BaseException:
                     claim.unlink(missing_ok=True)

@@ -15,10 +15,11 @@ from .metrics import JsonlWriter, MetricLogger, SmoothedValue, read_jsonl
 from .optim import build_optimizer, trainable_parameters
 from .schedule import lr_at, total_epochs, total_steps
 from .task_runs import ClassificationRun, DenseRun, make_task_run
-from .trainer import CKPT_NAME, METRICS_NAME, StepHook, Trainer, evaluate, evaluate_checkpoint
+from .callbacks import Callback
+from .trainer import CKPT_NAME, LOOP_KEYS, METRICS_NAME, Trainer, evaluate, evaluate_checkpoint
 
 __all__ = [
-    "Trainer", "evaluate", "evaluate_checkpoint", "StepHook", "CKPT_NAME", "METRICS_NAME",
+    "Trainer", "Callback", "LOOP_KEYS", "evaluate", "evaluate_checkpoint", "CKPT_NAME", "METRICS_NAME",
     "lr_at", "total_steps", "total_epochs", "build_optimizer", "trainable_parameters",
     "save_checkpoint", "load_checkpoint", "check_resume_compatible", "config_differences",
     "RESUME_FREE_KEYS", "MetricLogger", "SmoothedValue", "JsonlWriter", "read_jsonl",

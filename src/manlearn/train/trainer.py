@@ -35,19 +35,22 @@ import torch
 from tqdm import tqdm
 
 import manlearn
-from manlearn.config import TrainConfig, config_to_dict, config_to_yaml, validate
+from manlearn.config import TrainConfig, config_from_dict, config_to_dict, config_to_yaml, validate
 from manlearn.distributed import GradReducer, average_buffers, broadcast_state
-from manlearn.distributed.dist import setup_from_env
+from manlearn.distributed.dist import SINGLE, setup_from_env
+from manlearn.learner import LocalLearner
 from manlearn.errors import CheckpointError, ConfigError, DivergenceError
 from manlearn.memory import PeakMemory, peak_rss_bytes
 from manlearn.planning import check_plannable, plan_learner
 from manlearn.recompute import checkpoint_granularity
 
 from .build import amp_dtype, build_learner, resolve_device, seed_everything
+from .callbacks import Callback, Callbacks
 from .data_parallel import ShardedLoader, sharded_evaluate
 from .checkpoint import (CKPT_FORMAT, CKPT_VERSION, capture_rng_state, check_resume_compatible, checkpoint_config,
                          eval_config, load_checkpoint, load_model_state, restore_rng_state, save_checkpoint)
 from .interrupt import DeferredInterrupt, TrainingInterrupted
+from .loader_run import LoaderRun
 from .metrics import JsonlWriter, MetricLogger
 from .outputs import (check_writable_dir, drop_aside, move_aside, present_run_files, restore_aside, settle,
                       write_failure)
@@ -56,34 +59,72 @@ from .schedule import lr_at, total_epochs, total_steps
 from .task_runs import evaluate, make_task_run
 
 
-__all__ = ["Trainer", "evaluate", "evaluate_checkpoint", "StepHook", "CKPT_NAME", "METRICS_NAME"]
+__all__ = ["Trainer", "Callback", "evaluate", "evaluate_checkpoint", "CKPT_NAME", "METRICS_NAME", "LOOP_KEYS"]
 
 CKPT_NAME = "last.pt"
 METRICS_NAME = "metrics.jsonl"
 
-#: Called after every optimiser step (after any periodic evaluation / checkpoint) with the trainer.
-StepHook = Callable[["Trainer"], None]
+#: The config keys a Trainer built from your objects takes as keywords: the loop's own (the learner, data
+#: and device are yours).
+LOOP_KEYS = frozenset({
+    "iterations", "lr", "sgd_momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs", "warmup_lr",
+    "lr_steps", "lr_gamma", "warmup_iters", "warmup_factor", "seed", "eval_every_epochs", "eval_every_steps",
+    "ckpt_every_steps", "log_every", "progress", "nonfinite",
+})
 
 
 class Trainer:
-    """Train the learner described by a :class:`~manlearn.config.TrainConfig` (any task).
+    """The training loop of a :class:`~manlearn.LocalLearner`: optimiser step, lr schedule, evaluation,
+    metrics, atomic checkpoints, exact resume, Ctrl-C saved.
 
-    - ``cfg``: the run's configuration (validated here);
-    - ``resume``: continue from ``<out_dir>/last.pt`` when it exists (a fresh run otherwise);
-    - ``overwrite``: allow a fresh run in an ``out_dir`` that already holds a checkpoint;
-    - ``hooks``: callables ``hook(trainer)`` run after every optimiser step (after any periodic
-      evaluation and checkpoint); tests use them to simulate a crash at a chosen step;
-    - ``out``: where progress lines go (default stdout).
+    ``Trainer(learner, train_data, eval_data=None, ...)`` trains your own objects: ``train_data`` and
+    ``eval_data`` are iterables of ``(inputs, targets)`` batches with a length (a
+    ``torch.utils.data.DataLoader``, a list of batches); evaluation reports top-1 accuracy.
 
-    Launched by torchrun (``WORLD_SIZE > 1``) a classification run trains data parallel.
+    - ``optimizer``: yours (its lr is the schedule's peak unless ``lr=`` is given), or ``"sgd"`` /
+      ``"adamw"`` / None to build one (SGD 0.9 Nesterov, wd 1e-4) over every trainable parameter;
+    - ``out_dir``: where ``last.pt`` and ``metrics.jsonl`` go; ``epochs``, ``max_steps``: the length, and a
+      cap on the steps of this call (the schedule is unchanged);
+    - ``callbacks``: the loop's extension point (:mod:`manlearn.train.callbacks`): objects with
+      ``on_step_end(trainer)``, ``on_eval_end(trainer, metrics)``, ``on_checkpoint(trainer, path)``,
+      or functions called at each step's end;
+    - ``resume``: continue from ``<out_dir>/last.pt`` when it exists; ``overwrite``: allow a fresh run in an
+      ``out_dir`` that already holds one; ``out``: where progress lines go (default stdout);
+    - ``settings``: the loop's config keys (:data:`LOOP_KEYS`: ``lr``, ``schedule``, ``seed``,
+      ``eval_every_steps``, ``ckpt_every_steps``, ``log_every``, ``nonfinite``, ...).
+
+    :meth:`from_config` builds everything from a :class:`~manlearn.config.TrainConfig` (``manlearn train``);
+    launched by torchrun (``WORLD_SIZE > 1``) such a classification run trains data parallel.
     """
 
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
-                 hooks: Iterable[StepHook] = (), out: Any = None) -> None:
-        self.cfg = cfg = validate(cfg)
-        self._out = out if out is not None else sys.stdout
-        self.hooks: list[StepHook] = list(hooks)
-        self._bar: tqdm | None = None
+    def __init__(self, learner: LocalLearner, train_data: Iterable, eval_data: Iterable | None = None, *,
+                 optimizer: torch.optim.Optimizer | str | None = None, out_dir: str | Path = "runs/fit",
+                 epochs: int = 1, max_steps: int | None = None, callbacks: Iterable[Any] = (),
+                 resume: bool = False, overwrite: bool = False, out: Any = None, **settings: Any) -> None:
+        if not isinstance(learner, LocalLearner):
+            raise ConfigError(f"Trainer(learner, train_data, ...) trains a manlearn.LocalLearner, got "
+                              f"{type(learner).__name__}; to train from a config use Trainer.from_config(cfg)")
+        device = _device_of(learner)
+        cfg = _loop_config(learner, train_data, optimizer, out_dir, epochs, max_steps, device, settings)
+        self._prepare(cfg, callbacks, out, origin="python")
+        self.dist, self.device = SINGLE, device
+        ckpt = self._open_run(cfg.out_dir, resume=resume, overwrite=overwrite)
+        self.run = LoaderRun(learner, train_data, eval_data, device, cfg.seed)
+        self.info = None
+        self._check_steps()
+        self.learner, self.reducer, self.scaler = learner, None, None
+        self.optimizer = optimizer if isinstance(optimizer, torch.optim.Optimizer) else build_optimizer(cfg, learner)
+        self._grad_params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self._finish_init(ckpt)
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+                    callbacks: Iterable[Any] = (), out: Any = None) -> "Trainer":
+        """The Trainer of ``manlearn train``: the learner, data, optimiser and device described by ``cfg``
+        (validated here; any task)."""
+        self = cls.__new__(cls)
+        cfg = validate(cfg)
+        self._prepare(cfg, callbacks, out, origin="config")
         if cfg.pipeline_workers:
             raise ConfigError("pipeline_workers is set: a block pipeline is run by "
                               "manlearn.train.pipeline.run_pipeline (or `manlearn train`), not by Trainer")
@@ -92,10 +133,28 @@ class Trainer:
         ckpt = self._open_run(cfg.out_dir, resume=resume, overwrite=overwrite)
         self._setup_data(cfg)
         self._setup_model(cfg, fresh=ckpt is None)
+        self._finish_init(ckpt)
+        return self
+
+    def _prepare(self, cfg: TrainConfig, callbacks: Iterable[Any], out: Any, origin: str) -> None:
+        self.cfg = cfg
+        self.origin = origin  # "config" (built from a TrainConfig) or "python" (your objects)
+        self._out = out if out is not None else sys.stdout
+        self.callbacks = Callbacks(callbacks)
+        self._bar: tqdm | None = None
+
+    def _finish_init(self, ckpt: dict[str, Any] | None) -> None:
         self._reset_position()
         self.resumed = ckpt is not None
         if ckpt is not None:
             self._restore(ckpt)
+
+    def _check_steps(self) -> None:
+        self.steps_per_epoch = self.run.steps_per_epoch
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"batch_size={self.cfg.batch_size} is larger than the {self.run.n_train} "
+                              "training images (the last partial batch is dropped): nothing to train"
+                              if self.origin == "config" else "train_data holds no batch: nothing to train")
 
     def _setup_process(self, cfg: TrainConfig) -> None:
         """Data parallel when launched by torchrun (WORLD_SIZE > 1): join the group, take this rank's
@@ -114,10 +173,7 @@ class Trainer:
         self.info = self.run.info
         if self.dist.enabled:  # each rank trains on its slice of every global batch
             self.run.train_loader = ShardedLoader(self.run.train_loader, self.dist.rank, self.dist.world_size)
-        self.steps_per_epoch = self.run.steps_per_epoch
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"batch_size={cfg.batch_size} is larger than the {self.run.n_train} "
-                              "training images (the last partial batch is dropped): nothing to train")
+        self._check_steps()
 
     def _setup_model(self, cfg: TrainConfig, fresh: bool) -> None:
         """The learner (seeded: its init is repeatable), its data-parallel reducer, optimiser and scaler.
@@ -151,6 +207,7 @@ class Trainer:
         self.elapsed_before = 0.0
         self.train_time = 0.0
         self.steps_timed = 0
+        self.images_timed = 0
         self.peak_mem_saved: int | None = None
         self.skipped = 0  # steps whose update was dropped for a non-finite loss / gradient (nonfinite=skip)
         self._saved_step: int | None = None  # the step of the checkpoint on disk written or read by this run
@@ -279,6 +336,7 @@ class Trainer:
             "manlearn_version": str(getattr(manlearn, "__version__", "?")),
             "torch_version": str(torch.__version__),
             "task": self.cfg.task.name,
+            "origin": self.origin,
             "model": self.learner.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
@@ -295,6 +353,7 @@ class Trainer:
             "elapsed_s": self._elapsed(),
             "train_time_s": self.train_time,
             "steps_timed": self.steps_timed,
+            "images_timed": self.images_timed,
             "peak_mem_bytes": self._peak(),
             "nonfinite_skipped": self.skipped,
             "eval_pending": self._eval_pending,
@@ -322,6 +381,7 @@ class Trainer:
         if self._aside:  # this run has a checkpoint now: the earlier run it replaces goes
             drop_aside(self.out_dir)
             self._aside = False
+        self.callbacks.call("on_checkpoint", self, path)
         return path
 
     # ------------------------------------------------------------------ divergence
@@ -412,6 +472,7 @@ class Trainer:
         self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
         self.train_time = float(ckpt.get("train_time_s", 0.0))
         self.steps_timed = int(ckpt.get("steps_timed", 0))
+        self.images_timed = int(ckpt.get("images_timed", 0))
         self.peak_mem_saved = ckpt.get("peak_mem_bytes")
         self.skipped = int(ckpt.get("nonfinite_skipped", 0))
         self._eval_pending = bool(ckpt.get("eval_pending", False))
@@ -422,6 +483,8 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """The task's metrics now (classification: ``acc``; detection: ``AP``...; segmentation: ``miou``...);
         updates the last/best bookkeeping."""
+        if not getattr(self.run, "evaluates", True):  # your objects, no eval_data
+            return {}
         if self.dist.enabled:  # sharded over the ranks, counts summed: every rank gets the result
             average_buffers(self.learner)
             acc, correct, total = sharded_evaluate(self.learner, self.run.test_loader, self.dist, self.device)
@@ -439,10 +502,14 @@ class Trainer:
         if head is not None and not (isinstance(head, float) and math.isnan(head)):
             if self.best is None or head > self.best:
                 self.best = head
+        self.callbacks.call("on_eval_end", self, m)
         return m
 
     def _eval_record(self) -> dict[str, Any]:
         """Evaluate now and record an ``eval`` line (an evaluation that is not part of an epoch's record)."""
+        if not getattr(self.run, "evaluates", True):  # your objects, no eval_data
+            self.last_eval_step = self.step
+            return {}
         t = time.perf_counter()
         self._in_eval_record = True
         m = self.evaluate()
@@ -498,6 +565,7 @@ class Trainer:
         self.meters.update(time=dt, images=n)
         self.train_time += dt
         self.steps_timed += 1
+        self.images_timed += n
         self._win_time += dt
         self._win_images += n
         if self._bar is not None:
@@ -510,8 +578,7 @@ class Trainer:
             self._eval_record()  # (the end of the run evaluates anyway; an epoch end reuses this one)
         if cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0 and self.step < self._stop_at:
             self.save()
-        for hook in self.hooks:
-            hook(self)
+        self.callbacks.call("on_step_end", self)
         if self._intr is not None and self._intr.requested:
             self._stop_interrupted()
 
@@ -613,6 +680,33 @@ class Trainer:
 
     # ------------------------------------------------------------------ fit
     def _header(self) -> None:
+        if self.origin == "python":
+            self._say(self._objects_header())
+        else:
+            self._config_header()
+        line = self._memory_line()
+        if line:
+            self._say(line)
+        if self.dist.enabled:
+            self._say(f"data parallel: {self.dist.world_size} ranks ({self.dist.backend}), global batch "
+                      f"{self.cfg.batch_size} = {self.dist.world_size} x {self.cfg.batch_size // self.dist.world_size}"
+                      + (", SyncBatchNorm" if self.cfg.sync_bn else ""))
+        if self.resumed:
+            self._say(f"resuming from {self.ckpt_path} at step {self.step} "
+                      f"(epoch {self.epoch + 1}, batch {self.batch})")
+
+    def _objects_header(self) -> str:
+        lr_, cfg = self.learner, self.cfg
+        n_params = sum(p.numel() for p in trainable_parameters(lr_))
+        method = lr_.method + (f"/{lr_.base}" if lr_.base else "")
+        total = total_steps(cfg, self.steps_per_epoch)
+        length = f"{cfg.iterations} iterations" if cfg.iterations else f"{cfg.epochs} epochs"
+        amp = f" amp {lr_.amp_dtype}" if lr_.amp_dtype is not None else ""
+        return (f"manlearn: {type(lr_.task).__name__} {method} K={lr_.K} (split {lr_.split.source}) | "
+                f"{self.run.describe()} | {total} steps ({length}) | optimizer {type(self.optimizer).__name__} | "
+                f"device {self.device}{amp} | {n_params:,} trainable parameters | out_dir {self.out_dir}")
+
+    def _config_header(self) -> None:
         cfg = self.cfg
         lr_ = self.learner
         n_params = sum(p.numel() for p in trainable_parameters(lr_))
@@ -640,29 +734,22 @@ class Trainer:
                   f"{cfg.batch_size} | device {self.device}{'' if cfg.amp == 'off' else f' amp {cfg.amp}'} | "
                   f"{n_params:,} trainable parameters | "
                   f"out_dir {self.out_dir}")
-        line = self._memory_line()
-        if line:
-            self._say(line)
-        if self.dist.enabled:
-            self._say(f"data parallel: {self.dist.world_size} ranks ({self.dist.backend}), global batch "
-                      f"{cfg.batch_size} = {self.dist.world_size} x {cfg.batch_size // self.dist.world_size}"
-                      + (", SyncBatchNorm" if cfg.sync_bn else ""))
-        if self.resumed:
-            self._say(f"resuming from {self.ckpt_path} at step {self.step} "
-                      f"(epoch {self.epoch + 1}, batch {self.batch})")
 
     def _memory_line(self) -> str | None:
         """This configuration's counted memory beside E2E and E2E with per-unit checkpointing, at the run's
         (per-rank) batch (:mod:`manlearn.planning`); None for runs a plan does not cover."""
         cfg = self.cfg
-        if not self._is_main() or getattr(self.learner, "K", 1) < 2:
+        global_batch = getattr(self.run, "batch_size", cfg.batch_size)  # your data: the DataLoader's, if it has one
+        if not self._is_main() or getattr(self.learner, "K", 1) < 2 or not global_batch:
             return None
         try:
             check_plannable(self.learner)
         except ConfigError:
             return None
-        batch = max(1, cfg.batch_size // (self.dist.world_size if self.dist.enabled else 1))
+        batch = max(1, global_batch // (self.dist.world_size if self.dist.enabled else 1))
         optimizer = cfg.optimizer if cfg.optimizer != "sgd" or cfg.sgd_momentum else "sgd-nomomentum"
+        if self.origin == "python" and not isinstance(self.optimizer, torch.optim.SGD):
+            optimizer = "adamw"  # your optimiser: counted as one with two state tensors per parameter
         plan = plan_learner(self.learner, batch, optimizer=optimizer, baselines=("e2e", "e2e+ckpt:unit"),
                             breakdown=False)
         return plan.comparison_line()
@@ -685,14 +772,16 @@ class Trainer:
                 if self._replace_earlier:  # --overwrite: the earlier run stays aside until our first checkpoint
                     self._aside = move_aside(self.out_dir)
                     self._replace_earlier = False
-                (self.out_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
+                if self.origin == "config":  # your objects have no config that could rebuild them
+                    (self.out_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
                 JsonlWriter(self.metrics_path).rewrite(self.records)
             except OSError as e:
                 raise write_failure(self.out_dir, e, "write into") from None
         self._t0 = time.perf_counter()
         show = bool(self.cfg.progress) and sys.stderr.isatty() and self._is_main()
         self._bar = tqdm(total=stop_at, initial=min(self.step, stop_at), disable=not show, unit="it",
-                         dynamic_ncols=True, desc=self.cfg.task.name, file=sys.stderr)
+                         dynamic_ncols=True, desc=self.cfg.task.name if self.origin == "config" else "train",
+                         file=sys.stderr)
         self._header()
 
     def _memory_meter(self) -> PeakMemory:
@@ -725,7 +814,7 @@ class Trainer:
             "steps": self.step,
             "epochs": self.epoch + (self.batch / spe if spe else 0.0),
             "seconds_per_iter": self.train_time / self.steps_timed if self.steps_timed else None,
-            "images_per_s": (cfg.batch_size * self.steps_timed / self.train_time if self.train_time > 0 else None),
+            "images_per_s": self.images_timed / self.train_time if self.train_time > 0 else None,
             "peak_mem_bytes": self.peak_mem_saved,
             "peak_mem_kind": self.peak_mem_kind,
             "elapsed_s": self._elapsed(),
@@ -790,6 +879,38 @@ class Trainer:
         self.save()
 
 
+def _device_of(learner: torch.nn.Module) -> torch.device:
+    p = next(learner.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _loop_config(learner: LocalLearner, train_data: Any, optimizer: Any, out_dir: str | Path, epochs: int,
+                 max_steps: int | None, device: torch.device, settings: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig of a Trainer built from your objects: the loop's keys (checked, with did-you-mean), and
+    what describes your learner (method, K) so that a resume with another one is refused."""
+    import difflib
+
+    unknown = sorted(set(settings) - LOOP_KEYS)
+    if unknown:
+        named = sorted(LOOP_KEYS | {"optimizer", "out_dir", "epochs", "max_steps", "callbacks", "resume",
+                                    "overwrite", "out"})
+        hints = [f"{k!r}" + (f" (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(k, named, n=1)) else "")
+                 for k in unknown]
+        raise ConfigError(f"Trainer got unknown keyword {', '.join(hints)}; the loop takes: {', '.join(named)}")
+    values: dict[str, Any] = {**settings, "out_dir": str(out_dir), "epochs": epochs, "max_steps": max_steps or 0,
+                              "method": learner.method, "K": learner.K, "device": str(device)}
+    if learner.base:
+        values["base"] = learner.base
+    if isinstance(optimizer, str):
+        values["optimizer"] = optimizer
+    elif isinstance(optimizer, torch.optim.Optimizer):
+        values.setdefault("lr", float(optimizer.param_groups[0]["lr"]))
+    elif optimizer is not None:
+        raise ConfigError(f"optimizer must be a torch.optim.Optimizer, 'sgd', 'adamw' or None, got "
+                          f"{type(optimizer).__name__}")
+    return validate(config_from_dict(values, check=False), registries=False)
+
+
 def evaluate_checkpoint(path: str | Path, *, device: str = "auto", data_dir: str | None = None,
                         limit: int | None = None, batch_size: int | None = None) -> dict[str, Any]:
     """``manlearn eval``: rebuild the learner of a checkpoint (any task; a run's folder means its ``last.pt``)
@@ -804,6 +925,9 @@ def evaluate_checkpoint(path: str | Path, *, device: str = "auto", data_dir: str
                                   f"checkpoint file (e.g. {path / CKPT_NAME})")
         path = path / CKPT_NAME
     ckpt = load_checkpoint(path)
+    if ckpt.get("origin") == "python":
+        raise CheckpointError(f"{path} was trained from Python objects (Trainer(learner, data)): no config rebuilds "
+                              "its learner; load it into yours with learner.load_state_dict(torch.load(path)['model'])")
     cfg = checkpoint_config(ckpt, path)
     cfg = validate(eval_config(cfg, device=device, data_dir=data_dir, limit_key="eval_limit", limit=limit,
                                batch_size=batch_size))

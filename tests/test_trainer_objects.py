@@ -1,0 +1,132 @@
+"""Trainer(learner, train_data, eval_data, ...): your own objects train, checkpoint and resume exactly."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import manlearn
+from manlearn.errors import CheckpointError, ConfigError
+from manlearn.train import Callback, Trainer, evaluate_checkpoint
+
+
+def _learner(seed: int = 0, **kw) -> manlearn.LocalLearner:
+    torch.manual_seed(seed)
+    return manlearn.LocalLearner("resnet20", method="manpp", base="dgl", K=3, num_classes=4, image_size=8, **kw)
+
+
+def _data(shuffle: bool = True, n: int = 48):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 3, 8, 8, generator=g)
+    y = torch.randint(0, 4, (n,), generator=g)
+    return (DataLoader(TensorDataset(x, y), batch_size=8, shuffle=shuffle),
+            DataLoader(TensorDataset(x[:16], y[:16]), batch_size=8))
+
+
+def _state(learner) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in learner.state_dict().items()}
+
+
+@pytest.mark.parametrize("with_optimizer", [False, True])
+def test_your_objects_resume_exactly_after_a_stop(tmp_path, with_optimizer):
+    def trainer(out, **kw):
+        learner = _learner()
+        train, test = _data()
+        opt = torch.optim.SGD(learner.parameters(), lr=0.05, momentum=0.9) if with_optimizer else None
+        return Trainer(learner, train, test, optimizer=opt, out_dir=out, epochs=2, log_every=2,
+                       eval_every_steps=5, out=io.StringIO(), **kw)
+
+    torch.manual_seed(123)  # the global RNG is part of the run's state (saved and restored)
+    full = trainer(tmp_path / "a")
+    summary = full.fit()
+    assert summary["steps"] == 12 and summary["test_acc"] is not None
+    torch.manual_seed(123)
+    stopped = trainer(tmp_path / "b", max_steps=7)
+    assert stopped.fit()["steps"] == 7
+    torch.manual_seed(999)  # whatever the state when resuming: the checkpoint's comes back
+    resumed = trainer(tmp_path / "b", resume=True)
+    assert resumed.resumed and resumed.step == 7
+    resumed.fit()
+    a, b = _state(full.learner), _state(resumed.learner)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    def train_lines(t):  # (the stopped run also evaluated where it stopped)
+        return [(r["step"], r["losses"]) for r in t.records if r["type"] in ("train", "epoch")]
+
+    assert train_lines(full) == train_lines(resumed)
+
+
+def test_callbacks_see_steps_evaluations_and_checkpoints(tmp_path):
+    seen: dict[str, list] = {"step": [], "eval": [], "ckpt": [], "fn": []}
+
+    class Spy(Callback):
+        def on_step_end(self, trainer):
+            seen["step"].append(trainer.step)
+
+        def on_eval_end(self, trainer, metrics):
+            seen["eval"].append((trainer.step, metrics["acc"]))
+
+        def on_checkpoint(self, trainer, path):
+            assert path.is_file()
+            seen["ckpt"].append(trainer.step)
+
+    train, test = _data()
+    Trainer(_learner(), train, test, out_dir=tmp_path, epochs=1, ckpt_every_steps=4, out=io.StringIO(),
+            callbacks=[Spy(), lambda t: seen["fn"].append(t.step)]).fit()
+    assert seen["step"] == seen["fn"] == list(range(1, 7))
+    assert seen["ckpt"] == [4, 6, 6]  # every 4 steps, the epoch end, the end
+    assert [s for s, _ in seen["eval"]] == [6] and 0.0 <= seen["eval"][0][1] <= 1.0
+
+
+def test_a_list_of_batches_without_eval_data_trains(tmp_path):
+    train, _ = _data(shuffle=False)
+    batches = list(train)
+    learner = _learner()
+    before = _state(learner)
+    summary = Trainer(learner, batches, out_dir=tmp_path, max_steps=3, out=io.StringIO()).fit()
+    assert summary["steps"] == 3 and summary["metrics"] is None
+    assert any(not torch.equal(before[k], v) for k, v in learner.state_dict().items())
+    assert (tmp_path / "last.pt").is_file() and not (tmp_path / "config.yaml").exists()
+    with pytest.raises(CheckpointError, match="trained from Python objects"):
+        evaluate_checkpoint(tmp_path)
+
+
+def test_bad_objects_and_keywords_get_one_line(tmp_path):
+    train, test = _data()
+    with pytest.raises(ConfigError, match="did you mean 'log_every'"):
+        Trainer(_learner(), train, out_dir=tmp_path, log_evry=5)
+    with pytest.raises(ConfigError, match="LocalLearner"):
+        Trainer(torch.nn.Linear(2, 2), train, out_dir=tmp_path)
+    with pytest.raises(ConfigError, match="must have a length"):
+        Trainer(_learner(), iter(list(train)), out_dir=tmp_path)
+    with pytest.raises(ConfigError, match="optimizer must be"):
+        Trainer(_learner(), train, out_dir=tmp_path, optimizer=3)
+    with pytest.raises(ConfigError, match=r"\(inputs, targets\) pairs"):
+        Trainer(_learner(), [torch.zeros(2, 3, 8, 8)], out_dir=tmp_path, out=io.StringIO()).fit()
+
+
+def test_resume_with_another_learner_is_refused(tmp_path):
+    train, _ = _data()
+    Trainer(_learner(), train, out_dir=tmp_path, max_steps=2, out=io.StringIO()).fit()
+    torch.manual_seed(0)
+    other = manlearn.LocalLearner("resnet20", method="dgl", K=3, num_classes=4, image_size=8)
+    with pytest.raises(CheckpointError):
+        Trainer(other, train, out_dir=tmp_path, resume=True, out=io.StringIO())
+
+
+def test_readme_trainer_example_runs(tmp_path, monkeypatch, capsys):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    m = re.search(r"<!-- the test suite runs this block too \(tests/test_trainer_objects.py\) -->\n```python\n(.*?)```",
+                  text, re.S)
+    assert m, "README lost its tested Trainer example"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(m.group(1), "README.md", "exec"), namespace)
+    assert namespace["summary"]["steps"] == 8 and (tmp_path / "runs/mine/last.pt").is_file()
+    assert "step 8: accuracy" in capsys.readouterr().out
