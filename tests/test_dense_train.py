@@ -276,7 +276,7 @@ def test_standard_coco_layout_is_read(mosaic, tmp_path):
     cfg = tiny_cfg(mosaic, tmp_path / "r", "detection", f"data_dir={root}", "task.train_split=train2017",
                    "task.val_split=val2017", "max_steps=1")
     t = Trainer.from_config(cfg, out=io.StringIO())
-    assert t.data.n_train == 16 and t.data.num_classes == 10
+    assert t.run.data.n_train == 16 and t.run.data.num_classes == 10
     assert t.fit()["steps"] == 1
 
 
@@ -284,13 +284,13 @@ def test_decoding_workers_give_the_same_training_as_the_in_memory_set(mosaic, tm
     """A set too large to cache is decoded by DataLoader workers; the batches (and so the run) are the same."""
     sink = io.StringIO()
     cached = Trainer.from_config(tiny_cfg(mosaic, tmp_path / "a", "detection", "max_steps=2"), out=sink)
-    assert cached.data.train._cache is not None
+    assert cached.run.data.train._cache is not None
     cached.fit()
     import manlearn.detection.coco as coco_mod
 
     monkeypatch.setattr(coco_mod, "_AUTO_CACHE_BYTES", 0)
     streamed = Trainer.from_config(tiny_cfg(mosaic, tmp_path / "b", "detection", "max_steps=2", "data_workers=2"), out=sink)
-    assert streamed.data.train._cache is None
+    assert streamed.run.data.train._cache is None
     streamed.fit()
     pa, pb = _params(cached), _params(streamed)
     assert all(torch.equal(pa[k], pb[k]) for k in pa)

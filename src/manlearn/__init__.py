@@ -15,14 +15,18 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """``manlearn.Trainer`` and ``manlearn.Callback``, imported on first use (the loop's modules are not
-    needed by ``import manlearn``)."""
+    """``manlearn.Trainer``, ``Callback``, ``register_task`` and ``list_tasks``, imported on first use (the
+    loop's modules are not needed by ``import manlearn``)."""
     if name in ("Trainer", "Callback"):
         from . import train
 
         return getattr(train, name)
+    if name in ("register_task", "list_tasks"):
+        from .train import registry
+
+        return getattr(registry, name)
     raise AttributeError(f"module 'manlearn' has no attribute {name!r}")
 
-__all__ = ["LocalLearner", "Trainer", "Callback", "StepOutput", "memory_plan", "MemoryPlan", "MemoryWarning", "Backbone", "adapt_model", "cut_model", "create_model", "list_models", "register_model",
+__all__ = ["LocalLearner", "Trainer", "Callback", "register_task", "list_tasks", "StepOutput", "memory_plan", "MemoryPlan", "MemoryWarning", "Backbone", "adapt_model", "cut_model", "create_model", "list_models", "register_model",
            "list_rules", "Rule", "register_rule", "create_rule", "list_base_rules", "tasks", "PUBLISHED_SPLITS", "Split", "resolve_split", "ManlearnError", "ConfigError",
            "DatasetError", "CheckpointError", "DivergenceError", "OutputError", "__version__"]

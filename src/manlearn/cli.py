@@ -161,7 +161,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = apply_overrides(cfg, items, check=False)
     cfg.imports = list(dict.fromkeys([*getattr(args, "imports", []), *cfg.imports]))
     cfg = validate(cfg)
-    if cfg.is_dense:
+    from manlearn.train.registry import get_task
+
+    if not get_task(cfg.task.name).plannable:
         raise ConfigError(f"memory plans cover classification runs; task {cfg.task.name!r} is not one")
     info = get_dataset_info(cfg.dataset)
     size = args.image_size or cfg.image_size

@@ -45,6 +45,7 @@ __all__ = [
     "DetectionTask",
     "SegmentationTask",
     "TASKS",
+    "register_task_section",
     "load_config",
     "apply_overrides",
     "config_from_dict",
@@ -473,13 +474,23 @@ def _set(values: dict[str, Any], key: str, raw: Any, where: str = "", cls: type 
         ) from None
 
 
+def register_task_section(name: str, section: type) -> None:
+    """Make ``task.name=<name>`` select ``section`` (a dataclass whose ``name`` defaults to ``name``);
+    :func:`manlearn.register_task` calls it."""
+    if not dataclasses.is_dataclass(section) or section().name != name:
+        raise ConfigError(f"the config section of task {name!r} must be a dataclass whose field `name` "
+                          f"defaults to {name!r}")
+    TASKS[name] = section
+
+
 def _task_class(name: Any, where: str = "") -> type:
     if isinstance(name, str) and name.strip() in TASKS:
         return TASKS[name.strip()]
     close = difflib.get_close_matches(str(name), list(TASKS), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     src = f" ({where})" if where else ""
-    raise ConfigError(f"task.name='{name}'{src} is not one of: {', '.join(TASKS)}{hint}")
+    raise ConfigError(f"task.name='{name}'{src} is not one of: {', '.join(TASKS)}{hint} (a task of your own: "
+                      "--import the file that registers it)")
 
 
 def _task_section(current: Any, data: Any, where: str = "") -> Any:
@@ -894,10 +905,13 @@ def validate(cfg: TrainConfig, *, registries: bool = True) -> TrainConfig:
         from manlearn.plugins import import_user_code
 
         import_user_code(cfg.imports)  # the user's rules/models are registered before names are checked
-    if cfg.is_dense:
+    if isinstance(cfg.task, (DetectionTask, SegmentationTask)):
         _validate_dense(p, cfg, registries)
-    else:
+    elif isinstance(cfg.task, ClassificationTask):
         _validate_classification(p, cfg, registries)
+    else:  # a registered task of the user's: its section may check itself (a list of problems)
+        check = getattr(cfg.task, "problems", None)
+        p.extend(check() if callable(check) else [])
     _validate_choices(p, cfg)
     _validate_optimisation(p, cfg)
     _validate_scaling(p, cfg)

@@ -17,8 +17,9 @@ from manlearn.data import (STREAMING_DATASETS, BatchLoader, FolderIndex, Streami
 from manlearn.learner import LocalLearner
 from manlearn.plugins import import_user_code
 from manlearn.rules import create_rule
-from manlearn.tasks import ClassificationTask, DeepLabV3Task, RetinaNetTask
 from manlearn.runtime import amp_dtype, resolve_device, seed_everything
+
+from .registry import get_task
 
 __all__ = ["resolve_device", "seed_everything", "amp_dtype", "build_learner", "build_task", "load_split",
            "make_loader", "normalization", "IGNORE_INDEX"]
@@ -59,15 +60,8 @@ def normalization(cfg: TrainConfig) -> tuple[tuple[float, ...], tuple[float, ...
 
 
 def build_task(cfg: TrainConfig, num_classes: int) -> Any:
-    """The task object (final head, loss, post-processing, local head) of ``cfg.task``."""
-    t = cfg.task
-    if t.name == "detection":
-        return RetinaNetTask(num_classes, fpn_channels=t.fpn_channels, head_convs=t.head_convs,
-                             box_loss=t.box_loss, local_channels=t.local_channels, norm=t.head_norm)
-    if t.name == "segmentation":
-        return DeepLabV3Task(num_classes, ignore_index=IGNORE_INDEX, aspp_channels=t.aspp_channels,
-                             decoder=t.decoder, local_channels=t.local_channels)
-    return ClassificationTask(num_classes, label_smoothing=t.label_smoothing)
+    """The engine task object (final head, loss, post-processing, local head) of ``cfg.task``."""
+    return get_task(cfg.task.name).build(cfg, num_classes)
 
 
 #: The probe input side of stage-reading tasks (any size trains; this only measures channels and strides).
@@ -79,39 +73,27 @@ def build_learner(cfg: TrainConfig, info: Any, device: torch.device | str = "cpu
     """The :class:`~manlearn.LocalLearner` described by ``cfg`` for data described by ``info`` (every task:
     the one place a learner is constructed).
 
-    Shapes and normalisation come from the dataset (``info``: a :class:`~manlearn.data.DatasetInfo`;
-    dense tasks: ``info.num_classes``), never from the config, so a recipe cannot disagree with its data.
+    The task (:func:`~manlearn.train.registry.get_task`) builds the engine task and gives the data side of
+    the learner: shapes and normalisation come from the data (``info``), never from the config, so a
+    recipe cannot disagree with its data.
     A modifier (``man``/``manpp``) left on the classification default ``base=infopro`` takes the task's
     default base on a task without per-image labels (``greedy``).
     """
     dev = torch.device(device)
     import_user_code(cfg.imports)
-    task = build_task(cfg, info.num_classes)
+    spec = get_task(cfg.task.name)
+    task = spec.build(cfg, info.num_classes)
     method = cfg.method
     base = cfg.base if (task.per_image_labels or cfg.base != "infopro") else None
+    options = dict(spec.learner_options(cfg, info))
     model_kwargs: dict[str, Any] = {}
     if cfg.pretrained and load_pretrained:
-        model_kwargs.update(pretrained=cfg.pretrained, pretrained_head=cfg.pretrained_head and not cfg.is_dense)
-    if cfg.is_dense:
-        t = cfg.task
-        if t.model_widths is not None:
-            model_kwargs["widths"] = tuple(t.model_widths)
-        if t.stem_width is not None:
-            model_kwargs["stem_width"] = t.stem_width
-        split: Any = "stages:" + ",".join(map(str, t.stage_cuts)) if t.stage_cuts is not None else "auto"
-        kwargs: dict[str, Any] = dict(in_channels=3, image_size=DENSE_PROBE_SIZE, normalization=normalization(cfg),
-                                      split=split)
-    else:
-        split = cfg.split
-        if not isinstance(split, str):
-            split = [tuple(b) if isinstance(b, (list, tuple)) else b for b in split]
-        kwargs = dict(in_channels=info.in_channels, image_size=info.image_size,
-                      normalization=(tuple(info.mean), tuple(info.std)), split=split, stem_module=cfg.stem_module,
-                      grad_checkpoint=cfg.grad_checkpoint)
+        model_kwargs.update(pretrained=cfg.pretrained, pretrained_head=cfg.pretrained_head)
+    model_kwargs.update(options.pop("model_kwargs", {}))
     learner = LocalLearner(
         model=cfg.model, method=method, K=cfg.K, task=task, amp_dtype=amp_dtype(cfg.amp, dev),
         channels_last=cfg.channels_last, blocks_in_flight=cfg.blocks_in_flight, model_kwargs=model_kwargs,
-        **kwargs, **rule_options(cfg, method, base, task))
+        **options, **rule_options(cfg, method, base, task))
     return learner.to(dev)
 
 

@@ -15,7 +15,8 @@ checkpoints, metrics, progress).  A *task run* supplies the rest:
 - ``describe()``, ``window_fields(meters)``, ``step_text(rec)``: the header and progress lines;
 - ``checkpoint_fields()``: what a checkpoint keeps about the data (dense: the classes).
 
-:func:`make_task_run` picks the implementation from ``cfg.task.name``.
+:class:`TaskRun` is that interface; :func:`make_task_run` asks the task registry
+(:mod:`manlearn.train.registry`) for the run of ``cfg.task.name``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import itertools
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 
@@ -36,20 +37,49 @@ from manlearn.runtime import TAG_MIX, derive_seed, epoch_order, step_generator
 from manlearn.segmentation import (ConfusionMatrix, SegmentationAugment, load_cityscapes,
                                    load_mask_folder)
 
-from .build import IGNORE_INDEX, load_split, make_loader, normalization
+from manlearn.tasks import ClassificationTask, DeepLabV3Task, RetinaNetTask
 
-__all__ = ["ClassificationRun", "DenseRun", "DenseData", "make_task_run", "evaluate", "evaluate_dense",
-           "format_metrics", "load_dense_data", "HEADLINE"]
+from .build import DENSE_PROBE_SIZE, IGNORE_INDEX, load_split, make_loader, normalization
+from .registry import get_task, register_task
+
+__all__ = ["TaskRun", "ClassificationRun", "DenseRun", "DetectionRun", "SegmentationRun", "DenseData",
+           "make_task_run", "classification_learner_options", "evaluate", "evaluate_dense", "format_metrics", "load_dense_data", "HEADLINE"]
 
 #: The metric each task reports first (top-1 accuracy; COCO box AP@[.5:.95]; mean IoU).
 HEADLINE = {"classification": "acc", "detection": "AP", "segmentation": "miou"}
 
 
-def make_task_run(cfg: TrainConfig, device: torch.device, *, train: bool = True) -> Any:
+class TaskRun(Protocol):
+    """What the Trainer asks of a task's run (see the module docstring)."""
+
+    info: Any
+    headline: str
+    track_activations: bool
+
+    @property
+    def n_train(self) -> int: ...
+    @property
+    def n_eval(self) -> int: ...
+    @property
+    def steps_per_epoch(self) -> int: ...
+    def batches(self, epoch: int, start: int, stop: int) -> Iterator[tuple[Any, Any, int]]: ...
+    def step_counts(self, out: Any, targets: Any, n: int) -> list[Any]: ...
+    def step_stats(self, counts: Sequence[float]) -> dict[str, float]: ...
+    def evaluate(self, learner: torch.nn.Module) -> dict[str, Any]: ...
+    def metrics_text(self, m: dict[str, Any] | None) -> str: ...
+    def record_fields(self, m: dict[str, Any] | None, best: float | None) -> dict[str, Any]: ...
+    def window_fields(self, meters: Any) -> dict[str, Any]: ...
+    def step_text(self, rec: dict[str, Any]) -> str: ...
+    def eval_text(self, m: dict[str, Any] | None) -> str: ...
+    def eval_summary(self, m: dict[str, Any], step: int) -> str: ...
+    def describe(self) -> str: ...
+    def checkpoint_fields(self) -> dict[str, Any]: ...
+    def adopt_checkpoint(self, ckpt: dict[str, Any]) -> None: ...
+
+
+def make_task_run(cfg: TrainConfig, device: torch.device, *, train: bool = True) -> TaskRun:
     """The task run of ``cfg.task.name`` (``train=False``: only what evaluation needs)."""
-    if cfg.is_dense:
-        return DenseRun(cfg, device, train=train)
-    return ClassificationRun(cfg, device, train=train)
+    return get_task(cfg.task.name).run(cfg, device, train=train)
 
 
 # -------------------------------------------------------------------------------------------- classification
@@ -108,14 +138,15 @@ class ClassificationRun:
     def batches(self, epoch: int, start: int, stop: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         """Training batches ``start..stop-1`` of ``epoch``; with mixup/cutmix the targets are soft
         (``[B, classes]``), mixed by a pure function of (seed, step)."""
-        t = self.cfg.task
-        mix = t.mixup_alpha > 0 or t.cutmix_alpha > 0
+        t = self.cfg.task  # a section without the mixing keys (a task of your own built on this run) mixes nothing
+        alpha_mix, alpha_cut = getattr(t, "mixup_alpha", 0.0), getattr(t, "cutmix_alpha", 0.0)
+        mix = alpha_mix > 0 or alpha_cut > 0
         spe = len(self.train_loader)
         batches = itertools.islice(self.train_loader.epoch(epoch, start_batch=start), stop - start)
         for b, (x, y) in enumerate(batches, start=start):
             n = int(y.shape[0])
             if mix:
-                x, y = mix_batch(x, y, self.info.num_classes, t.mixup_alpha, t.cutmix_alpha,
+                x, y = mix_batch(x, y, self.info.num_classes, alpha_mix, alpha_cut,
                                  derive_seed(TAG_MIX, self.cfg.seed, epoch * spe + b))
             yield x, y, n
 
@@ -348,11 +379,6 @@ class DenseRun:
         mean, std = normalization(cfg)
         self._mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(std, device=device).view(1, 3, 1, 1)
-        self._augment: Any = None
-        if self.name == "segmentation":
-            t = cfg.task
-            self._augment = SegmentationAugment(flip=t.hflip, scale=t.seg_scale, crop=t.seg_crop,
-                                                ignore_index=IGNORE_INDEX)
         self._order: tuple[int, torch.Tensor] | None = None
 
     @property
@@ -373,27 +399,6 @@ class DenseRun:
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, epoch_order(self.cfg.seed, epoch, self.data.n_train))
         return self._order[1][b * bs:(b + 1) * bs].tolist()
-
-    def batches(self, epoch: int, start: int, stop: int) -> Iterator[tuple[torch.Tensor, Any, int]]:
-        """``(images float on device, targets, n)`` of batches ``start..stop-1`` of ``epoch``, augmented."""
-        cfg, dev = self.cfg, self.device
-        spe = self.steps_per_epoch
-        if self.name == "detection":
-            index_batches = [self.batch_indices(epoch, b) for b in range(start, stop)]
-            for b, batch in zip(range(start, stop), _iter_detection(self.data.train, index_batches,
-                                                                     cfg.data_workers)):
-                if cfg.task.hflip:
-                    batch = hflip_batch(batch, generator=step_generator(cfg.seed, epoch * spe + b))
-                x = _to_float(batch.images, self._mean, self._std, dev, batch.image_sizes)
-                targets = [{k: v.to(dev, non_blocking=True) for k, v in t.items()} for t in batch.targets]
-                yield x, targets, len(targets)
-            return
-        for b in range(start, stop):
-            sel = torch.tensor(self.batch_indices(epoch, b))
-            images = self.data.train.images[sel].to(dev, non_blocking=True)
-            masks = self.data.train.masks[sel].to(dev, non_blocking=True)
-            images, masks = self._augment(images, masks, generator=step_generator(cfg.seed, epoch * spe + b))
-            yield _to_float(images, self._mean, self._std, dev), masks, int(masks.shape[0])
 
     def step_counts(self, out: Any, targets: Any, n: int) -> list[Any]:
         return [n]
@@ -436,3 +441,87 @@ class DenseRun:
         """The number of classes the checkpoint's heads were built for (``manlearn eval``)."""
         if "num_classes" in ckpt:
             self.data.num_classes = self.info.num_classes = int(ckpt["num_classes"])
+
+
+class DetectionRun(DenseRun):
+    """Detection: COCO-format boxes, RetinaNet's heads; box AP."""
+
+    def batches(self, epoch: int, start: int, stop: int) -> Iterator[tuple[torch.Tensor, Any, int]]:
+        """``(images float on device, per-image box targets, n)`` of batches ``start..stop-1``, flipped."""
+        cfg, dev, spe = self.cfg, self.device, self.steps_per_epoch
+        index_batches = [self.batch_indices(epoch, b) for b in range(start, stop)]
+        for b, batch in zip(range(start, stop), _iter_detection(self.data.train, index_batches, cfg.data_workers)):
+            if cfg.task.hflip:
+                batch = hflip_batch(batch, generator=step_generator(cfg.seed, epoch * spe + b))
+            x = _to_float(batch.images, self._mean, self._std, dev, batch.image_sizes)
+            targets = [{k: v.to(dev, non_blocking=True) for k, v in t.items()} for t in batch.targets]
+            yield x, targets, len(targets)
+
+
+class SegmentationRun(DenseRun):
+    """Segmentation: label maps, DeepLabV3+; mean IoU."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, *, train: bool = True) -> None:
+        super().__init__(cfg, device, train=train)
+        t = cfg.task
+        self._augment = SegmentationAugment(flip=t.hflip, scale=t.seg_scale, crop=t.seg_crop,
+                                            ignore_index=IGNORE_INDEX)
+
+    def batches(self, epoch: int, start: int, stop: int) -> Iterator[tuple[torch.Tensor, Any, int]]:
+        """``(images float on device, label maps, n)`` of batches ``start..stop-1``, augmented."""
+        cfg, dev, spe = self.cfg, self.device, self.steps_per_epoch
+        for b in range(start, stop):
+            sel = torch.tensor(self.batch_indices(epoch, b))
+            images = self.data.train.images[sel].to(dev, non_blocking=True)
+            masks = self.data.train.masks[sel].to(dev, non_blocking=True)
+            images, masks = self._augment(images, masks, generator=step_generator(cfg.seed, epoch * spe + b))
+            yield _to_float(images, self._mean, self._std, dev), masks, int(masks.shape[0])
+
+
+# -------------------------------------------------------------------------------------------- the built-in tasks
+
+
+def classification_learner_options(cfg: TrainConfig, info: Any) -> dict[str, Any]:
+    """The data side of a classifier's learner: the dataset's shapes and normalisation, the config's split."""
+    split: Any = cfg.split
+    if not isinstance(split, str):
+        split = [tuple(b) if isinstance(b, (list, tuple)) else b for b in split]
+    return dict(in_channels=info.in_channels, image_size=info.image_size,
+                normalization=(tuple(info.mean), tuple(info.std)), split=split, stem_module=cfg.stem_module,
+                grad_checkpoint=cfg.grad_checkpoint)
+
+
+def _dense_options(cfg: TrainConfig, info: Any) -> dict[str, Any]:
+    """Stage-reading tasks: a stage-cut backbone probed at 64 px (any size trains); never a loaded classifier."""
+    t = cfg.task
+    model_kwargs: dict[str, Any] = {"pretrained_head": False} if cfg.pretrained else {}
+    if t.model_widths is not None:
+        model_kwargs["widths"] = tuple(t.model_widths)
+    if t.stem_width is not None:
+        model_kwargs["stem_width"] = t.stem_width
+    split = "stages:" + ",".join(map(str, t.stage_cuts)) if t.stage_cuts is not None else "auto"
+    return dict(in_channels=3, image_size=DENSE_PROBE_SIZE, normalization=normalization(cfg), split=split,
+                model_kwargs=model_kwargs)
+
+
+def _register_builtins() -> None:
+    from manlearn.config import ClassificationTask as ClassificationSection
+    from manlearn.config import DetectionTask as DetectionSection
+    from manlearn.config import SegmentationTask as SegmentationSection
+
+    register_task("classification", section=ClassificationSection,
+                  build=lambda cfg, n: ClassificationTask(n, label_smoothing=cfg.task.label_smoothing),
+                  learner_options=classification_learner_options, run=ClassificationRun, data_parallel=True,
+                  plannable=True)
+    register_task("detection", section=DetectionSection,
+                  build=lambda cfg, n: RetinaNetTask(n, fpn_channels=cfg.task.fpn_channels,
+                                                     head_convs=cfg.task.head_convs, box_loss=cfg.task.box_loss,
+                                                     local_channels=cfg.task.local_channels, norm=cfg.task.head_norm),
+                  learner_options=_dense_options, run=DetectionRun)
+    register_task("segmentation", section=SegmentationSection,
+                  build=lambda cfg, n: DeepLabV3Task(n, ignore_index=IGNORE_INDEX, aspp_channels=cfg.task.aspp_channels,
+                                                     decoder=cfg.task.decoder, local_channels=cfg.task.local_channels),
+                  learner_options=_dense_options, run=SegmentationRun)
+
+
+_register_builtins()

@@ -51,6 +51,7 @@ from .checkpoint import (CKPT_FORMAT, CKPT_VERSION, capture_rng_state, check_res
                          eval_config, load_checkpoint, load_model_state, restore_rng_state, save_checkpoint)
 from .interrupt import DeferredInterrupt, TrainingInterrupted
 from .loader_run import LoaderRun
+from .registry import get_task
 from .metrics import JsonlWriter, MetricLogger
 from .outputs import (check_writable_dir, drop_aside, move_aside, present_run_files, restore_aside, settle,
                       write_failure)
@@ -160,7 +161,7 @@ class Trainer:
         """Data parallel when launched by torchrun (WORLD_SIZE > 1): join the group, take this rank's
         device; otherwise a single process (``self.dist.enabled`` is False, nothing else changes)."""
         self.dist, self.device = setup_from_env(cfg.dist_backend, cfg.device, cfg.dist_timeout_s)
-        if self.dist.enabled and cfg.is_dense:
+        if self.dist.enabled and not get_task(cfg.task.name).data_parallel:
             raise ConfigError(f"data parallel (torchrun) trains classification runs; a {cfg.task.name} run "
                               "runs in one process")
         if cfg.sync_bn and self.dist.enabled and self.device.type != "cuda":
@@ -221,35 +222,14 @@ class Trainer:
         self._t0 = time.perf_counter()
         self._stop_at = total_steps(self.cfg, self.steps_per_epoch)
 
-    # ------------------------------------------------------------------ compatibility views
-    @property
-    def train_data(self) -> Any:
-        return self.run.data.train if self.cfg.is_dense else self.run.train_data
-
-    @property
-    def test_data(self) -> Any:
-        return getattr(self.run, "test_data", None)
-
-    @property
-    def train_loader(self) -> Any:
-        return getattr(self.run, "train_loader", None)
-
-    @property
-    def test_loader(self) -> Any:
-        return getattr(self.run, "test_loader", None)
-
-    @property
-    def data(self) -> Any:
-        """The dense data (detection / segmentation runs)."""
-        return getattr(self.run, "data", None)
-
     @property
     def best_acc(self) -> float | None:
-        return self.best if not self.cfg.is_dense else None
+        """The best top-1 accuracy so far (tasks whose headline is accuracy), else None."""
+        return self.best if self.run.headline == "acc" else None
 
     @property
     def last_test_acc(self) -> float | None:
-        return (self.last_metrics or {}).get("acc") if not self.cfg.is_dense else None
+        return (self.last_metrics or {}).get("acc") if self.run.headline == "acc" else None
 
     # ------------------------------------------------------------------ set-up
     def _is_main(self) -> bool:
@@ -359,7 +339,7 @@ class Trainer:
             "eval_pending": self._eval_pending,
             **self.run.checkpoint_fields(),
         }
-        if not self.cfg.is_dense:  # the names earlier versions (and their readers) use
+        if self.run.headline == "acc":  # the names the pipeline's checkpoints use too
             payload["best_acc"], payload["last_test_acc"] = self.best_acc, self.last_test_acc
         if self.scaler is not None:
             payload["scaler"] = self.scaler.state_dict()
@@ -718,12 +698,11 @@ class Trainer:
         granularity = checkpoint_granularity(cfg.grad_checkpoint)  # the config is validated: never raises
         if granularity:
             method += f" grad_checkpoint={granularity}"
-        if cfg.is_dense:
-            widths = f" widths {cfg.task.model_widths}" if cfg.task.model_widths else ""
-            cut = f"{type(lr_.task).__name__}, cuts {getattr(lr_, 'stage_cuts', None)}"
+        widths = f" widths {cfg.task.model_widths}" if getattr(cfg.task, "model_widths", None) else ""
+        if lr_.task.reads == "stages":
+            cut = f"{type(lr_.task).__name__}, cuts {lr_.stage_cuts}"
         else:
-            widths = ""
-            cut = f"split {getattr(getattr(lr_, 'split', None), 'source', cfg.split)}"
+            cut = f"split {lr_.split.source}"
         authors_k = getattr(getattr(lr_, "rule", None), "authors_k", None)  # AugLocal counts its K differently
         if callable(authors_k):
             cut += f"; the authors' K={authors_k(lr_.K)}"
@@ -823,7 +802,7 @@ class Trainer:
             "out_dir": str(self.out_dir),
             "checkpoint": str(self.ckpt_path),
         }
-        if not cfg.is_dense:
+        if self.run.headline == "acc":
             summary["test_acc"], summary["best_acc"] = self.last_test_acc, self.best_acc
         return summary
 
