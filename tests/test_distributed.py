@@ -195,6 +195,45 @@ def _dp_trainer_worker(rank, world, port, out_dir, summaries):
     cleanup()  # as `manlearn train` does: a barrier, then leave
 
 
+def _dp_sigterm_worker(rank, world, port, out_dir, sums):
+    import signal
+
+    from manlearn.distributed import cleanup
+    from manlearn.train import Trainer
+    from manlearn.train.interrupt import TrainingInterrupted
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+    def preempt_rank1(trainer):  # only rank 1 is told to stop, after its step 3
+        if rank == 1 and trainer.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with registered_gn_net():
+        tr = Trainer.from_config(tiny_cfg(out_dir), callbacks=[preempt_rank1], out=open(os.devnull, "w"))
+        try:
+            tr.fit()
+            stopped = None
+        except TrainingInterrupted as e:
+            stopped = (tr.step, e.exit_code, str(e))
+        torch.save({"stopped": stopped}, Path(sums) / f"rank{rank}.pt")
+        del tr
+    cleanup()
+
+
+def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step_and_saves(tmp_path):
+    from manlearn.train import load_checkpoint
+
+    sums = tmp_path / "sums"
+    sums.mkdir()
+    _spawn(_dp_sigterm_worker, 2, str(tmp_path / "dp"), str(sums))
+    r0, r1 = (torch.load(sums / f"rank{r}.pt")["stopped"] for r in (0, 1))
+    assert r0 is not None and r1 is not None
+    assert r0[0] == r1[0] == 4 and r0[1] == r1[1] == 143  # the signal travels with step 4's all-reduce
+    assert "terminated (SIGTERM): saved" in r0[2]
+    assert load_checkpoint(tmp_path / "dp" / "last.pt")["step"] == 4
+
+
 def _cleanup_worker(rank, world, port, out):
     import time
 

@@ -158,10 +158,10 @@ def ctrl_c_reference(tmp_path_factory):
             "records": records(out / "metrics.jsonl")}
 
 
-def interrupt_run(tmp_path: Path, moment: str, at: int, signals: int = 1, sleep: float = 0.5,
+def interrupt_run(tmp_path: Path, moment: str, at: int, signals: int = 1, sleep: float = 0.5, sig: str = "SIGINT",
                   **kw) -> tuple[subprocess.CompletedProcess, float]:
-    """A CLI training run that receives ``signals`` real SIGINTs when ``moment`` number ``at`` is reached;
-    returns the finished process and the seconds from the last signal to its exit."""
+    """A CLI training run that receives ``signals`` real ``sig`` signals (SIGINT: Ctrl-C) when ``moment`` number
+    ``at`` is reached; returns the finished process and the seconds from the last signal to its exit."""
     import signal
     import time
 
@@ -182,7 +182,7 @@ def interrupt_run(tmp_path: Path, moment: str, at: int, signals: int = 1, sleep:
         for i in range(signals):
             if i:
                 time.sleep(0.3)
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(getattr(signal, sig))
         t = time.time()
         stdout, stderr = proc.communicate(timeout=120)
         waited = time.time() - t
@@ -210,6 +210,31 @@ def test_ctrl_c_saves_the_completed_step_exits_130_and_resumes_exactly(tmp_path,
     ref = ctrl_c_reference["model"]
     assert all(torch.equal(ref[k], v) for k, v in tr.learner.state_dict().items())
     assert records(tmp_path / "run" / "metrics.jsonl") == ctrl_c_reference["records"]
+
+
+@pytest.mark.parametrize("moment, at, step, line", [
+    ("step", 1, 2, "terminated (SIGTERM): saved {ckpt} at step 2 (epoch 1, batch 2); continue with --resume"),
+    ("eval", 1, 3, "terminated (SIGTERM) during the evaluation at step 3: saved {ckpt} at step 3"),
+])
+def test_sigterm_saves_the_completed_step_exits_143_and_resumes_exactly(tmp_path, ctrl_c_reference, moment, at,
+                                                                         step, line):
+    """Preemption (docker stop, Slurm, Kubernetes): handled like the first Ctrl-C, with its own exit status."""
+    r, _ = interrupt_run(tmp_path, moment, at, sig="SIGTERM", ckpt_every_steps=0)
+    ckpt = tmp_path / "run" / CKPT_NAME
+    assert r.returncode == 143, r.stderr
+    assert line.format(ckpt=ckpt) in r.stderr and "Traceback" not in r.stderr
+    assert load_checkpoint(ckpt)["step"] == step
+    tr = Trainer.from_config(tiny(tmp_path / "run", **CTRL_C), resume=True)
+    tr.fit()
+    ref = ctrl_c_reference["model"]
+    assert all(torch.equal(ref[k], v) for k, v in tr.learner.state_dict().items())
+    assert records(tmp_path / "run" / "metrics.jsonl") == ctrl_c_reference["records"]
+
+
+def test_second_sigterm_exits_at_once_with_143(tmp_path):
+    r, waited = interrupt_run(tmp_path, "save", 2, signals=2, sleep=30, sig="SIGTERM")
+    assert r.returncode == 143 and waited < 10, r.stderr
+    assert "second SIGTERM: stopped at once" in r.stderr
 
 
 def test_second_ctrl_c_exits_at_once_keeping_the_last_checkpoint(tmp_path):

@@ -31,13 +31,14 @@ def _fmt_bytes(n: Any) -> str:
     return f"{n:.2f} GiB"  # pragma: no cover
 
 
-def _fit(trainer: Any) -> dict[str, Any] | None:
-    """``trainer.fit()``; None after Ctrl-C, having said where the last checkpoint is."""
+def _fit(trainer: Any) -> dict[str, Any] | int:
+    """``trainer.fit()``; after Ctrl-C or SIGTERM the exit status (130 / 143), having said where the last
+    checkpoint is."""
     try:
         return trainer.fit()
     except KeyboardInterrupt as e:  # the trainer's TrainingInterrupted says what was saved and at which step
         print(f"\n{e}" if str(e) else f"\ninterrupted at step {trainer.step}", file=sys.stderr)
-        return None
+        return int(getattr(e, "exit_code", 130))
 
 
 def _print_seconds_per_iter(summary: dict[str, Any]) -> None:
@@ -79,16 +80,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.pipeline_workers:
         return _train_pipeline(cfg, args)
     trainer = Trainer.from_config(cfg, resume=args.resume, overwrite=args.overwrite)
-    summary = None
+    summary: dict[str, Any] | int | None = None
     try:
         summary = _fit(trainer)
     finally:
-        if trainer.dist.enabled:  # data parallel under torchrun: leave the group cleanly
-            from manlearn.distributed import cleanup
+        if trainer.dist.enabled:  # data parallel under torchrun: leave the group cleanly (every rank stopped
+            from manlearn.distributed import cleanup  # at the same step after a SIGTERM)
 
-            cleanup(sync=summary is not None)
-    if summary is None:
-        return 130
+            cleanup(sync=isinstance(summary, dict) or summary == 143)
+    if not isinstance(summary, dict):
+        return summary if summary is not None else 130
     if not trainer.dist.is_main:
         return 0
     print(trainer.run.metrics_text(summary["metrics"]))

@@ -1,4 +1,9 @@
-"""Ctrl-C during training: stop at the next step boundary, save, say where; a second Ctrl-C exits at once.
+"""Ctrl-C and SIGTERM during training: stop at the next step boundary, save, say where; a second one exits
+at once.
+
+SIGTERM is what ``docker stop``, Slurm preemption, Kubernetes and systemd send: it is handled like the first
+Ctrl-C, and the run ends with :data:`EXIT_TERMINATED` (143 = 128 + SIGTERM) instead of 130, so that a job
+script can tell "saved, requeue me with --resume" from a failure (2, 3) or a Ctrl-C (130).
 
 Python raises KeyboardInterrupt wherever the interpreter happens to be when SIGINT arrives — inside a
 saved-tensor hook, a ``__del__``, a weak-reference callback — and an exception raised in a finaliser is
@@ -20,33 +25,67 @@ import sys
 import threading
 from typing import Callable, Iterator
 
-__all__ = ["DeferredInterrupt", "TrainingInterrupted"]
+__all__ = ["DeferredInterrupt", "TrainingInterrupted", "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
+
+#: exit status of a run stopped by Ctrl-C (SIGINT) / by SIGTERM, its last completed step saved
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped a training run; ``str(e)`` is the one line for the user (what was saved, at which step)."""
+    """Ctrl-C or SIGTERM stopped a training run; ``str(e)`` is the one line for the user (what was saved, at
+    which step), ``exit_code`` the process's status (130 after Ctrl-C, 143 after SIGTERM)."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_INTERRUPTED) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+_DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
 
 class DeferredInterrupt:
-    """Context manager: defer SIGINT to step boundaries (main thread, default handler only; else a no-op).
+    """Context manager: defer SIGINT and SIGTERM to step boundaries (main thread, default handlers only; else
+    a no-op). ``signals``: which of the two (a data-parallel rank defers SIGTERM only).
 
-    ``last_words()`` gives the line printed when a second Ctrl-C ends the process."""
+    ``last_words()`` gives the line printed when a second signal ends the process."""
 
-    def __init__(self, last_words: Callable[[], str]) -> None:
+    def __init__(self, last_words: Callable[[], str],
+                 signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
         self.requested = False
+        self.signum: int | None = None  # the first signal received
         self.installed = False
+        self._signals = signals
         self._immediate = 0
         self._last_words = last_words
-        self._old: object = None
+        self._old: dict[int, object] = {}
+
+    @property
+    def terminated(self) -> bool:
+        return self.signum == signal.SIGTERM
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_TERMINATED if self.terminated else EXIT_INTERRUPTED
+
+    def reason(self) -> str:
+        """How the run was stopped, for its last line."""
+        return "terminated (SIGTERM)" if self.terminated else "interrupted"
+
+    def request(self, signum: int) -> None:
+        """Ask for a stop at the next step boundary (a signal, or another rank's signal)."""
+        if not self.requested:
+            self.signum = signum
+        self.requested = True
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.requested:  # the second Ctrl-C: out now
+        if self.requested:  # the second signal: out now
+            name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
             try:
                 sys.stdout.flush()
-                print(f"\nsecond Ctrl-C: stopped at once; {self._last_words()}", file=sys.stderr, flush=True)
+                print(f"\nsecond {name}: stopped at once; {self._last_words()}", file=sys.stderr, flush=True)
             finally:
-                os._exit(130)
-        self.requested = True
+                os._exit(EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED)
+        self.request(signum)
         if self._immediate:
             raise KeyboardInterrupt
 
@@ -62,13 +101,15 @@ class DeferredInterrupt:
             self._immediate -= 1
 
     def __enter__(self) -> "DeferredInterrupt":
-        if (threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-            self._old = signal.signal(signal.SIGINT, self._handle)
-            self.installed = True
+        if threading.current_thread() is threading.main_thread():
+            for sig in self._signals:
+                if signal.getsignal(sig) is _DEFAULTS[sig]:
+                    self._old[sig] = signal.signal(sig, self._handle)
+            self.installed = bool(self._old)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.installed:
-            signal.signal(signal.SIGINT, self._old)  # type: ignore[arg-type]
-            self.installed = False
+        for sig, old in self._old.items():
+            signal.signal(sig, old)  # type: ignore[arg-type]
+        self._old = {}
+        self.installed = False

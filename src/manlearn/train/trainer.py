@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import math
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -212,7 +213,8 @@ class Trainer:
         self.peak_mem_saved: int | None = None
         self.skipped = 0  # steps whose update was dropped for a non-finite loss / gradient (nonfinite=skip)
         self._saved_step: int | None = None  # the step of the checkpoint on disk written or read by this run
-        self._intr: DeferredInterrupt | None = None  # Ctrl-C deferred to step boundaries (fit)
+        self._intr: DeferredInterrupt | None = None  # Ctrl-C and SIGTERM deferred to step boundaries (fit)
+        self._stop_agreed = False  # data parallel: some rank received SIGTERM (from the step's all-reduce)
         self._eval_pending = False  # an eval record interrupted by Ctrl-C: redone first on resume
         self._in_eval_record = False
         self._eval_interrupted = False
@@ -519,13 +521,18 @@ class Trainer:
         if self.reducer is not None:
             # Gradients averaged over the ranks (exactly once) before the step; the step's losses
             # and counts travel in the last bucket: [losses..., counts...].
-            local = torch.tensor([*out.losses, *(float(c) for c in counts)], dtype=torch.float64,
+            # A SIGTERM on any rank travels there too, so that every rank stops after the same step.
+            stop = float(self._intr is not None and self._intr.requested)
+            local = torch.tensor([*out.losses, *(float(c) for c in counts), stop], dtype=torch.float64,
                                  device=self.device)
             tot = self.reducer.finish(local).cpu()
             k = len(out.losses)
             losses = (tot[:k] / self.dist.world_size).tolist()
-            counts = [round(float(c)) for c in tot[k:]]
+            counts = [round(float(c)) for c in tot[k:-1]]
             n = int(counts[-1])
+            self._stop_agreed = float(tot[-1]) > 0
+            if self._stop_agreed and self._intr is not None:
+                self._intr.request(signal.SIGTERM)
         else:
             losses = [float(v) for v in out.losses]
             counts = [int(c.item()) if isinstance(c, torch.Tensor) else c for c in counts]  # syncs the device
@@ -559,29 +566,40 @@ class Trainer:
         if cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0 and self.step < self._stop_at:
             self.save()
         self.callbacks.call("on_step_end", self)
-        if self._intr is not None and self._intr.requested:
+        if self._stop_requested():
             self._stop_interrupted()
 
-    # ------------------------------------------------------------------ Ctrl-C
+    # ------------------------------------------------------------------ Ctrl-C, SIGTERM
+    def _stop_requested(self) -> bool:
+        """Whether to stop at this step boundary: a signal was received (data parallel: on some rank, as agreed
+        in the step's last all-reduce, so that every rank stops after the same step)."""
+        if self._intr is None:
+            return False
+        return self._stop_agreed if self.dist.enabled else self._intr.requested
+
     def _stop_interrupted(self) -> None:
-        """Ctrl-C was pressed during the step just completed: save that step (unless it is saved), stop."""
+        """Ctrl-C or SIGTERM came during the step just completed: save that step (unless it is saved), stop."""
         if self._saved_step != self.step:
             self.save()
-        raise TrainingInterrupted(f"interrupted: saved {self.ckpt_path} at step {self.step} (epoch {self.epoch + 1}, "
-                                  f"batch {self.batch}); continue with --resume")
+        intr = self._intr
+        assert intr is not None
+        raise TrainingInterrupted(f"{intr.reason()}: saved {self.ckpt_path} at step {self.step} (epoch "
+                                  f"{self.epoch + 1}, batch {self.batch}); continue with --resume", intr.exit_code)
 
     def _interrupted_elsewhere(self) -> TrainingInterrupted:
         """A KeyboardInterrupt that did not come through the step-boundary check: an evaluation stopped at once
         (the completed step is saved, that evaluation is redone on resume), or one raised where the state may
         be half-updated (nothing saved)."""
+        reason = self._intr.reason() if self._intr is not None else "interrupted"
+        code = self._intr.exit_code if self._intr is not None else 130
         if self._eval_interrupted:  # an evaluation changes nothing in the state until it returns
             self._eval_pending = self._in_eval_record
             self.save()
-            return TrainingInterrupted(f"interrupted during the evaluation at step {self.step}: saved "
+            return TrainingInterrupted(f"{reason} during the evaluation at step {self.step}: saved "
                                        f"{self.ckpt_path} at step {self.step} (epoch {self.epoch + 1}, batch "
-                                       f"{self.batch}); continue with --resume")
-        return TrainingInterrupted(f"interrupted at step {self.step}; {self._kept()}"
-                                   + (" (continue with --resume)" if self._saved_step is not None else ""))
+                                       f"{self.batch}); continue with --resume", code)
+        return TrainingInterrupted(f"{reason} at step {self.step}; {self._kept()}"
+                                   + (" (continue with --resume)" if self._saved_step is not None else ""), code)
 
     def _block_losses(self, window: bool) -> list[float]:
         """The per-block losses: over the recent steps (``window``) or the whole epoch."""
@@ -655,7 +673,7 @@ class Trainer:
         self.meters.reset()
         self._win_time, self._win_images = 0.0, 0
         self.save()
-        if self._intr is not None and self._intr.requested:
+        if self._stop_requested():
             self._stop_interrupted()
 
     # ------------------------------------------------------------------ fit
@@ -818,8 +836,10 @@ class Trainer:
         total = total_steps(self.cfg, self.steps_per_epoch)
         stop_at = min(total, self.cfg.max_steps) if self.cfg.max_steps else total
         self._stop_at = stop_at
-        # Ctrl-C is deferred to step boundaries (one process; data parallel ranks keep Python's default)
-        self._intr = None if self.dist.enabled else DeferredInterrupt(self._kept)
+        # Ctrl-C and SIGTERM are deferred to step boundaries; a data-parallel rank defers SIGTERM only (Ctrl-C
+        # under torchrun stops every rank at once, as before)
+        self._intr = DeferredInterrupt(self._kept, (signal.SIGTERM,) if self.dist.enabled else
+                                       (signal.SIGINT, signal.SIGTERM))
         try:
             try:
                 with self._intr if self._intr is not None else contextlib.nullcontext():
