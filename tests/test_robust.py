@@ -65,6 +65,28 @@ def test_nonfinite_skip_drops_the_update_and_counts_it(tmp_path):
     assert ckpt["nonfinite_skipped"] == 1 and all_finite(ckpt["model"])
 
 
+def test_a_skipped_step_changes_no_buffer_and_no_ema_unit(tmp_path):
+    """BN running statistics and MAN's ema units are updated inside the step: a skipped step puts them back,
+    so only the skipped step's update is missing (the run went on diverging before)."""
+    from manlearn.train import read_jsonl
+
+    tr = Trainer.from_config(tiny(tmp_path, nonfinite="skip", epochs=1, log_every=1))
+    seen = {}
+
+    def frozen(t):
+        return {k: v.clone() for k, v in t.learner.state_dict().items()
+                if k in dict(t.learner.named_buffers()) or not dict(t.learner.named_parameters()).get(k, v).requires_grad}
+
+    tr.callbacks.items.append(type("Spy", (), {"on_step_end": lambda self, t: seen.__setitem__(t.step, frozen(t))})())
+    poison_grad_at(tr, 1)
+    tr.fit()
+    assert any("ema" in k for k in seen[1]) and any("running_mean" in k for k in seen[1])
+    assert all(torch.equal(seen[1][k], seen[2][k]) for k in seen[1]), "the skipped step 2 changed state"
+    assert not all(torch.equal(seen[2][k], seen[3][k]) for k in seen[2])  # (a step that is not skipped does)
+    rec = {r["step"]: r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["type"] == "train"}
+    assert rec[2]["skipped"] == 1 and rec[3]["skipped"] == 0
+
+
 def test_non_finite_weights_are_never_saved(tmp_path):
     tr = Trainer.from_config(tiny(tmp_path, epochs=1, max_steps=1))
     tr.fit()

@@ -220,6 +220,7 @@ class Trainer:
         self._eval_interrupted = False
         self._win_time = 0.0
         self._win_images = 0
+        self._win_skipped = 0  # steps skipped (nonfinite=skip) since the last step record
         self._pm: Any = None
         self._t0 = time.perf_counter()
         self._stop_at = total_steps(self.cfg, self.steps_per_epoch)
@@ -406,6 +407,14 @@ class Trainer:
         raise DivergenceError(f"training diverged before step {self.step}: the weight {bad} ({self._block_of(bad)}) is "
                               f"not finite, so it is not saved; {self._kept()}. Lower lr or lengthen the warm-up")
 
+    def _step_state(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(the tensors a step changes outside the optimiser: buffers and frozen parameters such as MAN's ema
+        units, copies of them now)."""
+        live = [b for b in self.learner.buffers() if b.is_floating_point() or b.dtype == torch.long]
+        live += [p for p in self.learner.parameters() if not p.requires_grad]
+        with torch.no_grad():
+            return live, [v.detach().clone() for v in live]
+
     def _nonfinite_step(self, losses: list[float], lr: float) -> bool:
         """Whether this step's losses and gradients are finite; a non-finite one stops the run (``nonfinite=stop``,
         :class:`DivergenceError`) or drops the step's update (``skip``, counted). fp16 with a gradient scaler
@@ -423,7 +432,8 @@ class Trainer:
         if self.cfg.nonfinite == "skip":
             self.skipped += 1
             self.optimizer.zero_grad(set_to_none=True)
-            self._say(f"step {self.step + 1}: {what} (lr {lr:.4g}); update skipped ({self.skipped} skipped so far)")
+            self._say(f"step {self.step + 1}: {what} (lr {lr:.4g}); update skipped, buffers and EMA units restored "
+                      f"({self.skipped} skipped so far)")
             return True
         raise DivergenceError(f"training diverged at step {self.step + 1}: {what} (lr {lr:.4g}); {self._kept()}. "
                               "Lower lr or lengthen the warm-up (nonfinite=skip drops such steps instead)")
@@ -516,6 +526,9 @@ class Trainer:
         self._set_lr(lr)
         t = time.perf_counter()
         after = self.reducer.block_done if self.reducer is not None else None
+        # nonfinite=skip: what the step changes besides the optimiser's update (BN statistics, EMA units), kept
+        # to be put back if the step is skipped
+        kept = self._step_state() if cfg.nonfinite == "skip" and self.scaler is None else None
         out = self.learner.train_step(x, targets, scaler=self.scaler, after_block=after)  # scaler: fp16 only
         counts = self.run.step_counts(out, targets, n)
         if self.reducer is not None:
@@ -537,6 +550,9 @@ class Trainer:
             losses = [float(v) for v in out.losses]
             counts = [int(c.item()) if isinstance(c, torch.Tensor) else c for c in counts]  # syncs the device
         skipped = self._nonfinite_step(losses, lr)
+        if skipped and kept is not None:
+            torch._foreach_copy_(kept[0], kept[1])
+            self._win_skipped += 1
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -624,8 +640,9 @@ class Trainer:
             "losses": self._block_losses(window=True),
             **self.run.window_fields(self.meters),
             "images_per_s": self._take_window_rate(), "seconds_per_iter": self.meters["time"].avg,
-            "peak_mem_bytes": self._peak(), "elapsed_s": self._elapsed(),
+            "peak_mem_bytes": self._peak(), "elapsed_s": self._elapsed(), "skipped": self._win_skipped,
         }
+        self._win_skipped = 0
         report = getattr(self.learner, "diagnostics", None)
         aux = report() if callable(report) else None
         if aux:
@@ -635,7 +652,8 @@ class Trainer:
             eta = max(self._stop_at - self.step, 0) * self.train_time / max(self.steps_timed, 1)
             peak = rec["peak_mem_bytes"]
             mem = f"  peak mem {peak / 2**20:.0f} MiB" if peak else ""
-            self._say(f"step {self.step}/{self._stop_at}  {self.run.step_text(rec)}  lr {lr:.4g}  "
+            skipped = f" ({rec['skipped']} skipped)" if rec["skipped"] else ""
+            self._say(f"step {self.step}/{self._stop_at}  {self.run.step_text(rec)}{skipped}  lr {lr:.4g}  "
                       f"{(rec['images_per_s'] or 0):.1f} img/s  {rec['seconds_per_iter']:.3f} s/it  "
                       f"ETA {eta / 60:.1f} min{mem}")
 
