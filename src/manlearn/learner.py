@@ -158,6 +158,9 @@ class LocalLearner(nn.Module):
         self._build_auxes(backbone, units, unit_ids, shapes)
         mean, std = normalization if normalization is not None else (None, None)
         register_norm_buffers(self, in_channels, mean, std)
+        if self._blocks_in_flight > max(self.K, 1):
+            raise ConfigError(f"blocks_in_flight={self._blocks_in_flight} exceeds K={self.K}: at most K blocks can "
+                              "be in flight (each keeps its activations alive)")
         rule.after_build(self)  # e.g. the authors' preset re-initialises every layer
         if channels_last:
             self.to(memory_format=torch.channels_last)
@@ -453,6 +456,17 @@ class LocalLearner(nn.Module):
             raise ConfigError(f"images must be [B, {self.in_channels}, H, W] float tensors, got {list(x.shape)}")
         if not x.is_floating_point():
             raise ConfigError(f"images must be float tensors, got {x.dtype} (convert them, e.g. x.float() / 255)")
+        if x.shape[0] == 0:
+            raise ConfigError("an empty batch (0 images): nothing to train on")
+        weight = next((p for p in self.blocks[0].parameters() if p.is_floating_point()), None)
+        if weight is not None and x.dtype != weight.dtype and self.amp_dtype is None:
+            raise ConfigError(f"images are {x.dtype} but the learner's weights are {weight.dtype}: convert one of "
+                              f"them (x.to({weight.dtype}) or learner.to({x.dtype}))")
+        if weight is not None and x.device != weight.device:
+            raise ConfigError(f"images are on {x.device} but the learner is on {weight.device}: move one of them")
+        if self.amp_dtype == torch.float16 and x.device.type == "cpu":
+            raise ConfigError("amp_dtype=torch.float16 does not run on a CPU (autocast on CPU is bfloat16): "
+                              "use torch.bfloat16 there, float16 on CUDA")
         # values only where they cost no device sync (on CUDA a NaN input shows as a non-finite loss)
         if x.device.type == "cpu" and not bool(torch.isfinite(x).all()):
             raise ConfigError("the input images hold NaN or infinite values")
@@ -482,7 +496,7 @@ class LocalLearner(nn.Module):
         grad_scale = scaler.scale(torch.ones((), device=x.device)) if scaler is not None else None
         if zero_grad:
             self.zero_grad(set_to_none=True)
-        x = self.prepare_input(x)
+        x = self.prepare_input(x.detach())  # an input that requires grad gets none: the first block is local too
         batch = LocalBatch(x, y, self.norm_mean, self.norm_std)
         # a rule whose loss reaches earlier blocks (HPFF) writes their gradients from two losses: in sequence
         if self._blocks_in_flight > 1 and self.K > 2 and not self.reaches_back:

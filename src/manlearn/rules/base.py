@@ -12,6 +12,8 @@ from __future__ import annotations
 import difflib
 import inspect
 import threading
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -159,7 +161,47 @@ class Rule:
     def from_options(cls, options: Mapping[str, Any]) -> "Rule":
         """Build the rule from those of ``options`` it accepts (the rest belong to other rules)."""
         own = cls.option_names()
-        return cls(**{k: v for k, v in options.items() if k in own})
+        mine = {k: v for k, v in options.items() if k in own}
+        check_option_types(cls, mine)
+        return cls(**mine)
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """Whether ``value`` fits the annotation ``tp`` (simple types, Optional/Union, sequences; anything else
+    is not judged)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin in (tuple, list) or tp in (tuple, list):
+        return isinstance(value, (tuple, list))
+    return True
+
+
+def check_option_types(cls: type, options: Mapping[str, Any]) -> None:
+    """Refuse an option whose value does not fit the annotation of the rule's constructor, before the rule is
+    built (a wrong type would otherwise surface as a raw error at the first step)."""
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # annotations this check cannot resolve (a user's rule): not judged
+        return
+    for key, value in options.items():
+        tp = hints.get(key)
+        if tp is not None and not _matches(value, tp):
+            shown = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+            raise ConfigError(f"rule {getattr(cls, 'name', cls.__name__)!r}: option {key}={value!r} must be "
+                              f"{shown}, got {type(value).__name__}")
 
 
 _RULES: dict[str, type[Rule]] = {}

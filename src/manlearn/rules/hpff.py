@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .base import AuxContext, LocalBatch, Rule, create_rule, loss_precision, register_rule
+from .base import check_option_types, AuxContext, LocalBatch, Rule, create_rule, loss_precision, register_rule
 from .infopro import InfoProAux
 
 HPFF_BASES = ("dgl", "infopro")
@@ -111,8 +111,9 @@ class HPFFRule(Rule):
     @classmethod
     def from_options(cls, options):
         own = cls.option_names() - {"base_options"}
-        return cls(**{k: v for k, v in options.items() if k in own},
-                   **{k: v for k, v in options.items() if k not in own})
+        mine = {k: v for k, v in options.items() if k in own}
+        check_option_types(cls, mine)
+        return cls(**mine, **{k: v for k, v in options.items() if k not in own})
 
     def accepted_options(self) -> set[str]:
         return (type(self).option_names() - {"base_options"}) | self.base.accepted_options()

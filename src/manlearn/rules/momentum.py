@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..models import init_weights
 from ..recompute import Segment, checkpoint
-from .base import AuxContext, LocalBatch, Rule, create_rule, list_base_rules, register_rule
+from .base import AuxContext, LocalBatch, Rule, check_option_types, create_rule, list_base_rules, register_rule
 from .vit_aux import TokenCEAux, TokenClassifier, is_token_shape
 
 INITS = ("copy", "random")
@@ -207,8 +207,9 @@ class ManRule(Rule):
     @classmethod
     def from_options(cls, options):
         own = cls.option_names() - {"base_options"}
-        return cls(**{k: v for k, v in options.items() if k in own},
-                   **{k: v for k, v in options.items() if k not in own})
+        mine = {k: v for k, v in options.items() if k in own}
+        check_option_types(cls, mine)
+        return cls(**mine, **{k: v for k, v in options.items() if k not in own})
 
     def accepted_options(self) -> set[str]:
         own = type(self).option_names() - {"base_options"}

@@ -75,3 +75,8 @@ class ClassificationTask(Task):
                 raise ConfigError(f"class indices must lie in 0..{c - 1} (num_classes={c}), got labels {lo}..{hi}")
         elif not bool(torch.isfinite(targets).all()):
             raise ConfigError("the class probabilities (soft targets) hold NaN or infinite values")
+        elif bool((targets < 0).any()) or not bool(torch.allclose(targets.sum(dim=1).double(),
+                                                                 torch.ones(b, dtype=torch.float64), atol=1e-3)):
+            raise ConfigError("class probabilities (soft targets) must be >= 0 and sum to 1 per image, got rows "
+                              f"summing to {float(targets.sum(dim=1).min()):.4g}..{float(targets.sum(dim=1).max()):.4g} "
+                              f"(min value {float(targets.min()):.4g})")
