@@ -6,7 +6,9 @@ order the callbacks were given. A plain function is taken as ``on_step_end``.
 - ``on_step_end(trainer)``: after every optimiser step (and after that step's periodic evaluation and
   checkpoint); ``trainer.step``, ``trainer.epoch``, ``trainer.records`` are current;
 - ``on_eval_end(trainer, metrics)``: after every evaluation, with its metrics (``{"acc": ...}``);
-- ``on_checkpoint(trainer, path)``: after ``last.pt`` was written (atomically) to ``path``.
+- ``on_checkpoint(trainer, path)``: after ``last.pt`` was written (atomically) to ``path``;
+- ``on_fit_start(trainer)`` / ``on_fit_end(trainer, summary)``: around ``fit()`` (the run's files are open;
+  ``summary`` is what ``fit()`` returns).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from manlearn.errors import ConfigError
 
 __all__ = ["Callback", "Callbacks"]
 
-HOOKS = ("on_step_end", "on_eval_end", "on_checkpoint")
+HOOKS = ("on_step_end", "on_eval_end", "on_checkpoint", "on_fit_start", "on_fit_end")
 
 
 class Callback:
@@ -30,6 +32,12 @@ class Callback:
         pass
 
     def on_checkpoint(self, trainer: Any, path: Path) -> None:
+        pass
+
+    def on_fit_start(self, trainer: Any) -> None:
+        pass
+
+    def on_fit_end(self, trainer: Any, summary: dict[str, Any]) -> None:
         pass
 
 

@@ -23,7 +23,7 @@ from manlearn.errors import OutputError
 __all__ = ["RUN_FILES", "ASIDE", "check_writable_dir", "write_failure", "present_run_files", "move_aside",
            "drop_aside", "restore_aside", "settle"]
 
-RUN_FILES = ("last.pt", "metrics.jsonl", "config.yaml")
+RUN_FILES = ("last.pt", "metrics.jsonl", "config.yaml", "metrics.csv", "summary.json", "tb")
 ASIDE = ".overwritten"  # the earlier run's files while an --overwrite run has not checkpointed yet
 
 
@@ -83,10 +83,13 @@ def restore_aside(out_dir: Path) -> bool:
     if not aside.is_dir():
         return False
     for n in RUN_FILES:
+        new = out_dir / n  # written by the failed run: goes, whether or not the earlier run had one
+        if new.is_dir() and not new.is_symlink():
+            shutil.rmtree(new, ignore_errors=True)
+        elif new.exists():
+            new.unlink()
         if (aside / n).exists():
-            os.replace(aside / n, out_dir / n)
-        elif (out_dir / n).exists():  # written by the failed run, absent from the earlier one
-            (out_dir / n).unlink()
+            os.replace(aside / n, new)
     shutil.rmtree(aside, ignore_errors=True)
     return True
 

@@ -40,7 +40,7 @@ from manlearn.config import TrainConfig, config_from_dict, config_to_dict, confi
 from manlearn.distributed import GradReducer, average_buffers, broadcast_state
 from manlearn.distributed.dist import SINGLE, setup_from_env
 from manlearn.learner import LocalLearner
-from manlearn.errors import CheckpointError, ConfigError, DivergenceError
+from manlearn.errors import CheckpointError, ConfigError, DivergenceError, ManlearnError
 from manlearn.memory import PeakMemory, peak_rss_bytes
 from manlearn.planning import check_plannable, plan_learner
 from manlearn.recompute import checkpoint_granularity
@@ -52,6 +52,7 @@ from .checkpoint import (CKPT_FORMAT, CKPT_VERSION, capture_rng_state, check_res
                          eval_config, load_checkpoint, load_model_state, restore_rng_state, save_checkpoint)
 from .interrupt import DeferredInterrupt, TrainingInterrupted
 from .loader_run import LoaderRun
+from .run_logs import CsvLog, SummaryJson, TensorBoardLog
 from .registry import get_task
 from .metrics import JsonlWriter, MetricLogger
 from .outputs import (check_writable_dir, drop_aside, move_aside, present_run_files, restore_aside, settle,
@@ -126,7 +127,7 @@ class Trainer:
         (validated here; any task)."""
         self = cls.__new__(cls)
         cfg = validate(cfg)
-        self._prepare(cfg, callbacks, out, origin="config")
+        self._prepare(cfg, [*run_logs(), *callbacks], out, origin="config")
         if cfg.pipeline_workers:
             raise ConfigError("pipeline_workers is set: a block pipeline is run by "
                               "manlearn.train.pipeline.run_pipeline (or `manlearn train`), not by Trainer")
@@ -798,6 +799,7 @@ class Trainer:
                          dynamic_ncols=True, desc=self.cfg.task.name if self.origin == "config" else "train",
                          file=sys.stderr)
         self._header()
+        self.callbacks.call("on_fit_start", self)
 
     def _memory_meter(self) -> PeakMemory:
         # on CUDA the allocator peak is the measure; the per-tensor hooks would only slow the GPU step down
@@ -873,7 +875,10 @@ class Trainer:
             raise
         finally:
             self._intr = None
-        return self._summary(total)
+        summary = self._summary(total)
+        if self._is_main():
+            self.callbacks.call("on_fit_end", self, summary)
+        return summary
 
     def _fit_inner(self, stop_at: int) -> None:
         self._begin_fit(stop_at)
@@ -894,6 +899,16 @@ class Trainer:
         if self.last_eval_step != self.step:
             self._eval_record()
         self.save()
+
+
+def run_logs() -> list[Callback]:
+    """The run outputs of ``manlearn train``: metrics.csv, summary.json, and TensorBoard events when installed."""
+    logs: list[Callback] = [CsvLog(), SummaryJson()]
+    try:
+        logs.append(TensorBoardLog())
+    except ManlearnError:  # not installed: the other outputs say the same
+        pass
+    return logs
 
 
 def _device_of(learner: torch.nn.Module) -> torch.device:

@@ -1,0 +1,45 @@
+"""Run outputs that tools read: metrics.csv, summary.json and TensorBoard events, through the callbacks."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+from manlearn.config import TrainConfig
+from manlearn.train import Trainer, read_jsonl
+
+TINY = dict(dataset="digits", model="resnet20", method="manpp", base="dgl", K=3, train_limit=96, eval_limit=64,
+            batch_size=32, eval_batch_size=64, epochs=2, lr=0.05, device="cpu", log_every=1, progress=False)
+
+
+def _events(tb_dir) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_a_run_writes_csv_summary_and_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    summary = Trainer.from_config(TrainConfig(**TINY, out_dir=str(tmp_path)), out=io.StringIO()).fit()
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert len(rows) == len(records) and {"loss0", "loss2", "s/0", "lr", "test_acc"} <= set(rows[0]) | set(rows[-1])
+    doc = json.loads((tmp_path / "summary.json").read_text())
+    assert doc["steps"] == summary["steps"] == 6 and doc["config"]["method"] == "manpp"
+    assert doc["test_acc"] == summary["test_acc"] and "digits" in doc["data"]
+    ev = _events(tmp_path / "tb")
+    assert [s for s, _ in ev["loss/block0"]] == list(range(1, 7))
+    assert {"aux/s/block0", "aux/s/block1", "train/lr", "eval/acc"} <= set(ev)
+
+
+def test_a_resumed_run_drops_the_events_after_its_checkpoint(tmp_path):
+    pytest.importorskip("tensorboard")
+    cfg = TrainConfig(**TINY, out_dir=str(tmp_path))
+    Trainer.from_config(TrainConfig(**{**TINY, "max_steps": 4}, out_dir=str(tmp_path)), out=io.StringIO()).fit()
+    Trainer.from_config(cfg, resume=True, out=io.StringIO()).fit()
+    steps = [s for s, _ in _events(tmp_path / "tb")["loss/block0"]]
+    assert steps == sorted(set(steps)) == list(range(1, 7))
