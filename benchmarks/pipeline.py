@@ -19,7 +19,6 @@ Run it on a quiet machine (nothing else using the cores):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -74,8 +73,8 @@ def run_single(args, tmp: str) -> dict:
 def run_pipe(args, tmp: str) -> dict:
     from manlearn.train.pipeline import run_pipeline
 
-    cfg = dataclasses.replace(base_cfg(args, os.path.join(tmp, "pipe")), pipeline_workers=args.workers,
-                              pipeline_queue_depth=args.queue_depth)
+    cfg = base_cfg(args, os.path.join(tmp, "pipe")).model_copy(
+        update={"pipeline_workers": args.workers, "pipeline_queue_depth": args.queue_depth})
     s = run_pipeline(cfg, threads=args.threads_per_worker)
     return {"images_per_s": s["images_per_s"], "seconds_per_iter": s["seconds_per_iter"], "steps": s["steps"],
             "test_acc": s["test_acc"], "workers": args.workers, "threads_per_worker": args.threads_per_worker,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import yaml
 
@@ -171,7 +169,7 @@ def test_missing_yaml_file():
 def test_dict_round_trip():
     cfg = apply_overrides(TrainConfig(), ["split=[[1,0],[3,4]]", "K=3", "lr=0.3"], check=False)
     assert config_from_dict(config_to_dict(cfg), check=False) == cfg
-    assert dataclasses.asdict(cfg) == config_to_dict(cfg)
+    assert cfg.model_dump() == config_to_dict(cfg)
 
 
 def test_required_recipes_exist():

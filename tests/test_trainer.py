@@ -6,7 +6,6 @@ Every run here uses the bundled ``digits`` data (8x8 grey) with a ResNet-20 cut 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
@@ -231,8 +230,8 @@ def test_stop_at_max_steps_then_resume_is_bit_identical(tmp_path, reference, one
 def test_resume_after_sigkill_is_bit_identical(tmp_path, reference, one_thread):
     """Kill a real training process (SIGKILL) after a checkpoint, resume, compare with a straight run."""
     cfg = tiny(tmp_path, ckpt_every_steps=1, epochs=2)
-    args = [f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
-            if getattr(cfg, f.name) is not None and f.name != "task"] + [f"task.name={cfg.task.name}"]
+    args = [f"{k}={getattr(cfg, k)}" for k in type(cfg).model_fields
+            if getattr(cfg, k) is not None and k != "task"] + [f"task.name={cfg.task.name}"]
     # Make the victim slow enough to be caught mid-run: it sleeps in a step hook.
     code = ("import sys, time; from manlearn.config import TrainConfig, apply_overrides; "
             "from manlearn.train import Trainer; "
@@ -283,7 +282,7 @@ def finished(tmp_path_factory):
     ({"seed": 1, "batch_size": 16}, ["batch_size", "seed"]),
 ])
 def test_checkpoint_from_another_config_is_refused(finished, change, keys):
-    cfg = dataclasses.replace(tiny(finished, epochs=1), **change)
+    cfg = tiny(finished, epochs=1).model_copy(update=change)
     with pytest.raises(CheckpointError) as e:
         Trainer.from_config(cfg, resume=True)
     assert set(re.findall(r"(\w+): checkpoint ", str(e.value))) == set(keys)
@@ -412,7 +411,7 @@ def test_explicit_split_survives_checkpoint_and_resume(tmp_path):
     tr.fit()
     saved = load_checkpoint(tmp_path / CKPT_NAME)["config"]["split"]
     assert [tuple(b) for b in saved] == [(1, 2), (2, 2), (3, 2)]
-    assert Trainer.from_config(dataclasses.replace(cfg, max_steps=2), resume=True).step == 1
+    assert Trainer.from_config(cfg.model_copy(update={"max_steps": 2}), resume=True).step == 1
 
 
 def test_header_names_the_head_fidelity_and_checkpointing_and_records_carry_s(tmp_path):

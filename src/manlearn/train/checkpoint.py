@@ -9,7 +9,6 @@ never a truncated file.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import tempfile
@@ -209,7 +208,7 @@ def eval_config(cfg: Any, *, device: str, data_dir: str | None, limit_key: str, 
         changes[limit_key] = limit
     if batch_size is not None:
         changes["eval_batch_size"] = batch_size
-    return dataclasses.replace(cfg, **changes)
+    return cfg.model_copy(update=changes)
 
 
 def load_model_state(model: torch.nn.Module, ckpt: Mapping[str, Any], path: str | Path) -> None:

@@ -23,7 +23,6 @@ Checkpoints are atomic (``last.pt`` is replaced, never truncated), written at ev
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import re
 import signal
@@ -966,7 +965,7 @@ def evaluate_checkpoint(path: str | Path, *, device: str = "auto", data_dir: str
     dev = resolve_device(cfg.device)
     note = ""
     if cfg.amp == "fp16" and dev.type != "cuda":  # an fp16 run of a GPU, evaluated here: in float32
-        cfg, note = dataclasses.replace(cfg, amp="off"), f" (trained with amp=fp16; evaluated in float32 on {dev})"
+        cfg, note = cfg.model_copy(update={"amp": "off"}), f" (trained with amp=fp16; evaluated in float32 on {dev})"
     run = make_task_run(cfg, dev, train=False)
     run.adopt_checkpoint(ckpt)
     learner = build_learner(cfg, run.info, dev, load_pretrained=False)

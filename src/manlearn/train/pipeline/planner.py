@@ -9,7 +9,6 @@ machine was.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -110,7 +109,7 @@ def make_plan(cfg: TrainConfig) -> PipelinePlan:
         raise ConfigError(f"batch_size={cfg.batch_size} is larger than the {len(train)} training images")
     total = total_steps(cfg, spe)
     stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
-    cpu_cfg = dataclasses.replace(cfg, device="cpu", amp="off", compile=False)
+    cpu_cfg = cfg.model_copy(update={"device": "cpu", "amp": "off", "compile": False})
     seed_everything(cfg.seed)
     probe = build_learner(cpu_cfg, train.info, "cpu")
     if getattr(probe, "reaches_back", 0):
