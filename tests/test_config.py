@@ -227,7 +227,7 @@ def test_length_iterations_win_over_epochs():
 
 def test_classification_is_the_default_task():
     cfg = TrainConfig()
-    assert cfg.task.name == "classification" and not cfg.is_dense
+    assert cfg.task.name == "classification"
     assert "task" in config_keys() and "fpn_channels" not in config_keys()
     assert "task.fpn_channels" in task_keys("detection") and "task.aspp_channels" in task_keys("segmentation")
     assert "task.fpn_channels" not in task_keys("segmentation")
@@ -245,7 +245,7 @@ def test_task_section_from_yaml_and_overrides(tmp_path):
                  "model: resnet50\nK: 4\ndata_dir: data/mosaic\n")
     cfg = load_config(p)
     assert isinstance(cfg.task, DetectionTask) and cfg.task.fpn_channels == 64 and cfg.task.min_size == 128
-    assert cfg.task.head_convs == 4 and cfg.is_dense  # the section's defaults fill the rest
+    assert cfg.task.head_convs == 4  # the section's defaults fill the rest
     cfg2 = apply_overrides(cfg, ["task.fpn_channels=128", "task.hflip=no", "task.model_widths=[8,8,8,8]"])
     assert (cfg2.task.fpn_channels, cfg2.task.hflip, cfg2.task.model_widths) == (128, False, [8, 8, 8, 8])
     assert cfg.task.fpn_channels == 64  # the input is not modified

@@ -136,7 +136,7 @@ def test_dense_recipes_load_validate_and_build(path):
 
     cfg = load_config(path)
     assert cfg.out_dir == f"runs/{path.stem}"
-    assert cfg.task.name in ("detection", "segmentation") and cfg.is_dense
+    assert cfg.task.name in ("detection", "segmentation")
     assert cfg.schedule == "step-warmup" and cfg.iterations > 0 and cfg.eval_every_epochs == 0
     if path.stem.startswith("coco"):
         assert (cfg.batch_size, cfg.lr, cfg.iterations, cfg.lr_steps, cfg.task.min_size, cfg.task.max_size) == \

@@ -297,11 +297,6 @@ class TrainConfig(_Model):
     nonfinite: Annotated[str, _choice(("stop", "skip"))] = "stop"  # stop (DivergenceError) | skip that update
     progress: bool = True  # tqdm progress bar (only shown on a terminal); the last key, see _section_problems
 
-    @property
-    def is_dense(self) -> bool:
-        """A detection or segmentation run (a stage-cut backbone with dense heads)."""
-        return self.task.name != "classification"
-
     @field_validator("task", mode="wrap")
     @classmethod
     def _section(cls, value: Any, handler: Callable[[Any], Any]) -> Any:
