@@ -44,7 +44,7 @@ def test_train_then_eval(tmp_path, capsys):
     assert "resuming from" in out
     assert load_checkpoint(out_dir / CKPT_NAME)["step"] == 4
 
-    rc, out, err = run(capsys, "eval", str(out_dir / CKPT_NAME), "--limit", "20")
+    rc, out, err = run(capsys, "eval", str(out_dir / CKPT_NAME), "eval_limit=20")
     assert rc == 0, err
     line = [l for l in out.splitlines() if l.startswith("test accuracy:")][0]
     assert "/20 digits test images" in line
@@ -98,7 +98,7 @@ def test_eval_with_bogus_data_dir(tmp_path, capsys):
     state = load_checkpoint(ck)
     state["config"]["dataset"] = "fashion-mnist"
     torch.save(state, tmp_path / "fm.pt")
-    rc, _, err = run(capsys, "eval", str(tmp_path / "fm.pt"), "--data-dir", "/nonexistent/bogus")
+    rc, _, err = run(capsys, "eval", str(tmp_path / "fm.pt"), "data_dir=/nonexistent/bogus")
     assert rc == 2 and err.startswith("error: ") and "fashion-mnist" in err
 
 

@@ -170,7 +170,7 @@ def test_detection_smoke_through_cli_then_eval(mosaic, tmp_path, capsys):
     train = [r for r in recs if r["type"] == "train"]
     assert [r["step"] for r in train] == [1, 2] and len(train[0]["losses"]) == 4  # MAN++ K=4: 4 block losses
     assert any(r["type"] == "eval" and "AP50" in r["metrics"] for r in recs)
-    rc, out, err = run_cli(capsys, "eval", str(out_dir / "last.pt"), "--limit", "4")
+    rc, out, err = run_cli(capsys, "eval", str(out_dir / "last.pt"), "eval_limit=4")
     assert rc == 0, err
     assert out.startswith("detection: AP") and "step 2" in out
     # a second fresh run into the same folder is refused

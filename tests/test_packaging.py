@@ -119,5 +119,5 @@ def test_quickstart_trains_and_evaluates_from_the_wheel(installed):
                 f"out_dir={out_dir}", "progress=false"], cwd=cwd, env=env, timeout=300)
     assert "test accuracy:" in out and "steps: 2" in out
     assert (out_dir / "last.pt").is_file()
-    out = _run([manlearn, "eval", str(out_dir / "last.pt"), "--limit", "64"], cwd=cwd, env=env)
+    out = _run([manlearn, "eval", str(out_dir / "last.pt"), "eval_limit=64"], cwd=cwd, env=env)
     assert out.startswith("test accuracy:") and "step 2" in out

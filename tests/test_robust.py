@@ -442,7 +442,7 @@ def test_eval_of_a_run_folder_uses_its_checkpoint_and_an_empty_folder_says_so(tm
 
     Trainer.from_config(tiny(tmp_path / "run", epochs=1, max_steps=1)).fit()
     capsys.readouterr()
-    assert main(["eval", str(tmp_path / "run"), "--device", "cpu"]) == 0
+    assert main(["eval", str(tmp_path / "run"), "device=cpu"]) == 0
     assert "step 1" in capsys.readouterr().out
     (tmp_path / "empty").mkdir()
     assert main(["eval", str(tmp_path / "empty")]) == 2

@@ -87,5 +87,5 @@ def test_cli_trains_a_user_rule_imported_from_a_file(tmp_path, clean_registry, c
     rules_base._RULES.pop("probe-l2")  # as in a fresh process: neither the rule nor its module is loaded
     for name in [m for m in sys.modules if m.startswith("manlearn_user_my_rule")]:
         del sys.modules[name]
-    assert cli.main(["eval", str(out / "last.pt"), "--limit", "32"]) == 0
+    assert cli.main(["eval", str(out / "last.pt"), "eval_limit=32"]) == 0
     assert cli.main(["train", "dataset=digits", "method=no-such-rule", f"out_dir={tmp_path / 'x'}"]) == 2

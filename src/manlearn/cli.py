@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 from manlearn.errors import ConfigError, DivergenceError, ManlearnError
@@ -60,6 +61,25 @@ def _print_test_acc(summary: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------- commands
 
 
+def _resumed_imports(cfg: Any, args: argparse.Namespace) -> list[str]:
+    """``--resume``: the code the run imported (recorded in its checkpoint), imported again now."""
+    from manlearn.train import CKPT_NAME, load_checkpoint
+
+    path = Path(cfg.out_dir) / CKPT_NAME
+    if not args.resume or not path.is_file():
+        return []
+    saved = list((load_checkpoint(path).get("config") or {}).get("imports") or [])
+    import_user_code(saved)
+    return saved
+
+
+def recorded_imports(specs: Sequence[str]) -> list[str]:
+    """The imports a run records: a ``.py`` file by its absolute path, so that ``eval`` and ``--resume`` import
+    it again from any directory (module names as given); each once, in order."""
+    out = [str(Path(s).resolve()) if str(s).endswith(".py") else str(s) for s in specs]
+    return list(dict.fromkeys(out))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """``manlearn train [CONFIG] [key=value ...]``: every task through one :class:`~manlearn.train.Trainer`."""
     from manlearn.config import TrainConfig, apply_overrides, load_config, validate
@@ -75,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(config_path, check=False) if config_path else TrainConfig()
     cfg = apply_overrides(cfg, items, check=False)
     # --import'ed code is recorded in the run's config, so `manlearn eval` and --resume import it again
-    cfg.imports = list(dict.fromkeys([*getattr(args, "imports", []), *cfg.imports]))
+    cfg.imports = recorded_imports([*getattr(args, "imports", []), *cfg.imports, *_resumed_imports(cfg, args)])
     cfg = validate(cfg)
     if cfg.pipeline_workers:
         return _train_pipeline(cfg, args)
@@ -124,19 +144,36 @@ def _train_pipeline(cfg: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_eval_args(args: argparse.Namespace) -> None:
-    for name, v in (("--limit", args.limit), ("--batch-size", args.batch_size)):
-        if v is not None and v < 1:
-            raise ConfigError(f"{name} must be >= 1, got {v}")
+#: what ``manlearn eval`` may change of the run's config
+EVAL_KEYS = ("eval_limit", "eval_batch_size", "data_dir", "device")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """``manlearn eval CHECKPOINT``: test accuracy, detection AP or segmentation mIoU, by the checkpoint's task."""
+    """``manlearn eval CHECKPOINT [key=value ...]``: test accuracy, detection AP or segmentation mIoU, by the
+    checkpoint's task, on the whole test set unless ``eval_limit`` says otherwise."""
+    import difflib
+
     from manlearn.train import evaluate_checkpoint
 
-    _check_eval_args(args)
-    r = evaluate_checkpoint(args.checkpoint, device=args.device, data_dir=args.data_dir, limit=args.limit,
-                            batch_size=args.batch_size)
+    given: dict[str, str] = {}
+    for item in args.items:
+        key, eq, value = item.partition("=")
+        if not eq or key not in EVAL_KEYS:
+            close = difflib.get_close_matches(key, EVAL_KEYS, n=1)
+            raise ConfigError(f"manlearn eval takes key=value overrides of {', '.join(EVAL_KEYS)}; got {item!r}"
+                              + (f" (did you mean '{close[0]}'?)" if close else ""))
+        given[key] = value
+    ints = {}
+    for key in ("eval_limit", "eval_batch_size"):
+        if key in given:
+            try:
+                ints[key] = int(given[key])
+            except ValueError:
+                raise ConfigError(f"{key} must be an integer >= 1, got {given[key]!r}") from None
+            if ints[key] < 1:
+                raise ConfigError(f"{key} must be an integer >= 1, got {ints[key]}")
+    r = evaluate_checkpoint(args.checkpoint, device=given.get("device", "auto"), data_dir=given.get("data_dir"),
+                            limit=ints.get("eval_limit"), batch_size=ints.get("eval_batch_size"))
     print(r["line"])
     return 0
 
@@ -208,14 +245,23 @@ def cmd_make_mosaic(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- parser
 
 
+IMPORT_HELP = ("import your own code first (a module name or a .py file; repeatable): rules, tasks and models "
+               "it registers become valid names, e.g. method=my-rule")
+
+
+def _add_import(p: argparse.ArgumentParser) -> None:
+    """``--import`` after the subcommand too (its own dest: a subparser's default would erase the main one's)."""
+    p.add_argument("--import", dest="sub_imports", action="append", default=[], metavar="MODULE_OR_FILE",
+                   help=IMPORT_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``manlearn``."""
     parser = argparse.ArgumentParser(
         prog="manlearn",
         description="Supervised local learning (DGL, InfoPro, MAN, MAN++) in PyTorch.")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
-                        help="import your own code first (a module name or a .py file; repeatable): rules, "
-                             "tasks and models it registers become valid names, e.g. method=my-rule")
+                        help=IMPORT_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser(
@@ -235,14 +281,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh even if <out_dir> holds a checkpoint")
+    _add_import(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="test accuracy (or detection AP / segmentation mIoU) of a checkpoint")
-    p.add_argument("checkpoint", help="path to a checkpoint (e.g. runs/x/last.pt)")
-    p.add_argument("--data-dir", default=None, help="folder of the dataset (default: the checkpoint's)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images")
-    p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p = sub.add_parser(
+        "eval", help="test accuracy (or detection AP / segmentation mIoU) of a checkpoint",
+        description="Evaluate a checkpoint (or a run's folder) on its whole test / validation set, with the "
+                    "run's own config; key=value overrides as for train: " + ", ".join(EVAL_KEYS) + ".",
+        epilog="examples:  manlearn eval runs/x\n"
+               "           manlearn eval runs/x/last.pt eval_limit=1000 device=cpu data_dir=/data/fm",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a checkpoint (e.g. runs/x/last.pt) or a run's folder")
+    p.add_argument("items", nargs="*", metavar="[key=value ...]", help="overrides: " + ", ".join(EVAL_KEYS))
+    _add_import(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -260,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None, help="input side in pixels (default: the dataset's)")
     p.add_argument("--num-classes", type=int, default=None, help="classes (default: the dataset's)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _add_import(p)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("list", help="models, methods, datasets and recipes",
@@ -290,7 +342,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``manlearn`` console script and of ``python -m manlearn``."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come before, between or after the flags
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    if overrides and hasattr(args, "items"):
+        args.items = [*args.items, *overrides]
+        extra = [a for a in extra if a not in overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.imports = [*args.imports, *getattr(args, "sub_imports", [])]  # --import before or after the subcommand
     try:
         import_user_code(args.imports)
         return int(args.func(args))

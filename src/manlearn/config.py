@@ -64,7 +64,8 @@ def _choice(allowed: tuple[str, ...] | str, *, registry: bool = False) -> AfterV
         if _checking(registry):
             names = _asked(allowed) if isinstance(allowed, str) else allowed
             if value not in (names := names() if callable(names) else names):
-                raise ValueError(_not_one_of(value, names))
+                raise ValueError(_not_one_of(value, names) + (" (your own: --import the file that registers it)"
+                                                              if registry else ""))
         return value
     return AfterValidator(run)
 

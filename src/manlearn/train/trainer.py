@@ -960,8 +960,9 @@ def evaluate_checkpoint(path: str | Path, *, device: str = "auto", data_dir: str
         raise CheckpointError(f"{path} was trained from Python objects (Trainer(learner, data)): no config rebuilds "
                               "its learner; load it into yours with learner.load_state_dict(torch.load(path)['model'])")
     cfg = checkpoint_config(ckpt, path)
-    cfg = validate(eval_config(cfg, device=device, data_dir=data_dir, limit_key="eval_limit", limit=limit,
-                               batch_size=batch_size))
+    cfg = eval_config(cfg, device=device, data_dir=data_dir, limit_key="eval_limit", limit=limit,
+                      batch_size=batch_size)
+    cfg = validate(cfg if limit is not None else cfg.model_copy(update={"eval_limit": None}))  # the whole set
     dev = resolve_device(cfg.device)
     note = ""
     if cfg.amp == "fp16" and dev.type != "cuda":  # an fp16 run of a GPU, evaluated here: in float32

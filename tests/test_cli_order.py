@@ -1,0 +1,67 @@
+"""A command line that forgives the usual order (#27): overrides around flags, --import after the subcommand,
+eval with key=value, imports recorded by absolute path and re-imported by eval and --resume."""
+from __future__ import annotations
+
+import os
+
+from manlearn import cli
+from manlearn.train import load_checkpoint
+
+TINY = ["dataset=digits", "model=resnet20", "K=3", "train_limit=64", "eval_limit=32", "batch_size=32",
+        "eval_batch_size=32", "device=cpu", "progress=false"]
+
+USER_RULE = '''
+import torch.nn.functional as F
+from torch import nn
+import manlearn
+
+class Probe(nn.Module):
+    def __init__(self, c, n):
+        super().__init__()
+        self.fc = nn.Linear(c, n)
+    def forward(self, h, batch):
+        return F.cross_entropy(self.fc(h.mean(dim=(2, 3))), batch.y)
+
+@manlearn.register_rule
+class ProbeRule(manlearn.Rule):
+    name = "order-probe"
+    def build_aux(self, ctx, h_shape=None):
+        return Probe((h_shape or ctx.h_shape)[0], ctx.num_classes)
+'''
+
+
+def test_overrides_after_flags_and_import_after_the_subcommand(tmp_path, capsys, monkeypatch):
+    rule = tmp_path / "my_rule.py"
+    rule.write_text(USER_RULE)
+    out = tmp_path / "run"
+    rc = cli.main(["train", "--import", str(rule), *TINY[:3], "--overwrite", "method=order-probe", *TINY[3:],
+                   "max_steps=2", f"out_dir={out}"])
+    assert rc == 0, capsys.readouterr().err
+    saved = load_checkpoint(out / "last.pt")["config"]["imports"]
+    assert saved == [str(rule.resolve())]
+    # from another directory, with no --import: eval and --resume import the recorded file again
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert cli.main(["eval", str(out), "eval_limit=16", "device=cpu"]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    rc = cli.main(["train", *TINY, "method=order-probe", "--resume", "max_steps=3", f"out_dir={out}"])
+    assert rc == 0, capsys.readouterr().err
+    assert load_checkpoint(out / "last.pt")["step"] == 3
+
+
+def test_eval_speaks_train_s_language(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", *TINY, "max_steps=1", f"out_dir={out}"]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", str(out)]) == 0  # the whole test set, not the run's eval_limit of 32
+    line = capsys.readouterr().out
+    assert "/32 " not in line and "digits test images" in line
+    assert cli.main(["eval", str(out), "eval_lmit=5"]) == 2
+    assert "did you mean 'eval_limit'" in capsys.readouterr().err
+    assert cli.main(["eval", str(out), "eval_limit=0"]) == 2
+
+
+def test_an_unknown_method_suggests_import(capsys):
+    assert cli.main(["train", "method=probe"]) == 2
+    assert "--import" in capsys.readouterr().err
