@@ -90,8 +90,9 @@ class LocalLearner(nn.Module):
         method: a registered rule (``manlearn.list_rules()``): ``e2e``, ``greedy``, ``dgl``, ``infopro``,
             ``infopro-contrast``, ``man``, ``manpp`` or one of your own (``manlearn.register_rule``).
         K: real number of gradient-isolated pieces (ignored by ``e2e``; K=1 is plain backprop).
-        num_classes, in_channels, image_size: the classification task's classes, and the input the
-            shapes are probed with (dense tasks accept any size at training time).
+        num_classes, in_channels, image_size: the classification task's classes (default: those of your
+            network's last Linear layer, 10 for a registered model), and the input the shapes are probed with
+            (dense tasks accept any size at training time).
         task: ``manlearn.tasks.ClassificationTask(num_classes)`` by default; ``RetinaNetTask``,
             ``DeepLabV3Task`` or any object following :class:`manlearn.tasks.Task`.
         split: ``auto`` | ``paper`` | ``memory`` | ``uniform`` | ``balanced`` | ``stages`` |
@@ -117,13 +118,15 @@ class LocalLearner(nn.Module):
     """
 
     def __init__(self, model: str | nn.Module = "resnet32", method: str = "manpp", K: int = 16,
-                 num_classes: int = 10, in_channels: int = 3, image_size: int = 32, *, task: Any = None,
+                 num_classes: int | None = None, in_channels: int = 3, image_size: int = 32, *, task: Any = None,
                  split: str | Sequence = "auto", stem_module: bool | None = None,
                  normalization: tuple[Sequence[float], Sequence[float]] | None = None,
                  amp_dtype: torch.dtype | None = None, channels_last: bool = False,
                  grad_checkpoint: bool | str = False, blocks_in_flight: int = 1,
                  model_kwargs: dict | None = None, **rule_options: Any) -> None:
         super().__init__()
+        if num_classes is None:  # your network's own classifier says how many; a registered model: 10
+            num_classes = _classes_of(model) if isinstance(model, nn.Module) and task is None else 10
         for name, v in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
@@ -584,6 +587,12 @@ class LocalLearner(nn.Module):
                 self.auxes[k] = nn.Identity()
         if not head:
             self.head = nn.Identity()
+
+
+def _classes_of(model: nn.Module) -> int:
+    """The output width of the network's last Linear layer (its classifier), or 10 when it has none."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return int(linears[-1].out_features) if linears else 10
 
 
 #: the learner's own keywords: a misspelt one is named in the refusal of an unknown rule option

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import difflib
 from fnmatch import fnmatchcase
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 import torch
 from torch import nn
@@ -60,7 +60,7 @@ def _seq(mods: Sequence[nn.Module]) -> nn.Module:
 def _is_tv_resnet(m: nn.Module) -> bool:
     return (all(isinstance(getattr(m, n, None), nn.Module) for n in _TV_RESNET)
             and all(isinstance(getattr(m, f"layer{s}"), nn.Sequential) for s in range(1, 5))
-            and isinstance(m.fc, nn.Linear) and isinstance(m.conv1, nn.Conv2d))
+            and isinstance(m.conv1, nn.Conv2d))  # fc: a Linear, or your own head (nn.Sequential(Dropout, Linear))
 
 
 def _adapt_tv_resnet(m: nn.Module) -> Backbone:
@@ -215,11 +215,33 @@ def _check_same(module: nn.Module, adapted: nn.Module, x: torch.Tensor, what: st
     finally:
         for mod, mode in modes:
             mod.training = mode
-    if not isinstance(want, torch.Tensor) or want.shape != got.shape or not torch.allclose(
-            want.float(), got.float(), rtol=1e-3, atol=1e-4):
+    if not _same(want, got):
         raise ConfigError(f"{what}: the network's own forward does not compute stem -> units -> head of the "
                           "recognised layout (was forward changed?); name its cut points with "
                           "manlearn.cut_model(...)")
+    # training mode too: a forward that differs only there (F.dropout(x, self.training)) is refused as well
+    saved = {k: v.clone() for k, v in module.state_dict().items()}  # BN statistics move in training mode
+    xx = torch.cat([x, x.flip(-1)])  # two images: batch norm in training mode needs more than one value
+    try:
+        module.train()
+        with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            torch.manual_seed(0)
+            want = module(xx)
+            torch.manual_seed(0)
+            got = adapted(xx)
+    finally:
+        module.load_state_dict(saved)
+        for mod, mode in modes:
+            mod.training = mode
+    if not _same(want, got):
+        raise ConfigError(f"{what}: in training mode the network's own forward ({type(module).__name__}.forward) "
+                          "does not compute stem -> units -> head (a dropout or another training-only step written "
+                          "in forward?); move it into a module, or name the cut points with manlearn.cut_model(...)")
+
+
+def _same(want: Any, got: Any) -> bool:
+    return isinstance(want, torch.Tensor) and want.shape == got.shape and bool(torch.allclose(
+        want.float(), got.float(), rtol=1e-3, atol=1e-4))
 
 
 # --------------------------------------------------------------------------- public

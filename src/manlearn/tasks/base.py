@@ -92,7 +92,9 @@ def check_head_fits(task: Any, head: nn.Module, last_shape: Sequence[int]) -> No
     c = getattr(task, "num_classes", None)
     if getattr(task, "per_image_labels", False) and isinstance(c, int) and isinstance(out, torch.Tensor) \
             and tuple(out.shape) != (2, c):
-        raise ConfigError(f"the head ({type(head).__name__}) maps the last unit's output {shape} to "
-                          f"{[('B' if i == 0 else int(d)) for i, d in enumerate(out.shape)]}; a classifier of "
-                          f"{c} classes must give [B, {c}]")
+        got = f"[B, {', '.join(str(int(d)) for d in out.shape[1:])}]"
+        fix = (f": pass num_classes={int(out.shape[1])} if your data has {int(out.shape[1])} classes, or give the "
+               f"network a head of {c}") if out.dim() == 2 else ""
+        raise ConfigError(f"the head ({type(head).__name__}) maps the last unit's output {shape} to {got}; a "
+                          f"classifier of num_classes={c} must give [B, {c}]{fix}")
 
