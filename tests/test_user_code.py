@@ -89,3 +89,48 @@ def test_cli_trains_a_user_rule_imported_from_a_file(tmp_path, clean_registry, c
         del sys.modules[name]
     assert cli.main(["eval", str(out / "last.pt"), "eval_limit=32"]) == 0
     assert cli.main(["train", "dataset=digits", "method=no-such-rule", f"out_dir={tmp_path / 'x'}"]) == 2
+
+
+def test_a_registration_under_a_built_in_name_is_refused_unless_asked(tmp_path):
+    import torch
+    from torch import nn
+
+    import manlearn
+    from manlearn.errors import ConfigError
+    from manlearn.rules import get_rule_class
+
+    builtin = get_rule_class("manpp")
+
+    class Mine(manlearn.Rule):
+        name = "manpp"
+
+        def build_aux(self, ctx, h_shape=None):
+            return nn.Identity()
+
+    with pytest.raises(ConfigError, match="'manpp' is built into manlearn .*override=True"):
+        manlearn.register_rule(Mine)
+    assert get_rule_class("manpp") is builtin
+
+    def resnet20(**kw):
+        return manlearn.create_model("resnet32", **kw)
+
+    with pytest.raises(ConfigError, match="model 'resnet20' is built into manlearn"):
+        manlearn.register_model(resnet20)
+    try:
+        manlearn.register_rule(override=True)(Mine)
+        assert get_rule_class("manpp") is Mine
+    finally:
+        manlearn.register_rule(builtin)  # (the built-in's own module: accepted back)
+    assert get_rule_class("manpp") is builtin
+
+
+def test_a_run_records_where_its_names_came_from(tmp_path):
+    from manlearn.config import TrainConfig
+    from manlearn.train import Trainer, load_checkpoint
+
+    cfg = TrainConfig(dataset="digits", model="resnet20", method="dgl", K=3, train_limit=64, eval_limit=32,
+                      batch_size=32, max_steps=1, device="cpu", progress=False, out_dir=str(tmp_path))
+    Trainer.from_config(cfg).fit()
+    sources = load_checkpoint(tmp_path / "last.pt")["sources"]
+    assert sources == {"method": "manlearn.rules.greedy", "task": "manlearn.tasks.classification",
+                       "model": "manlearn.models.resnet_cifar"}

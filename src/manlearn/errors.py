@@ -40,3 +40,15 @@ def optional_import(module: str, extra: str, purpose: str):
     except ImportError:
         raise MissingExtraError(f"{purpose} needs {module.split('.')[0]}, which is not installed: "
                                 f"pip install 'manlearn[{extra}]'") from None
+
+
+def refuse_clash(kind: str, name: str, existing: object, new: object, override: bool) -> None:
+    """A registration under a built-in's name replaces it only when asked (``override=True``); anything else
+    (re-importing a user's file, replacing one's own) goes through."""
+    if existing is None or existing is new or override:
+        return
+    where = getattr(existing, "__module__", "") or ""
+    if where.startswith("manlearn.") and getattr(new, "__module__", "") != where:
+        raise ConfigError(f"{kind} {name!r} is built into manlearn ({where}); {getattr(new, '__module__', '?')} "
+                          f"registers another under the same name: choose another name, or pass override=True "
+                          "to replace the built-in")

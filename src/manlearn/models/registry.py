@@ -5,7 +5,7 @@ import inspect
 import os
 from typing import Callable
 
-from ..errors import ConfigError
+from ..errors import ConfigError, refuse_clash
 from .base import Backbone
 from .pretrained import load_pretrained
 
@@ -13,13 +13,16 @@ _MODELS: dict[str, Callable[..., Backbone]] = {}
 _TAGS: dict[str, frozenset[str]] = {}
 
 
-def register_model(fn: Callable[..., Backbone] | None = None, *, tags: tuple[str, ...] = ()):
+def register_model(fn: Callable[..., Backbone] | None = None, *, tags: tuple[str, ...] = (),
+                   override: bool = False):
     """Decorator: make ``fn`` creatable by its name through :func:`create_model`.
 
     Usable bare (``@register_model``) or with tags (``@register_model(tags=("imagenet",))``); tags
     let tests and tools pick families, e.g. ``list_models(tag="cifar")`` for the small-input models.
+    A built-in's name is refused unless ``override=True``.
     """
     def wrap(f: Callable[..., Backbone]) -> Callable[..., Backbone]:
+        refuse_clash("model", f.__name__, _MODELS.get(f.__name__), f, override)
         _MODELS[f.__name__] = f
         _TAGS[f.__name__] = frozenset(tags)
         return f
@@ -31,6 +34,11 @@ def list_models(tag: str | None = None) -> list[str]:
     """Names accepted by :func:`create_model`, optionally only those carrying ``tag``
     (``cifar``: small-input models cheap at 8-32 px; ``imagenet``; ``resnet``; ``vit``)."""
     return sorted(n for n in _MODELS if tag is None or tag in _TAGS[n])
+
+
+def model_source(name: str) -> str:
+    """The module a registered model's factory comes from (recorded by runs)."""
+    return getattr(_MODELS.get(name), "__module__", "?")
 
 
 def model_tags(name: str) -> frozenset[str]:

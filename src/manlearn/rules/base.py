@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, refuse_clash
 from ..runtime import loss_precision  # noqa: F401  (re-exported)
 
 
@@ -207,8 +207,11 @@ def check_option_types(cls: type, options: Mapping[str, Any]) -> None:
 _RULES: dict[str, type[Rule]] = {}
 
 
-def register_rule(cls: type[Rule]) -> type[Rule]:
-    """Decorator: make a rule creatable by its ``name`` (``LocalLearner(method=name)``, ``base=name``)."""
+def register_rule(cls: type[Rule] | None = None, *, override: bool = False) -> Any:
+    """Decorator: make a rule creatable by its ``name`` (``LocalLearner(method=name)``, ``base=name``); bare
+    (``@register_rule``) or ``@register_rule(override=True)`` to replace a built-in of the same name."""
+    if cls is None:
+        return lambda c: register_rule(c, override=override)
     if not (isinstance(cls, type) and issubclass(cls, Rule)):
         raise ConfigError(f"register_rule expects a subclass of manlearn.Rule, got {cls!r}")
     name = getattr(cls, "name", None)
@@ -216,6 +219,7 @@ def register_rule(cls: type[Rule]) -> type[Rule]:
         raise ConfigError(f"rule class {cls.__name__} needs a class attribute `name` (the method name)")
     if cls.build_aux is Rule.build_aux and not cls.single_block:
         raise ConfigError(f"rule class {cls.__name__} must implement build_aux(ctx, h_shape=None)")
+    refuse_clash("rule", name, _RULES.get(name), cls, override)
     _RULES[name] = cls
     return cls
 

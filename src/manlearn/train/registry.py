@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from manlearn.config import register_task_section
-from manlearn.errors import ConfigError
+from manlearn.errors import ConfigError, refuse_clash
 
 __all__ = ["TaskSpec", "register_task", "get_task", "list_tasks"]
 
@@ -43,13 +43,16 @@ _TASKS: dict[str, TaskSpec] = {}
 
 def register_task(name: str, *, section: type, build: Callable[[Any, int], Any],
                   learner_options: Callable[[Any, Any], dict], run: Callable[..., Any],
-                  data_parallel: bool = False, plannable: bool = False) -> TaskSpec:
-    """Make ``task.name=<name>`` a task of the config, the CLI and the Trainer (see the module docstring)."""
+                  data_parallel: bool = False, plannable: bool = False, override: bool = False) -> TaskSpec:
+    """Make ``task.name=<name>`` a task of the config, the CLI and the Trainer (see the module docstring); a
+    built-in's name is refused unless ``override=True``."""
     if not isinstance(name, str) or not name:
         raise ConfigError(f"a task needs a name, got {name!r}")
     for what, fn in (("build", build), ("learner_options", learner_options), ("run", run)):
         if not callable(fn):
             raise ConfigError(f"register_task({name!r}): {what} must be callable, got {type(fn).__name__}")
+    old = _TASKS.get(name)
+    refuse_clash("task", name, old.run if old is not None else None, run, override)
     register_task_section(name, section)
     spec = TaskSpec(name, section, build, learner_options, run, data_parallel, plannable)
     _TASKS[name] = spec

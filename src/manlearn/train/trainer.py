@@ -320,6 +320,7 @@ class Trainer:
             "torch_version": str(torch.__version__),
             "task": self.cfg.task.name,
             "origin": self.origin,
+            "sources": self._sources(),
             "model": self.learner.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
@@ -347,6 +348,17 @@ class Trainer:
         if self.scaler is not None:
             payload["scaler"] = self.scaler.state_dict()
         return payload
+
+    def _sources(self) -> dict[str, str]:
+        """Which code each name of the run came from (a module of manlearn, or the user's)."""
+        from manlearn.models.registry import model_source
+
+        rule = getattr(self.learner, "rule", None)
+        out = {"method": type(rule).__module__ if rule is not None else "?",
+               "task": type(getattr(self.learner, "task", None)).__module__}
+        if self.origin == "config":
+            out["model"] = model_source(self.cfg.model)
+        return out
 
     def save(self) -> Path:
         """Write ``<out_dir>/last.pt`` atomically (data parallel: every rank calls it, the BN
