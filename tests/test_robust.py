@@ -491,7 +491,29 @@ def test_a_custom_head_that_does_not_fit_the_last_unit_is_refused_at_constructio
     with pytest.raises(ConfigError, match=r"does not fit the last unit, whose output is \[B, 64, 8, 8\]"):
         manlearn.LocalLearner(net(torch.nn.Sequential(torch.nn.Flatten(1), torch.nn.Linear(64, 10))), K=2,
                               method="dgl")
-    with pytest.raises(ConfigError, match=r"maps the last unit's output \[B, 64, 8, 8\] to \['B', 7\]; a classifier "
-                                          r"of 10 classes must give \[B, 10\]"):
+    with pytest.raises(ConfigError, match=r"maps the last unit's output \[B, 64, 8, 8\] to \[B, 7\]; a classifier "
+                                          r"of num_classes=10 must give \[B, 10\]: pass num_classes=7"):
         manlearn.LocalLearner(net(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(1),
-                                                      torch.nn.Linear(64, 7))), K=2, method="dgl")
+                                                      torch.nn.Linear(64, 7))), K=2, method="dgl", num_classes=10)
+
+
+def test_a_start_that_fails_before_its_first_checkpoint_leaves_nothing_and_the_same_command_works(tmp_path):
+    def crash(trainer):
+        raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Trainer.from_config(tiny(tmp_path / "run"), callbacks=[crash]).fit()
+    assert not any(p for p in (tmp_path / "run").iterdir() if not p.name.startswith("."))
+    Trainer.from_config(tiny(tmp_path / "run", max_steps=1)).fit()  # the same command, no --overwrite needed
+    assert load_checkpoint(tmp_path / "run" / CKPT_NAME)["step"] == 1
+
+
+def test_resume_never_drops_another_runs_records(tmp_path):
+    from manlearn.errors import CheckpointError
+
+    (tmp_path / "metrics.jsonl").write_text('{"type": "train", "step": 1}\n')
+    with pytest.raises(CheckpointError, match="holds metrics.jsonl of another run but no checkpoint"):
+        Trainer.from_config(tiny(tmp_path), resume=True)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"type": "train", "step": 1}\n'
+    fresh = tmp_path / "new"  # an empty or new folder: --resume starts the run (a requeued job's first try)
+    assert Trainer.from_config(tiny(fresh, max_steps=1), resume=True).fit()["steps"] == 1

@@ -77,6 +77,16 @@ def drop_aside(out_dir: Path) -> None:
     shutil.rmtree(out_dir / ASIDE, ignore_errors=True)
 
 
+def remove_run_files(out_dir: Path, names: list[str]) -> None:
+    """Remove the run files ``names`` (a start that failed before its first checkpoint)."""
+    for n in names:
+        p = out_dir / n
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists():
+            p.unlink(missing_ok=True)
+
+
 def restore_aside(out_dir: Path) -> bool:
     """The new run failed before its first checkpoint: put the earlier run's files back (True if there were)."""
     aside = out_dir / ASIDE

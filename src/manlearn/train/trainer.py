@@ -54,8 +54,8 @@ from .loader_run import LoaderRun
 from .run_logs import CsvLog, SummaryJson, TensorBoardLog
 from .registry import get_task
 from .metrics import JsonlWriter, MetricLogger
-from .outputs import (check_writable_dir, drop_aside, move_aside, present_run_files, restore_aside, settle,
-                      write_failure)
+from .outputs import (RUN_FILES, check_writable_dir, drop_aside, move_aside, present_run_files, remove_run_files,
+                      restore_aside, settle, write_failure)
 from .optim import build_optimizer, trainable_parameters
 from .schedule import lr_at, total_epochs, total_steps
 from .task_runs import evaluate, make_task_run
@@ -258,6 +258,11 @@ class Trainer:
             check_resume_compatible(ckpt, self.cfg, self.ckpt_path)
             return ckpt
         if resume:
+            existing = present_run_files(self.out_dir)
+            if existing:  # another run's records with nothing to continue from: never dropped
+                raise CheckpointError(
+                    f"--resume: {self.out_dir} holds {', '.join(existing)} of another run but no checkpoint "
+                    f"({CKPT_NAME}) to continue from; choose another out_dir, or --overwrite to replace that run")
             self._say(f"no checkpoint at {self.ckpt_path}; starting a new run")
         else:
             existing = present_run_files(self.out_dir)
@@ -794,6 +799,10 @@ class Trainer:
         """config.yaml, and metrics.jsonl rewritten from the records of the state we start from (drops lines
         written after the checkpoint by a killed run, and those of an overwritten run); clock, bar, header."""
         if self._is_main():
+            # what this start creates goes again if it fails before its first checkpoint (the same command
+            # must then work; an --overwrite run's earlier files come back from aside)
+            self._created = [] if self._saved_step is not None else \
+                [n for n in RUN_FILES if self._replace_earlier or not (self.out_dir / n).exists()]
             try:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
                 if self._replace_earlier:  # --overwrite: the earlier run stays aside until our first checkpoint
@@ -883,6 +892,8 @@ class Trainer:
             if self._aside and restore_aside(self.out_dir):  # failed before its first checkpoint: undo
                 self._aside = False
                 self._say(f"the earlier run's files in {self.out_dir} are restored")
+            elif self._saved_step is None and self._is_main():  # nothing to resume: no half-run left behind
+                remove_run_files(self.out_dir, getattr(self, "_created", []))
             raise
         finally:
             self._intr = None
