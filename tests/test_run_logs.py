@@ -43,3 +43,15 @@ def test_a_resumed_run_drops_the_events_after_its_checkpoint(tmp_path):
     Trainer.from_config(cfg, resume=True, out=io.StringIO()).fit()
     steps = [s for s, _ in _events(tmp_path / "tb")["loss/block0"]]
     assert steps == sorted(set(steps)) == list(range(1, 7))
+
+
+def test_one_progress_format_for_every_task_and_a_first_line_at_once(tmp_path):
+    out = io.StringIO()
+    Trainer.from_config(TrainConfig(**{**TINY, "log_every": 10, "max_steps": 3, "progress": True}, out_dir=str(tmp_path)),
+                        out=out).fit()
+    text = out.getvalue()
+    first = next(line for line in text.splitlines() if line.startswith("step 1/"))
+    assert "losses [" in first and first.count(".") >= 3 and "peak activations" in first  # every block's loss
+    assert "blocks: 0: stem" in text  # the split, before training
+    recs = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["epoch"] for r in recs if r["type"] == "train"] == [1]  # epochs counted from 1, as the lines

@@ -49,6 +49,11 @@ __all__ = ["TaskRun", "ClassificationRun", "DenseRun", "DetectionRun", "Segmenta
 HEADLINE = {"classification": "acc", "detection": "AP", "segmentation": "miou"}
 
 
+def losses_text(rec: dict[str, Any]) -> str:
+    """Every block's loss, first to last (the progress line of every task)."""
+    return "losses [" + " ".join(f"{v:.4f}" for v in rec["losses"]) + "]"
+
+
 class TaskRun(Protocol):
     """What the Trainer asks of a task's run (see the module docstring)."""
 
@@ -174,7 +179,7 @@ class ClassificationRun:
         return {"train_acc": meters["acc"].global_avg if "acc" in meters.meters else None}
 
     def step_text(self, rec: dict[str, Any]) -> str:
-        return f"loss {rec['losses'][-1]:.4f}"
+        return losses_text(rec)
 
     def eval_text(self, m: dict[str, Any] | None) -> str:
         return f"test_acc {m['acc']:.4f}" if m else "test_acc -"
@@ -419,7 +424,7 @@ class DenseRun:
         return {}
 
     def step_text(self, rec: dict[str, Any]) -> str:
-        return "losses [" + " ".join(f"{v:.4f}" for v in rec["losses"]) + "]"
+        return losses_text(rec)
 
     def eval_text(self, m: dict[str, Any] | None) -> str:
         return format_metrics(self.name, m) if m else "-"

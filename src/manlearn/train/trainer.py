@@ -523,7 +523,7 @@ class Trainer:
         self._in_eval_record = True
         m = self.evaluate()
         self._in_eval_record = False
-        rec = {"type": "eval", "step": self.step, "epoch": self.epoch, "batch": self.batch,
+        rec = {"type": "eval", "step": self.step, "epoch": self.epoch + 1, "batch": self.batch,
                **self.run.record_fields(m, self.best), "eval_s": time.perf_counter() - t,
                "elapsed_s": self._elapsed()}
         self._record(rec)
@@ -592,8 +592,8 @@ class Trainer:
             self._bar.update(1)
             self._bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.3g}", img_s=f"{n / max(dt, 1e-9):.1f}",
                                   refresh=False)
-        if cfg.log_every and self.step % cfg.log_every == 0:
-            self._log_step(lr)
+        if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == 1):
+            self._log_step(lr)  # (and the run's first step: a short run is never silent)
         if cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0 and self.step < self._stop_at:
             self._eval_record()  # (the end of the run evaluates anyway; an epoch end reuses this one)
         if cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0 and self.step < self._stop_at:
@@ -653,7 +653,7 @@ class Trainer:
         """Record a ``train`` line in metrics.jsonl; without a progress bar on a terminal (logs, CI), also
         print it as a plain line with throughput, ETA and memory."""
         rec = {
-            "type": "train", "step": self.step, "epoch": self.epoch, "batch": self.batch, "lr": lr,
+            "type": "train", "step": self.step, "epoch": self.epoch + 1, "batch": self.batch, "lr": lr,
             "losses": self._block_losses(window=True),
             **self.run.window_fields(self.meters),
             "images_per_s": self._take_window_rate(), "seconds_per_iter": self.meters["time"].avg,
@@ -668,7 +668,8 @@ class Trainer:
         if self._plain_progress():
             eta = max(self._stop_at - self.step, 0) * self.train_time / max(self.steps_timed, 1)
             peak = rec["peak_mem_bytes"]
-            mem = f"  peak mem {peak / 2**20:.0f} MiB" if peak else ""
+            kind = {"CUDA allocator peak": "CUDA", "process peak RSS": "RSS"}.get(self.peak_mem_kind, "activations")
+            mem = f"  peak {kind} {peak / 2**20:.0f} MiB" if peak else ""
             skipped = f" ({rec['skipped']} skipped)" if rec["skipped"] else ""
             self._say(f"step {self.step}/{self._stop_at}  {self.run.step_text(rec)}{skipped}  lr {lr:.4g}  "
                       f"{(rec['images_per_s'] or 0):.1f} img/s  {rec['seconds_per_iter']:.3f} s/it  "
@@ -720,6 +721,9 @@ class Trainer:
         line = self._memory_line()
         if line:
             self._say(line)
+        split = self._split_line() if self._is_main() else None
+        if split:
+            self._say(split)
         if self.dist.enabled:
             self._say(f"data parallel: {self.dist.world_size} ranks ({self.dist.backend}), global batch "
                       f"{self.cfg.batch_size} = {self.dist.world_size} x {self.cfg.batch_size // self.dist.world_size}"
@@ -784,7 +788,24 @@ class Trainer:
             optimizer = "adamw"  # your optimiser: counted as one with two state tensors per parameter
         plan = plan_learner(self.learner, batch, optimizer=optimizer, baselines=("e2e", "e2e+ckpt:unit"),
                             breakdown=False)
+        self._plan = plan
         return plan.comparison_line()
+
+    def _split_line(self) -> str | None:
+        """Which modules went into which block (and, when a plan was counted, each block's activation peak)."""
+        lr_ = self.learner
+        pieces = getattr(getattr(lr_, "split", None), "pieces", None)
+        if not callable(pieces) or getattr(lr_, "K", 1) < 2:
+            return None
+        paths = list(getattr(lr_, "unit_paths", []))
+        peaks = {b.index: b.peak_bytes for b in getattr(getattr(self, "_plan", None), "blocks", [])}
+        parts = []
+        for k, (has_stem, rng) in enumerate(pieces()):
+            names = (["stem"] if has_stem else []) + [paths[j] if j < len(paths) else f"units.{j}" for j in rng]
+            shown = ", ".join(names) if len(names) <= 2 else f"{names[0]} .. {names[-1]} ({len(names)})"
+            peak = f" {peaks[k] / 2**20:.1f} MiB" if k in peaks else ""
+            parts.append(f"{k}: {shown}{peak}")
+        return "blocks" + (" (activation peak while each trains)" if peaks else "") + ": " + " | ".join(parts)
 
     def _next_stop(self, stop_at: int) -> int:
         """The step at which the current chunk of batches ends: the epoch's end, the run's stop, or the
