@@ -55,3 +55,19 @@ def test_one_progress_format_for_every_task_and_a_first_line_at_once(tmp_path):
     assert "blocks: 0: stem" in text  # the split, before training
     recs = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["epoch"] for r in recs if r["type"] == "train"] == [1]  # epochs counted from 1, as the lines
+
+
+def test_runs_table_and_plot_compare_runs(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from manlearn import cli
+
+    for method in ("dgl", "manpp"):
+        Trainer.from_config(TrainConfig(**{**TINY, "method": method, "max_steps": 2},
+                                        out_dir=str(tmp_path / method)), out=io.StringIO()).fit()
+    assert cli.main(["runs", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["run", "task", "method", "K"] and len(lines) == 3
+    assert lines[1].split()[:3] == ["dgl", "classification", "dgl"] and "manpp+dgl" in lines[2]
+    assert cli.main(["plot", str(tmp_path / "dgl"), str(tmp_path / "manpp"), "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 10_000
+    assert cli.main(["runs", str(tmp_path / "c.png")]) == 2  # not a folder: one line

@@ -242,6 +242,23 @@ def cmd_make_mosaic(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    """``manlearn runs DIR``: one table comparing the runs in a folder."""
+    from manlearn.train.report import runs_table
+
+    print(runs_table(args.folder))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """``manlearn plot RUN [RUN ...]``: the runs' curves in one figure."""
+    from manlearn.train.report import plot_runs
+
+    out = args.out or str(Path(args.runs[0]) / "curves.png")
+    print(f"wrote {plot_runs(args.runs, out)}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------- parser
 
 
@@ -313,6 +330,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     _add_import(p)
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("runs", help="one table comparing the runs in a folder",
+                       description="Every run folder (a folder with metrics.jsonl) under FOLDER: method, K, steps, "
+                                   "test accuracy, best, s/it, peak memory, finished or not.")
+    p.add_argument("folder", help="a folder of runs (e.g. runs/), or one run's folder")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("plot", help="the curves of one or more runs (losses per block, accuracy, MAN++'s s)",
+                       description="One figure: every block's loss (one run) or the final block's (several runs), "
+                                   "test accuracy, and MAN++'s s per block, against the step. Needs manlearn[plots].")
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--out", default=None, help="the PNG to write (default: <first run>/curves.png)")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("list", help="models, methods, datasets and recipes",
                        description="Tables of what can be trained: models, methods (rules), datasets and "
