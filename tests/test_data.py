@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import pickle
 import struct
 
@@ -681,3 +682,23 @@ def test_imagefolder_empty_class_folder_is_refused(tmp_path):
     _png(tmp_path / "val" / "cat" / "0.png", (255, 0, 0))
     with pytest.warns(UserWarning, match="no images of class"):
         assert len(load_dataset("imagefolder", "test", data_dir=tmp_path)) == 1
+
+
+def test_manlearn_data_is_used_exactly_or_refused(tmp_path, monkeypatch):
+    """$MANLEARN_DATA on a file, on a missing folder, or on a copy with images but no labels is refused: never a
+    silent fall-back to the system's copy (#28 item 7)."""
+    from manlearn.data import info
+
+    make_idx_dir(tmp_path / "system", seed=1)  # a complete copy where the defaults look
+    monkeypatch.setitem(info._DEFAULT_DIRS, "fashion-mnist", [str(tmp_path / "system")])
+    (tmp_path / "a_file").write_text("x")
+    for env, needle in ((tmp_path / "a_file", "is not a folder (a file)"),
+                        (tmp_path / "missing", "is not a folder (it does not exist)")):
+        monkeypatch.setenv("MANLEARN_DATA", str(env))
+        with pytest.raises(DatasetError, match=re.escape(needle)):
+            load_dataset("fashion-mnist")
+    make_idx_dir(tmp_path / "env" / "fashion-mnist", seed=2)
+    os.remove(tmp_path / "env" / "fashion-mnist" / "train-labels-idx1-ubyte")
+    monkeypatch.setenv("MANLEARN_DATA", str(tmp_path / "env"))
+    with pytest.raises(DatasetError, match="lacks train-labels-idx1-ubyte.*not taken from another copy"):
+        load_dataset("fashion-mnist", "train")

@@ -69,20 +69,20 @@ def _find(names: list[str], folder: str, gz_ok: bool) -> tuple[list[str], list[s
 
 def _locate(name: str, split: str, names: list[str], dirs: list[str], gz_ok: bool = False) -> list[str]:
     """The files of the first folder in ``dirs`` that holds all of ``names``."""
-    partial = []
     for d in dirs:
         found, missing = _find(names, d, gz_ok)
         if not missing:
             return found
-        if found:  # a folder with some of the files is most likely a broken copy: say what it lacks
-            partial.append(f"{d} lacks {', '.join(missing)}")
-        elif _holds_other_split(name, d):
+        if found:  # a folder with some of the files is a broken copy: never completed from another copy
+            raise _error(name, split, f"{d} holds {', '.join(os.path.basename(f) for f in found)} but lacks "
+                         f"{', '.join(missing)}; the data is not taken from another copy (put the missing files "
+                         "there, or pass data_dir=)", dirs)
+        if _holds_other_split(name, d):
             # a copy with the other split only: never take this split from another copy (silent mixing)
             raise _error(name, split, f"{d} holds the other split's files but lacks {', '.join(missing)}; this "
                          "split is not taken from another copy (put the missing files there, or pass data_dir=)",
                          dirs)
-    problem = "files not found" + (f" ({'; '.join(partial)})" if partial else "")
-    raise _error(name, split, problem, dirs)
+    raise _error(name, split, "files not found", dirs)
 
 
 def _holds_other_split(name: str, folder: str) -> bool:

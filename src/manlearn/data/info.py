@@ -262,6 +262,12 @@ def candidate_dirs(name: str, data_dir: str | os.PathLike[str] | None) -> list[s
         out.extend(os.path.join(root, sub) for sub in _FOLDERS[name])
     else:
         env = os.environ.get(ENV_DATA_DIR)
+        if env and not os.path.isdir(env):  # used exactly or refused: never a silent fall-back to another copy
+            from manlearn.errors import DatasetError
+
+            what = "a file" if os.path.exists(env) else "it does not exist"
+            raise DatasetError(f"${ENV_DATA_DIR}={env} is not a folder ({what}): point it at the folder holding "
+                               "the datasets, or unset it")
         if env:
             out.extend(os.path.join(env, sub) for sub in _FOLDERS[name])
             out.append(env)
