@@ -7,8 +7,8 @@ tests/test_trainer.py; subprocess runs go through ``python -m manlearn``.
 from __future__ import annotations
 
 import math
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -408,8 +408,9 @@ def test_disk_full_during_a_save_is_one_line_and_the_previous_checkpoint_survive
     with pytest.raises(OutputError) as e:
         tr.fit()
     ckpt = tmp_path / CKPT_NAME
-    assert str(e.value) == (f"cannot write the checkpoint {ckpt}: No space left on device (ENOSPC); "
-                            f"{ckpt} (step 2) is kept")
+    assert re.fullmatch(re.escape(f"cannot write the checkpoint {ckpt}: No space left on device: about ") +
+                        r"[\d.]+ MiB needed, [\d.]+ MiB free \(ENOSPC\); " + re.escape(f"{ckpt} (step 2) is kept"),
+                        str(e.value)), str(e.value)
     assert load_checkpoint(ckpt)["step"] == 2 and not list(tmp_path.glob(".last.pt.*"))
 
 
@@ -517,3 +518,48 @@ def test_resume_never_drops_another_runs_records(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text() == '{"type": "train", "step": 1}\n'
     fresh = tmp_path / "new"  # an empty or new folder: --resume starts the run (a requeued job's first try)
     assert Trainer.from_config(tiny(fresh, max_steps=1), resume=True).fit()["steps"] == 1
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real small filesystem (tmpfs), where this machine lets us mount one."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+
+    def mount(size_kib: int) -> Path:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(mnt)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        return mnt
+
+    yield mount
+    subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def _ckpt_bytes(tmp_path) -> int:
+    Trainer.from_config(tiny(tmp_path / "probe", max_steps=1)).fit()
+    return (tmp_path / "probe" / CKPT_NAME).stat().st_size
+
+
+def test_a_full_disk_at_the_first_checkpoint_is_one_line_and_leaves_nothing(tmp_path, small_disk):
+    from manlearn.errors import OutputError
+
+    size = _ckpt_bytes(tmp_path)
+    disk = small_disk(size // 2048)  # half a checkpoint: the first one cannot be written
+    with pytest.raises(OutputError, match=r"cannot write the checkpoint .*last\.pt: No space left on device: "
+                                          r"about [\d.]+ MiB needed, [\d.]+ MiB free"):
+        Trainer.from_config(tiny(disk / "run", max_steps=2)).fit()
+    assert not [p for p in (disk / "run").iterdir() if not p.name.startswith(".")]
+
+
+def test_a_full_disk_later_keeps_the_previous_checkpoint(tmp_path, small_disk):
+    from manlearn.errors import OutputError
+
+    size = _ckpt_bytes(tmp_path)
+    disk = small_disk(int(size * 1.5) // 1024)  # one checkpoint fits, not a second one beside it (atomic write)
+    with pytest.raises(OutputError, match=r"No space left on device.*\(step 1\) is kept"):
+        Trainer.from_config(tiny(disk / "run", ckpt_every_steps=1, max_steps=3)).fit()
+    assert load_checkpoint(disk / "run" / CKPT_NAME)["step"] == 1

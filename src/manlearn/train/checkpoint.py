@@ -9,8 +9,10 @@ never a truncated file.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -57,16 +59,40 @@ def _umask() -> int:
     return mask
 
 
+def _payload_bytes(v: Any) -> int:
+    if isinstance(v, torch.Tensor):
+        return v.numel() * v.element_size()
+    if isinstance(v, Mapping):
+        return sum(_payload_bytes(x) for x in v.values())
+    if isinstance(v, (list, tuple)):
+        return sum(_payload_bytes(x) for x in v)
+    return 0
+
+
+def _write_error(e: Exception, payload: Mapping[str, Any], folder: Path) -> OSError:
+    """The OSError a failed ``torch.save`` stands for: ENOSPC with the space needed when the disk is full."""
+    needed, free = _payload_bytes(payload), shutil.disk_usage(folder).free
+    if free < needed + (1 << 20) or getattr(e, "errno", None) == errno.ENOSPC:
+        return OSError(errno.ENOSPC, f"No space left on device: about {needed / 2**20:.1f} MiB needed, "
+                                     f"{free / 2**20:.1f} MiB free")
+    return OSError(errno.EIO, f"torch.save failed: {(str(e).strip().splitlines() or ['?'])[0][:200]}")
+
+
 def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> Path:
     """Write ``payload`` to ``path`` atomically; on any failure the old file is left untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(payload), f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(dict(payload), f)
+                f.flush()
+                os.fsync(f.fileno())
+        except (RuntimeError, OSError) as e:  # torch's writer reports a full disk as a RuntimeError
+            if isinstance(e, OSError) and e.errno != errno.ENOSPC:
+                raise
+            raise _write_error(e, payload, path.parent) from None
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp, path)
     except BaseException:
