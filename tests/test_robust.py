@@ -214,6 +214,14 @@ def interrupt_run(tmp_path: Path, moment: str, at: int, signals: int = 1, sleep:
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), waited
 
 
+def assert_resumes_exactly(run: Path, reference: dict) -> None:
+    """Resumed from its checkpoint, the stopped run ends with the uninterrupted run's every tensor and record."""
+    tr = Trainer.from_config(tiny(run, **CTRL_C), resume=True)
+    tr.fit()
+    assert all(torch.equal(reference["model"][k], v) for k, v in tr.learner.state_dict().items())
+    assert records(run / "metrics.jsonl") == reference["records"]
+
+
 @pytest.mark.parametrize("moment, at, ckpt_every, step, line", [
     # inside the activation tracker's hook, no periodic checkpoint: the interrupt writes step 2
     ("step", 1, 0, 2, "interrupted: saved {ckpt} at step 2 (epoch 1, batch 2)"),
@@ -227,11 +235,7 @@ def test_ctrl_c_saves_the_completed_step_exits_130_and_resumes_exactly(tmp_path,
     assert r.returncode == 130, r.stderr
     assert line.format(ckpt=ckpt) in r.stderr and "Traceback" not in r.stderr
     assert load_checkpoint(ckpt)["step"] == step
-    tr = Trainer.from_config(tiny(tmp_path / "run", **CTRL_C), resume=True)
-    tr.fit()
-    ref = ctrl_c_reference["model"]
-    assert all(torch.equal(ref[k], v) for k, v in tr.learner.state_dict().items())
-    assert records(tmp_path / "run" / "metrics.jsonl") == ctrl_c_reference["records"]
+    assert_resumes_exactly(tmp_path / "run", ctrl_c_reference)
 
 
 @pytest.mark.parametrize("moment, at, step, line", [
@@ -246,11 +250,7 @@ def test_sigterm_saves_the_completed_step_exits_143_and_resumes_exactly(tmp_path
     assert r.returncode == 143, r.stderr
     assert line.format(ckpt=ckpt) in r.stderr and "Traceback" not in r.stderr
     assert load_checkpoint(ckpt)["step"] == step
-    tr = Trainer.from_config(tiny(tmp_path / "run", **CTRL_C), resume=True)
-    tr.fit()
-    ref = ctrl_c_reference["model"]
-    assert all(torch.equal(ref[k], v) for k, v in tr.learner.state_dict().items())
-    assert records(tmp_path / "run" / "metrics.jsonl") == ctrl_c_reference["records"]
+    assert_resumes_exactly(tmp_path / "run", ctrl_c_reference)
 
 
 def test_second_sigterm_exits_at_once_with_143(tmp_path):

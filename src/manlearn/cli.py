@@ -62,13 +62,17 @@ def _print_test_acc(summary: dict[str, Any]) -> None:
 
 
 def _resumed_imports(cfg: Any, args: argparse.Namespace) -> list[str]:
-    """``--resume``: the code the run imported (recorded in its checkpoint), imported again now."""
+    """``--resume``: the code the run imported, imported again now. Read from the run's config.yaml (written
+    with its checkpoints), so that the checkpoint is loaded once, by the trainer; from the checkpoint without it."""
+    from manlearn.config import read_config_file
     from manlearn.train import CKPT_NAME, load_checkpoint
 
-    path = Path(cfg.out_dir) / CKPT_NAME
-    if not args.resume or not path.is_file():
+    run = Path(cfg.out_dir)
+    if not args.resume or not (run / CKPT_NAME).is_file():
         return []
-    saved = list((load_checkpoint(path).get("config") or {}).get("imports") or [])
+    recorded = read_config_file(run / "config.yaml") if (run / "config.yaml").is_file() else \
+        load_checkpoint(run / CKPT_NAME).get("config") or {}
+    saved = list(recorded.get("imports") or [])
     import_user_code(saved)
     return saved
 

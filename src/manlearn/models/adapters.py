@@ -199,44 +199,45 @@ def _adapt_sequential(m: nn.Sequential) -> Backbone:
 
 # --------------------------------------------------------------------------- checks
 def _check_same(module: nn.Module, adapted: nn.Module, x: torch.Tensor, what: str) -> None:
-    """The adapted network must compute what ``module.forward`` computes (eval mode, no gradient)."""
+    """The adapted network must compute what ``module.forward`` computes (eval and training mode, no gradient)."""
     params = list(module.parameters())
     if params:
         x = x.to(device=params[0].device, dtype=params[0].dtype if params[0].is_floating_point() else x.dtype)
+    want, got = _run_both(module, adapted, x, what, train=False)
+    if not _same(want, got):
+        raise ConfigError(f"{what}: the network's own forward does not compute stem -> units -> head of the "
+                          "recognised layout (was forward changed?); name its cut points with "
+                          "manlearn.cut_model(...)")
+    # training mode too: a forward that differs only there (F.dropout(x, self.training)) is refused as well;
+    # two images, since batch norm in training mode needs more than one value
+    want, got = _run_both(module, adapted, torch.cat([x, x.flip(-1)]), what, train=True)
+    if not _same(want, got):
+        raise ConfigError(f"{what}: in training mode the network's own forward ({type(module).__name__}.forward) "
+                          "does not compute stem -> units -> head (a dropout or another training-only step written "
+                          "in forward?); move it into a module, or name the cut points with manlearn.cut_model(...)")
+
+
+def _run_both(module: nn.Module, adapted: nn.Module, x: torch.Tensor, what: str, train: bool) -> tuple[Any, Any]:
+    """``module(x)`` and ``adapted(x)`` without gradient, in eval or training mode (the same random draws for
+    both); the modes, the BN statistics and the global random state are as before afterwards."""
     modes = [(mod, mod.training) for mod in module.modules()]
+    saved = {k: v.clone() for k, v in module.state_dict().items()} if train else None  # BN statistics move
     try:
-        module.eval()
-        with torch.no_grad():
+        module.train(train)
+        with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            torch.manual_seed(0)
             want = module(x)
+            torch.manual_seed(0)
             got = adapted(x)
     except Exception as e:  # noqa: BLE001 - reported as a refusal with the cause
         raise ConfigError(f"{what}: running the network on a probe input {list(x.shape)} failed ({e}); name its "
                           "cut points with manlearn.cut_model(...)") from None
     finally:
+        if saved is not None:
+            module.load_state_dict(saved)
         for mod, mode in modes:
             mod.training = mode
-    if not _same(want, got):
-        raise ConfigError(f"{what}: the network's own forward does not compute stem -> units -> head of the "
-                          "recognised layout (was forward changed?); name its cut points with "
-                          "manlearn.cut_model(...)")
-    # training mode too: a forward that differs only there (F.dropout(x, self.training)) is refused as well
-    saved = {k: v.clone() for k, v in module.state_dict().items()}  # BN statistics move in training mode
-    xx = torch.cat([x, x.flip(-1)])  # two images: batch norm in training mode needs more than one value
-    try:
-        module.train()
-        with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            torch.manual_seed(0)
-            want = module(xx)
-            torch.manual_seed(0)
-            got = adapted(xx)
-    finally:
-        module.load_state_dict(saved)
-        for mod, mode in modes:
-            mod.training = mode
-    if not _same(want, got):
-        raise ConfigError(f"{what}: in training mode the network's own forward ({type(module).__name__}.forward) "
-                          "does not compute stem -> units -> head (a dropout or another training-only step written "
-                          "in forward?); move it into a module, or name the cut points with manlearn.cut_model(...)")
+    return want, got
 
 
 def _same(want: Any, got: Any) -> bool:

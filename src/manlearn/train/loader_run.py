@@ -136,15 +136,6 @@ class LoaderRun(ClassificationRun):
         self._n_eval = total
         return {"acc": correct / total if total else float("nan"), "correct": correct, "total": total}
 
-    def metrics_text(self, m: dict[str, Any] | None) -> str:
-        return super().metrics_text(m or None)
-
-    def record_fields(self, m: dict[str, Any] | None, best: float | None) -> dict[str, Any]:
-        return super().record_fields(m or None, best)
-
-    def eval_text(self, m: dict[str, Any] | None) -> str:
-        return super().eval_text(m or None)
-
     def describe(self) -> str:
         ev = f", eval {type(self.eval_data).__name__}" if self.eval_data is not None else ", no eval data"
         return f"your data: {type(self.train_data).__name__} of {self._n} batches{ev}"
