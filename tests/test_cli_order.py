@@ -3,6 +3,9 @@ eval with key=value, imports recorded by absolute path and re-imported by eval a
 from __future__ import annotations
 
 import os
+import warnings
+
+import pytest
 
 from manlearn import cli
 from manlearn.train import load_checkpoint
@@ -65,3 +68,29 @@ def test_eval_speaks_train_s_language(tmp_path, capsys):
 def test_an_unknown_method_suggests_import(capsys):
     assert cli.main(["train", "method=probe"]) == 2
     assert "--import" in capsys.readouterr().err
+
+
+def test_a_recorded_import_that_changed_or_vanished_is_said(tmp_path, capsys):
+    """Imports are recorded with their content's digest: eval/--resume warn when the file changed since and
+    refuse in one line when it is gone (#27 point 3)."""
+    rule = tmp_path / "my_rule.py"
+    rule.write_text(USER_RULE)
+    out = tmp_path / "run"
+    assert cli.main(["--import", str(rule), "train", *TINY, "method=order-probe", "max_steps=1",
+                     f"out_dir={out}"]) == 0
+    digests = load_checkpoint(out / "last.pt")["config"]["import_digests"]
+    assert list(digests) == [str(rule.resolve())] and digests[str(rule.resolve())].startswith("sha256:")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # unchanged: not a word
+        assert cli.main(["eval", str(out), "eval_limit=8", "device=cpu"]) == 0
+    rule.write_text(USER_RULE + "\n# edited\n")
+    with pytest.warns(UserWarning, match=r"my_rule\.py changed since the run imported it \(sha256:"):
+        assert cli.main(["eval", str(out), "eval_limit=8", "device=cpu"]) == 0
+    with pytest.warns(UserWarning, match="changed since the run imported it"):  # --resume keeps the first digest
+        assert cli.main(["train", *TINY, "method=order-probe", "--resume", "max_steps=2", f"out_dir={out}"]) == 0
+    assert load_checkpoint(out / "last.pt")["config"]["import_digests"] == digests
+    rule.unlink()
+    capsys.readouterr()
+    assert cli.main(["eval", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"the run imported {rule.resolve()} (sha256:" in err and "is gone" in err

@@ -702,3 +702,23 @@ def test_manlearn_data_is_used_exactly_or_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("MANLEARN_DATA", str(tmp_path / "env"))
     with pytest.raises(DatasetError, match="lacks train-labels-idx1-ubyte.*not taken from another copy"):
         load_dataset("fashion-mnist", "train")
+
+
+def test_the_header_and_summary_name_the_data_folder_of_every_split(tmp_path, monkeypatch, capsys):
+    """A run says which copy it read (#28 item 7): the folder under $MANLEARN_DATA, not the system's copy."""
+    import json
+
+    from manlearn.config import TrainConfig
+    from manlearn.train import Trainer
+
+    make_idx_dir(tmp_path / "env" / "fashion-mnist", seed=2)
+    monkeypatch.setenv("MANLEARN_DATA", str(tmp_path / "env"))
+    assert load_dataset("fashion-mnist", "test").source == str(tmp_path / "env" / "fashion-mnist")
+    cfg = TrainConfig(dataset="fashion-mnist", model="resnet20", method="dgl", K=2, batch_size=4, max_steps=1, device="cpu", out_dir=str(tmp_path / "run"),
+                      log_every=0)
+    Trainer.from_config(cfg).fit()
+    header = capsys.readouterr().out.splitlines()[0]
+    assert re.search(rf"fashion-mnist: \d+ train / \d+ test from {re.escape(str(tmp_path / 'env' / 'fashion-mnist'))} ",
+                     header), header
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert str(tmp_path / "env" / "fashion-mnist") in summary["data"]

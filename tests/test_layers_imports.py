@@ -23,7 +23,7 @@ LAYERS = [
     ["detection", "segmentation"],
     ["models", "split", "recompute", "memory", "distributed", "concurrency"],
     ["data", "plugins", "recipes"],
-    ["runtime"],
+    ["runtime", "files"],  # files: writes that fail in one line and leave nothing torn
     ["errors"],
 ]
 RANK = {c: r for r, comps in enumerate(LAYERS) for c in comps}

@@ -180,3 +180,31 @@ def test_recipes_take_pretrained_for_dense_and_classification(tmp_path):
     build_learner(cfg, type("Info", (), {"num_classes": 3})(), load_pretrained=False)  # resume: file not needed
     with pytest.raises(ConfigError):
         build_learner(cfg, type("Info", (), {"num_classes": 3})())
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("text", "it is not a file written by torch.save"),
+    ("truncated", "it is truncated or corrupt"),
+    ("object", r"it holds a Python object \(fractions.Fraction\) besides tensors"),
+])
+def test_a_bad_weights_file_is_one_short_line(tmp_path, kind, reason):
+    """torch's paragraph (re-run with weights_only=False, file an issue) is never shown (#28)."""
+    import fractions
+
+    from manlearn.train import load_checkpoint
+    from manlearn.errors import CheckpointError
+
+    path = tmp_path / "w.pth"
+    if kind == "text":
+        path.write_text("not a checkpoint")
+    elif kind == "object":
+        torch.save({"a": fractions.Fraction(1, 3)}, path)
+    else:
+        torch.save({"a": torch.zeros(1000)}, path)
+        path.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(ConfigError, match=reason) as e:
+        create_model("resnet18", pretrained=str(path), **NARROW)
+    with pytest.raises(CheckpointError, match=reason) as e2:
+        load_checkpoint(path)
+    for msg in (str(e.value), str(e2.value)):
+        assert "\n" not in msg and "weights_only" not in msg and "issue" not in msg, msg

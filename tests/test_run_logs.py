@@ -45,6 +45,31 @@ def test_a_resumed_run_drops_the_events_after_its_checkpoint(tmp_path):
     assert steps == sorted(set(steps)) == list(range(1, 7))
 
 
+def test_a_failed_run_tells_its_callbacks_and_closes_the_event_files(tmp_path):
+    """on_exception gets the error (then raised on); the TensorBoard writer is closed before a failed start's
+    files are removed, so no writer thread is left writing into a removed folder."""
+    pytest.importorskip("tensorboard")
+    from manlearn.train.run_logs import TensorBoardLog
+
+    seen = []
+
+    class Stop:
+        def on_step_end(self, trainer):
+            if trainer.step == 2:
+                raise RuntimeError("user callback failed")
+
+        def on_exception(self, trainer, error):
+            seen.append((trainer.step, str(error)))
+
+    tb = TensorBoardLog()
+    trainer = Trainer.from_config(TrainConfig(**TINY, out_dir=str(tmp_path / "run")), out=io.StringIO(),
+                                  callbacks=[Stop(), tb])
+    with pytest.raises(RuntimeError, match="user callback failed"):
+        trainer.fit()
+    assert seen == [(2, "user callback failed")] and tb._writer is None
+    assert not (tmp_path / "run" / "tb").exists()  # nothing checkpointed: the failed start's files are gone
+
+
 def test_one_progress_format_for_every_task_and_a_first_line_at_once(tmp_path):
     out = io.StringIO()
     Trainer.from_config(TrainConfig(**{**TINY, "log_every": 10, "max_steps": 3, "progress": True}, out_dir=str(tmp_path)),

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from manlearn.errors import ConfigError, DivergenceError, ManlearnError
-from manlearn.plugins import import_user_code
+from manlearn.plugins import file_digests, import_user_code
 # Recipe lookup lives in manlearn.recipes; re-exported here for callers of the former cli functions.
 from manlearn.recipes import list_recipes, resolve_recipe
 
@@ -61,20 +61,21 @@ def _print_test_acc(summary: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------- commands
 
 
-def _resumed_imports(cfg: Any, args: argparse.Namespace) -> list[str]:
-    """``--resume``: the code the run imported, imported again now. Read from the run's config.yaml (written
-    with its checkpoints), so that the checkpoint is loaded once, by the trainer; from the checkpoint without it."""
+def _resumed_imports(cfg: Any, args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """``--resume``: the code the run imported (and its recorded digests), imported again now. Read from the
+    run's config.yaml (written with its checkpoints), so that the checkpoint is loaded once, by the trainer;
+    from the checkpoint without it."""
     from manlearn.config import read_config_file
     from manlearn.train import CKPT_NAME, load_checkpoint
 
     run = Path(cfg.out_dir)
     if not args.resume or not (run / CKPT_NAME).is_file():
-        return []
+        return [], {}
     recorded = read_config_file(run / "config.yaml") if (run / "config.yaml").is_file() else \
         load_checkpoint(run / CKPT_NAME).get("config") or {}
-    saved = list(recorded.get("imports") or [])
-    import_user_code(saved)
-    return saved
+    saved, digests = list(recorded.get("imports") or []), dict(recorded.get("import_digests") or {})
+    import_user_code(saved, digests)
+    return saved, digests
 
 
 def recorded_imports(specs: Sequence[str]) -> list[str]:
@@ -99,7 +100,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(config_path, check=False) if config_path else TrainConfig()
     cfg = apply_overrides(cfg, items, check=False)
     # --import'ed code is recorded in the run's config, so `manlearn eval` and --resume import it again
-    cfg.imports = recorded_imports([*getattr(args, "imports", []), *cfg.imports, *_resumed_imports(cfg, args)])
+    resumed, digests = _resumed_imports(cfg, args)
+    cfg.imports = recorded_imports([*getattr(args, "imports", []), *cfg.imports, *resumed])
+    cfg.import_digests = {**file_digests(cfg.imports), **digests}  # a resumed run keeps what it started with
     cfg = validate(cfg)
     if cfg.pipeline_workers:
         return _train_pipeline(cfg, args)

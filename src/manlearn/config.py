@@ -233,6 +233,7 @@ class TrainConfig(_Model):
     base: Annotated[str, _choice("manlearn.rules:list_base_rules", registry=True)] = "infopro"  # man(pp)
     rule_options: dict[str, Any] = Field(default_factory=dict)  # of the rule in use, e.g. {depth: 2} for auglocal
     imports: list[str] = Field(default_factory=list)  # your modules / .py files: their rules, models, tasks
+    import_digests: dict[str, str] = Field(default_factory=dict)  # each imported file's content, as recorded
     pretrained: str | None = None  # a torchvision ResNet/ResNeXt or timm ViT checkpoint the backbone starts from
     pretrained_head: bool = True  # classification: load its classifier too (dense runs never do)
     K: Pos = 16  # number of gradient-isolated pieces (ignored by e2e)
@@ -369,7 +370,7 @@ def validate(cfg: TrainConfig, *, registries: bool = True) -> TrainConfig:
     if registries and cfg.imports:
         from manlearn.plugins import import_user_code
 
-        import_user_code(cfg.imports)  # the user's rules/models are registered before names are checked
+        import_user_code(cfg.imports, cfg.import_digests)  # the user's names are registered before they are checked
     data = config_to_dict(cfg)
     return _build(lambda: TrainConfig.model_validate(data), data, checks=True, registries=registries)
 

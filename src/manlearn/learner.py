@@ -282,18 +282,41 @@ class LocalLearner(nn.Module):
         x = torch.zeros(1, in_channels, image_size, image_size, device=device)
         shapes = []
         try:
-            for m in mods:
-                m.eval()
-                try:
-                    x = m(x)
-                except RuntimeError as e:
-                    raise ConfigError(f"the backbone cannot run on {in_channels}x{image_size}x{image_size} "
-                                      f"inputs: {e}") from None
-                shapes.append(tuple(x.shape[1:]))
+            with _StridedOnNothing(mods) as watch:
+                for m in mods:
+                    m.eval()
+                    try:
+                        x = m(x)
+                    except RuntimeError as e:
+                        raise ConfigError(f"the backbone cannot run on {in_channels}x{image_size}x{image_size} "
+                                          f"inputs: {(str(e).strip().splitlines() or [''])[0]}") from None
+                    shapes.append(tuple(x.shape[1:]))
+            if watch.first is not None:
+                name, h, w, stride = watch.first
+                raise ConfigError(
+                    f"a {image_size}x{image_size} input is too small for this network: {name} (stride {stride}) "
+                    f"receives a {h}x{w} map, so it and the layers after it have nothing left to downsample; give "
+                    f"inputs of at least {LocalLearner._smallest_size(mods, in_channels, image_size, device)} "
+                    "pixels a side (image_size=..., or larger images)")
         finally:
             for m, mode in zip(mods, modes):
                 m.train(mode)
         return shapes
+
+    @staticmethod
+    @torch.no_grad()
+    def _smallest_size(mods: list[nn.Module], in_channels: int, image_size: int, device: torch.device) -> int:
+        """The smallest power-of-two multiple of ``image_size`` on which no strided layer gets a 1x1 map."""
+        size = image_size
+        while size < 4096:
+            size *= 2
+            x = torch.zeros(1, in_channels, size, size, device=device)
+            with _StridedOnNothing(mods) as watch:
+                for m in mods:
+                    x = m(x)
+            if watch.first is None:
+                return size
+        return size
 
     # ----------------------------------------------------------------- properties
     @property
@@ -587,6 +610,38 @@ class LocalLearner(nn.Module):
                 self.auxes[k] = nn.Identity()
         if not head:
             self.head = nn.Identity()
+
+
+class _StridedOnNothing:
+    """Watches the strided convolutions and poolings of ``mods`` during a probe: ``first`` is the first one
+    that received a 1x1 map (name, H, W, stride), the sign of an input too small for the network."""
+
+    def __init__(self, mods: Sequence[nn.Module]) -> None:
+        self.mods = mods
+        self.first: tuple[str, int, int, int] | None = None
+        self._hooks: list[Any] = []
+
+    def __enter__(self) -> "_StridedOnNothing":
+        kinds = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+        for i, mod in enumerate(self.mods):
+            for name, sub in mod.named_modules():
+                stride = getattr(sub, "stride", 1)
+                s = max(stride) if isinstance(stride, (tuple, list)) else int(stride or 1)
+                if isinstance(sub, kinds) and s > 1:
+                    where = ("stem" if i == 0 else f"units.{i - 1}") + (f".{name}" if name else "")
+                    self._hooks.append(sub.register_forward_pre_hook(self._check(where, s)))
+        return self
+
+    def _check(self, where: str, stride: int) -> Callable[..., None]:
+        def hook(_m: nn.Module, args: tuple) -> None:
+            h, w = args[0].shape[-2:]
+            if self.first is None and h == 1 and w == 1:
+                self.first = (where, int(h), int(w), stride)
+        return hook
+
+    def __exit__(self, *exc: Any) -> None:
+        for hk in self._hooks:
+            hk.remove()
 
 
 def _classes_of(model: nn.Module) -> int:

@@ -4,19 +4,34 @@
 spec is a module name importable from the current directory (``my_package.rules``) or a path to a ``.py``
 file. Registering happens as a side effect of the import (``@manlearn.register_rule``,
 ``@manlearn.register_model``), exactly as for manlearn's own modules.
+
+A run records each imported file by its absolute path and its content's digest (:func:`file_digests`), so
+that ``manlearn eval`` and ``--resume`` import it again from any directory and say when it changed since
+(a warning: the code now in the file is what runs) or vanished (refused: nothing could rebuild the run).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from .errors import ConfigError
 
-__all__ = ["import_user_code"]
+__all__ = ["import_user_code", "file_digests"]
+
+
+def _digest(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def file_digests(specs: Iterable[str]) -> dict[str, str]:
+    """The content digest of every ``.py`` file among ``specs`` (module names have none)."""
+    return {str(s): _digest(Path(s)) for s in specs if str(s).endswith(".py") and Path(s).is_file()}
 
 
 def _import_file(path: Path) -> ModuleType:
@@ -36,11 +51,14 @@ def _import_file(path: Path) -> ModuleType:
     return module
 
 
-def import_user_code(specs: Iterable[str]) -> list[ModuleType]:
+def import_user_code(specs: Iterable[str], recorded: Mapping[str, str] | None = None) -> list[ModuleType]:
     """Import every spec (module name or ``.py`` path), in order; refuse a missing one clearly.
 
+    ``recorded``: the digests a run recorded for its files (:func:`file_digests`): a file that changed since
+    is imported with a warning, a file that is gone is refused with a line saying so.
     An exception raised by the user's module itself is left alone (its traceback is the useful part).
     """
+    recorded = recorded or {}
     modules = []
     for spec in specs:
         spec = str(spec).strip()
@@ -49,7 +67,13 @@ def import_user_code(specs: Iterable[str]) -> list[ModuleType]:
         path = Path(spec)
         if spec.endswith(".py") or path.suffix == ".py":
             if not path.is_file():
+                if spec in recorded:
+                    raise ConfigError(f"the run imported {spec} ({recorded[spec]}), which is gone: put the file "
+                                      "back there to rebuild the run's rules, models or tasks")
                 raise ConfigError(f"--import {spec}: no such file")
+            if spec in recorded and _digest(path) != recorded[spec]:
+                warnings.warn(f"{spec} changed since the run imported it ({recorded[spec]}, now {_digest(path)}): "
+                              "the code now in the file is used", stacklevel=2)
             modules.append(_import_file(path))
             continue
         if str(Path.cwd()) not in sys.path:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Mapping, TypeVar
 import torch
 
 from ..errors import ConfigError
+from ..files import append_text
 
 # The methods of the benchmark issue, in the order tables list them.
 ALL_METHODS = ("e2e", "greedy", "dgl", "infopro", "dgl+man", "infopro+man", "dgl+manpp", "infopro+manpp")
@@ -172,13 +173,9 @@ def median_ms(fn: Callable[[], Any], n: int = 20, warmup: int = 5) -> float:
 
 
 def append_rows(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
-    """Append JSON lines (creating the folder); each write is one flushed line."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        for row in rows:
-            f.write(json.dumps(row, sort_keys=False) + "\n")
-            f.flush()
+    """Append JSON lines (creating the folder) in one flushed write; a failed write (full disk) is one line
+    and leaves the file as it was."""
+    append_text(path, "".join(json.dumps(row, sort_keys=False) + "\n" for row in rows))
 
 
 def sweep_overrides(overrides) -> tuple[str, ...]:

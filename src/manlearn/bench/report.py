@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, optional_import
+from ..files import save_figure, write_text_atomic
 from ..recompute import checkpoint_granularity
 from .common import ALL_METHODS, parse_method, read_rows, run_key, sweep_overrides
 
@@ -138,8 +139,7 @@ def _save(fig, ax, title: str, path: Path) -> bool:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     _pyplot().close(fig)
     return True
 
@@ -281,8 +281,7 @@ def write_report(results_dir: str | Path = "benchmarks/results", plots_dir: str 
     if spd:
         parts += ["## Speed", "", speed_table(spd), ""]
     text = "\n".join(parts)
-    (results_dir / "tables.md").parent.mkdir(parents=True, exist_ok=True)
-    (results_dir / "tables.md").write_text(text)
+    write_text_atomic(results_dir / "tables.md", text)
     made = []
     if plot_accuracy_vs_memory(acc, mem, plots_dir / "accuracy_vs_memory.png"):
         made.append(plots_dir / "accuracy_vs_memory.png")

@@ -103,12 +103,13 @@ def _to_data(
     limit: int | None,
     info: DatasetInfo | None = None,
     classes: tuple[str, ...] | None = None,
+    source: str = "",
 ) -> ImageData:
     k = _limit(len(y), limit)
     # copy: detaches from read-only / larger buffers so the full file can be freed after a `limit` load
     images = torch.from_numpy(np.array(x[:k], dtype=np.uint8, order="C", copy=True))
     labels = torch.from_numpy(np.array(y[:k], dtype=np.int64, copy=True))
-    return ImageData(images, labels, info or get_dataset_info(name), classes)
+    return ImageData(images, labels, info or get_dataset_info(name), classes, source)
 
 
 def _check_labels(y: np.ndarray, num_classes: int, what: str) -> None:
@@ -141,7 +142,7 @@ def _load_idx(name: str, split: str, dirs: list[str], limit: int | None, size: i
         _check_labels(y, 10, os.path.basename(lbl_path))
     except FormatProblem as e:
         raise _error(name, split, str(e), [os.path.dirname(img_path)]) from None
-    return _to_data(name, x[:, None], y, limit)
+    return _to_data(name, x[:, None], y, limit, source=os.path.dirname(img_path))
 
 
 def _load_cifar(name: str, split: str, dirs: list[str], limit: int | None, size: int | None) -> ImageData:
@@ -161,7 +162,7 @@ def _load_cifar(name: str, split: str, dirs: list[str], limit: int | None, size:
                 break  # later batches are not needed for a smoke run
     except FormatProblem as e:
         raise _error(name, split, str(e), [os.path.dirname(paths[0])]) from None
-    return _to_data(name, np.concatenate(xs), np.concatenate(ys), limit)
+    return _to_data(name, np.concatenate(xs), np.concatenate(ys), limit, source=os.path.dirname(paths[0]))
 
 
 def _load_svhn(name: str, split: str, dirs: list[str], limit: int | None, size: int | None) -> ImageData:
@@ -170,7 +171,7 @@ def _load_svhn(name: str, split: str, dirs: list[str], limit: int | None, size: 
         x, y = formats.read_svhn_mat(path)
     except FormatProblem as e:
         raise _error(name, split, str(e), [os.path.dirname(path)]) from None
-    return _to_data(name, x, y, limit)
+    return _to_data(name, x, y, limit, source=os.path.dirname(path))
 
 
 def _load_stl10(name: str, split: str, dirs: list[str], limit: int | None, size: int | None) -> ImageData:
@@ -179,7 +180,7 @@ def _load_stl10(name: str, split: str, dirs: list[str], limit: int | None, size:
         x, y = formats.read_stl10_bin(x_path, y_path)
     except FormatProblem as e:
         raise _error(name, split, str(e), [os.path.dirname(x_path)]) from None
-    return _to_data(name, x, y, limit)
+    return _to_data(name, x, y, limit, source=os.path.dirname(x_path))
 
 
 _DIGITS_TRAIN = 1500  # of 1797; the rest (297) is the test split
@@ -198,7 +199,7 @@ def _load_digits(name: str, split: str, dirs: list[str], limit: int | None, size
     y = np.asarray(bunch.target, dtype=np.int64)
     order = np.random.RandomState(_DIGITS_SEED).permutation(len(y))
     order = order[:_DIGITS_TRAIN] if split == "train" else order[_DIGITS_TRAIN:]
-    return _to_data(name, x[order], y[order], limit)
+    return _to_data(name, x[order], y[order], limit, source="scikit-learn's bundled copy")
 
 
 def _list_images(folder: str) -> list[str]:
@@ -252,7 +253,7 @@ def _load_imagefolder(name: str, split: str, dirs: list[str], limit: int | None,
         raise _error(name, split, str(e), [root]) from None
     y = np.fromiter((lbl for _, lbl in samples), dtype=np.int64, count=len(samples))
     info = dataclasses.replace(get_dataset_info(name), num_classes=len(classes), image_size=size)
-    return _to_data(name, x, y, None, info=info, classes=tuple(classes))
+    return _to_data(name, x, y, None, info=info, classes=tuple(classes), source=split_dir)
 
 
 def _load_imagenet(name: str, split: str, dirs: list[str], limit: int | None, size: int | None) -> ImageData:

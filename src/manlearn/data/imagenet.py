@@ -54,6 +54,7 @@ class FolderIndex:
     samples: list[tuple[str, int]]
     info: DatasetInfo
     classes: tuple[str, ...]
+    source: str = ""  # the split's folder
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -118,7 +119,7 @@ def index_image_folder(split: str = "train", data_dir: str | os.PathLike[str] | 
         order = random.Random(derive_seed(_TAG_PERM, 0, -1)).sample(range(len(samples)), min(limit, len(samples)))
         samples = [samples[i] for i in sorted(order)]
     info = dataclasses.replace(get_dataset_info(name), num_classes=len(classes), image_size=size)
-    return FolderIndex(samples, info, tuple(classes))
+    return FolderIndex(samples, info, tuple(classes), split_dir)
 
 
 # ----------------------------------------------------------------------------------------- transforms

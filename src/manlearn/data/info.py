@@ -59,13 +59,15 @@ class ImageData:
 
     ``images`` is ``[N, C_stored, H, W]`` uint8 (``C_stored`` may be 1 for grey data that the transform
     replicates), ``labels`` is ``[N]`` int64.  ``classes`` optionally names the labels (set for imagefolder,
-    whose labels would otherwise be meaningless).
+    whose labels would otherwise be meaningless).  ``source`` says where the split was read from (a folder,
+    or the package that ships it), for the run's header and summary.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     info: DatasetInfo
     classes: tuple[str, ...] | None = field(default=None)
+    source: str = ""
 
     def __post_init__(self) -> None:
         # Checked here so that a reader bug shows up at load time, not as a shape error mid-training.

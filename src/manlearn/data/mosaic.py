@@ -21,6 +21,7 @@ split, so the two never share a source image.  Everything is a pure function of 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -34,7 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from manlearn.errors import ConfigError, DatasetError, optional_import
+from manlearn.errors import ConfigError, optional_import
+from manlearn.files import no_space, write_failure
 
 __all__ = ["make_mosaic", "MOSAIC_SOURCES", "FASHION_MNIST_CLASSES"]
 
@@ -203,6 +205,22 @@ def _check_out_dir(out_dir: str, overwrite: bool) -> None:
             "pass overwrite=True (CLI: --overwrite) to replace a mosaic there, or choose another folder")
 
 
+def _drop_if_created(out_dir: str, created: bool) -> None:
+    """A failed first write leaves no empty folder behind."""
+    if created:
+        try:
+            os.rmdir(out_dir)
+        except OSError:
+            pass
+
+
+def _bytes_needed(stage: str, n_files: int) -> float:
+    """The whole mosaic's size, extrapolated from the PNG files staged so far (``n_files`` in all)."""
+    sizes = [os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(stage) for f in files]
+    written = [s for s in sizes if s > 0]
+    return sum(written) / max(len(written), 1) * n_files
+
+
 def _swap_in(stage: str, out_dir: str) -> None:
     """Replace the mosaic in ``out_dir`` by the complete one in ``stage``. The old annotations go first
     and the new ones come last, so an interruption never leaves a valid-looking mixed dataset."""
@@ -366,8 +384,13 @@ def make_mosaic(
     t0 = time.perf_counter()
     p = _params(n_train, n_val, size, min_items, max_items, scale, seed, source, threshold, keep_visible)
     out_dir = os.fspath(out_dir)
+    created = not os.path.exists(out_dir)
     _check_out_dir(out_dir, overwrite)
-    stage = tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=out_dir)
+    try:
+        stage = tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=out_dir)
+    except OSError as e:
+        _drop_if_created(out_dir, created)
+        raise write_failure(out_dir, e, "write the mosaic into") from None
     summary: dict[str, Any] = {"out_dir": out_dir, "size": p.size, "seed": p.seed, "source": p.source,
                                "classes": list(MOSAIC_SOURCES[p.source][1])}
     writer = _PngWriter()
@@ -380,6 +403,14 @@ def make_mosaic(
         writer.wait()
         _write_metadata(p, coco, stage)
         _swap_in(stage, out_dir)
+    except OSError as e:  # a full disk, permissions: one line; an earlier mosaic there is kept
+        if e.errno == errno.ENOSPC:
+            e = no_space(_bytes_needed(stage, 2 * (p.n_train + p.n_val)), out_dir)
+        writer.close()
+        shutil.rmtree(stage, ignore_errors=True)
+        _drop_if_created(out_dir, created)
+        kept = "" if created else "what was in the folder before is kept"
+        raise write_failure(out_dir, e, "write the mosaic into", kept) from None
     finally:
         writer.close()
         shutil.rmtree(stage, ignore_errors=True)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..files import torch_load_problem
 
 Source = Union[str, "os.PathLike[str]", Mapping[str, torch.Tensor]]
 
@@ -45,7 +46,8 @@ def read_state_dict(source: Source) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - unpickling errors of every kind
-            raise ConfigError(f"cannot read pretrained weights {path!r} as a torch.save'd state_dict: {e}") from None
+            raise ConfigError(f"cannot read pretrained weights {path!r} as a torch.save'd state_dict: "
+                              f"{torch_load_problem(e)}") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]

@@ -8,7 +8,9 @@ order the callbacks were given. A plain function is taken as ``on_step_end``.
 - ``on_eval_end(trainer, metrics)``: after every evaluation, with its metrics (``{"acc": ...}``);
 - ``on_checkpoint(trainer, path)``: after ``last.pt`` was written (atomically) to ``path``;
 - ``on_fit_start(trainer)`` / ``on_fit_end(trainer, summary)``: around ``fit()`` (the run's files are open;
-  ``summary`` is what ``fit()`` returns).
+  ``summary`` is what ``fit()`` returns);
+- ``on_exception(trainer, error)``: ``fit()`` ends with ``error`` instead (an interruption, a refusal, a
+  divergence): close what ``on_fit_start`` opened; the error is raised on afterwards.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from manlearn.errors import ConfigError
 
 __all__ = ["Callback", "Callbacks"]
 
-HOOKS = ("on_step_end", "on_eval_end", "on_checkpoint", "on_fit_start", "on_fit_end")
+HOOKS = ("on_step_end", "on_eval_end", "on_checkpoint", "on_fit_start", "on_fit_end", "on_exception")
 
 
 class Callback:
@@ -38,6 +40,9 @@ class Callback:
         pass
 
     def on_fit_end(self, trainer: Any, summary: dict[str, Any]) -> None:
+        pass
+
+    def on_exception(self, trainer: Any, error: BaseException) -> None:
         pass
 
 

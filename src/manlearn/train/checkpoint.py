@@ -23,6 +23,8 @@ import torch
 from manlearn.config import (TrainConfig, config_from_dict, config_keys, config_to_dict, flat_config_dict,
                              task_keys)
 from manlearn.errors import CheckpointError, ConfigError
+from manlearn.files import no_space, torch_load_problem
+from manlearn.plugins import import_user_code
 
 __all__ = [
     "CKPT_FORMAT",
@@ -51,6 +53,7 @@ RESUME_FREE_KEYS = frozenset({
     "data_workers", "eval_batch_size", "eval_every_epochs", "eval_every_steps", "ckpt_every_steps",
     "eval_limit", "compile", "channels_last", "nonfinite", "dist_backend", "dist_timeout_s", "pipeline_timeout_s",
     "blocks_in_flight",  # a schedule of the same computation: a run may change it when resumed
+    "import_digests",  # a changed file is said when it is imported again (manlearn.plugins)
 })
 
 def _umask() -> int:
@@ -73,8 +76,7 @@ def _write_error(e: Exception, payload: Mapping[str, Any], folder: Path) -> OSEr
     """The OSError a failed ``torch.save`` stands for: ENOSPC with the space needed when the disk is full."""
     needed, free = _payload_bytes(payload), shutil.disk_usage(folder).free
     if free < needed + (1 << 20) or getattr(e, "errno", None) == errno.ENOSPC:
-        return OSError(errno.ENOSPC, f"No space left on device: about {needed / 2**20:.1f} MiB needed, "
-                                     f"{free / 2**20:.1f} MiB free")
+        return no_space(needed, folder)
     return OSError(errno.EIO, f"torch.save failed: {(str(e).strip().splitlines() or ['?'])[0][:200]}")
 
 
@@ -121,9 +123,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle error, foreign file...
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        raise CheckpointError(f"cannot read checkpoint {path} (corrupt, truncated or not a manlearn "
-                              f"checkpoint): {type(e).__name__}: {first}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {torch_load_problem(e)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path} is not a manlearn checkpoint")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
@@ -215,7 +215,10 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 def checkpoint_config(ckpt: Mapping[str, Any], path: str | Path, cls: type | None = None) -> TrainConfig:
     """The config stored in ``ckpt`` (validated); a config this version cannot use (keys of an earlier
-    version: 0.x keeps no upgraders) is a CheckpointError."""
+    version: 0.x keeps no upgraders) is a CheckpointError. The code the run imported is imported first, so
+    that a file that changed or vanished since is said as such."""
+    recorded = ckpt["config"] if isinstance(ckpt.get("config"), Mapping) else {}
+    import_user_code(list(recorded.get("imports") or []), dict(recorded.get("import_digests") or {}))
     try:
         return config_from_dict(ckpt["config"], where=f"checkpoint {path}")
     except ConfigError as e:

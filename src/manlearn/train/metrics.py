@@ -13,6 +13,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from manlearn.files import append_lines, replace_text
+
 __all__ = ["SmoothedValue", "MetricLogger", "JsonlWriter", "read_jsonl"]
 
 
@@ -108,25 +110,18 @@ def _jsonable(v: Any) -> Any:
 
 
 class JsonlWriter:
-    """Append-only JSON-lines file; each record is flushed so a killed run keeps what it wrote."""
+    """Append-only JSON-lines file; each record is flushed so a killed run keeps what it wrote, and a failed
+    write (full disk) leaves no torn line. Writes raise ``OSError``."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
     def rewrite(self, records: Iterable[Mapping[str, Any]]) -> None:
         """Replace the file by ``records`` (used on resume: drop lines written after the checkpoint)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w") as f:
-            for r in records:
-                f.write(json.dumps(_jsonable(dict(r))) + "\n")
-        tmp.replace(self.path)
+        replace_text(self.path, "".join(json.dumps(_jsonable(dict(r))) + "\n" for r in records))
 
     def write(self, record: Mapping[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(_jsonable(dict(record))) + "\n")
-            f.flush()
+        append_lines(self.path, json.dumps(_jsonable(dict(record))) + "\n")
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

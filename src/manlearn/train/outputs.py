@@ -2,7 +2,6 @@
 
 - :func:`check_writable_dir`: a folder a command will write into exists or can be made, is a folder, and
   takes a file — else one :class:`~manlearn.errors.OutputError` line naming the path and the cause.
-- :func:`write_failure`: a write that failed (no space, permissions) as such a line.
 - A run's files (:data:`RUN_FILES`) are guarded as a whole: an ``out_dir`` holding any of them belongs to an
   earlier run. ``--overwrite`` moves them aside (:data:`ASIDE`) when the new run starts; its first checkpoint
   removes them, and a run that fails before it puts them back (:func:`settle`, at the next start, does the
@@ -12,29 +11,19 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from manlearn.errors import OutputError
+from manlearn.files import os_error_text
 
-__all__ = ["RUN_FILES", "ASIDE", "check_writable_dir", "write_failure", "present_run_files", "move_aside",
+__all__ = ["RUN_FILES", "ASIDE", "check_writable_dir", "present_run_files", "move_aside",
            "drop_aside", "restore_aside", "settle"]
 
 RUN_FILES = ("last.pt", "metrics.jsonl", "config.yaml", "metrics.csv", "summary.json", "tb")
 ASIDE = ".overwritten"  # the earlier run's files while an --overwrite run has not checkpointed yet
-
-
-def _cause(e: OSError) -> str:
-    name = errno.errorcode.get(e.errno or 0, "")
-    return f"{e.strerror or e}" + (f" ({name})" if name else "")
-
-
-def write_failure(path: str | Path, e: OSError, what: str = "write", tail: str = "") -> OutputError:
-    """One line for a failed write: the path, the cause (e.g. ``No space left on device (ENOSPC)``)."""
-    return OutputError(f"cannot {what} {path}: {_cause(e)}" + (f"; {tail}" if tail else ""))
 
 
 def check_writable_dir(path: str | Path, what: str = "output folder") -> Path:
@@ -52,7 +41,7 @@ def check_writable_dir(path: str | Path, what: str = "output folder") -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise OutputError(f"{what} {path} is not writable: {_cause(e)}") from None
+        raise OutputError(f"{what} {path} is not writable: {os_error_text(e)}") from None
     return path
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from manlearn.errors import ConfigError, optional_import
+from manlearn.files import save_figure
 
 from .metrics import read_jsonl
 
@@ -103,8 +104,7 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> Path:
         if ax.lines:
             ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    try:
+        return save_figure(fig, out, dpi=100)
+    finally:
+        plt.close(fig)

@@ -12,16 +12,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from manlearn.errors import optional_import
+from manlearn.files import write_text_atomic
 
 from .callbacks import Callback
-from .outputs import write_failure
 
 __all__ = ["CsvLog", "SummaryJson", "TensorBoardLog", "flat_record"]
 
@@ -42,16 +41,6 @@ def flat_record(rec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise write_failure(path, e, "write") from None
-
-
 class CsvLog(Callback):
     """``metrics.csv`` beside ``metrics.jsonl``, rewritten (atomically) at every checkpoint, so that it always
     matches the checkpoint's records."""
@@ -65,7 +54,7 @@ class CsvLog(Callback):
         writer = csv.DictWriter(buf, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-        _write_atomic(trainer.out_dir / CSV_NAME, buf.getvalue())
+        write_text_atomic(trainer.out_dir / CSV_NAME, buf.getvalue())
 
 
 class SummaryJson(Callback):
@@ -80,7 +69,7 @@ class SummaryJson(Callback):
                "torch_version": torch.__version__, "device": str(trainer.device),
                "config": config_to_dict(trainer.cfg) if trainer.origin == "config" else None,
                "data": trainer.run.describe()}
-        _write_atomic(trainer.out_dir / SUMMARY_NAME, json.dumps(doc, indent=2, default=str) + "\n")
+        write_text_atomic(trainer.out_dir / SUMMARY_NAME, json.dumps(doc, indent=2, default=str) + "\n")
 
 
 class TensorBoardLog(Callback):
@@ -124,6 +113,12 @@ class TensorBoardLog(Callback):
                 self._writer.add_scalar(f"eval/{k}", v, trainer.step)
 
     def on_fit_end(self, trainer: Any, summary: dict[str, Any]) -> None:
+        self._close()
+
+    def on_exception(self, trainer: Any, error: BaseException) -> None:
+        self._close()  # before a failed start's files are removed: no writer thread left writing into them
+
+    def _close(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None

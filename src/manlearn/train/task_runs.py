@@ -191,7 +191,15 @@ class ClassificationRun:
                 f"{c.model} {c.method}, step {step})")
 
     def describe(self) -> str:
-        return f"{self.cfg.dataset}: {self.n_train} train / {self.n_eval} test"
+        """``fashion-mnist: 60000 train / 10000 test from /usr/share/...``: the folder of every split read."""
+        where = {getattr(d, "source", "") for d in (self.train_data, self.test_data) if d is not None} - {""}
+        if len(where) == 1:
+            place = f" from {where.pop()}"
+        elif where:
+            place = (f" (train from {self.train_data.source}, test from {self.test_data.source})")
+        else:
+            place = ""
+        return f"{self.cfg.dataset}: {self.n_train} train / {self.n_eval} test{place}"
 
     def checkpoint_fields(self) -> dict[str, Any]:
         return {}
@@ -435,7 +443,7 @@ class DenseRun:
                 f"{c.data_dir}; {c.model} {c.method}, step {step})")
 
     def describe(self) -> str:
-        return (f"{self.cfg.data_dir}: {self.data.n_train} train / {self.data.n_val} val images, "
+        return (f"{Path(self.cfg.data_dir).resolve()}: {self.data.n_train} train / {self.data.n_val} val images, "
                 f"{self.data.num_classes} classes")
 
     def checkpoint_fields(self) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 from tqdm import tqdm
@@ -40,6 +40,7 @@ from manlearn.distributed import GradReducer, average_buffers, broadcast_state
 from manlearn.distributed.dist import SINGLE, setup_from_env
 from manlearn.learner import LocalLearner
 from manlearn.errors import CheckpointError, ConfigError, DivergenceError, ManlearnError
+from manlearn.files import replace_text, write_failure
 from manlearn.memory import PeakMemory, peak_rss_bytes
 from manlearn.planning import check_plannable, plan_learner
 from manlearn.recompute import checkpoint_granularity
@@ -55,7 +56,7 @@ from .run_logs import CsvLog, SummaryJson, TensorBoardLog
 from .registry import get_task
 from .metrics import JsonlWriter, MetricLogger
 from .outputs import (RUN_FILES, check_writable_dir, drop_aside, move_aside, present_run_files, remove_run_files,
-                      restore_aside, settle, write_failure)
+                      restore_aside, settle)
 from .optim import build_optimizer, trainable_parameters
 from .schedule import lr_at, total_epochs, total_steps
 from .task_runs import evaluate, make_task_run
@@ -830,7 +831,7 @@ class Trainer:
                     self._aside = move_aside(self.out_dir)
                     self._replace_earlier = False
                 if self.origin == "config":  # your objects have no config that could rebuild them
-                    (self.out_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
+                    replace_text(self.out_dir / "config.yaml", config_to_yaml(self.cfg))
                 JsonlWriter(self.metrics_path).rewrite(self.records)
             except OSError as e:
                 raise write_failure(self.out_dir, e, "write into") from None
@@ -909,7 +910,10 @@ class Trainer:
                 raise
             except KeyboardInterrupt:
                 raise self._interrupted_elsewhere() from None
-        except BaseException:
+        except BaseException as e:
+            if self._is_main():  # e.g. the TensorBoard writer closes its files; the error itself goes on
+                with contextlib.suppress(Exception):
+                    self.callbacks.call("on_exception", self, e)
             if self._aside and restore_aside(self.out_dir):  # failed before its first checkpoint: undo
                 self._aside = False
                 self._say(f"the earlier run's files in {self.out_dir} are restored")
