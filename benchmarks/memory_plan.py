@@ -3,16 +3,17 @@
 Two parts, each appending rows (machine, versions, date, commit) to ``benchmarks/results/memory_plan.jsonl``:
 
 ``--part accuracy``: for every registered model at its native input size (32 px for the CIFAR models and
-VGGs, 224 px for the ImageNet ResNets and ViTs), batch 8, K=4, DGL+MAN++ and InfoPro+MAN++ with the default
+VGGs, 224 px for the ImageNet ResNets and ViTs), batch 8, K=4, DGL+MAN++ and InfoPro+MAN++ with the ``memory``
 split: the plan's activation peak and total (``manlearn.memory_plan``, real steps at batches 2 and 4 extended
 linearly) beside what ``manlearn bench memory`` counts on a real step at batch 8 (``PeakMemory`` after a
 warm-up step). The plan must be within 5 %.
 
 ``--part targets``: ResNet-50 and ResNet-101 at 224 px, batch 32, K=4, InfoPro+MAN++ and DGL+MAN++ with the
-default split, with and without ``grad_checkpoint=unit``, beside E2E and E2E with checkpointing per stage,
-unit and sqrt(n): counted on real steps (and planned). For ResNet-50 also what would move InfoPro+MAN++'s
-peak (its first block, the stem's auxiliary network): the stem in the first group (``stem_module=False``),
-the ema unit recomputed in backward (``+recompute``), both.
+``memory`` split (``auto``'s cut when these were measured; ``auto`` now follows the stages), with and
+without ``grad_checkpoint=unit``, beside E2E and E2E with checkpointing per stage, unit and sqrt(n): counted
+on real steps (and planned). For ResNet-50 also what would move InfoPro+MAN++'s peak (its first block, the
+stem's auxiliary network): the stem in the first group (``stem_module=False``), the ema unit recomputed in
+backward (``+recompute``), both.
 
     OMP_NUM_THREADS=1 python benchmarks/memory_plan.py --part accuracy
     OMP_NUM_THREADS=1 python benchmarks/memory_plan.py --part targets --models resnet50 resnet101 --batch 32
@@ -53,8 +54,9 @@ def run(part: str, model: str, spec: str, batch: int, size: int, results: Path, 
         return
     t0 = time.perf_counter()
     try:
-        row = counted(model, spec, 4, batch, device=device, image_size=size, num_classes=1000 if size == 224 else 10,
-                      plan=True)
+        # split="memory": the cut these targets were measured with (auto's before it followed the stages, #27)
+        row = counted(model, spec, 4, batch, split="memory", device=device, image_size=size,
+                      num_classes=1000 if size == 224 else 10, plan=True)
     except ConfigError as e:  # e.g. InfoPro's decoder on ViT tokens: refused with a reason
         print(f"{model} {spec}: refused: {e}", flush=True)
         return

@@ -69,7 +69,10 @@ def test_the_plan_is_what_the_step_keeps_on_registered_models(model, size, base)
 
 @pytest.mark.parametrize("method,base", [("manpp", "infopro"), ("manpp", "dgl"), ("auglocal", None)])
 def test_the_plan_is_what_the_step_keeps_under_checkpointing(method, base):
-    learner = quiet("resnet32", method=method, base=base, K=4, num_classes=4, grad_checkpoint="unit")
+    # the memory-balanced cut (auto cuts ResNet-32 K=4 at its stage boundaries, whose stage-1 block keeps more
+    # than E2E under per-unit checkpointing)
+    learner = quiet("resnet32", method=method, base=base, K=4, num_classes=4, grad_checkpoint="unit",
+                    split="memory")
     plan = learner.memory_plan(batch_size=8)
     assert close(plan.peak_activation_bytes, measured(learner, 8))
     assert plan.peak_activation_bytes <= plan.baselines["e2e+ckpt:unit"].peak_activation_bytes
@@ -219,11 +222,19 @@ def test_a_memory_split_keeps_no_more_than_a_uniform_one(model, method, base, K,
             <= uniform.memory_plan(batch_size=4).peak_activation_bytes)
 
 
-def test_auto_takes_a_published_table_else_the_memory_split():
+def test_auto_takes_a_published_table_else_the_stage_boundary_that_keeps_least_else_the_memory_split():
     assert quiet("resnet32", method="manpp", base="infopro", K=16).split.source == "paper table"
-    learner = quiet("resnet20", method="greedy", K=3)
+    learner = quiet("resnet20", method="greedy", K=3)  # stem + 2 groups: one of the 2 stage boundaries
+    assert learner.split.source == "stage boundaries"
+    peaks = [quiet("resnet20", method="greedy", K=3, split=f"stages:{cut}").memory_plan(batch_size=4)
+             .peak_activation_bytes for cut in (1, 2)]
+    assert learner.memory_plan(batch_size=4).peak_activation_bytes == min(peaks)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1, stride=2),
+                        nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(16, 4))  # one stage: no boundaries to follow
+    learner = quiet(net, method="greedy", K=3)
     assert learner.split.source == "memory"
-    assert learner.split.ends == quiet("resnet20", method="greedy", K=3, split="memory").split.ends
+    assert learner.split.ends == quiet(net, method="greedy", K=3, split="memory").split.ends
 
 
 def test_a_memory_split_takes_no_random_numbers():

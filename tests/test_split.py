@@ -1,13 +1,21 @@
 """Split tables, uniform / balanced / explicit splits, and the errors for impossible requests."""
 from __future__ import annotations
 
+import sys
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
+from torch import nn
 
 import manlearn
 from manlearn import ConfigError, LocalLearner
 from manlearn.memory import unit_activation_bytes
-from manlearn.split import PUBLISHED_SPLITS, balanced_ends, resolve_split, uniform_ends
+from manlearn.split import PUBLISHED_SPLITS, balanced_ends, resolve_split, stage_ends, uniform_ends
+
+sys.path.insert(0, str(Path(__file__).parent))
+from foreign_nets import TimmViT, tv_resnet18, tv_resnet50  # noqa: E402
 
 
 # unit_ids do not depend on width: build the ImageNet models narrow so the table tests stay fast
@@ -74,8 +82,9 @@ def test_uniform_any_k():
     for K in range(1, 17):
         learner_split = resolve_split(15, K, "uniform", True)
         assert learner_split.K == K
-    s = resolve_split(15, 7, "auto", True, "resnet32", unit_ids("resnet32"))
-    assert s.source == "uniform" and s.K == 7
+    # `auto` with nothing measured and no stages: uniform
+    s = resolve_split(15, 7, "auto", True)
+    assert s.source == "uniform" and s.K == 7 and s.ends == uniform_ends(15, 6)
 
 
 def test_balanced_minimises_the_largest_group():
@@ -143,3 +152,88 @@ def test_missing_table_is_refused_with_the_available_ones():
 
 def test_e2e_ignores_k():
     assert LocalLearner(model="resnet20", method="e2e", K=7, image_size=8).K == 1
+
+
+# ------------------------------------------------------------------ auto follows the stages and the recipes
+def quiet_learner(model, **kw) -> LocalLearner:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MemoryWarning where a split saves little: not what is tested here
+        return LocalLearner(model, **kw)
+
+
+def cuts_of(learner: LocalLearner) -> set[int]:
+    return set(learner.split.ends[:-1])
+
+
+@pytest.mark.parametrize("K,stem", [(3, True), (4, True), (5, True), (2, False), (3, False), (4, False)])
+def test_auto_cuts_a_torchvision_resnet18_only_at_stage_boundaries(K, stem):
+    learner = quiet_learner(tv_resnet18(num_classes=5), method="dgl", K=K, stem_module=stem, image_size=32)
+    stage_boundaries = set(stage_ends(learner.unit_ids)[:-1])
+    assert learner.K == K and learner.split.source == "stage boundaries"
+    assert cuts_of(learner) <= stage_boundaries, learner.split.ends
+
+
+def test_auto_at_k4_without_stem_module_is_the_detection_table():
+    """Four groups on four stages: stem+layer1 | layer2 | layer3 | layer4 (SPEC 3.4), for every ResNet."""
+    for net in (tv_resnet18(num_classes=5), tv_resnet50(num_classes=5)):
+        learner = quiet_learner(net, method="dgl", K=4, stem_module=False, image_size=32)
+        assert learner.split.ends == tuple(stage_ends(learner.unit_ids))
+
+
+@pytest.mark.parametrize("net,K", [(tv_resnet18, 6), (tv_resnet50, 6), (tv_resnet50, 9)])
+def test_more_pieces_than_stages_still_cut_at_every_stage_boundary(net, K):
+    learner = quiet_learner(net(num_classes=5), method="dgl", K=K, image_size=32)
+    assert learner.K == K and learner.split.source == "stage boundaries + memory"
+    assert set(stage_ends(learner.unit_ids)[:-1]) <= cuts_of(learner), learner.split.ends
+
+
+def test_cuts_inside_stages_follow_the_memory():
+    """The extra cuts go where the activations are largest (stage 1 of a ResNet-50), by the memory rule."""
+    learner = quiet_learner(tv_resnet50(num_classes=5), method="dgl", K=6, image_size=32)
+    inside = cuts_of(learner) - set(stage_ends(learner.unit_ids)[:-1])
+    assert [learner.unit_ids[e - 1] for e in sorted(inside)] == [(1, 0)]
+
+
+def test_auto_without_measurements_balances_unit_counts_within_stages():
+    ids = unit_ids("resnet32")  # 3 stages of 5 units
+    s = resolve_split(15, 7, "auto", True, "resnet32", ids)  # 6 groups: 2 per stage
+    sizes = [b - a for a, b in zip((0,) + s.ends[:-1], s.ends)]
+    assert s.source == "stage boundaries + uniform" and {5, 10} <= set(s.ends) and sorted(sizes) == [2, 2, 2, 3, 3, 3]
+    s = resolve_split(15, 3, "auto", True, "resnet32", ids)  # 2 groups: one stage boundary
+    assert s.source == "stage boundaries" and s.ends in ((5, 15), (10, 15))
+
+
+def test_auto_gives_a_timm_vit_groups_of_three_with_the_patch_embedding_first():
+    learner = quiet_learner(TimmViT(depth=12, num_classes=5), method="manpp", base="dgl", K=4, image_size=32)
+    assert learner.split.source == "equal groups" and learner.split.stem_module is False
+    assert [len(b) for b in learner.blocks] == [1 + 3, 3, 3, 3]  # patch embedding + 3 blocks, then 3s
+    assert learner.split.pieces()[0][0]  # the first piece holds the stem
+    five = quiet_learner(TimmViT(depth=12, num_classes=5), method="dgl", K=5, image_size=32)
+    assert [len(b) for b in five.blocks] == [1 + 3, 3, 2, 2, 2]  # earlier groups take the remainder
+
+
+def test_auto_gives_a_registered_vit_the_published_table_without_being_told_stem_module():
+    learner = quiet_learner("vit_tiny", method="manpp", base="dgl", K=4, num_classes=4, image_size=32,
+                            model_kwargs=dict(dim=12, heads=2))
+    assert learner.split.source == "paper table" and [len(b) for b in learner.blocks] == [1 + 3, 3, 3, 3]
+
+
+def test_explicit_split_and_stem_module_still_win():
+    vit = quiet_learner(TimmViT(depth=12, num_classes=5), method="dgl", K=4, stem_module=True, image_size=32)
+    assert vit.split.stem_module is True and [len(b) for b in vit.blocks] == [1, 4, 4, 4]
+    uniform = quiet_learner(tv_resnet18(num_classes=5), method="dgl", K=4, split="uniform", image_size=32)
+    assert uniform.split.source == "uniform" and uniform.split.ends == (3, 6, 8)  # inside stage 2: as asked
+    listed = quiet_learner(tv_resnet18(num_classes=5), method="dgl", K=3, stem_module=False, split=[1, 5, 8],
+                           image_size=32)
+    assert listed.split.source == "explicit" and listed.split.ends == (1, 5, 8)
+    # the FM-R32 protocol's K=16 stays the paper table (stem + every unit)
+    r32 = quiet_learner("resnet32", method="dgl", K=16, image_size=8)
+    assert r32.split.source == "paper table" and r32.split.ends == tuple(range(1, 16))
+
+
+def test_a_network_without_stages_or_tokens_keeps_the_memory_split():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    learner = quiet_learner(net, method="dgl", K=3, image_size=16)
+    assert learner.split.source == "memory" and learner.split.stem_module is True

@@ -171,12 +171,13 @@ def test_vit_rules_and_refusals():
     for method in ("infopro", "infopro-contrast"):
         with pytest.raises(ConfigError, match="feature maps"):
             make("vit_tiny", method)
-    # K=4 with the patch embedding as its own piece: no published table, so `auto` balances the memory kept
-    # (the last group has no auxiliary network, so it takes more blocks); `uniform` cuts groups of 4
+    # K=4 with the patch embedding as its own piece (asked for): no published table, so `auto` cuts equal
+    # groups of transformer blocks like the recipe; `memory` balances the memory kept (the last group has
+    # no auxiliary network, so it takes more blocks)
     stem = make("vit_tiny", "manpp", K=4, stem_module=True)
-    assert stem.split.source == "memory" and [len(b) for b in stem.blocks] == [1, 3, 3, 6]
-    uniform = make("vit_tiny", "manpp", K=4, stem_module=True, split="uniform")
-    assert [len(b) for b in uniform.blocks] == [1, 4, 4, 4]
+    assert stem.split.source == "equal groups" and [len(b) for b in stem.blocks] == [1, 4, 4, 4]
+    memory = make("vit_tiny", "manpp", K=4, stem_module=True, split="memory")
+    assert memory.split.source == "memory" and [len(b) for b in memory.blocks] == [1, 3, 3, 6]
     # last group of a single block: lb1 would lie beyond the network, so the aux has none
     tail = make("vit_tiny", "manpp", K=2, split=[11, 12])
     assert isinstance(tail.auxes[0].lb1, nn.Identity)

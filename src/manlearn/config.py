@@ -240,7 +240,7 @@ class TrainConfig(_Model):
     # auto | paper | memory | uniform | balanced, or boundaries: unit counts [3, 8] or (stage, unit) pairs [[1, 0]]
     split: Annotated[str | list[int | tuple[int, int]], _check(lambda v, _: not isinstance(v, str) or v.strip() != "",
                                                                "must be a name (e.g. 'auto') or boundaries")] = "auto"
-    stem_module: bool = True  # MAN++: the stem is its own local piece
+    stem_module: bool | None = None  # the stem is its own piece; none: the learner decides (False for ViTs)
     momentum: Annotated[float, _check(lambda v, _: 0 <= v <= 1, "(EMA) must be in [0, 1]")] = 0.995
     init: Annotated[str, _choice("manlearn.rules.momentum:INITS")] = "copy"  # ema/lb: copies
     lambda_schedule: Annotated[str, _choice("manlearn.rules.infopro:LAMBDA_SCHEDULES")] = "auto"

@@ -24,7 +24,7 @@ from .models.base import feature_info
 from .rules import AuxContext, LocalBatch, check_momentum, create_rule
 from .rules.base import register_norm_buffers
 from .recompute import Segment, checkpoint_granularity, checkpoint_module, granularity_groups, run_checkpointed, stage_segments
-from .split import Split, resolve_split, stage_ends
+from .split import Split, is_vit_like, resolve_split, stage_ends
 from .tasks import ClassificationTask, check_task
 from .tasks.base import check_head_fits
 
@@ -96,9 +96,12 @@ class LocalLearner(nn.Module):
         task: ``manlearn.tasks.ClassificationTask(num_classes)`` by default; ``RetinaNetTask``,
             ``DeepLabV3Task`` or any object following :class:`manlearn.tasks.Task`.
         split: ``auto`` | ``paper`` | ``memory`` | ``uniform`` | ``balanced`` | ``stages`` |
-            ``stages:1,2,3`` (cuts after those stages, 1-based) | list of boundaries. ``auto`` cuts at stage
-            boundaries for tasks that read every stage.
-        stem_module: the stem is its own piece (MAN++ code); default True, False for stage-reading tasks.
+            ``stages:1,2,3`` (cuts after those stages, 1-based) | list of boundaries. ``auto``: a published
+            table that gives K pieces, else equal groups of transformer blocks (ViT), else cuts on stage
+            boundaries (every stage boundary and memory-balanced cuts inside stages when K exceeds the
+            stages), else the ``memory`` cut; tasks that read every stage get ``stages``.
+        stem_module: the stem is its own piece (MAN++ code); default True, False for ViTs (the patch
+            embedding joins the first group, as in the MAN++ ViT recipe) and stage-reading tasks.
         normalization: the input's (mean, std) per channel, used to de-normalise InfoPro's target image.
         amp_dtype: run forwards under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``).
         channels_last: keep weights and activations in channels-last memory format.
@@ -203,12 +206,14 @@ class LocalLearner(nn.Module):
 
     def _resolve_split(self, backbone, units, unit_ids, model, K, split, stem_module, shapes) -> Split:
         stages_task = self.task.reads == "stages"
-        if stem_module is None:
-            stem_module = not stages_task
+        vit_like = is_vit_like(shapes, unit_ids)
+        if stem_module is None:  # the published recipes: ViTs and stage-reading tasks keep the stem in block 1
+            stem_module = not (stages_task or vit_like)
         if stages_task and split == "auto":
             split = "stages"
         return resolve_split(
             len(units), K, split, bool(stem_module), model if isinstance(model, str) else None, unit_ids,
+            vit_like=vit_like,
             unit_costs=lambda: unit_activation_bytes(backbone.stem, units, self.in_channels, self.image_size),
             end_costs=lambda: cut_costs(self.rule, self.task, backbone.stem, units, shapes, unit_ids, K=K,
                                         num_classes=self.num_classes, in_channels=self.in_channels,

@@ -1,12 +1,14 @@
-"""Where to cut a backbone: the authors' published tables, ``uniform``, ``balanced`` or a list.
+"""Where to cut a backbone: the authors' published tables, the network's stages, ``uniform``, ``balanced``
+or a list.
 
 A split is a list of unit groups plus ``stem_module`` (is the stem its own gradient-isolated piece,
 as in MAN++'s code?). ``K`` always means the real number of pieces: ``len(groups) + stem_module``.
+The default (``auto``, see :func:`resolve_split`) follows the published recipes and the stages.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 from .errors import ConfigError
 
@@ -126,15 +128,20 @@ def uniform_ends(n_units: int, groups: int) -> tuple[int, ...]:
 
 
 def balanced_ends(costs: Sequence[float], groups: int, first_extra: float = 0.0,
-                  end_costs: Sequence[float] | None = None) -> tuple[int, ...]:
+                  end_costs: Sequence[float] | None = None, *, cut_only_at: Collection[int] | None = None,
+                  always_cut_at: Collection[int] = ()) -> tuple[int, ...]:
     """Contiguous partition of ``costs`` into ``groups`` minimising the largest group cost.
 
     A group's cost is the sum of its units' costs, plus ``first_extra`` for the first group (the stem's
     cost when it is not its own piece), plus ``end_costs[j]`` for a group ending after unit ``j - 1``
     (what is kept at that cut, e.g. the auxiliary network placed there; ``end_costs[n]`` is the end of the
-    network). Ties are broken towards later boundaries being earlier (deterministic).
+    network). ``cut_only_at`` restricts the cuts to those unit counts; no group spans a position of
+    ``always_cut_at`` (stage boundaries). Ties are broken towards later boundaries being earlier
+    (deterministic).
     """
     n = len(costs)
+    allowed = None if cut_only_at is None else set(cut_only_at)
+    walls = sorted(always_cut_at)
     if end_costs is not None and len(end_costs) != n + 1:
         raise ValueError(f"end_costs needs {n + 1} entries (one per cut position 0..n), got {len(end_costs)}")
     prefix = [0.0]
@@ -152,10 +159,16 @@ def balanced_ends(costs: Sequence[float], groups: int, first_extra: float = 0.0,
     best[0][0] = 0.0
     for g in range(1, groups + 1):
         for j in range(g, n - (groups - g) + 1):
+            if g < groups and allowed is not None and j not in allowed:
+                continue
             for i in range(g - 1, j):
+                if any(i < w < j for w in walls):
+                    continue
                 v = max(best[g - 1][i], seg(i, j))
                 if v < best[g][j]:
                     best[g][j], arg[g][j] = v, i
+    if best[groups][n] == inf:
+        raise ValueError(f"no cut of {n} units into {groups} groups meets the constraints")
     ends, j = [], n
     for g in range(groups, 0, -1):
         ends.append(j)
@@ -192,6 +205,28 @@ def _stage_split(K: int, stem_module: bool, unit_ids) -> tuple[int, ...]:
     return ends_from_stage_cuts(cuts, unit_ids)
 
 
+def is_vit_like(shapes: Sequence[tuple[int, ...]], unit_ids: Sequence[tuple[int, int]] | None) -> bool:
+    """A patch embedding followed by one stage of same-shaped token units (``N x D`` in and out): a ViT.
+
+    ``shapes`` holds the output shape (batch left out) of the stem, then of every unit.
+    """
+    one_stage = not unit_ids or len({stage for stage, _ in unit_ids}) == 1
+    return one_stage and len(shapes[0]) == 2 and all(tuple(s) == tuple(shapes[0]) for s in shapes)
+
+
+def stage_aware_ends(costs: Sequence[float], groups: int, stage_end_counts: Sequence[int], first_extra: float = 0.0,
+                     end_costs: Sequence[float] | None = None) -> tuple[int, ...]:
+    """Balanced cuts (as :func:`balanced_ends`) that respect the stages.
+
+    With no more groups than stages every cut is a stage boundary (the balance picks which ones); with more,
+    every stage boundary is a cut and the extra cuts fall inside stages where they balance the costs best.
+    """
+    boundaries = list(stage_end_counts[:-1])
+    if groups <= len(stage_end_counts):
+        return balanced_ends(costs, groups, first_extra, end_costs, cut_only_at=boundaries)
+    return balanced_ends(costs, groups, first_extra, end_costs, always_cut_at=boundaries)
+
+
 def _describe_tables(model_name: str | None, unit_ids, n_units: int) -> str:
     parts = []
     for kind in ("paper", "memory"):
@@ -206,15 +241,25 @@ def _describe_tables(model_name: str | None, unit_ids, n_units: int) -> str:
 def resolve_split(n_units: int, K: int, split: str | Sequence = "auto", stem_module: bool = True,
                   model_name: str | None = None, unit_ids: list[tuple[int, int]] | None = None,
                   unit_costs: Callable[[], tuple[float, list[float]]] | None = None,
-                  end_costs: Callable[[], list[float]] | None = None) -> Split:
+                  end_costs: Callable[[], list[float]] | None = None, vit_like: bool = False) -> Split:
     """Turn a split request into a :class:`Split` with exactly K pieces, or refuse clearly.
 
-    ``split`` is one of ``auto`` (a published table when one gives K pieces, else ``memory``, else
-    uniform), ``paper`` (published tables only), ``memory`` (the published memory table, else the cuts
-    that make the largest block's peak smallest: needs ``unit_costs``, returning (stem cost, per-unit
-    costs), and ``end_costs``, the bytes kept at each cut position 0..n — the auxiliary network placed
-    there), ``uniform``, ``balanced`` (unit costs only), ``stages`` (cuts at stage boundaries only), ``stages:1,2,3`` (cuts after those stages), or an explicit list of boundaries: unit counts
-    (``[3, 8, 15]``) or ``(stage, index)`` pairs, the last one being the end of the network.
+    ``split`` is one of ``auto``, ``paper`` (published tables only), ``memory`` (the published memory
+    table, else the cuts that make the largest block's peak smallest: needs ``unit_costs``, returning
+    (stem cost, per-unit costs), and ``end_costs``, the bytes kept at each cut position 0..n — the
+    auxiliary network placed there), ``uniform``, ``balanced`` (unit costs only), ``stages`` (cuts at stage
+    boundaries only), ``stages:1,2,3`` (cuts after those stages), or an explicit list of boundaries: unit
+    counts (``[3, 8, 15]``) or ``(stage, index)`` pairs, the last one being the end of the network.
+
+    ``auto`` follows the published recipes and the network's stages, first rule that applies:
+
+    1. a published table (``paper``, then ``memory``) that gives K pieces;
+    2. ``vit_like`` (see :func:`is_vit_like`): equal groups of transformer blocks, earlier groups taking
+       the remainder, as in the MAN++ ViT recipe (12 blocks at K=4: 3+3+3+3);
+    3. units in several stages (``unit_ids``): cuts on stage boundaries only while the groups are no more
+       than the stages, else at every stage boundary plus cuts inside stages (see :func:`stage_aware_ends`);
+       which cuts is decided by the memory as in ``memory``, or by unit counts when no costs are given;
+    4. otherwise ``memory``, or ``uniform`` when no costs are given.
     """
     if isinstance(K, bool) or not isinstance(K, int) or K < 1:
         raise ConfigError(f"K must be a positive integer (number of gradient-isolated pieces), got {K!r}")
@@ -253,6 +298,10 @@ def resolve_split(n_units: int, K: int, split: str | Sequence = "auto", stem_mod
         if split == "paper":
             raise ConfigError(f"no published {split!r} split for {model_name or 'this backbone'} with K={K} "
                               f"and stem_module={stem_module}. " + _describe_tables(model_name, unit_ids, n_units))
+        if split == "auto" and vit_like:
+            return Split(uniform_ends(n_units, groups), stem_module, "equal groups")
+        if split == "auto" and unit_ids and len(stage_ends(unit_ids)) > 1:
+            return _stage_aware_split(n_units, groups, stem_module, unit_ids, unit_costs, end_costs)
         if split == "auto" and (unit_costs is None or end_costs is None):
             split = "uniform"
     if split == "uniform":
@@ -266,6 +315,24 @@ def resolve_split(n_units: int, K: int, split: str | Sequence = "auto", stem_mod
     if end_costs is None:
         raise ConfigError("split='memory' needs the memory kept at each cut (its auxiliary networks)")
     return Split(balanced_ends(costs, groups, extra, end_costs()), stem_module, "memory")
+
+
+def _stage_aware_split(n_units: int, groups: int, stem_module: bool, unit_ids: Sequence[tuple[int, int]],
+                       unit_costs: Callable[[], tuple[float, list[float]]] | None,
+                       end_costs: Callable[[], list[float]] | None) -> Split:
+    """``auto`` on a backbone with stages; ``source`` says whether cuts inside stages were needed and how
+    they were placed (by measured memory, or by unit counts when nothing was measured)."""
+    measured = unit_costs is not None and end_costs is not None
+    if measured:
+        stem_cost, costs = unit_costs()
+        extra, kept = (0.0 if stem_module else stem_cost), end_costs()
+    else:
+        costs, extra, kept = [1.0] * n_units, 0.0, None
+    stage_end_counts = stage_ends(unit_ids)
+    ends = stage_aware_ends(costs, groups, stage_end_counts, extra, kept)
+    if groups <= len(stage_end_counts):
+        return Split(ends, stem_module, "stage boundaries")
+    return Split(ends, stem_module, f"stage boundaries + {'memory' if measured else 'uniform'}")
 
 
 def _explicit_ends(split: Sequence, n_units: int, unit_ids) -> tuple[int, ...]:
