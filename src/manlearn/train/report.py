@@ -46,7 +46,7 @@ def run_rows(folder: str | Path) -> list[dict[str, Any]]:
         acc = s.get("test_acc", last.get("test_acc"))
         rows.append({"run": r["name"], "task": (cfg.get("task") or {}).get("name", "classification")
                      if isinstance(cfg.get("task"), dict) else "classification",
-                     "method": method, "K": cfg.get("K", "?"),
+                     "method": method, "K": 1 if cfg.get("method") == "e2e" else cfg.get("K", "?"),  # e2e ignores K
                      "steps": s.get("steps", recs[-1]["step"] if recs else 0),
                      "test_acc": acc, "best": s.get("best", last.get("best_acc")),
                      "s_per_it": s.get("seconds_per_iter", train[-1].get("seconds_per_iter") if train else None),
