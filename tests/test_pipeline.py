@@ -178,7 +178,7 @@ def test_a_stuck_worker_ends_the_run_after_the_timeout(tmp_path):
 def test_cli_refusals_for_the_pipeline(tmp_path, capsys):
     from manlearn.cli import main
 
-    assert main(["train", "dataset=digits", f"out_dir={tmp_path}", "pipeline_workers=2", "--resume"]) == 2
-    assert "cannot be resumed" in capsys.readouterr().err
+    assert main(["train", "dataset=digits", f"out_dir={tmp_path}", "pipeline_workers=2", "--resume", "--overwrite"]) == 2
+    assert "opposite things" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="run_pipeline"):
         Trainer.from_config(cfg_(tmp_path))
