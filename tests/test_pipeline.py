@@ -326,15 +326,37 @@ def test_a_signal_saves_an_agreed_step_exits_with_its_code_and_resumes_exactly(t
 
 
 def test_a_run_killed_with_sigkill_resumes_exactly_from_its_epoch_checkpoint(tmp_path, uninterrupted):
+    """Only the launcher is killed (the hardest case: its workers must notice and stop, not train on)."""
     out = tmp_path / "run"
     proc = start_cli(out)
     wait_for(out / "last.pt", proc)  # epoch 1's checkpoint
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers, as a scheduler's hard kill
+    proc.kill()
     finish(proc)
-    assert group_gone(proc.pid)
-    assert load_checkpoint(out / "last.pt")["step"] % SPE == 0
+    assert group_gone(proc.pid, 30.0), "the workers outlived their launcher"
+    step = load_checkpoint(out / "last.pt")["step"]
+    assert step % SPE == 0 and step < STEPS, "the workers trained on without their launcher"
     assert run(stop_cfg(out), resume=True)["steps"] == STEPS
     assert_identical(outcome(out), uninterrupted.outcome)
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path, uninterrupted):
+    """A requeued job whose run had finished (the signal came during its last step)."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted.dir, out)
+    s = run(stop_cfg(out), resume=True)
+    assert s["steps"] == STEPS and s["test_acc"] == uninterrupted.outcome["checkpoint"]["last_test_acc"]
+    assert_identical(outcome(out), uninterrupted.outcome)
+
+
+def test_a_run_failing_before_its_first_checkpoint_leaves_nothing_behind(tmp_path):
+    def kill_at_once(procs):
+        os.kill(procs[1].pid, signal.SIGKILL)
+
+    with pytest.raises(PipelineError, match="worker 1"):
+        run(cfg_(tmp_path / "run"), on_start=kill_at_once)
+    assert not any((tmp_path / "run").iterdir())
 
 
 def test_a_second_ctrl_c_stops_the_launcher_and_its_workers_at_once(tmp_path):

@@ -32,7 +32,7 @@ from manlearn.errors import CheckpointError, ConfigError
 from ..checkpoint import check_resume_compatible, load_checkpoint
 from ..interrupt import DeferredInterrupt, TrainingInterrupted
 from ..metrics import JsonlWriter
-from ..outputs import check_writable_dir, present_run_files, settle
+from ..outputs import check_writable_dir, present_run_files, remove_run_files, settle
 from ..trainer import CKPT_NAME, METRICS_NAME
 from .errors import PipelineError
 from .planner import PipelinePlan, make_plan
@@ -60,6 +60,7 @@ def run_pipeline(cfg: TrainConfig, *, threads: int | None = None, overwrite: boo
     out_dir = Path(cfg.out_dir)
     ckpt_path = out_dir / CKPT_NAME
     ckpt = _open_run(cfg, resume=resume, overwrite=overwrite, say=lambda m: print(m, file=stream, flush=True))
+    fresh = ckpt is None and not present_run_files(out_dir)  # nothing of an earlier run is there
     ctx = mp.get_context("spawn")
     control = Control(stop=ctx.RawValue("b", 0), saved_step=ctx.RawValue("q", ckpt["step"] if ckpt else -1),
                       launcher_pid=os.getpid(), resume_from=str(ckpt_path) if ckpt else None)
@@ -69,21 +70,26 @@ def run_pipeline(cfg: TrainConfig, *, threads: int | None = None, overwrite: boo
         step = control.saved_step.value
         return f"{ckpt_path} (step {step}) is kept" if step >= 0 else "no checkpoint was written yet"
 
-    with DeferredInterrupt(kept, on_exit=lambda: _kill(procs)) as intr:
-        plan = make_plan(cfg)
-        if ckpt is not None:
-            _check_same_plan(ckpt, plan, ckpt_path)
-        if intr.requested:
-            raise TrainingInterrupted(f"{intr.reason()} before the first step; {kept()}", intr.exit_code)
-        if threads is None:
-            threads = max(1, (os.cpu_count() or 1) // plan.workers)
-        (out_dir / "config.yaml").write_text(config_to_yaml(cfg))
-        JsonlWriter(out_dir / METRICS_NAME).rewrite(ckpt["metrics"] if ckpt else [])  # lines after the checkpoint go
-        if cfg.progress:
-            print(_describe_plan(cfg, plan, threads) + (f"; resumed at step {ckpt['step']}" if ckpt else ""),
-                  file=stream, flush=True)
-        t0 = time.perf_counter()
-        result = _Run(cfg, plan, threads, control, procs).wait(on_start, intr)
+    try:
+        with DeferredInterrupt(kept, on_exit=lambda: _kill(procs)) as intr:
+            plan = make_plan(cfg)
+            if ckpt is not None:
+                _check_same_plan(ckpt, plan, ckpt_path)
+            if intr.requested:
+                raise TrainingInterrupted(f"{intr.reason()} before the first step; {kept()}", intr.exit_code)
+            if threads is None:
+                threads = max(1, (os.cpu_count() or 1) // plan.workers)
+            (out_dir / "config.yaml").write_text(config_to_yaml(cfg))
+            JsonlWriter(out_dir / METRICS_NAME).rewrite(ckpt["metrics"] if ckpt else [])  # later lines go
+            if cfg.progress:
+                print(_describe_plan(cfg, plan, threads) + (f"; resumed at step {ckpt['step']}" if ckpt else ""),
+                      file=stream, flush=True)
+            t0 = time.perf_counter()
+            result = _Run(cfg, plan, threads, control, procs).wait(on_start, intr)
+    except BaseException:
+        if fresh and control.saved_step.value < 0:  # failed before its first checkpoint: no half-run left behind
+            remove_run_files(out_dir, ["config.yaml", METRICS_NAME])
+        raise
     if intr.requested:
         step, spe = result["steps"], plan.steps_per_epoch
         raise TrainingInterrupted(f"{intr.reason()}: saved {ckpt_path} at step {step} (epoch {step // spe + 1}, "
