@@ -135,15 +135,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _train_pipeline(cfg: Any, args: argparse.Namespace) -> int:
     """``pipeline_workers=N``: the K blocks over N worker processes on this host (docs/scaling.md)."""
     from manlearn.distributed import env_world_size
+    from manlearn.train.interrupt import TrainingInterrupted
     from manlearn.train.pipeline import run_pipeline
 
     if env_world_size() > 1:
         raise ConfigError("pipeline_workers is not combined with torchrun (data parallel) yet: start the "
                           "pipeline with a plain `manlearn train ... pipeline_workers=N`, which spawns its workers")
-    if args.resume:
-        raise ConfigError("pipeline runs cannot be resumed yet (their checkpoint holds the whole model for "
-                          "`manlearn eval`, not the in-flight state of every worker)")
-    summary = run_pipeline(cfg, overwrite=args.overwrite)
+    try:
+        summary = run_pipeline(cfg, overwrite=args.overwrite, resume=args.resume)
+    except TrainingInterrupted as e:  # Ctrl-C or SIGTERM: it says what was saved and at which step
+        print(f"\n{e}", file=sys.stderr)
+        return e.exit_code
     ips = summary["images_per_s"]
     _print_test_acc(summary)
     print(f"images/s: {ips:.1f} (pipeline, {cfg.pipeline_workers} workers)" if ips else "images/s: n/a")

@@ -47,16 +47,19 @@ class DeferredInterrupt:
     """Context manager: defer SIGINT and SIGTERM to step boundaries (main thread, default handlers only; else
     a no-op). ``signals``: which of the two (a data-parallel rank defers SIGTERM only).
 
-    ``last_words()`` gives the line printed when a second signal ends the process."""
+    ``last_words()`` gives the line printed when a second signal ends the process; ``on_exit()``, if given,
+    runs just before that exit (a pipeline's launcher stops its worker processes there)."""
 
     def __init__(self, last_words: Callable[[], str],
-                 signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
+                 signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM),
+                 on_exit: Callable[[], None] | None = None) -> None:
         self.requested = False
         self.signum: int | None = None  # the first signal received
         self.installed = False
         self._signals = signals
         self._immediate = 0
         self._last_words = last_words
+        self._on_exit = on_exit
         self._old: dict[int, object] = {}
 
     @property
@@ -83,6 +86,8 @@ class DeferredInterrupt:
             try:
                 sys.stdout.flush()
                 print(f"\nsecond {name}: stopped at once; {self._last_words()}", file=sys.stderr, flush=True)
+                if self._on_exit is not None:
+                    self._on_exit()
             finally:
                 os._exit(EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED)
         self.request(signum)

@@ -50,8 +50,10 @@ Evaluation and checkpoints
     At the end of an epoch every worker sends its part of the state (blocks, auxiliary networks,
     head) and its loss statistics to worker 0 (one ``gather_object`` on a control group: this is
     also a pipeline flush); worker 0 assembles the whole learner, evaluates the whole backbone and
-    writes ``metrics.jsonl`` and an atomic ``last.pt`` that ``manlearn eval`` reads.  Resuming a
-    pipeline run is not supported yet (the in-flight EMA versions would have to be saved too).
+    writes ``metrics.jsonl`` and an atomic ``last.pt`` that ``manlearn eval`` reads, holding also every
+    worker's state (optimiser, RNG, running figures, MAN's shadow unit and versions in flight), so that
+    ``--resume`` continues exactly.  Ctrl-C and SIGTERM stop every worker after one agreed step, saved
+    (exit status 130 / 143; see :mod:`.worker` and :mod:`.launcher`).
 
 Modules
     :mod:`.planner` (which worker owns which blocks: FLOP-balanced contiguous ranges, the

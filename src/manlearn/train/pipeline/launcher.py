@@ -5,6 +5,12 @@ worker, and watches every worker's exit: the first non-zero exit stops the run, 
 moment to report (their neighbours fail at once when a worker's sockets close) and are then stopped,
 and :class:`~.errors.PipelineError` names the root cause — a worker that died without reporting
 (killed, with the signal), else the first to report.
+
+Ctrl-C and SIGTERM keep the contract of a one-process run (:mod:`..interrupt`): the launcher defers
+them and raises a flag that worker 0 turns into an end every worker agrees on (see :mod:`.worker`);
+that step is saved, and :class:`~..interrupt.TrainingInterrupted` says where (exit status 130 after
+Ctrl-C, 143 after SIGTERM).  A second one kills the workers and exits at once; every checkpoint on
+disk is complete (atomic writes).  ``resume=True`` continues from ``last.pt`` exactly.
 """
 
 from __future__ import annotations
@@ -23,51 +29,136 @@ from manlearn.config import TrainConfig, config_to_dict, config_to_yaml, validat
 from manlearn.distributed.dist import free_port, gloo_available
 from manlearn.errors import CheckpointError, ConfigError
 
-from ..outputs import check_writable_dir, present_run_files
+from ..checkpoint import check_resume_compatible, load_checkpoint
+from ..interrupt import DeferredInterrupt, TrainingInterrupted
+from ..metrics import JsonlWriter
+from ..outputs import check_writable_dir, present_run_files, remove_run_files, settle
+from ..trainer import CKPT_NAME, METRICS_NAME
 from .errors import PipelineError
 from .planner import PipelinePlan, make_plan
-from .worker import worker_main
+from .worker import Control, worker_main
+
+_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 __all__ = ["run_pipeline"]
 
 
-def run_pipeline(cfg: TrainConfig, *, threads: int | None = None, overwrite: bool = False,
+def run_pipeline(cfg: TrainConfig, *, threads: int | None = None, overwrite: bool = False, resume: bool = False,
                  on_start: Callable[[list[Any]], None] | None = None, out: Any = None) -> dict[str, Any]:
     """Train ``cfg`` with its K blocks spread over ``cfg.pipeline_workers`` processes (this host).
 
     ``threads`` is the intra-op thread count of each worker (default: CPU cores / workers).
+    ``resume`` continues the run in ``cfg.out_dir`` from its ``last.pt`` exactly as if it had never
+    stopped (a new run when there is none); ``overwrite`` replaces an earlier run there.
     ``on_start(processes)`` is called once the workers are started (tests use it to kill one).
-    Returns a summary like :meth:`Trainer.fit`'s; raises :class:`PipelineError` when a worker fails.
+    Returns a summary like :meth:`Trainer.fit`'s; raises :class:`PipelineError` when a worker fails and
+    :class:`TrainingInterrupted` (saved, with the step) after Ctrl-C or SIGTERM.
     """
     cfg = validate(cfg)
-    _check_runnable(cfg, overwrite)
-    plan = make_plan(cfg)
-    if threads is None:
-        threads = max(1, (os.cpu_count() or 1) // plan.workers)
+    _check_runnable(cfg)
+    stream = out or sys.stdout
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(config_to_yaml(cfg))
-    (out_dir / "metrics.jsonl").write_text("")
-    if cfg.progress:
-        print(_describe_plan(cfg, plan, threads), file=out or sys.stdout, flush=True)
-    t0 = time.perf_counter()
-    result = _Run(cfg, plan, threads).wait(on_start)
+    ckpt_path = out_dir / CKPT_NAME
+    ckpt = _open_run(cfg, resume=resume, overwrite=overwrite, say=lambda m: print(m, file=stream, flush=True))
+    fresh = ckpt is None and not present_run_files(out_dir)  # nothing of an earlier run is there
+    ctx = mp.get_context("spawn")
+    control = Control(stop=ctx.RawValue("b", 0), saved_step=ctx.RawValue("q", ckpt["step"] if ckpt else -1),
+                      launcher_pid=os.getpid(), resume_from=str(ckpt_path) if ckpt else None)
+    procs: list[Any] = []
+
+    def kept() -> str:
+        step = control.saved_step.value
+        return f"{ckpt_path} (step {step}) is kept" if step >= 0 else "no checkpoint was written yet"
+
+    try:
+        with DeferredInterrupt(kept, on_exit=lambda: _kill(procs)) as intr:
+            plan = make_plan(cfg)
+            if ckpt is not None:
+                _check_same_plan(ckpt, plan, ckpt_path)
+            if intr.requested:
+                raise TrainingInterrupted(f"{intr.reason()} before the first step; {kept()}", intr.exit_code)
+            if threads is None:
+                threads = max(1, (os.cpu_count() or 1) // plan.workers)
+            (out_dir / "config.yaml").write_text(config_to_yaml(cfg))
+            JsonlWriter(out_dir / METRICS_NAME).rewrite(ckpt["metrics"] if ckpt else [])  # later lines go
+            if cfg.progress:
+                print(_describe_plan(cfg, plan, threads) + (f"; resumed at step {ckpt['step']}" if ckpt else ""),
+                      file=stream, flush=True)
+            t0 = time.perf_counter()
+            result = _Run(cfg, plan, threads, control, procs).wait(on_start, intr)
+    except BaseException:
+        if fresh and control.saved_step.value < 0:  # failed before its first checkpoint: no half-run left behind
+            remove_run_files(out_dir, ["config.yaml", METRICS_NAME])
+        raise
+    if intr.requested:
+        step, spe = result["steps"], plan.steps_per_epoch
+        raise TrainingInterrupted(f"{intr.reason()}: saved {ckpt_path} at step {step} (epoch {step // spe + 1}, "
+                                  f"batch {step % spe}); continue with --resume", intr.exit_code)
     return _summary(cfg, plan, result, time.perf_counter() - t0)
 
 
-def _check_runnable(cfg: TrainConfig, overwrite: bool) -> None:
+def _check_runnable(cfg: TrainConfig) -> None:
     if cfg.pipeline_workers < 2:
         raise ConfigError("run_pipeline needs pipeline_workers >= 2")
     if not gloo_available():
         raise ConfigError("the pipeline needs torch.distributed with the gloo backend")
     if cfg.amp != "off" or cfg.compile:
         raise ConfigError("the pipeline does not support amp or compile yet; use amp=off compile=false")
-    existing = present_run_files(Path(cfg.out_dir))
-    if existing and not overwrite:
-        what = "a checkpoint (last.pt)" if "last.pt" in existing else ", ".join(existing)
-        raise CheckpointError(f"{cfg.out_dir} already holds {what} of an earlier run; pass --overwrite to start "
-                              "over or choose another out_dir (pipeline runs cannot be resumed yet)")
+
+
+def _open_run(cfg: TrainConfig, *, resume: bool, overwrite: bool, say: Callable[[str], None]) -> dict[str, Any] | None:
+    """The vetted checkpoint to continue from, or None for a new run (refusing to mix with an earlier run)."""
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite ask for opposite things (continue the run in out_dir / "
+                          "replace it): pass one of them")
+    out_dir = Path(cfg.out_dir)
+    for line in settle(out_dir):  # what a killed run left half-done
+        say(line)
     check_writable_dir(cfg.out_dir, "out_dir")
+    ckpt_path = out_dir / CKPT_NAME
+    existing = present_run_files(out_dir)
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        check_resume_compatible(ckpt, cfg, ckpt_path)
+        if not (ckpt.get("pipeline") or {}).get("resumable"):
+            raise CheckpointError(f"checkpoint {ckpt_path} was written by a pipeline run of an earlier manlearn, "
+                                  "which kept no worker state: it cannot be resumed; start over with --overwrite")
+        return ckpt
+    if resume:
+        if existing:
+            raise CheckpointError(f"--resume: {out_dir} holds {', '.join(existing)} of another run but no checkpoint "
+                                  f"({CKPT_NAME}) to continue from; choose another out_dir, or --overwrite to replace "
+                                  "that run")
+        say(f"no checkpoint at {ckpt_path}; starting a new run")
+    elif existing and not overwrite:
+        what = "a checkpoint (last.pt)" if CKPT_NAME in existing else ", ".join(existing)
+        raise CheckpointError(f"{out_dir} already holds {what} of an earlier run; pass --resume to continue it, "
+                              "--overwrite to start over, or choose another out_dir")
+    return None
+
+
+def _check_same_plan(ckpt: dict[str, Any], plan: PipelinePlan, path: Path) -> None:
+    """A checkpoint continues only on the same blocks per worker and the same epochs."""
+    saved = [tuple(r) for r in ckpt["pipeline"]["ranges"]]
+    now = [(r.start, r.stop) for r in plan.ranges]
+    if saved != now:
+        def show(rs: list[tuple[int, int]]) -> str:
+            return ", ".join(f"w{i}: {a}-{b - 1}" for i, (a, b) in enumerate(rs))
+        raise CheckpointError(f"checkpoint {path} has the blocks over the workers as {show(saved)}, this run as "
+                              f"{show(now)}: it can only be resumed with the same split")
+    if ckpt["steps_per_epoch"] != plan.steps_per_epoch:
+        raise CheckpointError(f"checkpoint {path} was written with {ckpt['steps_per_epoch']} steps per epoch, this run "
+                              f"has {plan.steps_per_epoch}: the training set changed, so it cannot be resumed exactly")
+
+
+def _kill(procs: list[Any]) -> None:
+    """Stop the workers at once (they ignore SIGTERM: the launcher coordinates their stop)."""
+    for p in procs:
+        if p.pid is not None:
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def _describe_plan(cfg: TrainConfig, plan: PipelinePlan, threads: int) -> str:
@@ -92,27 +183,36 @@ def _describe_exit(code: int | None) -> str:
 class _Run:
     """The spawned workers of one run: started at construction, watched and stopped by :meth:`wait`."""
 
-    def __init__(self, cfg: TrainConfig, plan: PipelinePlan, threads: int) -> None:
-        self.plan = plan
+    def __init__(self, cfg: TrainConfig, plan: PipelinePlan, threads: int, control: Control,
+                 procs: list[Any]) -> None:
+        self.plan, self.control = plan, control
         ctx = mp.get_context("spawn")
         self.errq = ctx.SimpleQueue()
         self.res_recv, res_send = ctx.Pipe(duplex=False)  # watched with the sentinels: never blocks a worker
         port, cfg_dict = free_port(), config_to_dict(cfg)
-        self.procs = [ctx.Process(target=worker_main, name=f"manlearn-pipeline-{r}", daemon=True,
-                                  args=(r, port, cfg_dict, plan, threads, self.errq, res_send))
-                      for r in range(plan.workers)]
+        procs[:] = [ctx.Process(target=worker_main, name=f"manlearn-pipeline-{r}", daemon=True,
+                                args=(r, port, cfg_dict, plan, threads, self.errq, res_send, control))
+                    for r in range(plan.workers)]
+        self.procs = procs
         self.result: dict[str, Any] | None = None
         self.failed: list[int] = []  # workers that exited non-zero, in the order seen
         self.hung: list[int] = []    # workers still running after a failure (killed)
 
-    def wait(self, on_start: Callable[[list[Any]], None] | None) -> dict[str, Any]:
-        """Run to the end; worker 0's result, or :class:`PipelineError` naming the root cause."""
-        for p in self.procs:
-            p.start()
+    def wait(self, on_start: Callable[[list[Any]], None] | None, intr: DeferredInterrupt) -> dict[str, Any]:
+        """Run to the end (or the agreed stop after ``intr``'s signal); worker 0's result, or
+        :class:`PipelineError` naming the root cause."""
+        # Started with SIGINT and SIGTERM blocked (the children inherit the mask until they ignore both),
+        # so a signal during their start-up is neither lost here nor fatal there.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            for p in self.procs:
+                p.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         if on_start is not None:
             on_start(self.procs)
         try:
-            self._watch()
+            self._watch(intr)
             if self.failed:
                 # Let the others notice (connection closed) and report for a moment, then stop them.
                 deadline = time.time() + 3.0
@@ -129,12 +229,15 @@ class _Run:
             raise PipelineError("the pipeline workers exited without a result")
         return self.result
 
-    def _watch(self) -> None:
-        """Until every worker has exited or one has failed: collect worker 0's result on the way."""
+    def _watch(self, intr: DeferredInterrupt) -> None:
+        """Until every worker has exited or one has failed: collect worker 0's result on the way, pass a
+        stop request on (a signal handler only sets a flag: it is read here, a few times a second)."""
         alive: dict[Any, int] = {p.sentinel: i for i, p in enumerate(self.procs)}
         while alive and not self.failed:
+            if intr.requested:
+                self.control.stop.value = 1
             watched = [*alive, self.res_recv] if self.result is None else list(alive)
-            for s in multiprocessing.connection.wait(watched, timeout=1.0):
+            for s in multiprocessing.connection.wait(watched, timeout=0.2):
                 if s is self.res_recv:
                     self.result = self.res_recv.recv()
                     continue
@@ -146,12 +249,9 @@ class _Run:
     def _stop(self) -> None:
         for p in self.procs:
             if p.is_alive():
-                p.terminate()
+                p.kill()  # (a worker ignores SIGTERM)
         for p in self.procs:
-            p.join(2.0)
-            if p.is_alive():
-                p.kill()
-                p.join()
+            p.join()
 
     def _failure(self) -> PipelineError:
         reports: dict[int, tuple[float, str]] = {}

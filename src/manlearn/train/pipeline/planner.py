@@ -88,10 +88,11 @@ def param_version(t: int, every: int, delay: int) -> int:
     return every * ((t - delay) // every)
 
 
-def sync_versions(every: int, delay: int, stop_at: int) -> list[int]:
-    """The versions of MAN's back-sync that a run of ``stop_at`` steps sends: every, 2·every, ...,
-    those used at some step ``v + delay < stop_at``."""
-    return [v for v in range(every, stop_at, every) if v + delay <= stop_at - 1]
+def sync_versions(every: int, stop_at: int) -> list[int]:
+    """The versions of MAN's back-sync that a run of ``stop_at`` steps sends: every, 2·every, ... up to
+    ``stop_at``, also those that only a longer (resumed) run uses: a checkpoint at step ``S`` then holds
+    every version ``<= S`` that a later step needs, whatever the run's length."""
+    return list(range(every, stop_at + 1, every))
 
 
 def needs_image(cfg: TrainConfig) -> bool:

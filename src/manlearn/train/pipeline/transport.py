@@ -21,10 +21,15 @@ from torch import nn
 from .errors import WorkerGone, WorkerTimeout
 
 __all__ = ["guarded", "wait", "Inbox", "Outbox", "ShadowReceiver", "UnitSender",
-           "TAG_H", "TAG_X", "TAG_Y", "TAG_PARAM"]
+           "TAG_H", "TAG_X", "TAG_Y", "TAG_PARAM", "TAG_END"]
 
-TAG_H, TAG_X, TAG_Y, TAG_PARAM = 1, 2, 3, 4
-TENSOR_TAGS = (TAG_H, TAG_Y, TAG_X)  # a micro-batch travels as (activations, targets[, image])
+TAG_H, TAG_X, TAG_Y, TAG_PARAM, TAG_END = 1, 2, 3, 4, 5
+TENSOR_TAGS = (TAG_H, TAG_Y, TAG_X)  # a micro-batch travels as (activations, targets[, image]) ...
+NO_END = -1  # ... and the step at which the stream ends, once announced (Ctrl-C, SIGTERM), else NO_END
+
+
+def _tags(n: int) -> tuple[int, ...]:
+    return (*TENSOR_TAGS[:n], TAG_END)
 
 
 def guarded(fn: Callable[[], Any], timeout_s: float, what: str, peers: str) -> Any:
@@ -53,18 +58,24 @@ class Inbox:
 
     Posting ahead lets the next micro-batch's transfer overlap this worker's compute; the bound keeps
     the memory flat whatever the relative speeds.
+
+    Every micro-batch also carries the step at which the stream ends when one was announced (the run
+    is stopping early).  A sender announces ``S >= t + depth`` with micro-batch ``t``: when that
+    micro-batch is taken, at most steps ``< t + depth`` have receives posted, so ``stop_at`` drops to
+    ``S`` before any receive for a step ``>= S`` is posted, and none is left unanswered.
     """
 
     def __init__(self, rank: int, src: int, shapes: Sequence[tuple[tuple[int, ...], torch.dtype]],
-                 device: torch.device, depth: int, stop_at: int, timeout_s: float) -> None:
+                 device: torch.device, depth: int, stop_at: int, timeout_s: float, start: int = 0) -> None:
         self.rank, self.src, self.shapes, self.device = rank, src, list(shapes), device
         self.depth, self.stop_at, self.timeout_s = depth, stop_at, timeout_s
         self.posted: list[tuple[int, list[Any], list[torch.Tensor]]] = []  # (step, works, tensors)
-        self.next_post = 0
+        self.next_post = start  # the first micro-batch (a resumed run's step)
 
     def _post(self, t: int) -> None:
         ts = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in self.shapes]
-        works = guarded(lambda: [dist.irecv(x, self.src, tag=tag) for x, tag in zip(ts, TENSOR_TAGS)],
+        ts.append(torch.empty(1, dtype=torch.long, device=self.device))  # the announced end
+        works = guarded(lambda: [dist.irecv(x, self.src, tag=tag) for x, tag in zip(ts, _tags(len(ts) - 1))],
                         self.timeout_s, f"worker {self.rank}: receiving micro-batch {t}", f"worker {self.src}")
         self.posted.append((t, works, ts))
 
@@ -75,13 +86,18 @@ class Inbox:
             self.next_post += 1
 
     def take(self, t: int) -> list[torch.Tensor]:
-        """The tensors of micro-batch ``t`` (waits for them); the next receive is posted before returning."""
+        """The tensors of micro-batch ``t`` (waits for them); the next receive is posted before returning.
+
+        An end announced with it lowers :attr:`stop_at` (before the next receive is posted)."""
         self.fill()
         rt, works, ts = self.posted.pop(0)
         assert rt == t, (rt, t)
         for w in works:
             wait(w, self.timeout_s, f"worker {self.rank}: waiting for micro-batch {t} from worker {self.src}",
                  self.src)
+        end = int(ts.pop().item())
+        if end != NO_END:
+            self.stop_at = min(self.stop_at, end)
         self.fill()  # post the next receive before computing: the transfer overlaps
         return ts
 
@@ -105,11 +121,12 @@ class Outbox:
                 wait(w, self.timeout_s, f"worker {self.rank}: sending micro-batch {t} to worker {self.dst}",
                      self.dst)
 
-    def send(self, t: int, tensors: Sequence[torch.Tensor]) -> None:
-        """Send micro-batch ``t`` (kept alive until its send completes)."""
+    def send(self, t: int, tensors: Sequence[torch.Tensor], end: int = NO_END) -> None:
+        """Send micro-batch ``t`` (kept alive until its send completes) with the stream's announced ``end``."""
         self.bound(self.depth - 1)
         out = [x.contiguous() for x in tensors]
-        works = guarded(lambda: [dist.isend(x, self.dst, tag=tag) for x, tag in zip(out, TENSOR_TAGS)],
+        out.append(torch.tensor([end], dtype=torch.long, device=out[0].device))
+        works = guarded(lambda: [dist.isend(x, self.dst, tag=tag) for x, tag in zip(out, _tags(len(out) - 1))],
                         self.timeout_s, f"worker {self.rank}: sending micro-batch {t}", f"worker {self.dst}")
         self.pending.append((t, works, out))
 
@@ -126,7 +143,9 @@ class ShadowReceiver:
 
     Step ``t`` uses version ``param_version(t)``: the receive of a version ``v`` is posted by step
     ``v − 1`` (before micro-batch ``v − 1`` goes out, so the sender never waits on us: no cycle) and
-    installed at step ``v + delay``.
+    installed at step ``v + delay``.  So after step ``S − 1`` the versions ``<= S`` are received or
+    on their way, and those not installed yet (``v + delay >= S``) are what a checkpoint at step ``S``
+    must keep: :meth:`received` waits for them, :meth:`restore` puts them back.
     """
 
     def __init__(self, rank: int, src: int, shadow: nn.Module, versions: Sequence[int], delay: int,
@@ -136,7 +155,21 @@ class ShadowReceiver:
         self.size = _flat_size(shadow)
         self.versions = list(versions)
         self.next_version = 0  # index into versions of the next receive to post
-        self.posted: list[tuple[int, Any, torch.Tensor]] = []  # (version, work, buffer)
+        self.posted: list[tuple[int, Any, torch.Tensor]] = []  # (version, work or None once received, buffer)
+
+    def received(self) -> list[tuple[int, torch.Tensor]]:
+        """The versions received but not installed yet (waiting for every posted receive), on the CPU."""
+        for i, (v, work, buf) in enumerate(self.posted):
+            if work is not None:
+                wait(work, self.timeout_s, f"worker {self.rank}: waiting for the parameters of worker {self.src}'s "
+                     f"first unit (version {v})", self.src)
+                self.posted[i] = (v, None, buf)
+        return [(v, buf.cpu()) for v, _, buf in self.posted]
+
+    def restore(self, received: Sequence[tuple[int, torch.Tensor]], step: int) -> None:
+        """Continue at ``step`` with the versions a checkpoint kept (see :meth:`received`)."""
+        self.posted = [(int(v), None, buf.to(self.device)) for v, buf in received]
+        self.next_version = sum(1 for v in self.versions if v <= step)
 
     def post_upto(self, t: int) -> None:
         """Post the receives of every version <= t + 1 (the next worker sends t + 1 after its step t)."""
@@ -154,8 +187,9 @@ class ShadowReceiver:
         if not self.posted or self.posted[0][0] + self.delay != t:
             return
         v, work, buf = self.posted.pop(0)
-        wait(work, self.timeout_s, f"worker {self.rank}: waiting for the parameters of worker {self.src}'s "
-             f"first unit (version {v})", self.src)
+        if work is not None:
+            wait(work, self.timeout_s, f"worker {self.rank}: waiting for the parameters of worker {self.src}'s "
+                 f"first unit (version {v})", self.src)
         off = 0
         for p in self.params:
             p.copy_(buf[off:off + p.numel()].view_as(p))

@@ -4,6 +4,16 @@ Worker ``rank`` owns blocks ``plan.ranges[rank]`` (with their auxiliary networks
 owns the head).  For every micro-batch it takes its input (images on worker 0, the previous
 worker's detached output otherwise), runs its blocks' local steps, sends the detached output on,
 and steps its optimiser.  Worker 0 also reads the data, evaluates and writes metrics and checkpoints.
+
+Stopping early (Ctrl-C, SIGTERM) and resuming
+    Workers ignore both signals: the launcher receives them and raises a shared flag.  Worker 0 reads
+    it at a step boundary ``t`` and announces the end ``S = t + pipeline_queue_depth`` with its
+    micro-batches (the ones already in flight are finished); every worker learns ``S`` from its
+    inbox before it could post a receive for step ``S`` (see :class:`~.transport.Inbox`), so all
+    stop after step ``S − 1``, and worker 0 writes one checkpoint of everyone's state at ``S``.
+    Every checkpoint (epoch ends, the end, a stop) holds what continuing exactly needs: each
+    worker's weights, optimiser, RNG, running epoch figures and, for MAN across a worker boundary,
+    the shadow unit and the versions of it received but not installed yet.
 """
 
 from __future__ import annotations
@@ -11,8 +21,10 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import signal
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +39,8 @@ from manlearn.errors import ManlearnError
 from manlearn.rules import LocalBatch
 
 from ..build import build_learner, load_split, make_loader, resolve_device, seed_everything
-from ..checkpoint import CKPT_FORMAT, CKPT_VERSION, save_checkpoint
+from ..checkpoint import (CKPT_FORMAT, CKPT_VERSION, capture_rng_state, load_checkpoint, restore_rng_state,
+                          save_checkpoint)
 from ..metrics import JsonlWriter
 from ..optim import build_optimizer
 from ..schedule import lr_at
@@ -36,7 +49,28 @@ from .errors import PipelineError
 from .planner import PipelinePlan, needs_image, sync_versions
 from .transport import Inbox, Outbox, ShadowReceiver, UnitSender, guarded
 
-__all__ = ["Worker", "EpochStats", "worker_main"]
+__all__ = ["Worker", "EpochStats", "Control", "worker_main"]
+
+
+@dataclass
+class Control:
+    """What the launcher shares with its workers besides the links (one host: shared memory)."""
+
+    stop: Any                # RawValue('b'): raised by the launcher at the first Ctrl-C or SIGTERM
+    saved_step: Any          # RawValue('q'): the step of the last checkpoint worker 0 wrote (-1: none yet)
+    launcher_pid: int        # a worker whose launcher is gone (killed) stops at its next step
+    resume_from: str | None  # the checkpoint to continue from (None: a new run)
+
+
+def _cpu(obj: Any) -> Any:
+    """Tensors (also inside dicts, lists and tuples) on the CPU, detached: what a checkpoint keeps."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
 
 
 class EpochStats:
@@ -63,6 +97,22 @@ class EpochStats:
         self.correct = self.correct + c
         self.n += n
 
+    def state(self) -> dict[str, Any]:
+        """The running figures, for a checkpoint taken mid-epoch (the epoch's record then comes out the same)."""
+        return _cpu({"loss_sum": self.loss_sum, "count": self.count, "correct": self.correct, "n": self.n,
+                     "images": self.images, "busy_s": self.busy_s, "compute_s": self.compute_s, "k0": self._k0})
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> "EpochStats":
+        stats = cls()
+        stats.loss_sum = {int(k): v.to(device) for k, v in state["loss_sum"].items()}
+        c = state["correct"]
+        stats.correct = c.to(device) if isinstance(c, torch.Tensor) else int(c)
+        stats.count, stats.n, stats.images = int(state["count"]), int(state["n"]), int(state["images"])
+        stats.busy_s, stats.compute_s = float(state["busy_s"]), float(state["compute_s"])
+        stats._k0 = state["k0"]
+        return stats
+
     def part(self, rank: int) -> dict[str, Any]:
         """This worker's share of the epoch record (what worker 0 gathers)."""
         correct = int(self.correct) if isinstance(self.correct, int) else int(self.correct.item())
@@ -74,8 +124,10 @@ class EpochStats:
 class Worker:
     """One pipeline stage (see the package doc)."""
 
-    def __init__(self, cfg: TrainConfig, rank: int, plan: PipelinePlan, threads: int) -> None:
+    def __init__(self, cfg: TrainConfig, rank: int, plan: PipelinePlan, threads: int,
+                 control: Control | None = None) -> None:
         self.cfg, self.rank, self.plan = cfg, rank, plan
+        self.control = control
         self.P, self.own, self.spe = plan.workers, plan.ranges[rank], plan.steps_per_epoch
         self.first, self.last = rank == 0, rank == plan.workers - 1
         self.timeout = float(cfg.pipeline_timeout_s)
@@ -107,12 +159,21 @@ class Worker:
         # Worker 0's bookkeeping: the whole learner for evaluation (built at the first one), the state
         # of the last evaluation waiting to be written, the records and accuracies so far.
         self.full: nn.Module | None = None
-        self.last_state: dict[str, torch.Tensor] | None = None
         self.records: list[dict[str, Any]] = []
         self.best_acc: float | None = None
         self.last_acc: float | None = None
+        self.last_eval_step = -1
         self._data: Any = None
         self._data_epoch = -1
+        # Where the run starts and ends: step 0 and the plan's end, unless resumed or stopped early.
+        self.start, self.stop = 0, plan.stop_at
+        self.announced: int | None = None  # worker 0: the end it announced after a stop request
+        self.stats = EpochStats()
+        self._received: list[tuple[int, torch.Tensor]] | None = None  # MAN versions kept by the checkpoint
+        self._rng: dict[str, Any] | None = None
+        self.receiver: ShadowReceiver | None = None
+        if control is not None and control.resume_from:
+            self._restore(load_checkpoint(control.resume_from))
 
     # ---------------------------------------------------------------- construction
     def _pick_device(self) -> torch.device:
@@ -158,11 +219,30 @@ class Worker:
         mods = [L.blocks[k] for k in self.own] + [L.auxes[k] for k in self.own if k < self.K - 1]
         return mods + ([L.head] if self.last else [])
 
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        """Continue from a pipeline checkpoint: this worker's part of it (the launcher vetted the plan)."""
+        state = ckpt["pipeline"]["states"][self.rank]
+        own = {k: v for k, v in ckpt["model"].items() if k.startswith(self.owned_prefixes)}
+        missing, _ = self.learner.load_state_dict(own, strict=False)
+        lacking = [k for k in missing if k.startswith(self.owned_prefixes)]
+        if lacking:
+            raise PipelineError(f"the checkpoint lacks {len(lacking)} tensor(s) of worker {self.rank}, e.g. {lacking[0]}")
+        if self.shadow is not None:
+            self.shadow.load_state_dict(state["shadow"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._received = [(int(v), buf) for v, buf in state["received"]]
+        self.stats = EpochStats.from_state(state["stats"], self.device)
+        self._rng = state["rng"]
+        self.start = int(ckpt["step"])
+        self.records = list(ckpt.get("metrics", []))
+        self.best_acc, self.last_acc = ckpt.get("best_acc"), ckpt.get("last_test_acc")
+        self.last_eval_step = int(ckpt.get("last_eval_step", -1))
+
     def _links(self) -> tuple[Inbox | None, Outbox | None, ShadowReceiver | None, UnitSender | None]:
         """This worker's links: micro-batches in and out; MAN's back-sync, when an EMA crosses a boundary."""
         cfg, dev, r = self.cfg, self.device, self.rank
         depth, stop_at = cfg.pipeline_queue_depth, self.plan.stop_at
-        versions = sync_versions(cfg.pipeline_param_sync_every, cfg.pipeline_param_delay, stop_at)
+        versions = sync_versions(cfg.pipeline_param_sync_every, stop_at)
         inbox = outbox = receiver = sender = None
         if not self.first:
             shapes = [self.in_shape, ((cfg.batch_size,), torch.long)]
@@ -170,7 +250,7 @@ class Worker:
                 L = self.learner
                 shapes.append(((cfg.batch_size, L.in_channels, L.image_size, L.image_size),
                                torch.get_default_dtype()))
-            inbox = Inbox(r, r - 1, shapes, dev, depth, stop_at, self.timeout)
+            inbox = Inbox(r, r - 1, shapes, dev, depth, stop_at, self.timeout, start=self.start)
             if self.send_unit is not None:
                 sender = UnitSender(r, r - 1, self.send_unit, versions, self.timeout)
         if not self.last:
@@ -178,18 +258,29 @@ class Worker:
             if self.shadow is not None:
                 receiver = ShadowReceiver(r, r + 1, self.shadow, versions, cfg.pipeline_param_delay, dev,
                                           self.timeout)
+                if self._received is not None:
+                    receiver.restore(self._received, self.start)
         return inbox, outbox, receiver, sender
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> dict[str, Any] | None:
-        """Train every step of the plan; worker 0 returns the run's summary, the others None."""
+        """Train every step of the plan (from the checkpoint's step when resumed, up to the announced end
+        when stopped early); worker 0 returns the run's summary, the others None."""
         inbox, outbox, receiver, sender = self._links()
-        stats = EpochStats()
+        self.receiver = receiver
+        stats = self.stats
         dist.barrier(group=self.slow)  # everyone built: start the clocks together
-        t = 0
-        while t < self.plan.stop_at:
+        if self._rng is not None:
+            restore_rng_state(self._rng)
+        t, lr = self.start, 0.0
+        while t < self.stop:
+            self._check_launcher()
+            if self.first:
+                self._poll_stop(t)
             t_loop = time.perf_counter()
             h, y, x = self._next_input(t, inbox)
+            if inbox is not None:
+                self.stop = min(self.stop, inbox.stop_at)  # the end announced upstream, if any
             if receiver is not None:
                 # Post the receives of every version <= t+1 now, before micro-batch t goes out: the
                 # next worker sends version t+1 right after its step t, and must never wait for us to
@@ -205,8 +296,12 @@ class Worker:
             if t % self.spe == 0 or t == self.plan.stop_at:
                 if outbox is not None:
                     outbox.flush()
-                self._end_epoch(stats, t, lr)
-                stats = EpochStats()  # per-epoch figures
+                finished, stats = stats, EpochStats()  # per-epoch figures
+                self._end_epoch(finished, t, lr, carry=stats)
+            elif t == self.stop:  # stopped early (Ctrl-C, SIGTERM), mid-epoch: save the completed steps
+                if outbox is not None:
+                    outbox.flush()
+                self._save(t, stats)
         if outbox is not None:
             outbox.flush()
         if sender is not None:
@@ -219,10 +314,10 @@ class Worker:
 
     def _next_input(self, t: int, inbox: Inbox | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(block input, targets, image for the local losses or None) of micro-batch ``t``."""
-        if inbox is None:  # worker 0: the training batches, epoch by epoch
+        if inbox is None:  # worker 0: the training batches, epoch by epoch (a resumed one from its batch)
             e = t // self.spe
             if self._data is None or e != self._data_epoch:
-                self._data, self._data_epoch = iter(self.loader.epoch(e)), e
+                self._data, self._data_epoch = iter(self.loader.epoch(e, start_batch=t - e * self.spe)), e
             x, y = next(self._data)
             return x, y, x
         ts = inbox.take(t)
@@ -244,7 +339,7 @@ class Worker:
         if outbox is None:  # the last worker: h is the logits
             stats.add_correct((h.argmax(dim=1) == y).sum(), int(y.numel()))
         else:  # send on (detached), bounded; the image too when the next losses read it
-            outbox.send(t, [h, y, batch.x] if self.need_x else [h, y])
+            outbox.send(t, [h, y, batch.x] if self.need_x else [h, y], end=self.stop)
         self.optimizer.step()
         return lr
 
@@ -256,45 +351,79 @@ class Worker:
         stats.busy_s += now - t_loop
         stats.images += self.cfg.batch_size
 
-    # ---------------------------------------------------------------- epoch end (collective)
-    def _end_epoch(self, stats: EpochStats, step: int, lr: float) -> None:
-        """Flush point: gather the parts on worker 0, evaluate there if due, record and write."""
+    # ---------------------------------------------------------------- stopping early
+    def _poll_stop(self, t: int) -> None:
+        """Worker 0, before step ``t``: after a stop request, announce the end (the micro-batches already
+        in flight are finished, see :class:`~.transport.Inbox`)."""
+        if self.announced is None and self.control is not None and self.control.stop.value:
+            self.announced = min(t + self.cfg.pipeline_queue_depth, self.plan.stop_at)
+            self.stop = min(self.stop, self.announced)
+
+    def _check_launcher(self) -> None:
+        """A worker outliving its launcher (killed) stops instead of training on unobserved."""
+        if self.control is not None and os.getppid() != self.control.launcher_pid:
+            raise PipelineError(f"worker {self.rank}: the launching process is gone; stopping")
+
+    # ---------------------------------------------------------------- epoch end, checkpoints (collective)
+    def _part(self, stats: EpochStats, carry: EpochStats) -> dict[str, Any]:
+        """What worker 0 gathers from this worker at a flush: its figures, its weights and what continuing
+        exactly from here needs (``carry``: the running epoch figures the loop goes on with)."""
+        part = stats.part(self.rank)
+        part["state"] = {k: v.detach().cpu() for k, v in self.learner.state_dict().items()
+                         if k.startswith(self.owned_prefixes)}
+        part["resume"] = _cpu({
+            "optimizer": self.optimizer.state_dict(),
+            "shadow": self.shadow.state_dict() if self.shadow is not None else None,
+            "received": self.receiver.received() if self.receiver is not None else [],
+            "stats": carry.state(),
+            "rng": capture_rng_state(),
+        })
+        return part
+
+    def _gather(self, part: dict[str, Any], step: int) -> list[Any] | None:
+        parts: list[Any] | None = [None] * self.P if self.first else None
+        self._collective(lambda: dist.gather_object(part, parts, dst=0, group=self.ctrl),
+                         f"the synchronisation at step {step}")
+        return parts
+
+    def _end_epoch(self, stats: EpochStats, step: int, lr: float, carry: EpochStats) -> None:
+        """Flush point: gather the parts on worker 0, evaluate there if due, record, write the checkpoint."""
         spe, end_of_epoch = self.spe, step % self.spe == 0
         done = step // spe
         epoch = done if end_of_epoch else done + (step % spe) / spe
         do_eval = step == self.plan.stop_at or (self.cfg.eval_every_epochs > 0 and done % self.cfg.eval_every_epochs == 0
                                                 and end_of_epoch)
-        part = stats.part(self.rank)
-        if do_eval:
-            part["state"] = {k: v.detach().cpu() for k, v in self.learner.state_dict().items()
-                             if k.startswith(self.owned_prefixes)}
-        parts: list[Any] | None = [None] * self.P if self.first else None
-        self._collective(lambda: dist.gather_object(part, parts, dst=0, group=self.ctrl),
-                         f"the end-of-epoch synchronisation at step {step}")
-        acc = self._evaluate(parts) if self.first and do_eval else None
-        if do_eval:
-            # Everyone waits here (control group, dist_timeout_s) while worker 0 evaluates, so no
-            # pipeline receive runs into pipeline_timeout_s during a long evaluation.
-            box = [acc]
-            dist.broadcast_object_list(box, src=0, group=self.slow)
-            acc = box[0]
-            self.last_acc = acc
-            self.best_acc = acc if self.best_acc is None else max(self.best_acc, acc)
+        parts = self._gather(self._part(stats, carry), step)
         if self.first:
+            acc = None
+            if do_eval:
+                acc = self._evaluate(parts)
+                self.last_acc, self.last_eval_step = acc, step
+                self.best_acc = acc if self.best_acc is None else max(self.best_acc, acc)
             rec = self._record(parts, step, epoch, lr, acc)
             self.records.append(rec)
-            self._write(rec, step)
+            self._write(rec, step, parts)
+        # Everyone waits here (long timeout, dist_timeout_s) while worker 0 evaluates and writes, so no
+        # pipeline receive runs into pipeline_timeout_s meanwhile.
+        dist.barrier(group=self.slow)
+
+    def _save(self, step: int, stats: EpochStats) -> None:
+        """Stopped early mid-epoch: worker 0 writes everyone's state at ``step`` (no record: the epoch goes on)."""
+        parts = self._gather(self._part(EpochStats(), stats), step)
+        if self.first:
+            self._save_checkpoint(step, parts)
+        dist.barrier(group=self.slow)
 
     def _evaluate(self, parts: list[Any]) -> float:
         """Worker 0: assemble the whole learner from the parts' states and test it."""
         if self.full is None:
-            self.full = build_learner(self.cfg, self.plan.info, self.device)
+            with torch.random.fork_rng(devices=[]):  # built when first needed: the run's RNG stays as it was
+                self.full = build_learner(self.cfg, self.plan.info, self.device)
         state: dict[str, torch.Tensor] = {}
         for p in parts:
             state.update(p["state"])
         self.full.load_state_dict(state)
         acc, _, _ = evaluate(self.full, self.test_loader)
-        self.last_state = self.full.state_dict()
         return acc
 
     def _record(self, parts: list[Any], step: int, epoch: float, lr: float, acc: float | None) -> dict[str, Any]:
@@ -317,8 +446,8 @@ class Worker:
         guarded(fn, self.timeout, f"worker {self.rank}: {what}", f"worker(s) {others}")
 
     # ---------------------------------------------------------------- output (worker 0)
-    def _write(self, rec: dict[str, Any], step: int) -> None:
-        """Metrics line, progress line and, after an evaluation, an atomic checkpoint of the whole model."""
+    def _write(self, rec: dict[str, Any], step: int, parts: list[Any]) -> None:
+        """Metrics line, progress line, then the atomic checkpoint (which holds that line too)."""
         cfg = self.cfg
         JsonlWriter(Path(cfg.out_dir) / "metrics.jsonl").write(rec)
         if cfg.progress:
@@ -326,26 +455,39 @@ class Worker:
             ips = rec["images_per_s"] or 0.0
             print(f"epoch {rec['epoch']:g}/{cfg.epochs}  step {step}  loss {rec['loss']:.4f}  "
                   f"train_acc {rec['train_acc']:.4f}  test_acc {acc_s}  {ips:.0f} img/s (pipeline)", flush=True)
-        if self.last_state is not None:
-            save_checkpoint(Path(cfg.out_dir) / "last.pt", self._checkpoint(step))
-            self.last_state = None
+        self._save_checkpoint(step, parts)
 
-    def _checkpoint(self, step: int) -> dict[str, Any]:
+    def _save_checkpoint(self, step: int, parts: list[Any]) -> None:
+        save_checkpoint(Path(self.cfg.out_dir) / "last.pt", self._checkpoint(step, parts))
+        if self.control is not None:
+            self.control.saved_step.value = step
+
+    def _checkpoint(self, step: int, parts: list[Any]) -> dict[str, Any]:
+        """The whole model (what ``manlearn eval`` reads) and every worker's state to continue exactly."""
+        model: dict[str, torch.Tensor] = {}
+        for p in parts:
+            model.update(p["state"])
         return {
             "format": CKPT_FORMAT, "version": CKPT_VERSION,
             "manlearn_version": str(getattr(manlearn, "__version__", "?")), "torch_version": str(torch.__version__),
-            "model": self.last_state, "optimizer": {}, "step": step, "epoch": step // self.spe,
+            "model": model, "optimizer": {}, "step": step, "epoch": step // self.spe,
             "batch": step % self.spe, "steps_per_epoch": self.spe, "config": config_to_dict(self.cfg),
             "metrics": self.records, "best_acc": self.best_acc, "last_test_acc": self.last_acc,
-            "last_eval_step": step,
+            "last_eval_step": self.last_eval_step,
             "pipeline": {"workers": self.P, "ranges": [(r.start, r.stop) for r in self.plan.ranges],
-                         "resumable": False},
+                         "resumable": True, "states": [p["resume"] for p in parts]},
         }
 
 
 def worker_main(rank: int, port: int, cfg_dict: dict, plan: PipelinePlan, threads: int,
-                errq: Any, resq: Any) -> None:
-    """Entry point of a spawned pipeline worker: join the group, run, report (worker 0) or fail loudly."""
+                errq: Any, resq: Any, control: Control | None = None) -> None:
+    """Entry point of a spawned pipeline worker: join the group, run, report (worker 0) or fail loudly.
+
+    Ctrl-C (which a terminal sends to the whole process group) and SIGTERM are the launcher's to handle:
+    ignored here.  The launcher starts us with both blocked, so none is lost or fatal before this point."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     torch.set_num_threads(max(1, threads))
     try:
         cfg = config_from_dict(cfg_dict, check=False)
@@ -354,7 +496,7 @@ def worker_main(rank: int, port: int, cfg_dict: dict, plan: PipelinePlan, thread
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=plan.workers,
                                 timeout=datetime.timedelta(seconds=cfg.pipeline_timeout_s))
-        out = Worker(cfg, rank, plan, threads).run()
+        out = Worker(cfg, rank, plan, threads, control).run()
         if rank == 0:
             resq.send(out)
         cleanup()  # every worker leaves together (a worker leaving early can abort at exit)
