@@ -28,6 +28,7 @@ import torch.multiprocessing as mp
 from manlearn.config import TrainConfig, config_to_dict, config_to_yaml, validate
 from manlearn.distributed.dist import free_port, gloo_available
 from manlearn.errors import CheckpointError, ConfigError
+from manlearn.files import write_text_atomic
 
 from ..checkpoint import check_resume_compatible, load_checkpoint
 from ..interrupt import DeferredInterrupt, TrainingInterrupted
@@ -79,7 +80,7 @@ def run_pipeline(cfg: TrainConfig, *, threads: int | None = None, overwrite: boo
                 raise TrainingInterrupted(f"{intr.reason()} before the first step; {kept()}", intr.exit_code)
             if threads is None:
                 threads = max(1, (os.cpu_count() or 1) // plan.workers)
-            (out_dir / "config.yaml").write_text(config_to_yaml(cfg))
+            write_text_atomic(out_dir / "config.yaml", config_to_yaml(cfg))
             JsonlWriter(out_dir / METRICS_NAME).rewrite(ckpt["metrics"] if ckpt else [])  # later lines go
             if cfg.progress:
                 print(_describe_plan(cfg, plan, threads) + (f"; resumed at step {ckpt['step']}" if ckpt else ""),

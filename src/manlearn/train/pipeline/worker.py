@@ -403,16 +403,21 @@ class Worker:
             rec = self._record(parts, step, epoch, lr, acc)
             self.records.append(rec)
             self._write(rec, step, parts)
-        # Everyone waits here (long timeout, dist_timeout_s) while worker 0 evaluates and writes, so no
-        # pipeline receive runs into pipeline_timeout_s meanwhile.
-        dist.barrier(group=self.slow)
+        self._released_by_worker0()
 
     def _save(self, step: int, stats: EpochStats) -> None:
         """Stopped early mid-epoch: worker 0 writes everyone's state at ``step`` (no record: the epoch goes on)."""
         parts = self._gather(self._part(EpochStats(), stats), step)
         if self.first:
             self._save_checkpoint(step, parts)
-        dist.barrier(group=self.slow)
+        self._released_by_worker0()
+
+    def _released_by_worker0(self) -> None:
+        """The others wait here (long timeout, dist_timeout_s) while worker 0 evaluates and writes, so that no
+        pipeline receive runs into pipeline_timeout_s meanwhile. Worker 0 does not wait for them (not a
+        barrier): they were all at the gather just before, and one that hangs since is caught at the next
+        micro-batch, within pipeline_timeout_s."""
+        dist.broadcast(torch.zeros(1), src=0, group=self.slow)
 
     def _evaluate(self, parts: list[Any]) -> float:
         """Worker 0: assemble the whole learner from the parts' states and test it."""
