@@ -149,3 +149,18 @@ def test_plot_on_a_full_disk_is_one_line(tmp_path, small_disk):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert re.search(r"cannot write .*curves\.png: " + NO_SPACE, r.stderr), r.stderr
     assert visible(disk) == [] and not list(disk.glob(".curves*"))
+
+
+def test_a_pipeline_run_on_a_full_disk_is_one_line_and_leaves_nothing(small_disk):
+    from manlearn.distributed import gloo_available
+    from manlearn.train.pipeline import PipelineError, run_pipeline
+
+    if not gloo_available():
+        pytest.skip("torch.distributed gloo backend not available")
+    disk = small_disk(256)  # the config and the records fit, the first checkpoint does not
+    cfg = tiny(disk / "run", method="infopro", pipeline_workers=2, pipeline_timeout_s=30.0, log_every=0)
+    with pytest.raises(PipelineError, match=r"cannot write the checkpoint .*last\.pt: " + NO_SPACE
+                                            + "; no checkpoint was written yet") as e:
+        run_pipeline(cfg, threads=1)
+    assert "Traceback" not in str(e.value)
+    assert visible(disk / "run") == []

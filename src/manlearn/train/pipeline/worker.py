@@ -36,6 +36,7 @@ import manlearn
 from manlearn.config import TrainConfig, config_from_dict, config_to_dict
 from manlearn.distributed import cleanup
 from manlearn.errors import ManlearnError
+from manlearn.files import write_failure
 from manlearn.rules import LocalBatch
 
 from ..build import build_learner, load_split, make_loader, resolve_device, seed_everything
@@ -454,7 +455,11 @@ class Worker:
     def _write(self, rec: dict[str, Any], step: int, parts: list[Any]) -> None:
         """Metrics line, progress line, then the atomic checkpoint (which holds that line too)."""
         cfg = self.cfg
-        JsonlWriter(Path(cfg.out_dir) / "metrics.jsonl").write(rec)
+        path = Path(cfg.out_dir) / "metrics.jsonl"
+        try:
+            JsonlWriter(path).write(rec)
+        except OSError as e:  # a full disk: one line (the launcher keeps the workers' own lines)
+            raise write_failure(path, e, "write", self._kept()) from None
         if cfg.progress:
             acc_s = f"{rec['test_acc']:.4f}" if rec["test_acc"] is not None else "-"
             ips = rec["images_per_s"] or 0.0
@@ -463,9 +468,18 @@ class Worker:
         self._save_checkpoint(step, parts)
 
     def _save_checkpoint(self, step: int, parts: list[Any]) -> None:
-        save_checkpoint(Path(self.cfg.out_dir) / "last.pt", self._checkpoint(step, parts))
+        path = Path(self.cfg.out_dir) / "last.pt"
+        try:
+            save_checkpoint(path, self._checkpoint(step, parts))
+        except OSError as e:  # the previous last.pt is untouched
+            raise write_failure(path, e, "write the checkpoint", self._kept()) from None
         if self.control is not None:
             self.control.saved_step.value = step
+
+    def _kept(self) -> str:
+        saved = self.control.saved_step.value if self.control is not None else -1
+        return (f"{Path(self.cfg.out_dir) / 'last.pt'} (step {saved}) is kept" if saved >= 0
+                else "no checkpoint was written yet")
 
     def _checkpoint(self, step: int, parts: list[Any]) -> dict[str, Any]:
         """The whole model (what ``manlearn eval`` reads) and every worker's state to continue exactly."""
