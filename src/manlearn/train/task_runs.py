@@ -112,6 +112,19 @@ def evaluate(learner: torch.nn.Module, loader: Any) -> tuple[float, int, int]:
     return (n / total if total else float("nan")), n, total
 
 
+def describe_data(dataset: str, train_data: Any, test_data: Any) -> str:
+    """``fashion-mnist: 60000 train / 10000 test from /usr/share/...``: the folder of every split read."""
+    where = {getattr(d, "source", "") for d in (train_data, test_data) if d is not None} - {""}
+    if len(where) == 1:
+        place = f" from {where.pop()}"
+    elif where:
+        place = f" (train from {train_data.source}, test from {test_data.source})"
+    else:
+        place = ""
+    n_train = len(train_data) if train_data is not None else 0
+    return f"{dataset}: {n_train} train / {len(test_data)} test{place}"
+
+
 class ClassificationRun:
     """A registered image-classification dataset (``dataset``) through the resumable batch loaders."""
 
@@ -191,15 +204,7 @@ class ClassificationRun:
                 f"{c.model} {c.method}, step {step})")
 
     def describe(self) -> str:
-        """``fashion-mnist: 60000 train / 10000 test from /usr/share/...``: the folder of every split read."""
-        where = {getattr(d, "source", "") for d in (self.train_data, self.test_data) if d is not None} - {""}
-        if len(where) == 1:
-            place = f" from {where.pop()}"
-        elif where:
-            place = (f" (train from {self.train_data.source}, test from {self.test_data.source})")
-        else:
-            place = ""
-        return f"{self.cfg.dataset}: {self.n_train} train / {self.n_eval} test{place}"
+        return describe_data(self.cfg.dataset, self.train_data, self.test_data)
 
     def checkpoint_fields(self) -> dict[str, Any]:
         return {}

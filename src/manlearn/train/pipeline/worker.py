@@ -45,6 +45,7 @@ from ..checkpoint import (CKPT_FORMAT, CKPT_VERSION, capture_rng_state, load_che
 from ..metrics import JsonlWriter
 from ..optim import build_optimizer
 from ..schedule import lr_at
+from ..task_runs import describe_data
 from ..trainer import evaluate
 from .errors import PipelineError
 from .planner import PipelinePlan, needs_image, sync_versions
@@ -139,6 +140,7 @@ class Worker:
         self.ctrl = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=self.timeout))
         self.slow = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
         self.loader = self.test_loader = None
+        self.data_text = ""  # worker 0: what it read, from which folder
         if self.first:  # only worker 0 reads images (training batches, and the test set)
             self._open_data()
         seed_everything(cfg.seed)
@@ -186,8 +188,12 @@ class Worker:
 
     def _open_data(self) -> None:
         cfg, dev = self.cfg, self.device
-        self.loader = make_loader(cfg, load_split(cfg, "train", cfg.train_limit), train=True, device=dev)
-        self.test_loader = make_loader(cfg, load_split(cfg, "test", cfg.eval_limit), train=False, device=dev)
+        train, test = load_split(cfg, "train", cfg.train_limit), load_split(cfg, "test", cfg.eval_limit)
+        self.data_text = describe_data(cfg.dataset, train, test)
+        if cfg.progress:
+            print(f"data: {self.data_text}", flush=True)
+        self.loader = make_loader(cfg, train, train=True, device=dev)
+        self.test_loader = make_loader(cfg, test, train=False, device=dev)
         if len(self.loader) != self.spe:
             raise PipelineError(f"worker 0 sees {len(self.loader)} batches per epoch, the plan {self.spe}")
 
@@ -311,7 +317,7 @@ class Worker:
         if not self.first:
             return None
         return {"test_acc": self.last_acc, "best_acc": self.best_acc, "steps": t, "records": self.records,
-                "ranges": [(r.start, r.stop) for r in self.plan.ranges]}
+                "ranges": [(r.start, r.stop) for r in self.plan.ranges], "data": self.data_text}
 
     def _next_input(self, t: int, inbox: Inbox | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(block input, targets, image for the local losses or None) of micro-batch ``t``."""
