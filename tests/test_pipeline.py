@@ -360,6 +360,24 @@ def test_a_run_failing_before_its_first_checkpoint_leaves_nothing_behind(tmp_pat
     assert not any((tmp_path / "run").iterdir())
 
 
+def test_an_overwrite_run_keeps_the_earlier_run_until_its_first_checkpoint(tmp_path):
+    """--overwrite moves the earlier run aside: a run failing before its first checkpoint puts it back; one
+    that checkpoints replaces it (#28 item 4, as in the Trainer)."""
+    out = tmp_path / "run"
+    run(cfg_(out, epochs=1))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def kill_at_once(procs):
+        os.kill(procs[1].pid, signal.SIGKILL)
+
+    with pytest.raises(PipelineError, match="worker 1"):
+        run(cfg_(out, epochs=1, lr=0.01), on_start=kill_at_once, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not (out / ".overwritten").exists()
+    run(cfg_(out, epochs=1, lr=0.01), overwrite=True)
+    assert load_checkpoint(out / "last.pt")["config"]["lr"] == 0.01 and not (out / ".overwritten").exists()
+
+
 def test_a_second_ctrl_c_stops_the_launcher_and_its_workers_at_once(tmp_path):
     out = tmp_path / "run"
     proc = start_cli(out)

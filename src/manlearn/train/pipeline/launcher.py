@@ -33,7 +33,8 @@ from manlearn.files import write_text_atomic
 from ..checkpoint import check_resume_compatible, load_checkpoint
 from ..interrupt import DeferredInterrupt, TrainingInterrupted
 from ..metrics import JsonlWriter
-from ..outputs import check_writable_dir, present_run_files, remove_run_files, settle
+from ..outputs import (check_writable_dir, drop_aside, move_aside, present_run_files, remove_run_files,
+                       restore_aside, settle)
 from ..trainer import CKPT_NAME, METRICS_NAME
 from .errors import PipelineError
 from .planner import PipelinePlan, make_plan
@@ -61,6 +62,8 @@ def run_pipeline(cfg: TrainConfig, *, threads: int | None = None, overwrite: boo
     out_dir = Path(cfg.out_dir)
     ckpt_path = out_dir / CKPT_NAME
     ckpt = _open_run(cfg, resume=resume, overwrite=overwrite, say=lambda m: print(m, file=stream, flush=True))
+    # --overwrite: the earlier run's files wait aside until this run's first checkpoint (as in the Trainer)
+    aside = overwrite and ckpt is None and move_aside(out_dir)
     fresh = ckpt is None and not present_run_files(out_dir)  # nothing of an earlier run is there
     ctx = mp.get_context("spawn")
     control = Control(stop=ctx.RawValue("b", 0), saved_step=ctx.RawValue("q", ckpt["step"] if ckpt else -1),
@@ -88,9 +91,17 @@ def run_pipeline(cfg: TrainConfig, *, threads: int | None = None, overwrite: boo
             t0 = time.perf_counter()
             result = _Run(cfg, plan, threads, control, procs).wait(on_start, intr)
     except BaseException:
-        if fresh and control.saved_step.value < 0:  # failed before its first checkpoint: no half-run left behind
-            remove_run_files(out_dir, ["config.yaml", METRICS_NAME])
+        if control.saved_step.value < 0:  # failed before its first checkpoint: no half-run left behind
+            if aside:
+                restore_aside(out_dir)
+                print(f"the earlier run's files in {out_dir} are restored", file=stream, flush=True)
+            elif fresh:
+                remove_run_files(out_dir, ["config.yaml", METRICS_NAME])
+        elif aside:
+            drop_aside(out_dir)
         raise
+    if aside:  # this run has its checkpoint: the earlier run it replaces goes
+        drop_aside(out_dir)
     if intr.requested:
         step, spe = result["steps"], plan.steps_per_epoch
         raise TrainingInterrupted(f"{intr.reason()}: saved {ckpt_path} at step {step} (epoch {step // spe + 1}, "
