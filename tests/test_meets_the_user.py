@@ -50,7 +50,7 @@ def test_dropout_in_a_module_is_part_of_the_cut_and_accepted():
 
 def test_an_input_too_small_for_the_network_is_refused_with_the_size_it_needs():
     """An 8x8 input to a 7x7-stem ResNet-18 used to train silently on 1x1 maps (#27 point 9)."""
-    with pytest.raises(ConfigError, match=r"a 8x8 input is too small for this network: units\.\d+\.conv1 \(stride 2\) "
+    with pytest.raises(ConfigError, match=r"a 8x8 input is too small for this network: layer3\.0\.conv1 \(stride 2\) "
                                           r"receives a 1x1 map.*at least 32 pixels a side"):
         manlearn.LocalLearner(tv_resnet18(num_classes=10), "dgl", K=4, image_size=8, in_channels=3)
     manlearn.LocalLearner(tv_resnet18(num_classes=10), "dgl", K=4, image_size=32, in_channels=3)  # enough

@@ -154,7 +154,7 @@ class LocalLearner(nn.Module):
         names = {id(m): n for n, m in (model if isinstance(model, nn.Module) else backbone).named_modules() if n}
         #: each unit's module path in the network given (``units.<j>`` for a registered backbone)
         self.unit_paths = [names.get(id(u), f"units.{j}") for j, u in enumerate(units)]
-        shapes = self._probe_shapes(backbone, in_channels, image_size)  # shapes[j] = output of unit j-1
+        shapes = self._probe_shapes(backbone, in_channels, image_size, names)  # shapes[j] = output of unit j-1
         self.split: Split = self._resolve_split(backbone, units, unit_ids, model, 1 if rule.single_block else K,
                                                 split, stem_module, shapes)
         self.K = self.split.K
@@ -278,8 +278,10 @@ class LocalLearner(nn.Module):
 
     @staticmethod
     @torch.no_grad()
-    def _probe_shapes(backbone: nn.Module, in_channels: int, image_size: int) -> list[tuple[int, ...]]:
-        """Output shape (C, H, W) of the stem (index 0) and of every unit (index j+1)."""
+    def _probe_shapes(backbone: nn.Module, in_channels: int, image_size: int,
+                      names: dict[int, str] | None = None) -> list[tuple[int, ...]]:
+        """Output shape (C, H, W) of the stem (index 0) and of every unit (index j+1); ``names`` (module id ->
+        path in the network given) names a layer in a refusal as the user knows it."""
         mods = [backbone.stem, *backbone.units]
         modes = [m.training for m in mods]
         params = [p for p in backbone.parameters()]
@@ -287,7 +289,7 @@ class LocalLearner(nn.Module):
         x = torch.zeros(1, in_channels, image_size, image_size, device=device)
         shapes = []
         try:
-            with _StridedOnNothing(mods) as watch:
+            with _StridedOnNothing(mods, names) as watch:
                 for m in mods:
                     m.eval()
                     try:
@@ -621,8 +623,8 @@ class _StridedOnNothing:
     """Watches the strided convolutions and poolings of ``mods`` during a probe: ``first`` is the first one
     that received a 1x1 map (name, H, W, stride), the sign of an input too small for the network."""
 
-    def __init__(self, mods: Sequence[nn.Module]) -> None:
-        self.mods = mods
+    def __init__(self, mods: Sequence[nn.Module], names: dict[int, str] | None = None) -> None:
+        self.mods, self.names = mods, names or {}
         self.first: tuple[str, int, int, int] | None = None
         self._hooks: list[Any] = []
 
@@ -633,7 +635,8 @@ class _StridedOnNothing:
                 stride = getattr(sub, "stride", 1)
                 s = max(stride) if isinstance(stride, (tuple, list)) else int(stride or 1)
                 if isinstance(sub, kinds) and s > 1:
-                    where = ("stem" if i == 0 else f"units.{i - 1}") + (f".{name}" if name else "")
+                    where = self.names.get(id(sub)) or (("stem" if i == 0 else f"units.{i - 1}")
+                                                        + (f".{name}" if name else ""))
                     self._hooks.append(sub.register_forward_pre_hook(self._check(where, s)))
         return self
 
