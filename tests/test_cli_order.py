@@ -84,8 +84,9 @@ def test_a_recorded_import_that_changed_or_vanished_is_said(tmp_path, capsys):
         warnings.simplefilter("error")  # unchanged: not a word
         assert cli.main(["eval", str(out), "eval_limit=8", "device=cpu"]) == 0
     rule.write_text(USER_RULE + "\n# edited\n")
-    with pytest.warns(UserWarning, match=r"my_rule\.py changed since the run imported it \(sha256:"):
+    with pytest.warns(UserWarning, match=r"my_rule\.py changed since the run imported it \(sha256:") as seen:
         assert cli.main(["eval", str(out), "eval_limit=8", "device=cpu"]) == 0
+    assert sum("changed since" in str(w.message) for w in seen) == 1  # said once, not at every import
     with pytest.warns(UserWarning, match="changed since the run imported it"):  # --resume keeps the first digest
         assert cli.main(["train", *TINY, "method=order-probe", "--resume", "max_steps=2", f"out_dir={out}"]) == 0
     assert load_checkpoint(out / "last.pt")["config"]["import_digests"] == digests

@@ -370,7 +370,7 @@ def validate(cfg: TrainConfig, *, registries: bool = True) -> TrainConfig:
     if registries and cfg.imports:
         from manlearn.plugins import import_user_code
 
-        import_user_code(cfg.imports, cfg.import_digests)  # the user's names are registered before they are checked
+        import_user_code(cfg.imports)  # the user's rules/models are registered before names are checked
     data = config_to_dict(cfg)
     return _build(lambda: TrainConfig.model_validate(data), data, checks=True, registries=registries)
 

@@ -8,6 +8,8 @@ file. Registering happens as a side effect of the import (``@manlearn.register_r
 A run records each imported file by its absolute path and its content's digest (:func:`file_digests`), so
 that ``manlearn eval`` and ``--resume`` import it again from any directory and say when it changed since
 (a warning: the code now in the file is what runs) or vanished (refused: nothing could rebuild the run).
+They check the digests once, where they first read the run's record (``checkpoint_config``, the CLI's
+``--resume``); later imports of the same files only find them registered.
 """
 from __future__ import annotations
 

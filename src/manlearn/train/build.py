@@ -80,7 +80,7 @@ def build_learner(cfg: TrainConfig, info: Any, device: torch.device | str = "cpu
     default base on a task without per-image labels (``greedy``).
     """
     dev = torch.device(device)
-    import_user_code(cfg.imports, cfg.import_digests)
+    import_user_code(cfg.imports)
     spec = get_task(cfg.task.name)
     task = spec.build(cfg, info.num_classes)
     method = cfg.method
