@@ -3,6 +3,8 @@ eval with key=value, imports recorded by absolute path and re-imported by eval a
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -90,8 +92,24 @@ def test_a_recorded_import_that_changed_or_vanished_is_said(tmp_path, capsys):
     with pytest.warns(UserWarning, match="changed since the run imported it"):  # --resume keeps the first digest
         assert cli.main(["train", *TINY, "method=order-probe", "--resume", "max_steps=2", f"out_dir={out}"]) == 0
     assert load_checkpoint(out / "last.pt")["config"]["import_digests"] == digests
+    # on the terminal the warning is one line in manlearn's words, not Python's "file:line: UserWarning" pair
+    done = subprocess.run([sys.executable, "-m", "manlearn", "eval", str(out), "eval_limit=8", "device=cpu"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    said = [line for line in done.stderr.splitlines() if "changed since" in line]
+    assert len(said) == 1 and said[0].startswith(f"warning: {rule.resolve()} changed since"), done.stderr
+    assert "UserWarning" not in done.stderr and "warnings.warn(" not in done.stderr, done.stderr
     rule.unlink()
     capsys.readouterr()
     assert cli.main(["eval", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"the run imported {rule.resolve()} (sha256:" in err and "is gone" in err
+
+
+def test_another_librarys_warning_keeps_its_origin_on_one_line():
+    """Warnings from torch or the user's code still say where they came from, on the same line."""
+    line = cli._one_line_warning(UserWarning("TypedStorage is deprecated.\n  It will be removed"), UserWarning,
+                                 "/site-packages/torch/storage.py", 414)
+    assert line == "warning: TypedStorage is deprecated. It will be removed (UserWarning, storage.py:414)\n"
+    own = cli._one_line_warning(UserWarning("amp=bf16: emulated"), UserWarning, cli.__file__, 1)
+    assert own == "warning: amp=bf16: emulated\n"
