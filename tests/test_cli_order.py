@@ -2,7 +2,6 @@
 eval with key=value, imports recorded by absolute path and re-imported by eval and --resume."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import warnings

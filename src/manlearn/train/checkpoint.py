@@ -52,7 +52,7 @@ RESUME_FREE_KEYS = frozenset({
     "out_dir", "progress", "log_every", "max_steps", "epochs", "iterations", "device", "data_dir",
     "data_workers", "eval_batch_size", "eval_every_epochs", "eval_every_steps", "ckpt_every_steps",
     "eval_limit", "compile", "channels_last", "nonfinite", "dist_backend", "dist_timeout_s", "pipeline_timeout_s",
-    "blocks_in_flight",  # a schedule of the same computation: a run may change it when resumed
+    "blocks_in_flight", "pipeline_queue_depth",  # schedules of the same computation: a resumed run may change them
     "import_digests",  # a changed file is said when it is imported again (manlearn.plugins)
 })
 
