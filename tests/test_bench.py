@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -15,6 +20,7 @@ from manlearn.bench.report import write_report
 from manlearn.bench.speed import breakdown_step, build, run_speed
 from manlearn.cli import main
 from manlearn.errors import ConfigError
+from manlearn.train import load_checkpoint
 
 
 def test_method_specs():
@@ -334,3 +340,46 @@ def test_interleaved_timing_calls_every_step_once_per_round_in_order():
     times = interleaved(steps, rounds=3, warmup=2, sync=lambda: calls.append("|"))
     assert calls == ["|", "a", "|", "|", "b", "|", "|", "c", "|"] * 5
     assert list(times) == ["a", "b", "c"] and all(len(t) == 3 and min(t) >= 0 for t in times.values())
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="needs Fashion-MNIST (scripts/setup.sh installs it)")
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_to_a_sweep_with_workers_saves_every_run_and_the_sweep_goes_on(tmp_path, sig, code):
+    """Ctrl-C (or SIGTERM) to the sweep's process: each worker saves its run at the step in flight (it must
+    not get a second signal, which stops at once), the sweep exits with the signal's status, and the same
+    command continues both runs from their checkpoints."""
+    res, runs = tmp_path / "acc.jsonl", tmp_path / "runs"
+    cmd = [sys.executable, "-m", "manlearn", "bench", "accuracy", "--methods", "greedy", "dgl", "--K", "2",
+           "--epochs", "3", "--seeds", "0", "--workers", "2", "--threads", "1", "--results", str(res),
+           "--runs-dir", str(runs), "model=resnet20", "train_limit=1280", "eval_limit=64", "eval_batch_size=64",
+           "log_every=1"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        end = time.monotonic() + 240
+        while time.monotonic() < end and proc.poll() is None:
+            logs = list(runs.glob("*/metrics.jsonl")) if runs.is_dir() else []
+            if len(logs) == 2 and all('"train"' in p.read_text() for p in logs):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C: to the sweep's process group
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == code, out[-3000:]
+    assert "stopping: each worker saves its run" in out and "Traceback" not in out, out
+    assert "stopped at once" not in out and "--resume" not in out, out  # one signal each; a sweep resumes itself
+    steps = [load_checkpoint(p / "last.pt")["step"] for p in sorted(runs.iterdir()) if p.is_dir()]
+    assert len(steps) == 2 and all(0 < s < 30 for s in steps), (steps, out[-3000:])
+    assert out.count("the same command continues the sweep from there") == 3, out  # the sweep's line, each worker's
+    assert not read_rows(res) and not list(runs.glob("*.claim"))
+    if sig == signal.SIGINT:
+        done = subprocess.run(cmd, env=env, text=True, capture_output=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        rows = read_rows(res)
+        assert sorted(r["method"] for r in rows) == ["dgl", "greedy"] and all(r["resumed"] for r in rows)
+        assert all(r["steps"] == 30 for r in rows)

@@ -9,8 +9,10 @@ session) resumes exactly from its checkpoint in the runs folder the next time th
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -128,25 +130,54 @@ def run_workers(argv: Sequence[str], workers: int, threads: int | None = None, s
     run is done once and the workers never wait on each other. Each gets ``threads`` intra-op threads
     (default: the CPU count divided among the workers): two torch processes with all threads each on
     a small machine oversubscribe it and run several times slower. Their output lines are prefixed
-    with ``[w<i>]``. Returns the first non-zero exit status of a worker, else 0."""
+    with ``[w<i>]``. Returns the first non-zero exit status of a worker, else 0.
+
+    Ctrl-C and SIGTERM reach this process only (the workers have their own sessions, so a terminal's
+    Ctrl-C does not hit them twice): it passes the signal on once to each worker, which saves its run at
+    the step in flight, and waits for them; the sweep goes on from those checkpoints when run again.
+    A second signal is passed on too: the workers stop at once (their last checkpoints stay)."""
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     procs, pumps = [], []
-    for i in range(workers):
-        proc = subprocess.Popen([sys.executable, "-m", "manlearn", "bench", "accuracy", *argv], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        pump = threading.Thread(target=lambda p=proc, tag=f"[w{i}] ": [say(tag + line.rstrip("\n"))
-                                                                          for line in p.stdout], daemon=True)
-        pump.start()
-        procs.append(proc)
-        pumps.append(pump)
-        time.sleep(0.5)  # let worker i claim its first run before worker i+1 looks
+    signals: list[int] = []
+
+    def pass_on(signum: int, frame: object) -> None:
+        signals.append(signum)
+        if len(signals) == 1:
+            say("stopping: each worker saves its run at the step in flight; the same command continues the "
+                "sweep from there (a second Ctrl-C stops them at once)")
+        for proc in procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     try:
+        for i in range(workers):
+            if signals:
+                break
+            proc = subprocess.Popen([sys.executable, "-m", "manlearn", "bench", "accuracy", *argv], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                    start_new_session=True)
+            pump = threading.Thread(target=lambda p=proc, tag=f"[w{i}] ": [say(tag + line.rstrip("\n"))
+                                                                              for line in p.stdout], daemon=True)
+            pump.start()
+            procs.append(proc)
+            pumps.append(pump)
+            time.sleep(0.5)  # let worker i claim its first run before worker i+1 looks
         codes = [proc.wait() for proc in procs]
-    except KeyboardInterrupt:
+    except BaseException:  # not a signal (those are passed on above): stop the workers, keep their checkpoints
         for proc in procs:
             proc.terminate()
         raise
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
     for pump in pumps:
         pump.join(timeout=5)
+    if signals:
+        from ..train.interrupt import EXIT_INTERRUPTED, EXIT_TERMINATED
+
+        return EXIT_TERMINATED if signals[0] == signal.SIGTERM else EXIT_INTERRUPTED
     return next((c for c in codes if c), 0)

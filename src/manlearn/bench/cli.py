@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -52,8 +53,14 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    run_accuracy(args.methods, args.K, args.epochs, args.seeds, args.results, args.runs_dir,
-                 extra=args.overrides, rerun=args.rerun)
+    try:
+        run_accuracy(args.methods, args.K, args.epochs, args.seeds, args.results, args.runs_dir,
+                     extra=args.overrides, rerun=args.rerun)
+    except KeyboardInterrupt as e:  # the trainer's TrainingInterrupted says what was saved and at which step
+        said = str(e).removesuffix("; continue with --resume")  # a sweep resumes its runs itself
+        print(f"{said}; the same command continues the sweep from there" if said else "interrupted",
+              file=sys.stderr, flush=True)
+        return int(getattr(e, "exit_code", 130))
     return 0
 
 
