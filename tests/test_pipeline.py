@@ -92,6 +92,26 @@ def test_pipeline_equals_single_process_without_momentum_units(tmp_path, blocks_
     assert s["test_acc"] == pytest.approx(ref["test_acc"], abs=1e-9)
 
 
+def test_pipeline_under_bf16_autocast_equals_single_process(tmp_path):
+    """amp=bf16: every worker runs its blocks under the same autocast as the Trainer, and the bf16
+    activations cross the boundary as they are (half the bytes of float32)."""
+    s = run(cfg_(tmp_path / "pipe", amp="bf16"))
+    ck = load_checkpoint(tmp_path / "pipe" / "last.pt")
+    tr = Trainer.from_config(cfg_(tmp_path / "single", pipeline_workers=0, amp="bf16"), out=open(os.devnull, "w"))
+    ref = tr.fit()
+    for k, v in tr.learner.state_dict().items():
+        torch.testing.assert_close(ck["model"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert s["test_acc"] == pytest.approx(ref["test_acc"], abs=1e-9)
+    run(cfg_(tmp_path / "f32"))  # and bf16 did change what was computed: not the float32 weights
+    f32 = load_checkpoint(tmp_path / "f32" / "last.pt")["model"]
+    assert any(not torch.allclose(f32[k], v, rtol=1e-3, atol=1e-4) for k, v in ck["model"].items()
+               if v.is_floating_point())
+    for kw, said in ((dict(amp="fp16"), "amp=fp16 .one gradient scaler spans all blocks.; use amp=bf16"),
+                     (dict(compile=True), "does not support compile yet")):
+        with pytest.raises(ConfigError, match=said):
+            run(cfg_(tmp_path / "refused", **kw))
+
+
 # ------------------------------------------------------------------ MAN's EMA source across workers
 
 def test_ema_tracks_the_next_workers_first_unit_at_the_documented_version(tmp_path):
