@@ -9,6 +9,7 @@ import warnings
 import pytest
 
 from manlearn import cli
+from manlearn.errors import one_line_warning
 from manlearn.train import load_checkpoint
 
 TINY = ["dataset=digits", "model=resnet20", "K=3", "train_limit=64", "eval_limit=32", "batch_size=32",
@@ -107,8 +108,9 @@ def test_a_recorded_import_that_changed_or_vanished_is_said(tmp_path, capsys):
 
 def test_another_librarys_warning_keeps_its_origin_on_one_line():
     """Warnings from torch or the user's code still say where they came from, on the same line."""
-    line = cli._one_line_warning(UserWarning("TypedStorage is deprecated.\n  It will be removed"), UserWarning,
-                                 "/site-packages/torch/storage.py", 414)
+    line = one_line_warning(UserWarning("TypedStorage is deprecated.\n  It will be removed"), UserWarning,
+                            "/site-packages/torch/storage.py", 414)
     assert line == "warning: TypedStorage is deprecated. It will be removed (UserWarning, storage.py:414)\n"
-    own = cli._one_line_warning(UserWarning("amp=bf16: emulated"), UserWarning, cli.__file__, 1)
+    errors_file = __import__("manlearn.errors").errors.__file__  # a file of manlearn's own
+    own = one_line_warning(UserWarning("amp=bf16: emulated"), UserWarning, errors_file, 1)
     assert own == "warning: amp=bf16: emulated\n"

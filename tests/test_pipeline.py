@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -426,3 +425,20 @@ def test_resuming_needs_the_same_workers_and_a_resumable_checkpoint(tmp_path, un
     save_checkpoint(tmp_path / "old" / "last.pt", ck)
     with pytest.raises(CheckpointError, match="kept no worker state: it cannot be resumed; start over with --overwrite"):
         run(stop_cfg(tmp_path / "old"), resume=True)
+
+
+def test_a_pipeline_run_says_a_build_warning_once_on_one_line(tmp_path):
+    """The launcher's plan and every worker build the same learner: its memory warning is said once, by the
+    launcher, in the CLI's one-line form (workers said it again, in Python's two-line form, 3 more times)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
+                                           os.environ.get("PYTHONPATH", "")]))
+    args = ["dataset=digits", "model=resnet20", "method=manpp", "base=dgl", "K=2", "train_limit=64", "eval_limit=32",
+            "batch_size=32", "epochs=1", "device=cpu", "progress=false", "pipeline_workers=2",
+            f"out_dir={tmp_path / 'run'}"]
+    done = subprocess.run([sys.executable, "-m", "manlearn", "train", *args], env=env, text=True,
+                          capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = [line for line in done.stderr.splitlines() if "the activations of end-to-end backprop" in line]
+    assert len(said) == 1 and said[0].startswith("warning: dgl+manpp at K=2"), done.stderr
+    assert "MemoryWarning" not in done.stderr, done.stderr

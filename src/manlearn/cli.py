@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from manlearn.errors import ConfigError, DivergenceError, ManlearnError
+from manlearn.errors import ConfigError, DivergenceError, ManlearnError, one_line_warning
 from manlearn.plugins import file_digests, import_user_code
 # Recipe lookup lives in manlearn.recipes; re-exported here for callers of the former cli functions.
 from manlearn.recipes import list_recipes, resolve_recipe
@@ -31,16 +31,6 @@ def _fmt_bytes(n: Any) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} GiB"  # pragma: no cover
-
-
-def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                      line: str | None = None) -> str:
-    """A warning as one line on the terminal: manlearn's own say what to do in their text; another
-    library's keeps its category and where it came from, still on the same line."""
-    text = " ".join(str(message).split())
-    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
-        return f"warning: {text}\n"
-    return f"warning: {text} ({category.__name__}, {Path(filename).name}:{lineno})\n"
 
 
 def _fit(trainer: Any) -> dict[str, Any] | int:
@@ -401,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.imports = [*args.imports, *getattr(args, "sub_imports", [])]  # --import before or after the subcommand
-    formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+    formatwarning, warnings.formatwarning = warnings.formatwarning, one_line_warning
     try:
         import_user_code(args.imports)
         return int(args.func(args))

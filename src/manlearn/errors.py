@@ -1,4 +1,7 @@
-"""Exceptions that carry a message meant for the user, not a traceback from deep inside."""
+"""Exceptions that carry a message meant for the user, not a traceback from deep inside; and the one-line
+form in which a warning reaches the terminal."""
+
+from pathlib import Path
 
 
 class ManlearnError(ValueError):
@@ -52,3 +55,13 @@ def refuse_clash(kind: str, name: str, existing: object, new: object, override: 
         raise ConfigError(f"{kind} {name!r} is built into manlearn ({where}); {getattr(new, '__module__', '?')} "
                           f"registers another under the same name: choose another name, or pass override=True "
                           "to replace the built-in")
+
+
+def one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                     line: str | None = None) -> str:
+    """A ``warnings.formatwarning`` that puts a warning on one line: manlearn's own say what to do in their
+    text; another library's keeps its category and where it came from, still on the same line."""
+    text = " ".join(str(message).split())
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        return f"warning: {text}\n"
+    return f"warning: {text} ({category.__name__}, {Path(filename).name}:{lineno})\n"

@@ -24,6 +24,7 @@ import os
 import signal
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -35,7 +36,8 @@ from torch import nn
 import manlearn
 from manlearn.config import TrainConfig, config_from_dict, config_to_dict
 from manlearn.distributed import cleanup
-from manlearn.errors import ManlearnError
+from manlearn.errors import ManlearnError, one_line_warning
+from manlearn.planning import MemoryWarning
 from manlearn.files import write_failure
 from manlearn.rules import LocalBatch
 
@@ -514,6 +516,9 @@ def worker_main(rank: int, port: int, cfg_dict: dict, plan: PipelinePlan, thread
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     torch.set_num_threads(max(1, threads))
+    # the launcher's plan built the same learner and said its memory warning once; the rest, on one line
+    warnings.filterwarnings("ignore", category=MemoryWarning)
+    warnings.formatwarning = one_line_warning
     try:
         cfg = config_from_dict(cfg_dict, check=False)
         dev_is_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
