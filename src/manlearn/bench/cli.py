@@ -57,8 +57,8 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
         run_accuracy(args.methods, args.K, args.epochs, args.seeds, args.results, args.runs_dir,
                      extra=args.overrides, rerun=args.rerun)
     except KeyboardInterrupt as e:  # the trainer's TrainingInterrupted says what was saved and at which step
-        said = str(e).removesuffix("; continue with --resume")  # a sweep resumes its runs itself
-        print(f"{said}; the same command continues the sweep from there" if said else "interrupted",
+        what = getattr(e, "what", "") or str(e)  # without "continue with --resume": a sweep resumes its runs itself
+        print(f"{what}; the same command continues the sweep from there" if what else "interrupted",
               file=sys.stderr, flush=True)
         return int(getattr(e, "exit_code", 130))
     return 0

@@ -32,12 +32,14 @@ EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM stopped a training run; ``str(e)`` is the one line for the user (what was saved, at
-    which step), ``exit_code`` the process's status (130 after Ctrl-C, 143 after SIGTERM)."""
+    """Ctrl-C or SIGTERM stopped a training run; ``str(e)`` is the one line for the user: ``what`` (what was
+    saved, at which step), then "continue with --resume" when there is a checkpoint to continue from
+    (``resumable``); ``exit_code`` is the process's status (130 after Ctrl-C, 143 after SIGTERM). A caller
+    that resumes runs itself (a benchmark sweep) gives its own advice after ``what``."""
 
-    def __init__(self, message: str, exit_code: int = EXIT_INTERRUPTED) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+    def __init__(self, what: str, exit_code: int = EXIT_INTERRUPTED, resumable: bool = True) -> None:
+        super().__init__(what + ("; continue with --resume" if resumable else ""))
+        self.what, self.exit_code, self.resumable = what, exit_code, resumable
 
 
 _DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}

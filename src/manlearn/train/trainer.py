@@ -618,7 +618,7 @@ class Trainer:
         intr = self._intr
         assert intr is not None
         raise TrainingInterrupted(f"{intr.reason()}: saved {self.ckpt_path} at step {self.step} (epoch "
-                                  f"{self.epoch + 1}, batch {self.batch}); continue with --resume", intr.exit_code)
+                                  f"{self.epoch + 1}, batch {self.batch})", intr.exit_code)
 
     def _interrupted_elsewhere(self) -> TrainingInterrupted:
         """A KeyboardInterrupt that did not come through the step-boundary check: an evaluation stopped at once
@@ -631,9 +631,9 @@ class Trainer:
             self.save()
             return TrainingInterrupted(f"{reason} during the evaluation at step {self.step}: saved "
                                        f"{self.ckpt_path} at step {self.step} (epoch {self.epoch + 1}, batch "
-                                       f"{self.batch}); continue with --resume", code)
-        return TrainingInterrupted(f"{reason} at step {self.step}; {self._kept()}"
-                                   + (" (continue with --resume)" if self._saved_step is not None else ""), code)
+                                       f"{self.batch})", code)
+        return TrainingInterrupted(f"{reason} at step {self.step}; {self._kept()}", code,
+                                   resumable=self._saved_step is not None)
 
     def _block_losses(self, window: bool) -> list[float]:
         """The per-block losses: over the recent steps (``window``) or the whole epoch."""

@@ -80,7 +80,8 @@ def run_pipeline(cfg: TrainConfig, *, threads: int | None = None, overwrite: boo
             if ckpt is not None:
                 _check_same_plan(ckpt, plan, ckpt_path)
             if intr.requested:
-                raise TrainingInterrupted(f"{intr.reason()} before the first step; {kept()}", intr.exit_code)
+                raise TrainingInterrupted(f"{intr.reason()} before the first step; {kept()}", intr.exit_code,
+                                          resumable=False)
             if threads is None:
                 threads = max(1, (os.cpu_count() or 1) // plan.workers)
             write_text_atomic(out_dir / "config.yaml", config_to_yaml(cfg))
@@ -105,7 +106,7 @@ def run_pipeline(cfg: TrainConfig, *, threads: int | None = None, overwrite: boo
     if intr.requested:
         step, spe = result["steps"], plan.steps_per_epoch
         raise TrainingInterrupted(f"{intr.reason()}: saved {ckpt_path} at step {step} (epoch {step // spe + 1}, "
-                                  f"batch {step % spe}); continue with --resume", intr.exit_code)
+                                  f"batch {step % spe})", intr.exit_code)
     return _summary(cfg, plan, result, time.perf_counter() - t0)
 
 
