@@ -263,6 +263,20 @@ def test_bench_cli_refuses_bad_input(capsys, tmp_path):
     assert "amp=fp16 needs a CUDA device" in capsys.readouterr().err
 
 
+def test_report_refuses_a_folder_without_results(capsys, tmp_path):
+    """A mistyped --results-dir was made into a new folder holding an empty tables.md, with rc 0."""
+    (tmp_path / "file.jsonl").write_text("{}\n")
+    (tmp_path / "empty").mkdir()
+    for where, why in (("missing", "does not exist"), ("file.jsonl", "is a file, not a folder"),
+                       ("empty", "holds none of accuracy.jsonl, memory.jsonl, speed.jsonl")):
+        plots = tmp_path / f"plots-{where}"
+        assert main(["bench", "report", "--results-dir", str(tmp_path / where), "--plots-dir", str(plots)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and why in err and "no benchmark results to report" in err, err
+        assert not plots.exists() and not (tmp_path / where / "tables.md").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file.jsonl"]
+
+
 def test_fresh_process_rss_measures_the_steps():
     from manlearn.bench.memory import measured_rss
 

@@ -100,12 +100,12 @@ def cmd_speed(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .report import check_results_dir, write_report
 
     from ..train.outputs import check_writable_dir
 
-    check_writable_dir(args.plots_dir, "--plots-dir")
-    write_report(args.results_dir, args.plots_dir)
+    results_dir = check_results_dir(args.results_dir)  # before the plots folder is made
+    write_report(results_dir, check_writable_dir(args.plots_dir, "--plots-dir"))
     return 0
 
 

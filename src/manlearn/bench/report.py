@@ -267,9 +267,23 @@ def plot_learning_curves(acc_rows, path: Path, min_epochs: int = 5) -> bool:
     return _save(fig, ax, "Learning curves", path)
 
 
+RESULT_FILES = ("accuracy.jsonl", "memory.jsonl", "speed.jsonl")
+
+
+def check_results_dir(results_dir: str | Path) -> Path:
+    """``results_dir`` as a Path; ConfigError when it holds no results file (a typo would get an empty report)."""
+    results_dir = Path(results_dir)
+    if not any((results_dir / n).is_file() for n in RESULT_FILES):
+        where = "is a file, not a folder" if results_dir.is_file() else (
+            "holds none of " + ", ".join(RESULT_FILES) if results_dir.is_dir() else "does not exist")
+        raise ConfigError(f"no benchmark results to report: {results_dir} {where} (--results-dir names the folder "
+                          "that `manlearn bench accuracy | memory | speed` write their rows to)")
+    return results_dir
+
+
 def write_report(results_dir: str | Path = "benchmarks/results", plots_dir: str | Path = "benchmarks/plots",
                  say=print) -> str:
-    results_dir, plots_dir = Path(results_dir), Path(plots_dir)
+    results_dir, plots_dir = check_results_dir(results_dir), Path(plots_dir)
     acc = read_rows(results_dir / "accuracy.jsonl")
     mem = read_rows(results_dir / "memory.jsonl")
     spd = read_rows(results_dir / "speed.jsonl")
