@@ -347,3 +347,5 @@ def test_train_step_refuses_inputs_of_another_shape():
         learner.train_step(torch.randn(2, 1, 28, 28), torch.tensor([0, 1]))
     with pytest.raises(ConfigError, match="labels"):
         learner.train_step(torch.randn(2, 3, 16, 16), torch.tensor([0, 1, 2]))
+    with pytest.raises(ConfigError, match=r"images must be a torch.Tensor, got numpy.ndarray \(torch.as_tensor"):
+        learner.train_step(torch.randn(2, 3, 16, 16).numpy(), torch.tensor([0, 1]))

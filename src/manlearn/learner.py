@@ -480,6 +480,9 @@ class LocalLearner(nn.Module):
 
     def check_batch(self, x: torch.Tensor, targets: Any) -> None:
         """Refuse inputs this learner cannot train on, before any work (shape, channels, targets)."""
+        if not isinstance(x, torch.Tensor):
+            raise ConfigError(f"images must be a torch.Tensor, got {type(x).__module__}.{type(x).__name__} "
+                              "(torch.as_tensor(x) converts a NumPy array)")
         if self.task.fixed_input_size:
             expected = (self.in_channels, self.image_size, self.image_size)
             if x.dim() != 4 or tuple(x.shape[1:]) != expected:

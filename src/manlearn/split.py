@@ -233,7 +233,7 @@ def _describe_tables(model_name: str | None, unit_ids, n_units: int) -> str:
         for groups in sorted(published_tables(model_name, unit_ids, kind)):
             parts.append(f"split={kind!r}: K={groups + 1} with stem_module=True or K={groups} with "
                          f"stem_module=False")
-    tables = "; ".join(parts) if parts else f"no published tables for {model_name or 'this backbone'}"
+    tables = "; ".join(parts) if parts else f"No published table for {model_name or 'this backbone'}"
     return (f"{tables}. 'uniform' and 'balanced' accept any K from 1 to {n_units + 1} "
             f"(stem_module=True) or {n_units} (stem_module=False)")
 
@@ -283,7 +283,7 @@ def resolve_split(n_units: int, K: int, split: str | Sequence = "auto", stem_mod
         raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_KINDS)} or give a list "
                           "of boundaries")
     if K > max_k:
-        raise ConfigError(f"K={K} is impossible: the backbone has {n_units} units"
+        raise ConfigError(f"K={K} is impossible: the backbone has {n_units} unit{'s' * (n_units != 1)}"
                           f"{' plus the stem module' if stem_module else ''}, so at most K={max_k} pieces. "
                           + _describe_tables(model_name, unit_ids, n_units))
     groups = K - int(stem_module)
