@@ -130,3 +130,41 @@ def test_readme_trainer_example_runs(tmp_path, monkeypatch, capsys):
     exec(compile(m.group(1), "README.md", "exec"), namespace)
     assert namespace["summary"]["steps"] == 8 and (tmp_path / "runs/mine/last.pt").is_file()
     assert "step 8: accuracy" in capsys.readouterr().out
+
+
+def test_every_parameter_group_keeps_its_lr_ratio_through_the_schedule_and_a_resume(tmp_path):
+    """Your optimizer's groups (a slower head, say) were all set to the first group's lr at every step."""
+    train, _ = _data(shuffle=False, n=32)  # 4 steps per epoch
+
+    def trainer(resume: bool = False, **kw):
+        learner = _learner()
+        head = {id(p) for p in learner.head.parameters()}
+        params = [p for p in learner.parameters() if p.requires_grad]
+        opt = torch.optim.SGD([{"params": [p for p in params if id(p) not in head]},
+                               {"params": [p for p in params if id(p) in head], "lr": 0.001}], lr=0.1)
+        seen: list[list[float]] = []
+        t = Trainer(learner, train, optimizer=opt, out_dir=tmp_path, epochs=2, callbacks=[
+            lambda tr: seen.append([g["lr"] for g in tr.optimizer.param_groups])], out=io.StringIO(),
+            resume=resume, overwrite=not resume, **kw)
+        return t, seen
+
+    t, seen = trainer()
+    t.fit()
+    assert len(seen) == 8 and seen[0] == pytest.approx([0.1, 0.001])  # cosine: the peak at the first step
+    assert all(b == pytest.approx(a / 100) for a, b in seen) and seen[-1][0] < seen[1][0] < 0.1
+    # stopped after step 7: the lrs in the checkpoint are near 0, the ratio still comes from your optimizer
+    t, seen_half = trainer(max_steps=7)
+    t.fit()
+    t, seen_rest = trainer(resume=True)
+    t.fit()
+    assert sum(seen_half + seen_rest, []) == pytest.approx(sum(seen, []))
+    t, seen = trainer(lr=0.05, max_steps=1)  # lr= sets the first group's peak; the head keeps 1/100 of it
+    t.fit()
+    assert seen == [pytest.approx([0.05, 0.0005])]
+
+
+def test_an_fp16_learner_gets_a_gradient_scaler(tmp_path):
+    train, _ = _data()
+    assert Trainer(_learner(), train, out_dir=tmp_path).scaler is None
+    scaler = Trainer(_learner(amp_dtype=torch.float16), train, out_dir=tmp_path).scaler
+    assert isinstance(scaler, torch.amp.GradScaler)

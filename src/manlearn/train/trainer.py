@@ -84,7 +84,8 @@ class Trainer:
     ``eval_data`` are iterables of ``(inputs, targets)`` batches with a length (a
     ``torch.utils.data.DataLoader``, a list of batches); evaluation reports top-1 accuracy.
 
-    - ``optimizer``: yours (its lr is the schedule's peak unless ``lr=`` is given), or ``"sgd"`` /
+    - ``optimizer``: yours (its lr is the schedule's peak unless ``lr=`` is given; other parameter groups keep
+      their lr's ratio to the first group's), or ``"sgd"`` /
       ``"adamw"`` / None to build one (SGD 0.9 Nesterov, wd 1e-4) over every trainable parameter;
     - ``out_dir``: where ``last.pt`` and ``metrics.jsonl`` go; ``epochs``, ``max_steps``: the length, and a
       cap on the steps of this call (the schedule is unchanged);
@@ -115,7 +116,9 @@ class Trainer:
         self.run = LoaderRun(learner, train_data, eval_data, device, cfg.seed)
         self.info = None
         self._check_steps()
-        self.learner, self.reducer, self.scaler = learner, None, None
+        # fp16 needs a loss scaler (gradients underflow without one), as from_config gives a run with amp=fp16
+        scaler = torch.amp.GradScaler(device.type) if learner.amp_dtype == torch.float16 else None
+        self.learner, self.reducer, self.scaler = learner, None, scaler
         self.optimizer = optimizer if isinstance(optimizer, torch.optim.Optimizer) else build_optimizer(cfg, learner)
         self._grad_params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self._finish_init(ckpt)
@@ -147,6 +150,11 @@ class Trainer:
         self._bar: tqdm | None = None
 
     def _finish_init(self, ckpt: dict[str, Any] | None) -> None:
+        # The schedule scales every parameter group's lr by the same factor: groups keep their ratio to the
+        # first group's lr (your optimizer's, read before a checkpoint's lrs replace them), whose peak is cfg.lr.
+        groups = self.optimizer.param_groups
+        first = float(groups[0]["lr"])
+        self._lr_ratios = [float(g["lr"]) / first if first > 0 else 1.0 for g in groups]
         self._reset_position()
         self.resumed = ckpt is not None
         if ckpt is not None:
@@ -534,9 +542,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ the step
     def _set_lr(self, lr: float) -> None:
-        """Set the lr of every parameter group."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        """Set the lr of every parameter group: ``lr`` for the first, the same fraction of their peak for the rest."""
+        for group, ratio in zip(self.optimizer.param_groups, self._lr_ratios):
+            group["lr"] = lr * ratio
 
     def _train_one(self, x: torch.Tensor, targets: Any, n: int) -> None:
         cfg = self.cfg
