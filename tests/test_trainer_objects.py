@@ -168,3 +168,22 @@ def test_an_fp16_learner_gets_a_gradient_scaler(tmp_path):
     assert Trainer(_learner(), train, out_dir=tmp_path).scaler is None
     scaler = Trainer(_learner(amp_dtype=torch.float16), train, out_dir=tmp_path).scaler
     assert isinstance(scaler, torch.amp.GradScaler)
+
+
+def test_bad_eval_data_is_refused_before_training_in_one_line(tmp_path):
+    """A bad evaluation batch was a RuntimeError from inside the network at the first evaluation, an epoch of
+    training later and before anything was saved."""
+    train, test = _data()
+    x, y = next(iter(test))
+    for bad, why in ((x[:, :1], r"images must be \[B, 3, H, W\]"), ((x * 255).to(torch.uint8), "float tensors"),
+                     (x, "class indices must lie in 0..3")):
+        labels = y + 10 if bad is x else y
+        with pytest.raises(ConfigError, match=f"^eval_data: .*{why}"):
+            Trainer(_learner(), train, [(bad, labels)], out_dir=tmp_path / "a")
+        assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
+    with pytest.raises(ConfigError, match="eval_data holds no batch"):
+        Trainer(_learner(), train, [], out_dir=tmp_path / "a")
+    # a bad batch further on: one line at the evaluation
+    t = Trainer(_learner(), train, [(x, y), (x[:, :1], y)], out_dir=tmp_path / "b", max_steps=1, out=io.StringIO())
+    with pytest.raises(ConfigError, match=r"^eval_data: images must be \[B, 3, H, W\]"):
+        t.fit()

@@ -117,6 +117,27 @@ class LoaderRun(ClassificationRun):
             return super().step_counts(out, y, n)
         return [float("nan"), n]  # no per-image class labels: no training accuracy
 
+    def _eval_batch(self, learner: torch.nn.Module, item: Any) -> tuple[Any, Any]:
+        """One evaluation batch on the device, refused in one line where training would refuse it."""
+        x, y = _batch_pair(item, "eval_data")
+        x, y = to_device(x, self.device), to_device(y, self.device)
+        try:
+            learner.check_batch(x, y)
+        except ConfigError as e:
+            raise ConfigError(f"eval_data: {e}") from None
+        return x, y
+
+    def check_eval_data(self, learner: torch.nn.Module) -> None:
+        """Check the first evaluation batch before any training: a bad one would stop the run only at its
+        first evaluation, an epoch later (drawing it leaves the run's random state as it was)."""
+        if self.eval_data is None:
+            return
+        with torch.random.fork_rng(devices=[]):
+            first = next(iter(self.eval_data), None)
+        if first is None:
+            raise ConfigError("eval_data holds no batch: nothing to evaluate (pass eval_data=None to train without)")
+        self._eval_batch(learner, first)
+
     @torch.no_grad()
     def evaluate(self, learner: torch.nn.Module) -> dict[str, Any]:
         if self.eval_data is None:
@@ -126,8 +147,7 @@ class LoaderRun(ClassificationRun):
         correct, total = 0, 0
         try:
             for item in self.eval_data:
-                x, y = _batch_pair(item, "eval_data")
-                x, y = to_device(x, self.device), to_device(y, self.device)
+                x, y = self._eval_batch(learner, item)
                 labels = y.argmax(dim=1) if y.is_floating_point() else y
                 correct += int((learner(x).argmax(dim=1) == labels).sum())
                 total += int(labels.numel())

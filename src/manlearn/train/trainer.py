@@ -116,6 +116,7 @@ class Trainer:
         self.run = LoaderRun(learner, train_data, eval_data, device, cfg.seed)
         self.info = None
         self._check_steps()
+        self.run.check_eval_data(learner)
         # fp16 needs a loss scaler (gradients underflow without one), as from_config gives a run with amp=fp16
         scaler = torch.amp.GradScaler(device.type) if learner.amp_dtype == torch.float16 else None
         self.learner, self.reducer, self.scaler = learner, None, scaler
