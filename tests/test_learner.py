@@ -349,3 +349,21 @@ def test_train_step_refuses_inputs_of_another_shape():
         learner.train_step(torch.randn(2, 3, 16, 16), torch.tensor([0, 1, 2]))
     with pytest.raises(ConfigError, match=r"images must be a torch.Tensor, got numpy.ndarray \(torch.as_tensor"):
         learner.train_step(torch.randn(2, 3, 16, 16).numpy(), torch.tensor([0, 1]))
+
+
+def test_a_batch_of_one_image_is_one_line_where_batchnorm_needs_two():
+    """DGL's BatchNorm1d heads (and any BatchNorm on a 1x1 map) raised torch's ValueError from inside the step."""
+    y = torch.tensor([1])
+    for method in ("dgl", "manpp"):
+        learner = make(method, base="dgl", K=3)
+        before = {k: v.clone() for k, v in learner.state_dict().items()}
+        with pytest.raises(ConfigError, match=r"^a batch of 1 image .* BatchNorm1d .* drop_last=True"):
+            learner.train_step(torch.randn(1, 3, 16, 16), y)
+        assert all(torch.equal(v, learner.state_dict()[k]) for k, v in before.items())  # refused before any work
+        learner.eval()
+        assert learner(torch.randn(1, 3, 16, 16)).shape == (1, 3)  # inference takes one image
+    make("infopro", K=3).train_step(torch.randn(1, 3, 16, 16), y)  # no BatchNorm1d: trains
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Sequential(nn.Conv2d(8, 8, 3), nn.AdaptiveAvgPool2d(1),
+                                                          nn.BatchNorm2d(8)), nn.Flatten(), nn.Linear(8, 10))
+    with pytest.raises(ConfigError, match=r"BatchNorm layer on a 1x1 map .* \(this step stopped part-way\)$"):
+        manlearn.LocalLearner(net, method="greedy", K=2).train_step(torch.randn(1, 3, 16, 16), y)

@@ -28,7 +28,8 @@ from .split import Split, is_vit_like, resolve_split, stage_ends
 from .tasks import ClassificationTask, check_task
 from .tasks.base import check_head_fits
 
-
+_ONE_IMAGE = ("a batch of 1 image cannot train this learner: {} needs more than one value per channel in training; "
+              "train on batches of 2 or more (a DataLoader's drop_last=True drops a last batch of one)")
 
 
 class StepOutput:
@@ -494,6 +495,8 @@ class LocalLearner(nn.Module):
             raise ConfigError(f"images must be float tensors, got {x.dtype} (convert them, e.g. x.float() / 255)")
         if x.shape[0] == 0:
             raise ConfigError("an empty batch (0 images): nothing to train on")
+        if x.shape[0] == 1 and self.training and any(isinstance(m, nn.BatchNorm1d) for m in self.modules()):
+            raise ConfigError(_ONE_IMAGE.format("a BatchNorm1d layer (DGL's auxiliary heads have them)"))
         weight = next((p for p in self.blocks[0].parameters() if p.is_floating_point()), None)
         if weight is not None and x.dtype != weight.dtype and self.amp_dtype is None:
             raise ConfigError(f"images are {x.dtype} but the learner's weights are {weight.dtype}: convert one of "
@@ -535,10 +538,15 @@ class LocalLearner(nn.Module):
         x = self.prepare_input(x.detach())  # an input that requires grad gets none: the first block is local too
         batch = LocalBatch(x, y, self.norm_mean, self.norm_std)
         # a rule whose loss reaches earlier blocks (HPFF) writes their gradients from two losses: in sequence
-        if self._blocks_in_flight > 1 and self.K > 2 and not self.reaches_back:
-            h, losses = overlapped_step(self, x, batch, grad_scale, after_block, self._blocks_in_flight)
-        else:
-            h, losses = self._sequential_step(x, batch, grad_scale, after_block)
+        try:
+            if self._blocks_in_flight > 1 and self.K > 2 and not self.reaches_back:
+                h, losses = overlapped_step(self, x, batch, grad_scale, after_block, self._blocks_in_flight)
+            else:
+                h, losses = self._sequential_step(x, batch, grad_scale, after_block)
+        except ValueError as e:  # torch's, from a BatchNorm that sees one value per channel (a 1x1 map of one image)
+            if not str(e).startswith("Expected more than 1 value per channel"):
+                raise
+            raise ConfigError(_ONE_IMAGE.format("a BatchNorm layer on a 1x1 map") + " (this step stopped part-way)") from None
         wide = torch.float64 if any(v.dtype == torch.float64 for v in losses) else torch.float32
         return StepOutput(h, torch.stack([v.to(wide) for v in losses]))
 
