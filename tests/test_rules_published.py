@@ -53,6 +53,14 @@ def test_predsim_trains_and_refuses_what_it_cannot_do():
     learner = LocalLearner("resnet20", method="predsim", K=3, image_size=16, num_classes=4)
     out = learner.train_step(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]))
     assert len(out.losses) == 3
+    for size in (24, 8):  # its pred heads are sized for 16x16 maps: another size was a matmul error inside
+        with pytest.raises(ConfigError, match=r"built for inputs \[B, 3, 16, 16\] \(the rule's auxiliary heads"):
+            learner.train_step(torch.randn(4, 3, size, size), torch.tensor([0, 1, 2, 3]))
+    man = LocalLearner("resnet20", method="man", base="predsim", K=3, image_size=16, num_classes=4)
+    with pytest.raises(ConfigError, match=r"built for inputs \[B, 3, 16, 16\]"):  # a modifier's base heads too
+        man.train_step(torch.randn(4, 3, 24, 24), torch.tensor([0, 1, 2, 3]))
+    assert LocalLearner("resnet20", method="dgl", K=3, image_size=16).train_step(  # other rules: any size
+        torch.randn(4, 3, 24, 24), torch.tensor([0, 1, 2, 3])).logits.shape == (4, 10)
     with pytest.raises(ConfigError, match="per-block"):
         LocalLearner("resnet20", method="predsim", K=3, image_size=16, **{"optimizer": "adam"})
     from manlearn.listing import methods_table

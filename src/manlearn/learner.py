@@ -484,11 +484,13 @@ class LocalLearner(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise ConfigError(f"images must be a torch.Tensor, got {type(x).__module__}.{type(x).__name__} "
                               "(torch.as_tensor(x) converts a NumPy array)")
-        if self.task.fixed_input_size:
+        if self.task.fixed_input_size or self.rule.needs_fixed_input_size():
             expected = (self.in_channels, self.image_size, self.image_size)
             if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-                raise ConfigError(f"this learner was built for inputs [B, {expected[0]}, {expected[1]}, {expected[2]}]; "
-                                  f"got x {list(x.shape)} (build it with the in_channels and image_size of your data)")
+                why = "" if self.task.fixed_input_size else " (the rule's auxiliary heads are sized for it)"
+                raise ConfigError(f"this learner was built for inputs [B, {expected[0]}, {expected[1]}, {expected[2]}]"
+                                  f"{why}; got x {list(x.shape)} (build it with the in_channels and image_size of "
+                                  "your data)")
         elif x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ConfigError(f"images must be [B, {self.in_channels}, H, W] float tensors, got {list(x.shape)}")
         if not x.is_floating_point():

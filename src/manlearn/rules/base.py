@@ -129,7 +129,8 @@ class Rule:
     ``manlearn list``), ``reaches_back`` (how many blocks before its own a block's local loss sends
     gradient to: 0 for gradient-isolated blocks; 1 for HPFF's two-block window. The learner then keeps
     those blocks' detached inputs in ``LocalBatch.block_inputs`` and reports a block's gradients as final
-    to ``after_block`` only once no later loss can reach it).
+    to ``after_block`` only once no later loss can reach it), ``fixed_input_size`` (the auxiliary networks
+    are sized for the learner's ``image_size``, like PredSim's pooled linear heads: other sizes are refused).
     """
 
     name: str = "base"
@@ -137,6 +138,12 @@ class Rule:
     single_block: bool = False
     summary: str = ""
     reaches_back: int = 0
+    fixed_input_size: bool = False
+
+    def needs_fixed_input_size(self) -> bool:
+        """Whether this rule, or the base rule a modifier wraps, only trains at the learner's ``image_size``."""
+        base = getattr(self, "base", None)
+        return self.fixed_input_size or (isinstance(base, Rule) and base.needs_fixed_input_size())
 
     def build_aux(self, ctx: AuxContext, h_shape: tuple[int, ...] | None = None) -> nn.Module:
         raise NotImplementedError

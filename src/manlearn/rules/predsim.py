@@ -155,6 +155,7 @@ class PredSimRule(Rule):
     feature budget 512, one optimiser for everything)."""
 
     name = "predsim"
+    fixed_input_size = True  # the pred head's pooling and Linear are sized for the build's maps
     summary = ("PredSim: 0.99 * similarity-matrix MSE + 0.01 * pooled linear CE per block "
                "(optimizer=shared | per-block: the original's own Adam per block)")
 
