@@ -367,3 +367,15 @@ def test_a_batch_of_one_image_is_one_line_where_batchnorm_needs_two():
                                                           nn.BatchNorm2d(8)), nn.Flatten(), nn.Linear(8, 10))
     with pytest.raises(ConfigError, match=r"BatchNorm layer on a 1x1 map .* \(this step stopped part-way\)$"):
         manlearn.LocalLearner(net, method="greedy", K=2).train_step(torch.randn(1, 3, 16, 16), y)
+
+
+def test_amp_dtype_takes_the_config_names_and_refuses_others_at_build():
+    """'bf16' (the config's spelling) was kept as a string and failed inside autocast at the first step."""
+    for name, dtype in (("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16), ("fp16", torch.float16),
+                        ("off", None), (torch.bfloat16, torch.bfloat16), (None, None)):
+        assert make("dgl", K=2, amp_dtype=name).amp_dtype is dtype
+    out = make("dgl", K=2, amp_dtype="bf16").train_step(torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))
+    assert len(out.losses) == 2
+    for bad in ("bf61", torch.float32, 16):
+        with pytest.raises(ConfigError, match=r"^amp_dtype must be torch.bfloat16, torch.float16 or None"):
+            make("dgl", K=2, amp_dtype=bad)

@@ -32,6 +32,19 @@ _ONE_IMAGE = ("a batch of 1 image cannot train this learner: {} needs more than 
               "train on batches of 2 or more (a DataLoader's drop_last=True drops a last batch of one)")
 
 
+_AMP_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+              "off": None}
+
+
+def _autocast_dtype(value: Any) -> torch.dtype | None:
+    """``amp_dtype`` as a dtype: the config's names ('bf16', 'fp16', 'off') are taken too."""
+    dtype = _AMP_NAMES.get(value, value) if isinstance(value, str) else value
+    if dtype not in (None, torch.bfloat16, torch.float16):
+        raise ConfigError(f"amp_dtype must be torch.bfloat16, torch.float16 or None ('bf16', 'fp16', 'off'), got "
+                          f"{value!r}")
+    return dtype
+
+
 class StepOutput:
     """Result of :meth:`LocalLearner.train_step`.
 
@@ -104,7 +117,7 @@ class LocalLearner(nn.Module):
         stem_module: the stem is its own piece (MAN++ code); default True, False for ViTs (the patch
             embedding joins the first group, as in the MAN++ ViT recipe) and stage-reading tasks.
         normalization: the input's (mean, std) per channel, used to de-normalise InfoPro's target image.
-        amp_dtype: run forwards under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``).
+        amp_dtype: run forwards under ``torch.autocast`` with this dtype (``torch.bfloat16`` or ``'bf16'``, fp16 on CUDA).
         channels_last: keep weights and activations in channels-last memory format.
         grad_checkpoint: run every block under gradient checkpointing (recompute in backward), in segments
             of one stage (``True`` or ``"stage"``), one unit (``"unit"``) or about sqrt(n) units (``"sqrt"``),
@@ -125,7 +138,7 @@ class LocalLearner(nn.Module):
                  num_classes: int | None = None, in_channels: int = 3, image_size: int = 32, *, task: Any = None,
                  split: str | Sequence = "auto", stem_module: bool | None = None,
                  normalization: tuple[Sequence[float], Sequence[float]] | None = None,
-                 amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+                 amp_dtype: torch.dtype | str | None = None, channels_last: bool = False,
                  grad_checkpoint: bool | str = False, blocks_in_flight: int = 1,
                  model_kwargs: dict | None = None, **rule_options: Any) -> None:
         super().__init__()
@@ -144,7 +157,7 @@ class LocalLearner(nn.Module):
         self.reaches_back = int(getattr(rule, "reaches_back", 0))
         self.base = getattr(rule, "base_name", None)
         self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
-        self.amp_dtype = amp_dtype
+        self.amp_dtype = _autocast_dtype(amp_dtype)
         self.channels_last = channels_last
         self.blocks_in_flight = blocks_in_flight  # validated by the property setter
 
