@@ -436,6 +436,25 @@ def test_imagefolder(tmp_path):
     assert len(load_dataset("imagefolder", data_dir=tmp_path, limit=3)) == 3
 
 
+def test_imagefolder_limit_spreads_over_the_classes(tmp_path):
+    """The samples are sorted by class: the first N were the first classes only (eval_limit scored class 0)."""
+    for c in range(5):
+        for i in range(20):
+            _png(tmp_path / "train" / f"c{c}" / f"{i}.png", (50 * c, 0, 0))
+            if i < 4:
+                _png(tmp_path / "val" / f"c{c}" / f"{i}.png", (50 * c, 0, 0))
+    full = load_dataset("imagefolder", data_dir=tmp_path, image_size=4)
+    d = load_dataset("imagefolder", data_dir=tmp_path, image_size=4, limit=20)
+    assert len(d) == 20 and len(set(d.labels.tolist())) >= 4 and d.labels.tolist() == sorted(d.labels.tolist())
+    te = load_dataset("imagefolder", "test", data_dir=tmp_path, image_size=4, limit=8)
+    assert len(te) == 8 and len(set(te.labels.tolist())) >= 3
+    # the same subset every time, each image with its own label, a limit above the count keeps everything
+    again = load_dataset("imagefolder", data_dir=tmp_path, image_size=4, limit=20)
+    assert torch.equal(again.images, d.images) and torch.equal(again.labels, d.labels)
+    assert torch.equal(d.images[:, 0, 0, 0], (50 * d.labels).to(torch.uint8))
+    assert torch.equal(load_dataset("imagefolder", data_dir=tmp_path, image_size=4, limit=1000).labels, full.labels)
+
+
 def test_imagefolder_errors(tmp_path):
     with pytest.raises(DatasetError, match="train/"):
         load_dataset("imagefolder", data_dir=tmp_path)

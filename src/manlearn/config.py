@@ -247,8 +247,8 @@ class TrainConfig(_Model):
     infopro_heads: Annotated[str, _choice("manlearn.rules.infopro:INFOPRO_HEADS")] = "auto"  # SPEC 2.2
     dataset: Annotated[str, _choice("manlearn.data:list_datasets", registry=True)] = "fashion-mnist"
     data_dir: str | None = None  # none = the dataset's default location (dense tasks need it)
-    train_limit: Pos | None = None  # use only the first N training images
-    eval_limit: Pos | None = None  # evaluate on the first N test / validation images
+    train_limit: Pos | None = None  # use only the first N training images (an image folder: N spread over its classes)
+    eval_limit: Pos | None = None  # evaluate on the first N test / validation images (likewise)
     image_size: Pos | None = None  # classification: None = the dataset's native size
     data_workers: NonNeg = 8  # decode processes for sets too large to hold in memory (imagenet, full COCO)
     epochs: Pos = 10

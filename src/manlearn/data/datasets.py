@@ -19,6 +19,7 @@ from manlearn.errors import ConfigError, DatasetError, optional_import
 
 from . import formats
 from .formats import FormatProblem
+from .imagenet import spread_subset
 from .info import ENV_DATA_DIR, DatasetInfo, ImageData, candidate_dirs, dataset_files, get_dataset_info
 
 __all__ = ["load_dataset", "DEFAULT_IMAGEFOLDER_SIZE"]
@@ -244,7 +245,8 @@ def _load_imagefolder(name: str, split: str, dirs: list[str], limit: int | None,
         warnings.warn(f"imagefolder {split_dir}: no images of class(es) {', '.join(empty)}", stacklevel=2)
     if not samples:
         raise _error(name, split, f"no image files in the class folders of {split_dir}", [root])
-    samples = samples[: _limit(len(samples), limit)]  # limit before decoding: smoke runs stay cheap
+    if limit is not None:  # before decoding: smoke runs stay cheap; spread over the classes, sorted as they are
+        samples = [samples[i] for i in spread_subset(len(samples), limit)]
     x = np.empty((len(samples), 3, size, size), dtype=np.uint8)
     try:
         for i, (p, _) in enumerate(samples):
@@ -290,7 +292,8 @@ def load_dataset(
         data_dir: folder holding the files (or a parent of the dataset's standard sub-folder).  When
             omitted: ``$MANLEARN_DATA/<dataset folder>``, ``$MANLEARN_DATA``, then built-in defaults
             (``/usr/share/datasets/fashion-mnist`` for Fashion-MNIST).
-        limit: keep only the first ``limit`` samples (cheap smoke runs).
+        limit: keep only the first ``limit`` samples (cheap smoke runs); for ``imagefolder``, whose samples are
+            sorted by class, a fixed-seed subset of ``limit`` spread over the classes.
         image_size: imagefolder only: square resize target (default 32).  For other datasets it must be
             omitted or equal to the dataset's fixed size.
 

@@ -116,10 +116,15 @@ def index_image_folder(split: str = "train", data_dir: str | os.PathLike[str] | 
     if limit is not None:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ConfigError(f"limit must be a positive integer or None, got {limit!r}")
-        order = random.Random(derive_seed(_TAG_PERM, 0, -1)).sample(range(len(samples)), min(limit, len(samples)))
-        samples = [samples[i] for i in sorted(order)]
+        samples = [samples[i] for i in spread_subset(len(samples), limit)]
     info = dataclasses.replace(get_dataset_info(name), num_classes=len(classes), image_size=size)
     return FolderIndex(samples, info, tuple(classes), split_dir)
+
+
+def spread_subset(n: int, limit: int) -> list[int]:
+    """``min(limit, n)`` indices of a class-sorted list, drawn with a fixed seed and kept in order: a small
+    limit still sees many classes (the first ``limit`` would be the first classes only)."""
+    return sorted(random.Random(derive_seed(_TAG_PERM, 0, -1)).sample(range(n), min(limit, n)))
 
 
 # ----------------------------------------------------------------------------------------- transforms
