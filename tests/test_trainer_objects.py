@@ -187,3 +187,23 @@ def test_bad_eval_data_is_refused_before_training_in_one_line(tmp_path):
     t = Trainer(_learner(), train, [(x, y), (x[:, :1], y)], out_dir=tmp_path / "b", max_steps=1, out=io.StringIO())
     with pytest.raises(ConfigError, match=r"^eval_data: images must be \[B, 3, H, W\]"):
         t.fit()
+
+
+def test_one_callback_outside_a_list_is_taken_and_a_class_is_refused(tmp_path):
+    """callbacks=Spy() was "'Spy' object is not iterable", callbacks=[Spy] a TypeError at the first hook."""
+    steps: list[int] = []
+
+    class Spy(Callback):
+        def on_step_end(self, trainer):
+            steps.append(trainer.step)
+
+    train, _ = _data()
+    Trainer(_learner(), train, out_dir=tmp_path, max_steps=2, callbacks=Spy(), out=io.StringIO()).fit()
+    Trainer(_learner(), train, out_dir=tmp_path, max_steps=2, callbacks=lambda t: steps.append(-t.step),
+            overwrite=True, out=io.StringIO()).fit()
+    assert steps == [1, 2, -1, -2]
+    for bad in (Spy, [Spy]):
+        with pytest.raises(ConfigError, match=r"^callbacks: Spy is a class; pass an instance, Spy\(\)$"):
+            Trainer(_learner(), train, out_dir=tmp_path, callbacks=bad)
+    with pytest.raises(ConfigError, match="^callbacks must be a list of callbacks, got int"):
+        Trainer(_learner(), train, out_dir=tmp_path, callbacks=3)

@@ -59,7 +59,13 @@ class Callbacks:
 
     def __init__(self, callbacks: Iterable[Any] = ()) -> None:
         self.items: list[Any] = []
+        if isinstance(callbacks, Callback) or callable(callbacks):
+            callbacks = [callbacks]  # one callback (or class), not in a list
+        elif isinstance(callbacks, (str, bytes)) or not hasattr(callbacks, "__iter__"):
+            raise ConfigError(f"callbacks must be a list of callbacks, got {type(callbacks).__name__}")
         for cb in callbacks:
+            if isinstance(cb, type):
+                raise ConfigError(f"callbacks: {cb.__name__} is a class; pass an instance, {cb.__name__}()")
             if not any(callable(getattr(cb, h, None)) for h in HOOKS):
                 if not callable(cb):
                     raise ConfigError(f"a callback needs one of {', '.join(HOOKS)} (or is a function called at "

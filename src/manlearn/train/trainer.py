@@ -131,7 +131,7 @@ class Trainer:
         (validated here; any task)."""
         self = cls.__new__(cls)
         cfg = validate(cfg)
-        self._prepare(cfg, [*run_logs(), *callbacks], out, origin="config")
+        self._prepare(cfg, [*run_logs(), *Callbacks(callbacks).items], out, origin="config")
         if cfg.pipeline_workers:
             raise ConfigError("pipeline_workers is set: a block pipeline is run by "
                               "manlearn.train.pipeline.run_pipeline (or `manlearn train`), not by Trainer")
