@@ -379,3 +379,15 @@ def test_amp_dtype_takes_the_config_names_and_refuses_others_at_build():
     for bad in ("bf61", torch.float32, 16):
         with pytest.raises(ConfigError, match=r"^amp_dtype must be torch.bfloat16, torch.float16 or None"):
             make("dgl", K=2, amp_dtype=bad)
+
+
+@pytest.mark.parametrize("name", manlearn.list_models())
+def test_a_misspelt_model_option_is_one_line_with_the_nearest(name):
+    """create_model("resnet20", widthz=...) was a TypeError from the builder inside, without the options."""
+    with pytest.raises(ConfigError, match=rf"^model '{name}' takes no option 'num_clases' \(did you mean "
+                                          r"'num_classes'\?\); its options: .*in_channels"):
+        manlearn.create_model(name, num_clases=3)
+    if name == "resnet20":
+        with pytest.raises(ConfigError, match=r"'widthz' \(did you mean 'widths'\?\)"):
+            LocalLearner("resnet20", method="dgl", K=2, model_kwargs=dict(widthz=(8, 8, 16, 32)))
+        assert manlearn.create_model(name, widths=(8, 8, 16, 32)).head[-1].in_features == 32

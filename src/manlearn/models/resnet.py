@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import ConfigError
 from .base import Backbone
 from .layers import GlobalAvgPool
-from .registry import register_model
+from .registry import options_of, register_model
 from .resnet_cifar import BasicBlock as CifarBasicBlock
 
 
@@ -123,31 +123,37 @@ _TAGS = ("imagenet", "resnet")
 
 
 @register_model(tags=_TAGS)
+@options_of(resnet_imagenet, "block", "layers")
 def resnet18(**kw) -> Backbone:
     return resnet_imagenet(BasicBlock, (2, 2, 2, 2), **kw)
 
 
 @register_model(tags=_TAGS)
+@options_of(resnet_imagenet, "block", "layers")
 def resnet34(**kw) -> Backbone:
     return resnet_imagenet(BasicBlock, (3, 4, 6, 3), **kw)
 
 
 @register_model(tags=_TAGS)
+@options_of(resnet_imagenet, "block", "layers")
 def resnet50(**kw) -> Backbone:
     return resnet_imagenet(Bottleneck, (3, 4, 6, 3), **kw)
 
 
 @register_model(tags=_TAGS)
+@options_of(resnet_imagenet, "block", "layers")
 def resnet101(**kw) -> Backbone:
     return resnet_imagenet(Bottleneck, (3, 4, 23, 3), **kw)
 
 
 @register_model(tags=_TAGS)
+@options_of(resnet_imagenet, "block", "layers")
 def resnet152(**kw) -> Backbone:
     return resnet_imagenet(Bottleneck, (3, 8, 36, 3), **kw)
 
 
 @register_model(tags=_TAGS)
+@options_of(resnet_imagenet, "block", "layers")
 def resnext50_32x4d(**kw) -> Backbone:
     kw.setdefault("groups", 32)
     kw.setdefault("width_per_group", 4)
@@ -155,6 +161,7 @@ def resnext50_32x4d(**kw) -> Backbone:
 
 
 @register_model(tags=_TAGS)
+@options_of(resnet_imagenet, "block", "layers")
 def resnext101_32x8d(**kw) -> Backbone:
     kw.setdefault("groups", 32)
     kw.setdefault("width_per_group", 8)

@@ -9,7 +9,7 @@ from torch import nn
 
 from .base import Backbone
 from .layers import GlobalAvgPool
-from .registry import register_model
+from .registry import options_of, register_model
 
 
 def conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
@@ -81,25 +81,30 @@ def resnet_cifar(depth: int, num_classes: int = 10, in_channels: int = 3,
 
 
 @register_model(tags=("cifar", "resnet"))
+@options_of(resnet_cifar, "depth")
 def resnet20(**kw) -> Backbone:
     return resnet_cifar(20, **kw)
 
 
 @register_model(tags=("cifar", "resnet"))
+@options_of(resnet_cifar, "depth")
 def resnet32(**kw) -> Backbone:
     return resnet_cifar(32, **kw)
 
 
 @register_model(tags=("cifar", "resnet"))
+@options_of(resnet_cifar, "depth")
 def resnet44(**kw) -> Backbone:
     return resnet_cifar(44, **kw)
 
 
 @register_model(tags=("cifar", "resnet"))
+@options_of(resnet_cifar, "depth")
 def resnet56(**kw) -> Backbone:
     return resnet_cifar(56, **kw)
 
 
 @register_model(tags=("cifar", "resnet"))
+@options_of(resnet_cifar, "depth")
 def resnet110(**kw) -> Backbone:
     return resnet_cifar(110, **kw)

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import Backbone
-from .registry import register_model
+from .registry import options_of, register_model
 from .resnet_cifar import init_weights
 
 VGG_CONFIGS = {
@@ -52,10 +52,12 @@ def vgg_predsim(config: str, num_classes: int = 10, in_channels: int = 3, image_
 
 
 @register_model(tags=("vgg",))
+@options_of(vgg_predsim, "config")
 def vgg8b(image_size: int = 32, **kw) -> Backbone:
     return vgg_predsim("vgg8b", image_size=image_size, **kw)
 
 
 @register_model(tags=("vgg",))
+@options_of(vgg_predsim, "config")
 def vgg11b(image_size: int = 32, **kw) -> Backbone:
     return vgg_predsim("vgg11b", image_size=image_size, **kw)

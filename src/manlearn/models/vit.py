@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import Backbone
-from .registry import register_model
+from .registry import options_of, register_model
 
 
 class PatchEmbed(nn.Module):
@@ -135,24 +135,28 @@ _TAGS = ("imagenet", "vit")
 
 
 @register_model(tags=_TAGS)
+@options_of(vision_transformer)
 def vit_tiny(image_size: int = 224, **kw) -> Backbone:
     kw = {"patch_size": 16, "dim": 192, "depth": 12, "heads": 3, **kw}
     return vision_transformer(image_size=image_size, **kw)
 
 
 @register_model(tags=_TAGS)
+@options_of(vision_transformer)
 def vit_small(image_size: int = 224, **kw) -> Backbone:
     kw = {"patch_size": 16, "dim": 384, "depth": 12, "heads": 6, **kw}
     return vision_transformer(image_size=image_size, **kw)
 
 
 @register_model(tags=_TAGS)
+@options_of(vision_transformer)
 def vit_base(image_size: int = 224, **kw) -> Backbone:
     kw = {"patch_size": 16, "dim": 768, "depth": 12, "heads": 12, **kw}
     return vision_transformer(image_size=image_size, **kw)
 
 
 @register_model(tags=("cifar", "vit"))
+@options_of(vision_transformer)
 def vit_cifar(image_size: int = 32, **kw) -> Backbone:
     kw = {"patch_size": 4, "dim": 192, "depth": 12, "heads": 3, **kw}
     return vision_transformer(image_size=image_size, **kw)
