@@ -391,3 +391,16 @@ def test_a_misspelt_model_option_is_one_line_with_the_nearest(name):
         with pytest.raises(ConfigError, match=r"'widthz' \(did you mean 'widths'\?\)"):
             LocalLearner("resnet20", method="dgl", K=2, model_kwargs=dict(widthz=(8, 8, 16, 32)))
         assert manlearn.create_model(name, widths=(8, 8, 16, 32)).head[-1].in_features == 32
+
+
+def test_a_class_count_that_contradicts_the_task_and_a_non_bool_stem_module_are_refused():
+    """num_classes=100 with a 10-class task built 10 classes silently; stem_module="no" counted as True."""
+    from manlearn.tasks import ClassificationTask
+
+    with pytest.raises(ConfigError, match=r"^num_classes=100 but the task has 10 classes"):
+        LocalLearner("resnet20", method="dgl", K=2, num_classes=100, task=ClassificationTask(10))
+    assert LocalLearner("resnet20", method="dgl", K=2, num_classes=10, task=ClassificationTask(10)).num_classes == 10
+    assert LocalLearner("resnet20", method="dgl", K=2, task=ClassificationTask(7)).num_classes == 7
+    with pytest.raises(ConfigError, match=r"^stem_module must be True, False or None .* got 'no'"):
+        LocalLearner("resnet20", method="dgl", K=2, stem_module="no")
+    assert LocalLearner("resnet20", method="dgl", K=2, stem_module=False).split.stem_module is False

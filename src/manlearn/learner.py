@@ -142,6 +142,7 @@ class LocalLearner(nn.Module):
                  grad_checkpoint: bool | str = False, blocks_in_flight: int = 1,
                  model_kwargs: dict | None = None, **rule_options: Any) -> None:
         super().__init__()
+        given_classes = num_classes
         if num_classes is None:  # your network's own classifier says how many; a registered model: 10
             num_classes = _classes_of(model) if isinstance(model, nn.Module) and task is None else 10
         for name, v in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
@@ -149,6 +150,12 @@ class LocalLearner(nn.Module):
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         self.task = check_task(task if task is not None else ClassificationTask(num_classes))
         num_classes = int(getattr(self.task, "num_classes", num_classes))
+        if given_classes is not None and task is not None and given_classes != num_classes:
+            raise ConfigError(f"num_classes={given_classes} but the task has {num_classes} classes: give one of them "
+                              "(the task's count is the one used)")
+        if stem_module is not None and not isinstance(stem_module, bool):
+            raise ConfigError(f"stem_module must be True, False or None (the default for the network), got "
+                              f"{stem_module!r}")
         if rule_options.get("base", "") is None:
             del rule_options["base"]  # the modifier's default base for this task
         rule = create_rule(method, strict=rule_options, task=self.task, also_known=_ENGINE_OPTIONS)
