@@ -38,6 +38,11 @@ def rule_specs() -> list[tuple[str, str | None]]:
     return specs
 
 
+def trainable_specs() -> list[tuple[str, str | None]]:
+    """:func:`rule_specs` less the modifier/base pairs a modifier refuses by its ``bases`` (HPFF: dgl, infopro)."""
+    return [(m, b) for m, b in rule_specs() if b is None or b in getattr(get_rule_class(m), "bases", (b,))]
+
+
 def _targets(task: str, x: torch.Tensor):
     b = x.shape[0]
     if task == "classification":
