@@ -207,3 +207,27 @@ def test_one_callback_outside_a_list_is_taken_and_a_class_is_refused(tmp_path):
             Trainer(_learner(), train, out_dir=tmp_path, callbacks=bad)
     with pytest.raises(ConfigError, match="^callbacks must be a list of callbacks, got int"):
         Trainer(_learner(), train, out_dir=tmp_path, callbacks=3)
+
+
+def test_the_memory_header_counts_at_your_datas_size_and_the_peek_changes_nothing(tmp_path):
+    """The header counted at the learner's image_size (32 by default), whatever size your batches have."""
+    from manlearn.train.loader_run import LoaderRun
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 3, 8, 8, generator=g), torch.randint(0, 4, (32,), generator=g)
+    train = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)
+    torch.manual_seed(0)
+    learner = manlearn.LocalLearner("resnet20", method="manpp", base="dgl", K=3, num_classes=4)  # image_size 32
+    out = io.StringIO()
+    Trainer(learner, train, out_dir=tmp_path, max_steps=1, out=out).fit()
+    line = next(t for t in out.getvalue().splitlines() if t.startswith("memory (counted"))
+    assert line.startswith("memory (counted, batch 8, 3x8x8)")
+    at_32 = learner.memory_plan(batch_size=8).peak_activation_bytes
+    assert 0 < float(line.split("keeps ")[1].split(" MiB")[0]) * 2**20 < at_32 / 4  # 16x fewer pixels
+    # peeking at the first batch leaves the epochs' batches and the random state as they were
+    run = LoaderRun(learner, train, None, torch.device("cpu"), seed=3)
+    state = torch.get_rng_state()
+    assert run.input_hw() == (8, 8) and torch.equal(torch.get_rng_state(), state)
+    fresh = LoaderRun(learner, train, None, torch.device("cpu"), seed=3)
+    for a, b in zip(run.batches(0, 0, 4), fresh.batches(0, 0, 4)):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

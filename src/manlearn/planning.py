@@ -216,10 +216,11 @@ class _PartCounter:
             h.remove()
 
 
-def _sample(learner, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample(learner, b: int, hw: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     device = next(learner.parameters()).device
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(b, learner.in_channels, learner.image_size, learner.image_size, generator=g).to(device)
+    h, w = hw or (learner.image_size, learner.image_size)
+    x = torch.randn(b, learner.in_channels, h, w, generator=g).to(device)
     y = torch.randint(0, learner.num_classes, (b,), generator=g).to(device)
     return x, y
 
@@ -336,9 +337,11 @@ def check_plannable(learner) -> None:
 
 def plan_learner(learner, batch_size: int, *, optimizer: str = "sgd", baselines: Sequence[str] = BASELINES,
                  sample_batches: Sequence[int] = SAMPLE_BATCHES, breakdown: bool = True,
-                 step: bool = True) -> MemoryPlan:
-    """The memory plan of ``learner``'s training step at ``batch_size`` (see the module docstring)."""
+                 step: bool = True, input_hw: tuple[int, int] | None = None) -> MemoryPlan:
+    """The memory plan of ``learner``'s training step at ``batch_size`` (see the module docstring), on inputs
+    of ``input_hw`` (height, width; default the learner's ``image_size``) where the network takes them."""
     check_plannable(learner)
+    hw = (learner.image_size, learner.image_size) if input_hw is None else (int(input_hw[0]), int(input_hw[1]))
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     if optimizer not in OPTIMIZER_STATES:
@@ -352,7 +355,7 @@ def plan_learner(learner, batch_size: int, *, optimizer: str = "sgd", baselines:
         warnings.simplefilter("ignore")
         work = copy.deepcopy(learner).train()
         for b in batches:
-            x, y = _sample(work, b)
+            x, y = _sample(work, b, hw)
             s: dict[str, Any] = {}
             if breakdown:
                 s["blocks"] = _breakdown(work, x, y)  # also the warm-up of the step below
@@ -379,7 +382,7 @@ def plan_learner(learner, batch_size: int, *, optimizer: str = "sgd", baselines:
                          [b for b in learner.buffers() if id(b) not in aux_ids], optimizer)
     return MemoryPlan(
         method=_method_name(learner), K=learner.K, split=learner.split.source,
-        input_size=(learner.in_channels, learner.image_size, learner.image_size), batch_size=batch_size,
+        input_size=(learner.in_channels, *hw), batch_size=batch_size,
         optimizer=optimizer, peak_activation_bytes=at(lambda s: s["step"]), static_bytes=sum(static.values()),
         blocks=blocks, baselines={n: Footprint(at(lambda s, n=n: s[n]), sum(e2e_static.values())) for n in baselines},
         static_parts=static, sample_batches=batches)

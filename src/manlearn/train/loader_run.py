@@ -127,6 +127,14 @@ class LoaderRun(ClassificationRun):
             raise ConfigError(f"eval_data: {e}") from None
         return x, y
 
+    def input_hw(self) -> tuple[int, int] | None:
+        """Height and width of the first training batch's images (None when they are not [B, C, H, W]); the
+        draw leaves the run's random state and the epochs' batches as they were."""
+        with torch.random.fork_rng(devices=[]):
+            first = next(self._open_epoch(0, 0), None)
+        x = first[0] if isinstance(first, (tuple, list)) and len(first) == 2 else None
+        return (int(x.shape[-2]), int(x.shape[-1])) if isinstance(x, torch.Tensor) and x.dim() == 4 else None
+
     def check_eval_data(self, learner: torch.nn.Module) -> None:
         """Check the first evaluation batch before any training: a bad one would stop the run only at its
         first evaluation, an epoch later (drawing it leaves the run's random state as it was)."""

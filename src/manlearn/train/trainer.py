@@ -796,8 +796,15 @@ class Trainer:
         optimizer = cfg.optimizer if cfg.optimizer != "sgd" or cfg.sgd_momentum else "sgd-nomomentum"
         if self.origin == "python" and not isinstance(self.optimizer, torch.optim.SGD):
             optimizer = "adamw"  # your optimiser: counted as one with two state tensors per parameter
-        plan = plan_learner(self.learner, batch, optimizer=optimizer, baselines=("e2e", "e2e+ckpt:unit"),
-                            breakdown=False)
+        size = self.learner.image_size
+        hw = self.run.input_hw() if self.origin == "python" else None  # your data: counted at its size
+        try:
+            plan = plan_learner(self.learner, batch, optimizer=optimizer, baselines=("e2e", "e2e+ckpt:unit"),
+                                breakdown=False, input_hw=hw)
+        except Exception:  # a size your network does not take: the first step says why, in one line
+            if hw is None or hw == (size, size):
+                raise
+            return None
         self._plan = plan
         return plan.comparison_line()
 
