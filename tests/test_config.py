@@ -275,6 +275,14 @@ def test_task_section_from_yaml_and_overrides(tmp_path):
     (["task.name=detection", "model=resnet50", "K=4"], "needs data_dir"),
     (["task.name=segmentation", *DET, "task.data_format=coco"], "task.data_format='coco'"),
     (["task.name=detection", *DET, "pipeline_workers=2"], "pipeline_workers is for classification"),
+    # recorded in config.yaml but not applied (the run was cut between stages, at its own sizes): refused
+    (["task.name=detection", *DET, "split=uniform"], "split=uniform does not apply to a detection run: "
+                                                     "its blocks are cut between stages; choose the stages with "
+                                                     "task.stage_cuts"),
+    (["task.name=segmentation", *DET, "stem_module=true"], "stem_module does not apply to a segmentation run"),
+    (["task.name=detection", *DET, "image_size=16"], "image_size does not apply to a detection run: "
+                                                     "task.min_size / task.max_size resize its images"),
+    (["task.name=segmentation", *DET, "image_size=16"], "task.seg_size resizes its images"),
     (["schedule=step-warmup", "lr_steps=[500, 100]"], "lr_steps must be strictly increasing"),
     (["eval_every=3"], "unknown config key 'eval_every' in command line (did you mean 'eval_every_"),
 ])

@@ -146,6 +146,11 @@ def test_stage_cuts_follow_spec_and_bad_k_is_refused():
         dense(TASKS["detection"](), "resnet32", "manpp", 4)
     with pytest.raises(ConfigError, match="lacks"):
         dense(object(), "resnet50", "manpp", 4, model_kwargs=WIDTHS)
+    for name in sorted(TASKS):  # the 'memory' split measured cuts on class labels: a torch error inside
+        with pytest.raises(ConfigError, match=r"^the 'memory' split .* per-image class labels, which \w+Task does not "
+                                              r"have: cut its network with split='stages'"):
+            LocalLearner("resnet50", task=TASKS[name](), method="manpp", K=4, split="memory", image_size=64,
+                         model_kwargs=WIDTHS)
 
 
 @pytest.mark.parametrize("model", ["resnet50", "resnet101", "resnet152"])

@@ -169,6 +169,16 @@ class _DenseTask(TaskSection):
         elif k is not None and cuts is not None and method != "e2e" and (
                 len(cuts) != k - 1 or cuts != sorted(set(cuts)) or any(not 1 <= c <= 3 for c in cuts)):
             p.append(f"task.stage_cuts must be K-1={k - 1} increasing stage numbers in 1..3, got {cuts}")
+        given = {key: config.get(key) for key in ("split", "stem_module", "image_size")}
+        if given["split"] not in (None, "auto"):
+            p.append(f"split={given['split']} does not apply to a {self.name} run: its blocks are cut between stages; "
+                     "choose the stages with task.stage_cuts (e.g. task.stage_cuts=[1,3] for K=3)")
+        if given["stem_module"] is not None:
+            p.append(f"stem_module does not apply to a {self.name} run: the stem stays in the first block")
+        if given["image_size"] is not None:
+            p.append(f"image_size does not apply to a {self.name} run: "
+                     + ("task.min_size / task.max_size resize its images" if hasattr(self, "min_size") else
+                        "task.seg_size resizes its images (task.seg_crop crops them)"))
         on = {key: config.get(key) for key in ("compile", "ema_recompute", "sync_bn", "pipeline_workers")}
         on["grad_checkpoint"] = _asked(_GRANULARITY)(config.get("grad_checkpoint"))
         if getattr(self, "min_size", 0) > getattr(self, "max_size", math.inf):  # detection

@@ -236,10 +236,17 @@ class LocalLearner(nn.Module):
             len(units), K, split, bool(stem_module), model if isinstance(model, str) else None, unit_ids,
             vit_like=vit_like,
             unit_costs=lambda: unit_activation_bytes(backbone.stem, units, self.in_channels, self.image_size),
-            end_costs=lambda: cut_costs(self.rule, self.task, backbone.stem, units, shapes, unit_ids, K=K,
-                                        num_classes=self.num_classes, in_channels=self.in_channels,
-                                        image_size=self.image_size,
-                                        reinit=getattr(backbone, "init_weights", None) or init_weights))
+            end_costs=lambda: self._end_costs(backbone, units, shapes, unit_ids, K))
+
+    def _end_costs(self, backbone, units, shapes, unit_ids, K) -> Any:
+        """The 'memory' split's measured cost of each cut: the rule's auxiliary network there on class labels."""
+        if not getattr(self.task, "per_image_labels", False):
+            raise ConfigError(f"the 'memory' split measures each cut with its auxiliary network on per-image class "
+                              f"labels, which {type(self.task).__name__} does not have: cut its network with "
+                              "split='stages' (or 'stages:1,3'), 'uniform' or 'balanced'")
+        return cut_costs(self.rule, self.task, backbone.stem, units, shapes, unit_ids, K=K,
+                         num_classes=self.num_classes, in_channels=self.in_channels, image_size=self.image_size,
+                         reinit=getattr(backbone, "init_weights", None) or init_weights)
 
     def _build_blocks(self, backbone, units, unit_ids, shapes, grad_checkpoint: bool | str) -> None:
         """Blocks (nn.Sequential of [stem] + units), the final head, and where the feature taps sit."""
