@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import manlearn
-from manlearn import LocalLearner
+from manlearn import ConfigError, LocalLearner
 from manlearn.rules.heads import DGLHead, InfoProClassifier, supcon_loss
 from manlearn.rules.momentum import ema_update_
 
@@ -183,3 +183,16 @@ def test_heads_of_is_the_part_that_sees_fused_features():
         aux = learner.auxes[0]
         assert isinstance(aux, MomentumAux) is momentum
         assert heads_of(aux) is (aux.heads if momentum else aux)
+
+
+def test_infopro_weights_and_temperature_are_checked_at_build():
+    """String weights were a ValueError from float(); negative ones trained by ascending their loss; a zero
+    temperature was reported as a divergence ("lower lr")."""
+    for bad in (("a", "b", "c", "d"), (-5, -0.5, 0, 0), (5, float("nan"), 0, 0), (5, 0.5, 0), (True, 0, 0, 0)):
+        with pytest.raises(ConfigError, match=r"^lambdas must be 4 finite numbers >= 0"):
+            LocalLearner("resnet20", method="infopro", K=3, lambdas=bad)
+    for bad in (0, -1, float("inf")):  # ("0.1", a str, is refused by the option types)
+        with pytest.raises(ConfigError, match=r"^temperature \(InfoPro's contrastive loss\) must be a finite number > 0"):
+            LocalLearner("resnet20", method="infopro-contrast", K=3, temperature=bad)
+    learner = LocalLearner("resnet20", method="infopro-contrast", K=3, lambdas=(5, 0, 0, 1), temperature=0.5)
+    assert learner.rule.lambdas == (5.0, 0.0, 0.0, 1.0) and learner.rule.temperature == 0.5

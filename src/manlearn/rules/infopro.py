@@ -2,6 +2,9 @@
 weighted by a lambda schedule over the local modules."""
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -108,6 +111,16 @@ class InfoProAux(nn.Module):
         return self.lambda_x * loss_x + self.lambda_y * loss_y
 
 
+def _weights(values: Any) -> bool:
+    """Whether ``values`` are 4 finite numbers >= 0 (InfoPro's loss weights)."""
+    try:
+        ok = len(values) == 4
+    except TypeError:
+        return False
+    return ok and all(not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+                      for v in values)
+
+
 @register_rule
 class InfoProRule(Rule):
     name = "infopro"
@@ -129,8 +142,12 @@ class InfoProRule(Rule):
             raise ConfigError(f"unknown lambda_schedule {lambda_schedule!r}; choose from {LAMBDA_SCHEDULES}")
         if classifier not in INFOPRO_CLASSIFIERS:
             raise ConfigError(f"unknown InfoPro classifier {classifier!r}; choose from {INFOPRO_CLASSIFIERS}")
-        if lambdas is not None and len(lambdas) != 4:
-            raise ConfigError("lambdas must be (λ1_first, λ2_first, λ1_last, λ2_last)")
+        if lambdas is not None and not _weights(lambdas):
+            raise ConfigError(f"lambdas must be 4 finite numbers >= 0, (λ1_first, λ2_first, λ1_last, λ2_last); got "
+                              f"{lambdas!r} (a negative weight ascends its loss)")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+                math.isfinite(temperature) and temperature > 0):
+            raise ConfigError(f"temperature (InfoPro's contrastive loss) must be a finite number > 0, got {temperature!r}")
         if heads not in INFOPRO_HEADS:
             raise ConfigError(f"unknown infopro_heads {heads!r}; choose from {INFOPRO_HEADS}")
         if supcon_anchors not in SUPCON_ANCHORS:
@@ -142,7 +159,7 @@ class InfoProRule(Rule):
         self.lambdas = None if lambdas is None else tuple(float(v) for v in lambdas)
         self.heads = heads
         self.classifier = classifier
-        self.temperature = temperature
+        self.temperature = float(temperature)
 
     def lambdas_for(self, ctx: AuxContext) -> tuple[float, float]:
         r = lambda_ratio(ctx, self.lambda_schedule)
