@@ -367,6 +367,13 @@ def test_rule_options_from_the_command_line_reach_the_rule():
         build_learner(apply_overrides(TrainConfig(), ["method=auglocal", "K=4", "rule_options={dept: 3}"]), info)
     with pytest.raises(ConfigError, match="rule_options.*mapping"):
         apply_overrides(TrainConfig(), ["rule_options=[1, 2]"])
+    # a config key's option given in rule_options: it overrode the config key silently (momentum) or made
+    # the base's options fail ("takes no option 'heads'"); one line naming the config key instead
+    for items, key in ((["momentum=0.5", "rule_options={momentum: 0.9}"], "momentum"),
+                       (["rule_options={base: dgl}"], "base"), (["rule_options={heads: cifar}"], "infopro_heads")):
+        with pytest.raises(ConfigError, match=rf"^rule_options sets '\w+', which the config key '{key}' sets: "
+                                              rf"give {key}=\.\.\. instead"):
+            build_learner(apply_overrides(TrainConfig(), ["method=manpp", "K=4", *items]), info)
 
 
 @pytest.mark.parametrize("text,value", [("unit", "unit"), ("sqrt", "sqrt"), ("stage", "stage"), ("true", True),

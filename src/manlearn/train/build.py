@@ -106,6 +106,11 @@ RULE_KEYS = {"base": "base", "momentum": "momentum", "init": "init", "lambda_sch
 def rule_options(cfg: TrainConfig, method: str, base: str | None, task: Any) -> dict[str, Any]:
     """The rule options of ``cfg``: its rule keys that the rule in use (and its base) take, as recipes set
     them for every method, then ``cfg.rule_options``, refused by the learner when no rule in use takes them."""
+    config_key = {opt: key for key, opt in RULE_KEYS.items()}
+    for opt in cfg.rule_options:  # one place for each setting: the config key (recorded, checked on resume)
+        if opt in config_key:
+            raise ConfigError(f"rule_options sets {opt!r}, which the config key {config_key[opt]!r} sets: give "
+                              f"{config_key[opt]}=... instead (rule_options is for options without a config key)")
     accepted = create_rule(method, {"base": base} if base else {}, task=task).accepted_options()
     for key in ("fidelity", "authors_init"):  # set for this run, not by every recipe: refused where meaningless
         if getattr(cfg, key) not in ("default", False) and RULE_KEYS[key] not in accepted:
