@@ -160,3 +160,31 @@ def test_every_detection_backbone_of_the_issue_is_isolated_at_k4(model):
     assert learner.stage_cuts == (1, 2, 3) and learner.stage_strides == [4, 8, 16, 32]
     x, y = _batch("detection")
     assert_block_grads_are_their_local_loss_grads(learner, x.double(), y, rtol=1e-7, atol=1e-10)
+
+
+def test_bad_dense_targets_are_one_line_before_any_work():
+    """A mask id out of range was torch's IndexError, a list of masks an AttributeError, a mask tensor given to
+    detection a RuntimeError at `"boxes" in t`: all from inside the step, after the blocks' forwards."""
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    masks = torch.randint(0, 6, (2, 32, 32))
+    masks[0, 0, 0] = 255  # ignore_index is a valid entry
+    seg = _learner("segmentation", "manpp")
+    before = {k: v.clone() for k, v in seg.state_dict().items()}
+    for bad, why in ((torch.full((2, 32, 32), 8), r"class ids 0\.\.5 or 255 \(ignore_index\), got 8"),
+                     ([masks[0], masks[1]], "integer class maps for a batch of 2, got list"),
+                     (masks[0], r"got torch.int64 \[32, 32\]"), (masks.float(), "got torch.float32")):
+        with pytest.raises(ConfigError, match="^segmentation targets must"):
+            seg.train_step(x, bad)
+        with pytest.raises(ConfigError, match=why):
+            seg.train_step(x, bad)
+    assert all(torch.equal(v, seg.state_dict()[k]) for k, v in before.items())  # refused before any work
+    assert len(seg.train_step(x, masks).losses) == 4
+    det = _learner("detection", "manpp")
+    box = torch.tensor([[1.0, 2.0, 20.0, 24.0]], dtype=torch.float64)
+    for bad, why in ((masks, r"^detection targets must be a list of one dict per image .* got a tensor \[2, 32, 32\]"),
+                     ([masks[0], masks[1]], r"^target 0 must be a dict .* it is a Tensor"),
+                     ([dict(boxes=[[1, 2, 3, 4]], labels=[1])] * 2, "^target 0: boxes and labels must be tensors"),
+                     ([dict(boxes=box, labels=torch.tensor([7]))] * 2, r"^target 0: labels must lie in 0\.\.4")):
+        with pytest.raises(ConfigError, match=why):
+            det.train_step(x, bad)
+    assert len(det.train_step(x, [dict(boxes=box, labels=torch.tensor([3]))] * 2).losses) == 4

@@ -104,13 +104,21 @@ class Matcher:
 
 def check_targets(targets: Sequence[Mapping[str, torch.Tensor]], batch: int, num_classes: int | None = None) -> None:
     """Refuse a target list that does not have one ``{"boxes": [n, 4], "labels": [n]}`` per image."""
+    if not isinstance(targets, (list, tuple)):
+        what = f"a tensor {list(targets.shape)}" if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise ConfigError(f"detection targets must be a list of one dict per image ({{'boxes': FloatTensor[n, 4], "
+                          f"'labels': LongTensor[n]}}), got {what}")
     if len(targets) != batch:
         raise ConfigError(f"need one target dict per image: {batch} images, {len(targets)} targets")
     for i, t in enumerate(targets):
-        if "boxes" not in t or "labels" not in t:
+        if not isinstance(t, Mapping) or "boxes" not in t or "labels" not in t:
+            have = f"keys {sorted(t)}" if isinstance(t, Mapping) else f"a {type(t).__name__}"
             raise ConfigError(f"target {i} must be a dict with 'boxes' (FloatTensor[n, 4], xyxy pixels) and "
-                              f"'labels' (LongTensor[n]); it has keys {sorted(t)}")
+                              f"'labels' (LongTensor[n]); it is {have}")
         b, lab = t["boxes"], t["labels"]
+        if not isinstance(b, torch.Tensor) or not isinstance(lab, torch.Tensor):
+            raise ConfigError(f"target {i}: boxes and labels must be tensors, got {type(b).__name__} and "
+                              f"{type(lab).__name__}")
         if b.dim() != 2 or b.shape[1] != 4 or lab.dim() != 1 or lab.shape[0] != b.shape[0]:
             raise ConfigError(f"target {i}: boxes must be [n, 4] and labels [n], got {tuple(b.shape)} and "
                               f"{tuple(lab.shape)}")

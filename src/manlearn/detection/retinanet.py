@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import ConfigError
 from .anchors import AnchorGenerator, retinanet_anchor_sizes
 from .boxes import BoxCoder, batched_nms, clip_boxes
-from .losses import BOX_LOSSES, Matcher, retinanet_loss
+from .losses import BOX_LOSSES, Matcher, check_targets, retinanet_loss
 
 __all__ = ["FPN", "RetinaNetHead", "RetinaNetFinalHead", "RetinaNetLocalHead", "RetinaNetTask",
            "flatten_head_output", "OUTPUT_KEYS"]
@@ -258,6 +258,12 @@ class RetinaNetTask:
         :class:`RetinaNetLocalHead` for the anchor choice)."""
         return RetinaNetLocalHead(channels, stride, self.num_classes, self.local_channels, self.local_convs,
                                   self.norm, self.local_octaves)
+
+    def check_targets(self, x: torch.Tensor, targets: Any) -> None:
+        """One ``{"boxes", "labels"}`` dict per image, before any work (label values where they are on the CPU)."""
+        on_cpu = all(isinstance(t, Mapping) and isinstance(t.get("labels"), torch.Tensor)
+                     and t["labels"].device.type == "cpu" for t in targets) if isinstance(targets, (list, tuple)) else False
+        check_targets(targets, x.shape[0], self.num_classes if on_cpu else None)
 
     @staticmethod
     def _check_outputs(outputs: Mapping[str, Any]) -> None:

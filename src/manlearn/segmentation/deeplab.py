@@ -24,7 +24,7 @@ stride 32 scale the published rates by map size, e.g. (3, 6, 9) for 512x1024 Cit
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -210,13 +210,27 @@ class DeepLabV3Task:
         hidden = self.local_channels or max(1, min(int(channels), 2 * self.aspp_channels, 256))
         return LocalSegHead(int(channels), hidden, self.num_classes, stride)
 
+    def check_targets(self, x: torch.Tensor, targets: Any) -> None:
+        """``[B, H, W]`` integer class maps, before any work; their ids (0..C-1 or ignore_index) where they are
+        on the CPU (on an accelerator the check would make every step wait for the device)."""
+        b, c = x.shape[0], self.num_classes
+        if not (isinstance(targets, torch.Tensor) and targets.dim() == 3 and targets.shape[0] == b
+                and not targets.is_floating_point() and targets.dtype != torch.bool):
+            got = f"{targets.dtype} {list(targets.shape)}" if isinstance(targets, torch.Tensor) else type(targets).__name__
+            raise ConfigError(f"segmentation targets must be [B, H, W] integer class maps for a batch of {b}, got {got}")
+        if targets.device.type == "cpu" and targets.numel():
+            bad = (targets != self.ignore_index) & ((targets < 0) | (targets >= c))
+            if bool(bad.any()):
+                raise ConfigError(f"segmentation targets must hold class ids 0..{c - 1} or {self.ignore_index} "
+                                  f"(ignore_index), got {int(targets[bad][0])}")
+
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor, image_hw: Sequence[int]) -> torch.Tensor:
         """Cross-entropy of logits upsampled (bilinear) to the mask size; ``ignore_index`` pixels excluded.
 
         A batch whose pixels are all ignored gives a zero loss that still carries a graph (not NaN).
         """
         if targets.dim() != 3:
-            raise ValueError(f"segmentation targets must be [B, H, W] class ids, got {tuple(targets.shape)}")
+            raise ConfigError(f"segmentation targets must be [B, H, W] class ids, got {tuple(targets.shape)}")
         logits = _upsample(outputs, targets.shape[-2:])
         targets = targets.long()
         # sum / count instead of mean: the same value, no host sync, and 0 (not NaN) when all are ignored.
