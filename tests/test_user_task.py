@@ -42,3 +42,27 @@ def test_a_users_task_trains_from_the_command_line(tmp_path, capsys):
 def test_an_unknown_task_points_to_import(capsys):
     rc = cli.main(["train", "task.name=noisy-lables", *TINY])
     assert rc == 2 and "--import" in capsys.readouterr().err
+
+
+def test_the_users_task_flips_labels_on_the_batches_device(monkeypatch):
+    """The example mixed CPU tensors into the batch's labels (a device error on a GPU), and no test looked at
+    whether any label was flipped."""
+    import types
+
+    import torch
+
+    from manlearn.train.task_runs import ClassificationRun
+
+    namespace: dict = {}
+    exec(compile(_user_task(), "README.md", "exec"), namespace)
+    run = object.__new__(namespace["NoisyLabelsRun"])
+    run.cfg = types.SimpleNamespace(task=types.SimpleNamespace(flip=0.5))
+    run.info = types.SimpleNamespace(num_classes=10)
+    for device in ("cpu", "meta"):  # meta: a device other than the generator's, as a GPU's would be
+        y = torch.zeros(400, dtype=torch.long, device=device)
+        monkeypatch.setattr(ClassificationRun, "batches", lambda self, e, a, b, y=y: iter([(None, y, 400)]))
+        (_, noisy, n), = list(run.batches(0, 0, 1))
+        assert noisy.device.type == device and n == 400
+        if device == "cpu":
+            changed = float((noisy != 0).float().mean())
+    assert 0.35 < changed < 0.55  # half replaced by a random class, 1 in 10 of those by class 0 again
