@@ -96,3 +96,10 @@ def test_runs_table_and_plot_compare_runs(tmp_path, capsys):
     assert cli.main(["plot", str(tmp_path / "dgl"), str(tmp_path / "manpp"), "--out", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").stat().st_size > 10_000
     assert cli.main(["runs", str(tmp_path / "c.png")]) == 2  # not a folder: one line
+    capsys.readouterr()
+    # a suffix matplotlib cannot write was its ValueError's traceback
+    assert cli.main(["plot", str(tmp_path / "dgl"), "--out", str(tmp_path / "c.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write a plot as .txt") and ".png" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "c.txt").exists()
+    assert cli.main(["plot", str(tmp_path / "dgl"), "--out", str(tmp_path / "c.SVG")]) == 0  # any case

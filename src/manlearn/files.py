@@ -123,8 +123,13 @@ def append_text(path: str | Path, text: str, what: str = "write") -> None:
 def save_figure(fig: Any, path: str | Path, dpi: int = 100) -> Path:
     """A matplotlib figure written atomically (rendered in memory first, format from the suffix)."""
     path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    formats = fig.canvas.get_supported_filetypes()
+    if fmt not in formats:
+        raise OutputError(f"cannot write a plot as .{fmt} ({path}): give a file ending in one of "
+                          f"{', '.join('.' + f for f in sorted(formats))}")
     buf = io.BytesIO()
-    fig.savefig(buf, format=path.suffix.lstrip(".") or "png", dpi=dpi)
+    fig.savefig(buf, format=fmt, dpi=dpi)
     return write_text_atomic(path, buf.getvalue())
 
 
