@@ -173,6 +173,23 @@ def test_detection_smoke_through_cli_then_eval(mosaic, tmp_path, capsys):
     rc, out, err = run_cli(capsys, "eval", str(out_dir / "last.pt"), "eval_limit=4")
     assert rc == 0, err
     assert out.startswith("detection: AP") and "step 2" in out
+    # `manlearn runs` names the base in use (greedy, not the config's infopro) and the task's figure (AP, not
+    # test_acc), and labels what the peak counts; `manlearn plot` reads the AP of the eval records the same way
+    summary = json.loads((out_dir / "summary.json").read_text())
+    rc, out, err = run_cli(capsys, "runs", str(out_dir))
+    assert rc == 0, err
+    header, row = out.splitlines()
+    assert header.split()[5:8] == ["metric", "last", "best"]
+    cells = row.split()
+    assert cells[1:4] == ["detection", "manpp+greedy", "4"] and cells[5] == "AP"
+    assert cells[6] == f"{summary['headline'][1]:.4f}" and row.split()[10] in ("RSS", "act.", "CUDA")
+    assert summary["rule"] == "manpp+greedy" and summary["headline"][0] == "AP"
+    from manlearn.train.report import _load, _score
+
+    ev = [r for r in _load(out_dir)["records"] if r["type"] == "eval"]
+    assert ev and _score(ev[-1], "AP") == ev[-1]["metrics"]["AP"]
+    rc, _, err = run_cli(capsys, "plot", str(out_dir), "--out", str(tmp_path / "det.png"))
+    assert rc == 0 and (tmp_path / "det.png").stat().st_size > 10_000, err
     # a second fresh run into the same folder is refused
     rc, _, err = run_cli(capsys, "train", *tiny_items("detection"), f"data_dir={mosaic}", f"out_dir={out_dir}",
                          "max_steps=1")

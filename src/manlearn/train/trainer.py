@@ -881,8 +881,10 @@ class Trainer:
 
     def _summary(self, total: int) -> dict[str, Any]:
         cfg, spe, m, head = self.cfg, self.steps_per_epoch, self.last_metrics, self.run.headline
+        base = getattr(self.learner, "base", None)
         summary: dict[str, Any] = {
             "task": cfg.task.name,
+            "rule": f"{self.learner.method}+{base}" if base else self.learner.method,  # the base in use, not cfg's
             "metrics": m,
             "headline": (head, (m or {}).get(head)),
             "best": self.best,
