@@ -150,7 +150,7 @@ def test_recipe_info_reads_task_sections_generically(tmp_path):
                  "K: 4\niterations: 100\nbatch_size: 2\n")
     i = recipe_info("r", p)
     assert (i.task, i.model, i.method, i.K, i.budget, i.dataset, i.data_dir) == \
-        ("detection", "resnet50", "manpp", 4, "100 it x 2", "coco", "d/coco")
+        ("detection", "resnet50", "greedy+manpp", 4, "100 it x 2", "coco", "d/coco")  # the base a dense run uses
     p.write_text("task: segmentation\nmethod: e2e\nK: 4\n")
     i = recipe_info("r", p)
     assert (i.task, i.method, i.K, i.budget) == ("segmentation", "e2e", 1, "default")
@@ -160,6 +160,11 @@ def test_recipe_info_reads_task_sections_generically(tmp_path):
         ("classification", "dgl+manpp", 8, "3 ep x 64 (first 640 images)", "svhn")
     p.write_text("")
     assert recipe_info("r", p).error is None
+    # the config's defaults for what a recipe leaves out (was a blank method and K); every modifier names its base
+    i = recipe_info("r", p)
+    assert (i.method, i.K) == ("infopro+manpp", 16)
+    p.write_text("method: hpff\nbase: dgl\n")
+    assert recipe_info("r", p).method == "dgl+hpff"
 
 
 def test_format_table_aligns_columns():

@@ -170,11 +170,21 @@ def recipe_info(name: str, path: Path, source: str = PACKAGE_SOURCE) -> RecipeIn
         raw = {}
     if not isinstance(raw, dict):
         return RecipeInfo(name, path, source, error=f"not a mapping of config keys ({type(raw).__name__})")
-    method = str(_lookup(raw, "method") or "")
-    base = _lookup(raw, "base")
-    if base and method in ("man", "manpp"):
+    from manlearn.config import TrainConfig  # the defaults a recipe that leaves a key out gets
+    from manlearn.rules import get_rule_class
+
+    defaults = TrainConfig.model_fields
+    method = str(_lookup(raw, "method") or defaults["method"].default)
+    base = _lookup(raw, "base") or defaults["base"].default
+    if _task_name(raw) != "classification" and base == defaults["base"].default:
+        base = "greedy"  # a dense task's modifier wraps the task's local head unless told otherwise
+    try:
+        modifier = get_rule_class(method).modifier
+    except ConfigError:  # a rule of a file not imported: shown as written
+        modifier = False
+    if modifier:
         method = f"{base}+{method}"
-    K = _lookup(raw, "K")
+    K = _lookup(raw, "K") or defaults["K"].default
     if method == "e2e":
         K = 1
     data_dir = _lookup(raw, "data_dir")
