@@ -311,13 +311,19 @@ def _e2e_peak(work, x: torch.Tensor, y: torch.Tensor, granularity: str | None) -
     return tr.peak
 
 
-def _static(params: Iterable[nn.Parameter], buffers: Iterable[torch.Tensor], optimizer: str) -> dict[str, int]:
+def _static(params: Iterable[nn.Parameter], buffers: Iterable[torch.Tensor], optimizer: str,
+            own_adam: Iterable[nn.Parameter] = ()) -> dict[str, int]:
+    """Bytes that do not grow with the batch. ``own_adam``: parameters an auxiliary network steps with its own
+    Adam (PredSim's per-block optimiser): two moments each, and no state in the run's optimiser."""
     params = list({id(p): p for p in params}.values())
     buffers = list({id(b): b for b in buffers}.values())
+    own = {id(p): p for p in own_adam}
     trainable = [p for p in params if p.requires_grad]
     grads = sum(_bytes(p) for p in trainable)
+    shared = sum(_bytes(p) for p in trainable if id(p) not in own)
     return dict(parameters=sum(_bytes(p) for p in params), buffers=sum(_bytes(b) for b in buffers),
-                gradients=grads, optimizer=grads * OPTIMIZER_STATES[optimizer])
+                gradients=grads, optimizer=shared * OPTIMIZER_STATES[optimizer]
+                + OPTIMIZER_STATES["adam"] * sum(_bytes(p) for p in own.values()))
 
 
 def _linear(values: Sequence[int], batches: Sequence[int], batch: int) -> int:
@@ -376,7 +382,8 @@ def plan_learner(learner, batch_size: int, *, optimizer: str = "sgd", baselines:
             aux_bytes={p: at(lambda s, p=p: s["blocks"][k]["aux"].get(p, 0)) for p in first["aux"]},
             kept_bytes=at(lambda s: s["blocks"][k]["kept"]), output_bytes=at(lambda s: s["blocks"][k]["output"]),
             peak_bytes=at(lambda s: s["blocks"][k]["peak"])))
-    static = _static(learner.parameters(), learner.buffers(), optimizer)
+    own_adam = [p for aux in learner.auxes for p in getattr(aux, "trained_parameters", list)()]
+    static = _static(learner.parameters(), learner.buffers(), optimizer, own_adam)
     aux_ids = {id(t) for t in [*learner.auxes.parameters(), *learner.auxes.buffers()]}
     e2e_static = _static([p for p in learner.parameters() if id(p) not in aux_ids],
                          [b for b in learner.buffers() if id(b) not in aux_ids], optimizer)
