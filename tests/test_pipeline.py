@@ -111,6 +111,29 @@ def test_pipeline_under_bf16_autocast_equals_single_process(tmp_path):
             run(cfg_(tmp_path / "refused", **kw))
 
 
+def test_a_diverging_pipeline_stops_with_exit_3_and_keeps_its_finite_checkpoint(tmp_path, capsys):
+    """It trained on with NaN losses, saved a checkpoint of NaN weights and exited 0 (the Trainer exits 3)."""
+    from manlearn.cli import main
+
+    items = ["dataset=digits", "model=resnet20", "method=infopro", "K=4", "lambda_schedule=linear",
+             "train_limit=128", "eval_limit=64", "batch_size=32", "epochs=2", "device=cpu", "progress=false",
+             "pipeline_workers=2", "pipeline_timeout_s=30"]
+    # lr=100 diverges in the second epoch (4 steps each), after the first epoch's checkpoint (as the Trainer does)
+    assert main(["train", *items, "lr=100", f"out_dir={tmp_path / 'run'}"]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("error: training diverged") and err.count("\n") == 1, err
+    assert f"{tmp_path / 'run' / 'last.pt'} (step 4) is kept" in err, err
+    kept = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert kept["step"] == 4 and all(bool(torch.isfinite(v).all()) for v in kept["model"].values()
+                                     if v.is_floating_point())
+    # a fresh run that diverges before its first checkpoint leaves nothing behind
+    assert main(["train", *items, "lr=1e12", f"out_dir={tmp_path / 'fresh'}"]) == 3
+    assert "no checkpoint was written yet" in capsys.readouterr().err
+    assert not (tmp_path / "fresh" / "last.pt").exists() and not (tmp_path / "fresh" / "config.yaml").exists()
+    assert main(["train", *items, "nonfinite=skip", f"out_dir={tmp_path / 'skip'}"]) == 2
+    assert "does not support nonfinite=skip" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ MAN's EMA source across workers
 
 def test_ema_tracks_the_next_workers_first_unit_at_the_documented_version(tmp_path):

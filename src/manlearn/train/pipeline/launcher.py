@@ -27,7 +27,7 @@ import torch.multiprocessing as mp
 
 from manlearn.config import TrainConfig, config_to_dict, config_to_yaml, validate
 from manlearn.distributed.dist import free_port, gloo_available
-from manlearn.errors import CheckpointError, ConfigError
+from manlearn.errors import CheckpointError, ConfigError, DivergenceError, ManlearnError
 from manlearn.files import write_text_atomic
 
 from ..checkpoint import check_resume_compatible, load_checkpoint
@@ -91,7 +91,7 @@ def run_pipeline(cfg: TrainConfig, *, threads: int | None = None, overwrite: boo
                       file=stream, flush=True)
             t0 = time.perf_counter()
             result = _Run(cfg, plan, threads, control, procs).wait(on_start, intr)
-    except BaseException:
+    except BaseException as e:
         if control.saved_step.value < 0:  # failed before its first checkpoint: no half-run left behind
             if aside:
                 restore_aside(out_dir)
@@ -100,6 +100,8 @@ def run_pipeline(cfg: TrainConfig, *, threads: int | None = None, overwrite: boo
                 remove_run_files(out_dir, ["config.yaml", METRICS_NAME])
         elif aside:
             drop_aside(out_dir)
+        if isinstance(e, DivergenceError):  # say what is kept, as the Trainer does
+            raise DivergenceError(f"{e}; {kept()}") from None
         raise
     if aside:  # this run has its checkpoint: the earlier run it replaces goes
         drop_aside(out_dir)
@@ -120,6 +122,9 @@ def _check_runnable(cfg: TrainConfig) -> None:
                           "use amp=bf16 or amp=off")
     if cfg.compile:
         raise ConfigError("the pipeline does not support compile yet; use compile=false")
+    if cfg.nonfinite == "skip":  # skipping one step means every worker restoring its state: not built
+        raise ConfigError("the pipeline does not support nonfinite=skip (it stops on a non-finite loss, keeping the "
+                          "last checkpoint); use nonfinite=stop")
 
 
 def _open_run(cfg: TrainConfig, *, resume: bool, overwrite: bool, say: Callable[[str], None]) -> dict[str, Any] | None:
@@ -270,11 +275,15 @@ class _Run:
         for p in self.procs:
             p.join()
 
-    def _failure(self) -> PipelineError:
+    def _failure(self) -> ManlearnError:
+        """The root cause as a PipelineError, or a DivergenceError when a worker's training diverged."""
         reports: dict[int, tuple[float, str]] = {}
+        diverged: set[int] = set()
         while not self.errq.empty():
-            r, ts, msg = self.errq.get()
+            r, ts, msg, divergence = self.errq.get()
             reports.setdefault(r, (ts, msg))
+            if divergence:
+                diverged.add(r)
         # Root cause: a worker that died without reporting (killed) or, else, the first to report.
         silent = [i for i in self.failed if i not in reports]
         if silent:
@@ -285,6 +294,8 @@ class _Run:
             first = self.failed[0]
         rng = self.plan.ranges[first]
         detail = reports.get(first, (0.0, ""))[1].strip()
+        if first in diverged:  # the run's own failure (exit status 3), not the pipeline's
+            return DivergenceError(f"{detail} (pipeline worker {first}, blocks {rng.start}-{rng.stop - 1})")
         others = [f"worker {r}: {m.strip().splitlines()[-1]}" for r, (_, m) in sorted(reports.items()) if r != first]
         return PipelineError(
             f"pipeline worker {first} (blocks {rng.start}-{rng.stop - 1}) {_describe_exit(self.procs[first].exitcode)}"

@@ -36,7 +36,7 @@ from torch import nn
 import manlearn
 from manlearn.config import TrainConfig, config_from_dict, config_to_dict
 from manlearn.distributed import cleanup
-from manlearn.errors import ManlearnError, one_line_warning
+from manlearn.errors import DivergenceError, ManlearnError, one_line_warning
 from manlearn.planning import MemoryWarning
 from manlearn.files import write_failure
 from manlearn.rules import LocalBatch
@@ -343,6 +343,11 @@ class Worker:
         self.optimizer.zero_grad(set_to_none=True)
         batch = LocalBatch(x if x is not None else h, y, L.norm_mean, L.norm_std)
         h, losses = L.train_blocks(self.own, h, batch)  # overlapped when blocks_in_flight > 1
+        finite = torch.isfinite(torch.stack([v.detach().float() for v in losses]))
+        if not bool(finite.all()):  # before this worker's step: its weights stay those of the last step
+            k = self.own[int((~finite).nonzero()[0])]
+            raise DivergenceError(f"training diverged at step {t + 1}: block {k}'s loss is not finite (lr {lr:.4g}); "
+                                  "lower lr or lengthen the warm-up")
         for k, loss in zip(self.own, losses):
             stats.add_loss(k, loss)
         if outbox is None:  # the last worker: h is the logits
@@ -380,6 +385,11 @@ class Worker:
         part = stats.part(self.rank)
         part["state"] = {k: v.detach().cpu() for k, v in self.learner.state_dict().items()
                          if k.startswith(self.owned_prefixes)}
+        bad = next((k for k, v in part["state"].items() if v.is_floating_point() and not bool(torch.isfinite(v).all())),
+                   None)
+        if bad is not None:  # a checkpoint of non-finite weights is never written
+            raise DivergenceError(f"training diverged: {bad} holds non-finite values after the optimiser step; "
+                                  "lower lr or lengthen the warm-up")
         part["resume"] = _cpu({
             "optimizer": self.optimizer.state_dict(),
             "shadow": self.shadow.state_dict() if self.shadow is not None else None,
@@ -533,6 +543,6 @@ def worker_main(rank: int, port: int, cfg_dict: dict, plan: PipelinePlan, thread
     except BaseException as e:  # report, then exit non-zero: the launcher stops the others
         msg = str(e) if isinstance(e, ManlearnError) else traceback.format_exc()
         try:
-            errq.put((rank, time.time(), msg[-4000:]))
+            errq.put((rank, time.time(), msg[-4000:], isinstance(e, DivergenceError)))
         finally:
             os._exit(1)
