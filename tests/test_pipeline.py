@@ -465,3 +465,42 @@ def test_a_pipeline_run_says_a_build_warning_once_on_one_line(tmp_path):
     said = [line for line in done.stderr.splitlines() if "the activations of end-to-end backprop" in line]
     assert len(said) == 1 and said[0].startswith("warning: dgl+manpp at K=2"), done.stderr
     assert "MemoryWarning" not in done.stderr, done.stderr
+
+
+def test_max_steps_mid_epoch_resumes_to_the_uninterrupted_run_with_step_checkpoints_between(tmp_path, uninterrupted):
+    """A run stopped by max_steps mid-epoch handed a fresh epoch's figures to its resume (the resumed epoch's
+    record lost the steps before the stop). Now it resumes to the uninterrupted run's checkpoint and epoch
+    records, with ckpt_every_steps' mid-epoch saves (flushes) on the way changing nothing, and a finished run
+    writes summary.json (manlearn runs called it unfinished)."""
+    from manlearn.train import read_jsonl
+    from manlearn.train.report import run_rows
+
+    out = tmp_path / "run"
+    run(stop_cfg(out).model_copy(update={"max_steps": 11}))  # 3 steps into epoch 2
+    assert load_checkpoint(out / "last.pt")["step"] == 11
+    run(stop_cfg(out).model_copy(update={"ckpt_every_steps": 6, "max_steps": 20}), resume=True)
+    assert load_checkpoint(out / "last.pt")["step"] == 20  # a mid-epoch checkpoint (an epoch is 8 steps)
+    run(stop_cfg(out).model_copy(update={"ckpt_every_steps": 6}), resume=True)
+    got = outcome(out)
+    # the stops evaluated too (as the Trainer's do): their records, and best_acc over them, are extra
+    same = lambda ck: {k: v for k, v in ck.items() if k not in ("metrics", "best_acc")}  # noqa: E731
+    assert_identical(same(got["checkpoint"]), same(uninterrupted.outcome["checkpoint"]))
+    epoch_ends = [r for r in got["records"] if float(r["epoch"]).is_integer()]
+    assert epoch_ends == uninterrupted.outcome["records"]
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if not float(r["epoch"]).is_integer()] == [11, 20]
+    row, = run_rows(out)
+    assert row["finished"] and row["method"] == "manpp+dgl" and row["last"] == got["checkpoint"]["last_test_acc"]
+
+
+def test_what_the_pipeline_cannot_honour_is_refused_in_one_line(tmp_path):
+    """mixup/cutmix and eval_every_steps were silently ignored (worker 0 reads the dataset's batches itself)."""
+    from manlearn.config import apply_overrides
+
+    for items, said in ((["task.mixup_alpha=0.2"], "does not support task.mixup_alpha"),
+                        (["task.cutmix_alpha=1.0"], "does not support task.cutmix_alpha"),
+                        (["eval_every_steps=5"], "evaluates at epoch ends"),
+                        (["nonfinite=skip"], "does not support nonfinite=skip")):
+        cfg = apply_overrides(cfg_(tmp_path / "r"), items)
+        with pytest.raises(ConfigError, match=said):
+            run(cfg)
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())

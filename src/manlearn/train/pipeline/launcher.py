@@ -15,6 +15,7 @@ disk is complete (atomic writes).  ``resume=True`` continues from ``last.pt`` ex
 
 from __future__ import annotations
 
+import json
 import multiprocessing.connection
 import os
 import signal
@@ -23,16 +24,21 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import torch.multiprocessing as mp
+
+import manlearn
 
 from manlearn.config import TrainConfig, config_to_dict, config_to_yaml, validate
 from manlearn.distributed.dist import free_port, gloo_available
 from manlearn.errors import CheckpointError, ConfigError, DivergenceError, ManlearnError
 from manlearn.files import write_text_atomic
+from manlearn.rules import get_rule_class
 
 from ..checkpoint import check_resume_compatible, load_checkpoint
 from ..interrupt import DeferredInterrupt, TrainingInterrupted
 from ..metrics import JsonlWriter
+from ..run_logs import SUMMARY_NAME
 from ..outputs import (check_writable_dir, drop_aside, move_aside, present_run_files, remove_run_files,
                        restore_aside, settle)
 from ..trainer import CKPT_NAME, METRICS_NAME
@@ -122,6 +128,16 @@ def _check_runnable(cfg: TrainConfig) -> None:
                           "use amp=bf16 or amp=off")
     if cfg.compile:
         raise ConfigError("the pipeline does not support compile yet; use compile=false")
+    if cfg.task.name != "classification":  # worker 0 reads the dataset's batches itself, not the task's run
+        raise ConfigError(f"the pipeline trains classification runs; task.name={cfg.task.name} runs in one process "
+                          "(without pipeline_workers)")
+    mixing = [k for k in ("mixup_alpha", "cutmix_alpha") if getattr(cfg.task, k, 0)]
+    if mixing:
+        raise ConfigError(f"the pipeline does not support task.{mixing[0]} (it trains the batches as they are); "
+                          "train it in one process")
+    if cfg.eval_every_steps:
+        raise ConfigError("the pipeline evaluates at epoch ends (eval_every_epochs) and at the end, not every "
+                          "eval_every_steps; use eval_every_steps=0")
     if cfg.nonfinite == "skip":  # skipping one step means every worker restoring its state: not built
         raise ConfigError("the pipeline does not support nonfinite=skip (it stops on a non-finite loss, keeping the "
                           "last checkpoint); use nonfinite=stop")
@@ -187,7 +203,8 @@ def _describe_plan(cfg: TrainConfig, plan: PipelinePlan, threads: int) -> str:
                         for i, (r, s) in enumerate(zip(plan.ranges, plan.shares())))
     return (f"manlearn pipeline: {cfg.model} {cfg.method} K={len(plan.costs)} over {plan.workers} workers x "
             f"{threads} thread(s); blocks {blocks}; {plan.stop_at} steps, queue depth {cfg.pipeline_queue_depth}, "
-            f"MAN sync every {cfg.pipeline_param_sync_every} step(s), delay {cfg.pipeline_param_delay}"
+            f"MAN sync every {cfg.pipeline_param_sync_every} step(s), delay {cfg.pipeline_param_delay}; "
+            "records at epoch ends (log_every does not apply)"
             + (f"; amp {cfg.amp}" if cfg.amp != "off" else ""))
 
 
@@ -319,4 +336,11 @@ def _summary(cfg: TrainConfig, plan: PipelinePlan, result: dict[str, Any], elaps
         "worker_compute_s": [sum(x) for x in zip(*[r["worker_compute_s"] for r in recs])],
         "block_flops": list(plan.costs), "records": recs, "peak_mem_bytes": None,
     })
+    modifier = get_rule_class(cfg.method).modifier
+    result.update({"task": cfg.task.name, "rule": f"{cfg.method}+{cfg.base}" if modifier else cfg.method,
+                   "headline": ("acc", result["test_acc"]), "best": result["best_acc"]})
+    doc = {k: v for k, v in result.items() if k != "records"}  # summary.json, as the Trainer's SummaryJson writes it
+    doc.update({"origin": "pipeline", "manlearn_version": manlearn.__version__, "torch_version": torch.__version__,
+                "config": config_to_dict(cfg)})
+    write_text_atomic(out_dir / SUMMARY_NAME, json.dumps(doc, indent=2, default=str) + "\n")
     return result

@@ -38,6 +38,7 @@ from manlearn.config import TrainConfig, config_from_dict, config_to_dict
 from manlearn.distributed import cleanup
 from manlearn.errors import DivergenceError, ManlearnError, one_line_warning
 from manlearn.planning import MemoryWarning
+from manlearn.plugins import import_user_code
 from manlearn.files import write_failure
 from manlearn.rules import LocalBatch
 
@@ -302,13 +303,15 @@ class Worker:
                 sender.after_step(t)  # our first unit, after the step that makes version t+1
             self._account(stats, t_loop, t_compute)
             t += 1
+            every = self.cfg.ckpt_every_steps
             if t % self.spe == 0 or t == self.plan.stop_at:
                 if outbox is not None:
                     outbox.flush()
-                finished, stats = stats, EpochStats()  # per-epoch figures
+                # per-epoch figures; a run stopped mid-epoch (max_steps) carries them on to its resume
+                finished, stats = stats, (EpochStats() if t % self.spe == 0 else stats)
                 self._end_epoch(finished, t, lr, carry=stats)
-            elif t == self.stop:  # stopped early (Ctrl-C, SIGTERM), mid-epoch: save the completed steps
-                if outbox is not None:
+            elif t == self.stop or (every and t % every == 0):  # stopped early (Ctrl-C, SIGTERM), or
+                if outbox is not None:                          # ckpt_every_steps: save the completed steps
                     outbox.flush()
                 self._save(t, stats)
         if outbox is not None:
@@ -530,6 +533,8 @@ def worker_main(rank: int, port: int, cfg_dict: dict, plan: PipelinePlan, thread
     warnings.filterwarnings("ignore", category=MemoryWarning)
     warnings.formatwarning = one_line_warning
     try:
+        # the user's files first (a spawned process starts bare): their task, rule or model names are in the config
+        import_user_code(list(cfg_dict.get("imports") or []))
         cfg = config_from_dict(cfg_dict, check=False)
         dev_is_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
         backend = cfg.dist_backend if cfg.dist_backend != "auto" else ("nccl" if dev_is_cuda else "gloo")
