@@ -263,6 +263,21 @@ def test_bench_cli_refuses_bad_input(capsys, tmp_path):
     assert "amp=fp16 needs a CUDA device" in capsys.readouterr().err
 
 
+def test_accuracy_refuses_overrides_of_its_own_keys_and_leaves_no_claim(tmp_path):
+    """seed=3 ran every --seeds run at seed 3 while the rows said 0 and 1; a bad override left a stale claim."""
+    runs = tmp_path / "runs"
+    for key, flag in (("seed=3", "--seeds"), ("K=4", "--K"), ("epochs=2", "--epochs"), ("method=dgl", "--methods"),
+                      ("out_dir=x", "--runs-dir")):
+        with pytest.raises(ConfigError, match=f"^the override {key.split('=')[0]}=... would replace the sweep's own "
+                                              f"setting .*: give it with {flag}"):
+            run_accuracy(["dgl"], [3], 1, [0, 1], tmp_path / "a.jsonl", runs, extra=[key], say=lambda *a: None)
+    for bad in (["foo=1"], ["lr=abc"]):
+        with pytest.raises(ConfigError):
+            run_accuracy(["dgl"], [3], 1, [0], tmp_path / "a.jsonl", runs, extra=bad, say=lambda *a: None)
+    assert not runs.exists() or not list(runs.glob("*.claim"))
+    assert not (tmp_path / "a.jsonl").exists()
+
+
 def test_report_refuses_a_folder_without_results(capsys, tmp_path):
     """A mistyped --results-dir was made into a new folder holding an empty tables.md, with rc 0."""
     (tmp_path / "file.jsonl").write_text("{}\n")

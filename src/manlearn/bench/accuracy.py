@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import apply_overrides, load_config, validate
+from ..errors import ConfigError
 from .common import (append_rows, environment, parse_method, read_rows, run_key, spec_overrides, spec_slug,
                      sweep_overrides)
 
@@ -69,6 +70,15 @@ def run_accuracy(methods: Sequence[str], Ks: Sequence[int], epochs: int, seeds: 
 
     for spec in methods:
         parse_method(spec)  # refuse bad specs before hours of training
+    owned = {"method", "base", "K", "epochs", "seed", "out_dir"}  # the sweep's own keys, recorded in each row
+    taken = [e.split("=", 1)[0].strip() for e in extra if e.split("=", 1)[0].strip() in owned]
+    if taken:
+        flag = {"method": "--methods", "base": "--methods (e.g. dgl+manpp)", "K": "--K", "epochs": "--epochs",
+                "seed": "--seeds", "out_dir": "--runs-dir"}[taken[0]]
+        raise ConfigError(f"the override {taken[0]}=... would replace the sweep's own setting (its rows would say "
+                          f"otherwise): give it with {flag}")
+    for seed in seeds:  # every override and seed checked before a run is claimed or started
+        fm_r32_config(methods[0], Ks[0], epochs, seed, Path(runs_dir) / "check", extra)
     env = environment()  # the code that runs is the code at the start: record its commit now
     command = " ".join(["manlearn", "bench", "accuracy", "--methods", *methods, "--K", *map(str, Ks),
                         "--epochs", str(epochs), "--seeds", *map(str, seeds), *extra])
@@ -92,12 +102,12 @@ def run_accuracy(methods: Sequence[str], Ks: Sequence[int], epochs: int, seeds: 
                     out.append(done[key])
                     continue
                 name = f"{spec_slug(spec)}-K{k_eff}-e{epochs}-s{seed}{suffix}"
+                run_dir = Path(runs_dir) / name
+                cfg = fm_r32_config(spec, K, epochs, seed, run_dir, extra)  # before the claim: a refusal leaves none
                 claim = _claim(Path(runs_dir) / f"{name}.claim")
                 if claim is None:
                     say(f"skip {spec} K={k_eff} epochs={epochs} seed={seed}: another worker is running it")
                     continue
-                run_dir = Path(runs_dir) / name
-                cfg = fm_r32_config(spec, K, epochs, seed, run_dir, extra)
                 resume = not rerun and (run_dir / "last.pt").exists()
                 say(f"{'resume' if resume else 'run'} {spec} K={k_eff} epochs={epochs} seed={seed} -> {run_dir}")
                 t0 = time.perf_counter()
