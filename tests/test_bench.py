@@ -261,6 +261,13 @@ def test_bench_cli_refuses_bad_input(capsys, tmp_path):
                  "--model", "resnet20", "--K", "2", "--batch", "2", "--no-breakdown",
                  "--results", str(tmp_path / "s.jsonl")]) == 2
     assert "amp=fp16 needs a CUDA device" in capsys.readouterr().err
+    # --device was never checked: torch's AssertionError / RuntimeError tracebacks
+    for part in ("speed", "memory"):
+        assert main(["bench", part, "--device", "foo", "--results", str(tmp_path / "d.jsonl")]) == 2
+        assert "device='foo' is not a device" in capsys.readouterr().err
+        if not torch.cuda.is_available():
+            assert main(["bench", part, "--device", "cuda", "--results", str(tmp_path / "d.jsonl")]) == 2
+            assert "CUDA is not available here" in capsys.readouterr().err
 
 
 def test_accuracy_refuses_overrides_of_its_own_keys_and_leaves_no_claim(tmp_path):

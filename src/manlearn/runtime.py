@@ -21,7 +21,10 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` → CUDA when available, else CPU; an unavailable explicit device is refused."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device={name} requested but CUDA is not available here; use device=cpu or auto")

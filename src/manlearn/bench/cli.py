@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..runtime import resolve_device
 from .common import ALL_METHODS, parse_method
 
 RESULTS = Path("benchmarks/results")
@@ -69,6 +70,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
 
     _positive("--K", args.K)
     _positive("--batch", args.batch)
+    resolve_device(args.device)  # an unknown or absent device: one line, before any measuring
     _check_results(args.results)
     if args.image_size is not None:
         _positive("--image-size", [args.image_size])
@@ -92,6 +94,7 @@ def cmd_speed(args: argparse.Namespace) -> int:
         raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
     if len(set(args.amp)) != len(args.amp):
         raise ConfigError(f"--amp lists a mode twice: {' '.join(args.amp)}")
+    resolve_device(args.device)
     _check_results(args.results)
     run_speed(args.model, args.methods, args.K, args.batch, args.iters, args.warmup, args.results,
               device=args.device, channels_last=not args.no_channels_last, breakdown=not args.no_breakdown,
