@@ -499,7 +499,8 @@ def test_what_the_pipeline_cannot_honour_is_refused_in_one_line(tmp_path):
     for items, said in ((["task.mixup_alpha=0.2"], "does not support task.mixup_alpha"),
                         (["task.cutmix_alpha=1.0"], "does not support task.cutmix_alpha"),
                         (["eval_every_steps=5"], "evaluates at epoch ends"),
-                        (["nonfinite=skip"], "does not support nonfinite=skip")):
+                        (["nonfinite=skip"], "does not support nonfinite=skip"),
+                        (["method=predsim", "rule_options={optimizer: per-block}"], "optimizer='per-block'")):
         cfg = apply_overrides(cfg_(tmp_path / "r"), items)
         with pytest.raises(ConfigError, match=said):
             run(cfg)

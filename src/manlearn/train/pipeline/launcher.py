@@ -135,6 +135,9 @@ def _check_runnable(cfg: TrainConfig) -> None:
     if mixing:
         raise ConfigError(f"the pipeline does not support task.{mixing[0]} (it trains the batches as they are); "
                           "train it in one process")
+    if cfg.method == "predsim" and cfg.rule_options.get("optimizer") == "per-block":
+        raise ConfigError("the pipeline does not support predsim's optimizer='per-block' (each block's own Adam); "
+                          "use optimizer='shared', or train it in one process")
     if cfg.eval_every_steps:
         raise ConfigError("the pipeline evaluates at epoch ends (eval_every_epochs) and at the end, not every "
                           "eval_every_steps; use eval_every_steps=0")
