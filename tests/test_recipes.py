@@ -11,6 +11,7 @@ import manlearn
 from manlearn import cli
 from manlearn.errors import ConfigError
 from manlearn.listing import format_table
+from manlearn.listing import recipe_label
 from manlearn.recipes import (PACKAGE_SOURCE, all_recipe_info, list_recipes, packaged_recipes_dir, recipe_info,
                               resolve_recipe)
 
@@ -150,21 +151,22 @@ def test_recipe_info_reads_task_sections_generically(tmp_path):
                  "K: 4\niterations: 100\nbatch_size: 2\n")
     i = recipe_info("r", p)
     assert (i.task, i.model, i.method, i.K, i.budget, i.dataset, i.data_dir) == \
-        ("detection", "resnet50", "greedy+manpp", 4, "100 it x 2", "coco", "d/coco")  # the base a dense run uses
+        ("detection", "resnet50", "manpp", 4, "100 it x 2", "coco", "d/coco")
+    assert recipe_label(i) == ("greedy+manpp", 4)  # `manlearn list`: the base a dense run uses
     p.write_text("task: segmentation\nmethod: e2e\nK: 4\n")
     i = recipe_info("r", p)
     assert (i.task, i.method, i.K, i.budget) == ("segmentation", "e2e", 1, "default")
     p.write_text("method: manpp\nbase: dgl\nK: 8\nepochs: 3\nbatch_size: 64\ntrain_limit: 640\ndataset: svhn\n")
     i = recipe_info("r", p)
-    assert (i.task, i.method, i.K, i.budget, i.dataset) == \
-        ("classification", "dgl+manpp", 8, "3 ep x 64 (first 640 images)", "svhn")
+    assert (i.task, i.method, i.base, i.K, i.budget, i.dataset) == \
+        ("classification", "manpp", "dgl", 8, "3 ep x 64 (first 640 images)", "svhn")
+    assert recipe_label(i) == ("dgl+manpp", 8)
     p.write_text("")
     assert recipe_info("r", p).error is None
     # the config's defaults for what a recipe leaves out (was a blank method and K); every modifier names its base
-    i = recipe_info("r", p)
-    assert (i.method, i.K) == ("infopro+manpp", 16)
+    assert recipe_label(recipe_info("r", p)) == ("infopro+manpp", 16)
     p.write_text("method: hpff\nbase: dgl\n")
-    assert recipe_info("r", p).method == "dgl+hpff"
+    assert recipe_label(recipe_info("r", p)) == ("dgl+hpff", 16)
 
 
 def test_format_table_aligns_columns():

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from manlearn.data import dataset_files, get_dataset_info, list_datasets
+from manlearn.errors import ConfigError
 from manlearn.data.info import candidate_dirs
 from manlearn.models import list_models, model_tags
 from manlearn.recipes import PACKAGE_SOURCE, RecipeInfo, all_recipe_info
@@ -80,6 +81,24 @@ def _recipe_data(info: RecipeInfo) -> str:
     return f"{info.dataset} ({where})" if info.dataset else where
 
 
+def recipe_label(info: RecipeInfo) -> tuple[str, int | None]:
+    """(method, K) as the recipe trains them: the config's defaults for what it leaves out, a modifier with the
+    base it wraps (a dense task's: the task's local head, ``greedy``, unless it names another)."""
+    from manlearn.config import TrainConfig
+
+    defaults = TrainConfig.model_fields
+    method = info.method or defaults["method"].default
+    base = info.base or defaults["base"].default
+    if info.task not in ("", "classification") and base == defaults["base"].default:
+        base = "greedy"
+    try:
+        modifier = get_rule_class(method).modifier
+    except ConfigError:  # a rule of a file not imported: shown as written
+        modifier = False
+    K = 1 if method == "e2e" else (info.K if info.K is not None else defaults["K"].default)
+    return (f"{base}+{method}" if modifier else method), K
+
+
 def recipes_table() -> str:
     """Every recipe found (``./configs`` first, then the packaged ones): task, model, method, K, budget, data."""
     infos = all_recipe_info()
@@ -91,7 +110,7 @@ def recipes_table() -> str:
         if i.error:
             row: list[object] = [i.name, f"error: {i.error}", "", "", "", "", ""]
         else:
-            row = [i.name, i.task, i.model, i.method, i.K if i.K is not None else "", i.budget, _recipe_data(i)]
+            row = [i.name, i.task, i.model, *recipe_label(i), i.budget, _recipe_data(i)]
         if show_source:
             row.append(i.source)
         rows.append(row)

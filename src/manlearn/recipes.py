@@ -118,7 +118,8 @@ class RecipeInfo:
     source: str
     task: str = ""
     model: str = ""
-    method: str = ""
+    method: str = ""              # as written ("" when the recipe leaves it to the config's default)
+    base: str = ""                # as written, likewise
     K: int | None = None
     budget: str = ""
     dataset: str = ""             # dataset name, or the data format of a dense recipe (coco, mask-folder)
@@ -170,26 +171,14 @@ def recipe_info(name: str, path: Path, source: str = PACKAGE_SOURCE) -> RecipeIn
         raw = {}
     if not isinstance(raw, dict):
         return RecipeInfo(name, path, source, error=f"not a mapping of config keys ({type(raw).__name__})")
-    from manlearn.config import TrainConfig  # the defaults a recipe that leaves a key out gets
-    from manlearn.rules import get_rule_class
-
-    defaults = TrainConfig.model_fields
-    method = str(_lookup(raw, "method") or defaults["method"].default)
-    base = _lookup(raw, "base") or defaults["base"].default
-    if _task_name(raw) != "classification" and base == defaults["base"].default:
-        base = "greedy"  # a dense task's modifier wraps the task's local head unless told otherwise
-    try:
-        modifier = get_rule_class(method).modifier
-    except ConfigError:  # a rule of a file not imported: shown as written
-        modifier = False
-    if modifier:
-        method = f"{base}+{method}"
-    K = _lookup(raw, "K") or defaults["K"].default
+    method = str(_lookup(raw, "method") or "")
+    base = str(_lookup(raw, "base") or "")
+    K = _lookup(raw, "K")
     if method == "e2e":
         K = 1
     data_dir = _lookup(raw, "data_dir")
     return RecipeInfo(name, path, source, task=_task_name(raw), model=str(_lookup(raw, "model") or ""),
-                      method=method, K=K if isinstance(K, int) else None, budget=_budget(raw),
+                      method=method, base=base, K=K if isinstance(K, int) else None, budget=_budget(raw),
                       dataset=str(_lookup(raw, "dataset") or _lookup(raw, "data_format") or ""),
                       data_dir=str(data_dir) if data_dir else None)
 
