@@ -30,8 +30,6 @@ from .tasks.base import check_head_fits
 
 _ONE_IMAGE = ("a batch of 1 image cannot train this learner: {} needs more than one value per channel in training; "
               "train on batches of 2 or more (a DataLoader's drop_last=True drops a last batch of one)")
-
-
 _AMP_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
               "off": None}
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from manlearn.data import dataset_files, get_dataset_info, list_datasets
-from manlearn.errors import ConfigError
 from manlearn.data.info import candidate_dirs
 from manlearn.models import list_models, model_tags
 from manlearn.recipes import PACKAGE_SOURCE, RecipeInfo, all_recipe_info
-from manlearn.rules import get_rule_class, list_base_rules, list_rules
+from manlearn.rules import get_rule_class, list_base_rules, list_rules, modifier_base
 
 __all__ = ["KINDS", "format_table", "models_table", "methods_table", "datasets_table", "recipes_table",
            "render"]
@@ -91,12 +90,9 @@ def recipe_label(info: RecipeInfo) -> tuple[str, int | None]:
     base = info.base or defaults["base"].default
     if info.task not in ("", "classification") and base == defaults["base"].default:
         base = "greedy"
-    try:
-        modifier = get_rule_class(method).modifier
-    except ConfigError:  # a rule of a file not imported: shown as written
-        modifier = False
+    wrapped = modifier_base(method, base)  # a rule of a file not imported: shown as written
     K = 1 if method == "e2e" else (info.K if info.K is not None else defaults["K"].default)
-    return (f"{base}+{method}" if modifier else method), K
+    return (f"{wrapped}+{method}" if wrapped else method), K
 
 
 def recipes_table() -> str:

@@ -71,7 +71,7 @@ def run_accuracy(methods: Sequence[str], Ks: Sequence[int], epochs: int, seeds: 
     for spec in methods:
         parse_method(spec)  # refuse bad specs before hours of training
     owned = {"method", "base", "K", "epochs", "seed", "out_dir"}  # the sweep's own keys, recorded in each row
-    taken = [e.split("=", 1)[0].strip() for e in extra if e.split("=", 1)[0].strip() in owned]
+    taken = [k for k in (e.split("=", 1)[0].strip() for e in extra) if k in owned]
     if taken:
         flag = {"method": "--methods", "base": "--methods (e.g. dgl+manpp)", "K": "--K", "epochs": "--epochs",
                 "seed": "--seeds", "out_dir": "--runs-dir"}[taken[0]]

@@ -248,6 +248,12 @@ def get_rule_class(name: str) -> type[Rule]:
     return _RULES[name]
 
 
+def modifier_base(method: str, base: str | None) -> str | None:
+    """The base rule ``method`` wraps, for naming a run or recipe: ``base`` when ``method`` is a registered
+    modifier, else None (a rule of a file not imported here counts as no modifier)."""
+    return base or None if method in _RULES and _RULES[method].modifier else None
+
+
 def create_rule(name: str, options: Mapping[str, Any] | None = None, *,
                 strict: Mapping[str, Any] | None = None, task: Any = None, also_known: Iterable[str] = ()) -> Rule:
     """The rule ``name`` built from ``options`` (keys other rules take are ignored) and ``strict``

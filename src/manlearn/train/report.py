@@ -8,8 +8,7 @@ from typing import Any
 
 from manlearn.errors import ConfigError, optional_import
 from manlearn.files import save_figure
-
-from manlearn.rules import get_rule_class
+from manlearn.rules import modifier_base
 
 from .metrics import read_jsonl
 from .task_runs import HEADLINE
@@ -85,11 +84,8 @@ def _score(rec: dict[str, Any], head: str) -> float | None:
 def _rule(cfg: dict[str, Any]) -> str:
     """method+base from the config (a run without summary.json yet): a modifier names the base it wraps."""
     method = str(cfg.get("method", "?"))
-    try:
-        modifier = get_rule_class(method).modifier
-    except (ConfigError, KeyError):
-        modifier = False
-    return f"{method}+{cfg['base']}" if modifier and cfg.get("base") else method
+    base = modifier_base(method, cfg.get("base"))
+    return f"{method}+{base}" if base else method
 
 
 def runs_table(folder: str | Path) -> str:

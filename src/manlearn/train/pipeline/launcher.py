@@ -33,7 +33,7 @@ from manlearn.config import TrainConfig, config_to_dict, config_to_yaml, validat
 from manlearn.distributed.dist import free_port, gloo_available
 from manlearn.errors import CheckpointError, ConfigError, DivergenceError, ManlearnError
 from manlearn.files import write_text_atomic
-from manlearn.rules import get_rule_class
+from manlearn.rules import modifier_base
 
 from ..checkpoint import check_resume_compatible, load_checkpoint
 from ..interrupt import DeferredInterrupt, TrainingInterrupted
@@ -339,8 +339,8 @@ def _summary(cfg: TrainConfig, plan: PipelinePlan, result: dict[str, Any], elaps
         "worker_compute_s": [sum(x) for x in zip(*[r["worker_compute_s"] for r in recs])],
         "block_flops": list(plan.costs), "records": recs, "peak_mem_bytes": None,
     })
-    modifier = get_rule_class(cfg.method).modifier
-    result.update({"task": cfg.task.name, "rule": f"{cfg.method}+{cfg.base}" if modifier else cfg.method,
+    base = modifier_base(cfg.method, cfg.base)
+    result.update({"task": cfg.task.name, "rule": f"{cfg.method}+{base}" if base else cfg.method,
                    "headline": ("acc", result["test_acc"]), "best": result["best_acc"]})
     doc = {k: v for k, v in result.items() if k != "records"}  # summary.json, as the Trainer's SummaryJson writes it
     doc.update({"origin": "pipeline", "manlearn_version": manlearn.__version__, "torch_version": torch.__version__,
